@@ -1,0 +1,409 @@
+"""Loading OMG-Empathy-style data: the only code that knows the folder layout.
+
+A split folder (for example ``data/Training``) holds::
+
+    Annotations/Subject_<s>_Story_<t>.csv     header ``valence``, one row per video
+                                              frame at 25 fps, values in [-1, 1]
+                                              (dummy values of the right length for
+                                              a test split)
+    CombinedAudio/Subject_<s>_Story_<t>.csv   audio features  (--mods audio)
+    CombinedText/...                          transcript features  (text)
+    CombinedVSub/...                          listener's face features  (v_sub)
+    CombinedVAct/...                          speaker's face features  (v_act)
+
+Feature files have one row per second of video, as ``.csv`` with a header row or
+as ``.npy`` (arrays of more than 2 dimensions are flattened per row). A file name
+may carry a suffix after the story id (``Subject_1_Story_2_x.csv``). Every modality
+folder must hold the same videos as ``Annotations``. Feature files may be a row or
+two shorter or longer than the annotation in seconds: a video's input is cut to its
+shortest modality, and training also cuts the per-second target to that length.
+Feature dimensions are read from the data.
+
+Loaded features are stored back to back, one ``(total_seconds, dim)`` tensor per
+modality, so that subsets of videos (folds, subjects) share the same memory and a
+batch is a single gather.
+
+Parsed CSV features are cached as ``.npy`` (see `cache_dir`), so reading the same
+CSV a second time costs what reading ``.npy`` costs.
+"""
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from utils import FPS, ToolkitError
+
+MODALITY_FOLDERS = {
+    "audio": "CombinedAudio",
+    "text": "CombinedText",
+    "v_sub": "CombinedVSub",
+    "v_act": "CombinedVAct",
+}
+ANNOTATION_FOLDER = "Annotations"
+# The suffix may not start with a digit, or Story_12 would read as Story_1 + "2".
+VIDEO_FILE = re.compile(r"^Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?\.(csv|npy)$")
+
+
+def video_name(subject, story):
+    """The canonical name of a video, used for every file the toolkit writes."""
+    return f"Subject_{subject}_Story_{story}"
+
+
+def parse_mods(text):
+    """'audio,text' -> ['audio', 'text'], rejecting unknown or repeated names."""
+    mods = [mod.strip() for mod in text.split(",") if mod.strip()]
+    unknown = [mod for mod in mods if mod not in MODALITY_FOLDERS]
+    if unknown or not mods:
+        raise ToolkitError(f"unknown modality {','.join(unknown) or repr(text)} in --mods: "
+                           f"choose from {','.join(MODALITY_FOLDERS)}")
+    if len(set(mods)) != len(mods):
+        raise ToolkitError(f"--mods {text} names a modality twice: list each once")
+    return mods
+
+
+# ---------------------------------------------------------------- files
+
+def list_videos(folder):
+    """Map (subject, story) -> file path for the video files in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ToolkitError(f"folder {folder} does not exist: check the split folder "
+                           "(--train_dir/--test_dir) and --mods")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        match = VIDEO_FILE.match(path.name)
+        if not match:
+            continue
+        key = (int(match.group(1)), int(match.group(2)))
+        if key in files:
+            raise ToolkitError(f"{folder} holds two files for {video_name(*key)} "
+                               f"({files[key].name}, {path.name}): keep one")
+        files[key] = path
+    if not files:
+        raise ToolkitError(f"no Subject_<s>_Story_<t>.csv or .npy files in {folder}: "
+                           "put the features or annotations there")
+    return files
+
+
+def cache_dir():
+    """Where parsed CSV features are kept: $OMG_CACHE_DIR, else ~/.cache/omg_empathy."""
+    return Path(os.environ.get("OMG_CACHE_DIR", Path.home() / ".cache" / "omg_empathy"))
+
+
+def _cache_path(path):
+    # Keyed by location, size and modification time: an edited file is parsed again.
+    status = path.stat()
+    key = f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
+    return cache_dir() / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
+
+
+def _parse_csv(path):
+    try:
+        frame = pd.read_csv(path, header=0, dtype=np.float32, engine="c")
+    except (ValueError, TypeError) as error:
+        raise ToolkitError(f"{path} has a non-numeric value ({str(error).splitlines()[0][:120]}): "
+                           "feature CSVs need a header row and numbers only") from None
+    except pd.errors.EmptyDataError:
+        raise ToolkitError(f"{path} is empty: regenerate the feature file") from None
+    return frame.to_numpy(dtype=np.float32)
+
+
+def open_features(path):
+    """A feature file as a 2-D float array (memory-mapped where possible)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ToolkitError(f"cannot read {path} ({error}): "
+                               "regenerate it as a numeric .npy array") from None
+    else:
+        cached = _cache_path(path)
+        try:
+            array = np.load(cached, mmap_mode="r")
+        except (OSError, ValueError):
+            array = _parse_csv(path)
+            _write_cache(cached, array)
+    if array.ndim == 1:
+        array = array.reshape(-1, 1)
+    elif array.ndim > 2:
+        array = array.reshape(array.shape[0], -1)
+    if array.shape[0] == 0:
+        raise ToolkitError(f"{path} has no rows: regenerate the feature file")
+    return array
+
+
+def _write_cache(cached, array):
+    # The cache is a convenience: a read-only home directory must not stop a run.
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp")
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+        os.replace(temporary, cached)
+    except OSError:
+        pass
+
+
+def read_annotation(path):
+    """The 25 fps valence annotation of one video, as float32."""
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ToolkitError(f"annotation {path} is empty: it needs a `valence` header and "
+                           "one row per frame") from None
+    if "valence" not in frame.columns:
+        raise ToolkitError(f"annotation {path} has no `valence` column: its first line "
+                           "must be the header `valence`")
+    values = pd.to_numeric(frame["valence"], errors="coerce").to_numpy(np.float32)
+    if values.size == 0:
+        raise ToolkitError(f"annotation {path} has no rows: it needs one row per frame")
+    if not np.isfinite(values).all():
+        row = int(np.flatnonzero(~np.isfinite(values))[0]) + 2
+        raise ToolkitError(f"annotation {path} has a missing or non-numeric value on line "
+                           f"{row}: fix or regenerate the file")
+    return values
+
+
+def per_second(frames):
+    """Average a 25 fps annotation over each second (the last one may be partial)."""
+    n_seconds = math.ceil(frames.size / FPS)
+    padded = np.full(n_seconds * FPS, np.nan, np.float32)
+    padded[:frames.size] = frames
+    return np.nanmean(padded.reshape(n_seconds, FPS), axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- videos
+
+@dataclass(frozen=True)
+class Video:
+    """One video: where its rows sit in the shared storage, and its annotation."""
+    subject: int
+    story: int
+    start: int            # first row of this video in the feature storage
+    n_seconds: int        # rows of input (its shortest modality)
+    annotation: np.ndarray  # valence at 25 fps
+
+    @property
+    def name(self):
+        return video_name(self.subject, self.story)
+
+    @property
+    def labelled_seconds(self):
+        """Seconds that have both features and a target: what training uses."""
+        return min(self.n_seconds, math.ceil(self.annotation.size / FPS))
+
+
+@dataclass
+class Batch:
+    """Sequences stored back to back: rows of `inputs` (and `targets`) are the
+    steps of sequence 0, then of sequence 1, ...; `lengths` says how many each."""
+    inputs: dict
+    lengths: torch.Tensor
+    targets: torch.Tensor = None
+
+
+class FeatureScaler:
+    """Rescales every feature dimension to [-1, 1] by the minimum and maximum seen
+    in the training videos (`--normalize`). A constant dimension maps to 0. Its
+    state travels in checkpoints so that test data is scaled identically."""
+
+    def __init__(self, minimum, maximum):
+        self.minimum = {mod: value.float().cpu() for mod, value in minimum.items()}
+        self.maximum = {mod: value.float().cpu() for mod, value in maximum.items()}
+        self._center, self._inverse_half_range = {}, {}
+        for mod in self.minimum:
+            half_range = (self.maximum[mod] - self.minimum[mod]) / 2
+            self._center[mod] = (self.maximum[mod] + self.minimum[mod]) / 2
+            self._inverse_half_range[mod] = torch.where(
+                half_range > 0, 1 / half_range.clamp_min(1e-30), torch.zeros_like(half_range))
+
+    @classmethod
+    def fit(cls, video_set):
+        minimum, maximum = {}, {}
+        for mod, storage in video_set.features.items():
+            rows = [storage[video.start:video.start + video.n_seconds] for video in video_set.videos]
+            minimum[mod] = torch.stack([chunk.amin(0) for chunk in rows]).amin(0)
+            maximum[mod] = torch.stack([chunk.amax(0) for chunk in rows]).amax(0)
+        return cls(minimum, maximum)
+
+    def scale_(self, mod, rows):
+        """Scale a (steps, dim) tensor of modality `mod` in place."""
+        center = self._center[mod].to(rows.device)
+        inverse = self._inverse_half_range[mod].to(rows.device)
+        return rows.sub_(center).mul_(inverse)
+
+    def state_dict(self):
+        return {"min": dict(self.minimum), "max": dict(self.maximum)}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(state["min"], state["max"])
+
+    def check_mods(self, mods, source):
+        missing = [mod for mod in mods if mod not in self.minimum]
+        if missing:
+            raise ToolkitError(f"{source} has no normalization statistics for "
+                               f"{','.join(missing)}: retrain with these --mods")
+
+
+class VideoSet:
+    """A list of videos whose features live in shared back-to-back storage.
+
+    Subsets (`select`, `repeat_subjects`) share the storage, so cross-validation
+    folds cost no extra memory. `gather` builds a `Batch` for any list of
+    (start_row, length) segments, scaling it if the set carries a `FeatureScaler`.
+    """
+
+    def __init__(self, features, targets, videos, scaler=None):
+        self.features = features    # {mod: (total_seconds, dim) float32}
+        self.targets = targets      # (total_seconds,) per-second valence
+        self.videos = list(videos)
+        self.scaler = scaler
+
+    def __len__(self):
+        return len(self.videos)
+
+    @property
+    def mods(self):
+        return list(self.features)
+
+    @property
+    def input_dims(self):
+        return {mod: storage.shape[1] for mod, storage in self.features.items()}
+
+    @property
+    def stories(self):
+        return sorted({video.story for video in self.videos})
+
+    @property
+    def subjects(self):
+        return sorted({video.subject for video in self.videos})
+
+    def subset(self, videos):
+        return VideoSet(self.features, self.targets, videos, self.scaler)
+
+    def with_scaler(self, scaler):
+        return VideoSet(self.features, self.targets, self.videos, scaler)
+
+    def select(self, stories=None, subjects=None, exclude_stories=()):
+        """The videos of the given stories and subjects (None keeps all)."""
+        return self.subset([
+            video for video in self.videos
+            if (stories is None or video.story in stories)
+            and (subjects is None or video.subject in subjects)
+            and video.story not in exclude_stories])
+
+    def repeat_subjects(self, subjects, times):
+        """All videos, with those of `subjects` appearing `times` times (--augment)."""
+        others = [video for video in self.videos if video.subject not in subjects]
+        chosen = [video for video in self.videos if video.subject in subjects]
+        return self.subset(others + chosen * times)
+
+    def video_segments(self):
+        """One (start, length) segment per video, covering all its input seconds."""
+        return [(video.start, video.n_seconds) for video in self.videos]
+
+    def training_segments(self, n_pieces):
+        """Each video's labelled seconds cut into `n_pieces` contiguous pieces whose
+        lengths differ by at most one (--split)."""
+        segments = []
+        for video in self.videos:
+            length = video.labelled_seconds
+            if n_pieces > length:
+                raise ToolkitError(f"--split {n_pieces} is larger than {video.name}'s "
+                                   f"{length} labelled seconds: use a smaller --split")
+            bounds = np.linspace(0, length, n_pieces + 1).round().astype(int)
+            segments += [(video.start + int(begin), int(end - begin))
+                         for begin, end in zip(bounds[:-1], bounds[1:])]
+        return segments
+
+    def gather(self, segments, device="cpu", with_targets=True):
+        """The rows of `segments`, back to back, as a Batch on `device`."""
+        index = torch.cat([torch.arange(start, start + length) for start, length in segments])
+        inputs = {}
+        for mod, storage in self.features.items():
+            rows = storage.index_select(0, index).to(device, non_blocking=True)
+            inputs[mod] = self.scaler.scale_(mod, rows) if self.scaler else rows
+        lengths = torch.tensor([length for _, length in segments])
+        targets = self.targets.index_select(0, index).to(device) if with_targets else None
+        return Batch(inputs, lengths, targets)
+
+
+def load_videos(split_dirs, mods):
+    """Load the videos of one or more split folders (pooled) for modalities `mods`."""
+    if isinstance(split_dirs, (str, Path)):
+        split_dirs = [split_dirs]
+    files = _match_files(split_dirs, mods)
+    # Two passes so that only one video's file is open at a time: the first reads
+    # shapes (and parses CSVs into the cache), the second copies into the storage.
+    shapes = {key: {mod: open_features(paths[mod]).shape for mod in mods}
+              for key, paths in files.items()}
+    dims = _check_widths(files, shapes, mods)
+
+    n_seconds = {key: min(shapes[key][mod][0] for mod in mods) for key in files}
+    total = sum(n_seconds.values())
+    features = {mod: torch.empty(total, dims[mod]) for mod in mods}
+    targets = torch.zeros(total)
+    videos, start = [], 0
+    for key, paths in files.items():
+        length = n_seconds[key]
+        for mod in mods:
+            block = features[mod][start:start + length]
+            block.numpy()[:] = open_features(paths[mod])[:length]
+            if not torch.isfinite(block).all():
+                raise ToolkitError(f"{paths[mod]} contains NaN or inf values: "
+                                   "fix or regenerate the feature file")
+        annotation = read_annotation(paths["annotation"])
+        target = per_second(annotation)[:length]
+        targets[start:start + target.size] = torch.from_numpy(target)
+        videos.append(Video(key[0], key[1], start, length, annotation))
+        start += length
+    return VideoSet(features, targets, videos)
+
+
+def _match_files(split_dirs, mods):
+    """{(subject, story): {"annotation": path, mod: path}} across split folders."""
+    matched = {}
+    for split_dir in map(Path, split_dirs):
+        if not split_dir.is_dir():
+            raise ToolkitError(f"split folder {split_dir} does not exist: pass the right "
+                               "--train_dir/--test_dir, or make data with make_data.py")
+        annotations = list_videos(split_dir / ANNOTATION_FOLDER)
+        per_mod = {mod: list_videos(split_dir / MODALITY_FOLDERS[mod]) for mod in mods}
+        for mod, found in per_mod.items():
+            if found.keys() != annotations.keys():
+                missing = sorted(annotations.keys() - found.keys())
+                extra = sorted(found.keys() - annotations.keys())
+                what = (f"lacks {video_name(*missing[0])}" if missing
+                        else f"has {video_name(*extra[0])}, which has no annotation")
+                raise ToolkitError(
+                    f"{split_dir / MODALITY_FOLDERS[mod]} {what} ({len(missing)} missing, "
+                    f"{len(extra)} extra): every modality folder needs the same videos as "
+                    f"{split_dir / ANNOTATION_FOLDER}")
+        for key in sorted(annotations):
+            if key in matched:
+                raise ToolkitError(f"{video_name(*key)} is in {split_dir} and in an earlier "
+                                   "split folder: each video may appear in one split only")
+            matched[key] = {"annotation": annotations[key], **{mod: per_mod[mod][key] for mod in mods}}
+    return matched
+
+
+def _check_widths(files, shapes, mods):
+    """Every file of a modality must have the same number of columns."""
+    dims = {}
+    for key, paths in files.items():
+        for mod in mods:
+            width = shapes[key][mod][1]
+            first = dims.setdefault(mod, (width, paths[mod]))
+            if width != first[0]:
+                raise ToolkitError(f"{paths[mod]} has {width} columns but {first[1]} has "
+                                   f"{first[0]}: all {mod} files need the same width")
+    return {mod: width for mod, (width, _) in dims.items()}
+

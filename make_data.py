@@ -1,0 +1,183 @@
+"""Write a synthetic dataset shaped like OMG-Empathy, for trying every command.
+
+    python make_data.py                      # ./data: 10 subjects x 8 stories, ~5 min each
+    python make_data.py --subjects 3 --stories 5 --seconds 40 --dims 12,8,16,16
+
+How the data is made (and what it is not): each story has a smooth latent
+"emotional trajectory". The storyteller's audio and transcript features are noisy
+linear read-outs of it (plus story and recording nuisance). Each listener feels the
+story through their own gain, offset and delay, plus an idiosyncratic drift; their
+25 fps valence annotation is that response. The listener's face features show
+their own valence, but only in expressive moments and mixed with identity and head
+motion; the speaker's face carries little. So audio+text learns the average
+listener, the listener's face adds something, and fine-tuning per listener helps.
+It is not real behaviour: the responses are linear-Gaussian with a tanh, and the
+numbers it gives say nothing about the real data.
+
+The official split is kept: stories 2, 4, 5, 8 train, 1 validation, 3, 6, 7 test
+(dummy annotations of the right length). With fewer stories the same map applies to
+stories 1..N; stories beyond 8 train. Feature files are sometimes a row or two
+longer or shorter than the annotation, as in the real data.
+"""
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.ndimage import gaussian_filter1d
+
+import utils
+from datasets import ANNOTATION_FOLDER, MODALITY_FOLDERS, video_name
+from utils import FPS, ToolkitError
+
+OFFICIAL_SPLIT = {1: "Validation", 2: "Training", 3: "Testing", 4: "Training",
+                  5: "Training", 6: "Testing", 7: "Testing", 8: "Training"}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("make_data.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out_dir", default="./data", help="where to write (default: %(default)s)")
+    parser.add_argument("--subjects", type=int, default=10, help="listeners (default: %(default)s)")
+    parser.add_argument("--stories", type=int, default=8, help="stories (default: %(default)s)")
+    parser.add_argument("--seconds", type=int, default=300,
+                        help="mean story length; each varies by up to 30%% (default: %(default)s)")
+    parser.add_argument("--dims", default="990,300,4096,4096",
+                        help="audio,text,v_sub,v_act dimensions (default: %(default)s)")
+    parser.add_argument("--format", choices=["npy", "csv"], default="npy",
+                        help="feature file format (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the split folders if --out_dir already has them")
+    return parser
+
+
+def split_of(story):
+    return OFFICIAL_SPLIT.get(story, "Training")
+
+
+def smooth_noise(rng, n, sigma):
+    """Unit-variance Gaussian noise smoothed over `sigma` samples."""
+    series = gaussian_filter1d(rng.standard_normal(n + 6 * int(sigma)), sigma)[3 * int(sigma):][:n]
+    return (series - series.mean()) / (series.std() + 1e-8)
+
+
+def per_second_mean(frames, n_seconds):
+    padded = np.pad(frames, (0, max(0, n_seconds * FPS - frames.size)), mode="edge")
+    return padded[:n_seconds * FPS].reshape(n_seconds, FPS).mean(axis=1)
+
+
+class Projections:
+    """Fixed random read-outs from latent signals to feature space, like a feature
+    extractor shared by all recordings, with per-dimension scales and offsets."""
+
+    def __init__(self, rng, dims, n_latent=6):
+        self.read_out = {mod: rng.standard_normal((n_latent, dim)).astype(np.float32)
+                         for mod, dim in dims.items()}
+        self.scale = {mod: np.exp(rng.uniform(-0.7, 0.7, dim)).astype(np.float32)
+                      for mod, dim in dims.items()}
+        self.offset = {mod: rng.normal(0, 1, dim).astype(np.float32) for mod, dim in dims.items()}
+
+    def features(self, rng, mod, latent, noise):
+        """Rows = latent @ read-out + unit noise * `noise`, scaled and offset per dim."""
+        n_latent = latent.shape[1]
+        clean = latent.astype(np.float32) @ self.read_out[mod][:n_latent]
+        clean += noise * rng.standard_normal(clean.shape, dtype=np.float32)
+        return clean * self.scale[mod] + self.offset[mod]
+
+
+def make_listeners(rng, n_subjects):
+    return [{"gain": rng.uniform(0.2, 1.5), "offset": rng.normal(0, 0.5),
+             "delay": int(rng.integers(0, 7)), "identity": rng.standard_normal(2)}
+            for _ in range(n_subjects)]
+
+
+def make_video(rng, projections, trajectory, listener, story_nuisance, mods):
+    """Annotation (25 fps) and features (per second) of one listener and story."""
+    n_frames = trajectory.size - int(rng.integers(0, FPS))  # recordings differ by a few frames
+    n_seconds = math.ceil(n_frames / FPS)
+    lagged = np.concatenate([np.full(listener["delay"] * FPS, trajectory[0]), trajectory])[:n_frames]
+    drift = smooth_noise(rng, n_frames, 6 * FPS)
+    valence = np.tanh(listener["gain"] * lagged[:n_frames] + listener["offset"] + 0.4 * drift)
+    valence = np.clip(valence + 0.02 * rng.standard_normal(n_frames), -1, 1).astype(np.float32)
+
+    story = per_second_mean(trajectory[:n_frames], n_seconds)
+    own = per_second_mean(valence, n_seconds)
+    nuisance = story_nuisance[:n_seconds]
+    recording = smooth_noise(rng, n_seconds, 20)
+    expressive = (smooth_noise(rng, n_seconds, 3) > 0.2).astype(np.float32)
+    speaking = (rng.random(n_seconds) < 0.85).astype(np.float32)
+    identity = np.broadcast_to(listener["identity"], (n_seconds, 2))
+    latents = {
+        "audio": (np.column_stack([story, nuisance, recording]), 3.0),
+        "text": (np.column_stack([story * speaking, nuisance * speaking, speaking]), 4.0),
+        "v_sub": (np.column_stack([own * expressive, identity, smooth_noise(rng, n_seconds, 2)]), 6.0),
+        "v_act": (np.column_stack([0.15 * story, smooth_noise(rng, n_seconds, 2),
+                                   smooth_noise(rng, n_seconds, 8)]), 6.0),
+    }
+    features = {}
+    for mod in mods:
+        latent, noise = latents[mod]
+        rows = n_seconds + int(rng.choice([0, 0, 0, 0, 1, -1, 2, -2]))  # sometimes a row off
+        latent = np.resize(latent, (rows, latent.shape[1])) if rows > n_seconds else latent[:rows]
+        features[mod] = projections.features(rng, mod, latent, noise)
+    return valence, features
+
+
+def write_video(split_dir, name, valence, features, file_format, dummy):
+    annotation = np.zeros_like(valence) if dummy else valence
+    utils.write_valence(split_dir / ANNOTATION_FOLDER / f"{name}.csv", annotation)
+    for mod, rows in features.items():
+        path = split_dir / MODALITY_FOLDERS[mod] / f"{name}.{file_format}"
+        if file_format == "npy":
+            utils.save_array(path, rows)
+        else:
+            frame = pd.DataFrame(rows, columns=[f"{mod}_{i}" for i in range(rows.shape[1])])
+            utils.write_csv(frame, path)
+
+
+def parse_dims(text):
+    try:
+        values = [int(value) for value in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(MODALITY_FOLDERS) or min(values) < 1:
+        raise ToolkitError(f"--dims {text}: give four positive sizes for "
+                           f"{','.join(MODALITY_FOLDERS)}, e.g. 990,300,4096,4096")
+    return dict(zip(MODALITY_FOLDERS, values))
+
+
+def main(args):
+    dims = parse_dims(args.dims)
+    if args.subjects < 1 or args.stories < 2 or args.seconds < 10:
+        raise ToolkitError("make_data.py needs --subjects >= 1, --stories >= 2 and "
+                           "--seconds >= 10")
+    out_dir = Path(args.out_dir)
+    splits = sorted({split_of(story) for story in range(1, args.stories + 1)})
+    existing = [out_dir / split for split in splits if (out_dir / split).exists()]
+    if existing and not args.overwrite:
+        raise ToolkitError(f"{existing[0]} already exists: pass --overwrite to replace it, "
+                           "or choose another --out_dir")
+    utils.check_writable(out_dir)
+    for folder in existing:
+        shutil.rmtree(folder)
+
+    rng = np.random.default_rng(args.seed)
+    projections = Projections(rng, dims)
+    listeners = make_listeners(rng, args.subjects)
+    for story in range(1, args.stories + 1):
+        n_frames = int(args.seconds * rng.uniform(0.7, 1.3) * FPS)
+        trajectory = smooth_noise(rng, n_frames + FPS, 5 * FPS)
+        story_nuisance = smooth_noise(rng, n_frames // FPS + 2, 10)
+        for subject, listener in enumerate(listeners, start=1):
+            valence, features = make_video(rng, projections, trajectory, listener,
+                                           story_nuisance, list(dims))
+            write_video(out_dir / split_of(story), video_name(subject, story), valence,
+                        features, args.format, dummy=split_of(story) == "Testing")
+    print(f"wrote {args.subjects} subjects x {args.stories} stories to "
+          + ", ".join(str(out_dir / split) for split in splits))
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())

@@ -1,0 +1,135 @@
+"""The feature-level fusion LSTM with local attention, and loading it from checkpoints.
+
+Per second, each modality goes through dropout -> linear -> ReLU into a 128-d
+embedding; the embeddings are concatenated. An attention head turns the
+concatenation into 3 weights per step; a one-layer LSTM (hidden 512) runs over it;
+the context at step t is the weighted sum of the LSTM states at t, t-1 and t-2
+(zero before the start); a decoder (512 -> 128 -> ReLU -> 1) gives the valence.
+
+Module names match the original release (`embed_<mod>.1.weight`, `attn.0.weight`,
+`lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain state_dicts load as is.
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+import utils
+from utils import ToolkitError
+
+VISUAL_MODS = ("v_sub", "v_act")
+
+
+def input_dropout(mod):
+    """Visual features are larger and noisier, so they get more dropout."""
+    return 0.2 if mod in VISUAL_MODS else 0.1
+
+
+class FusionLSTM(nn.Module):
+    """Feature-level fusion of modalities, one valence prediction per second.
+
+    Inputs are sequences stored back to back (see `datasets.Batch`): per modality a
+    (total_steps, dim) tensor, plus the length of each sequence. The model pads
+    them internally; outputs come back in the same back-to-back order, so padded
+    steps never reach a loss or a metric.
+    """
+
+    def __init__(self, input_dims, embed_dim=128, attn_dim=128, attn_len=3,
+                 hidden_dim=512, decoder_dim=128):
+        super().__init__()
+        self.input_dims = dict(input_dims)
+        self.mods = list(self.input_dims)
+        self.attn_len = attn_len
+        for mod, dim in self.input_dims.items():
+            self.add_module(f"embed_{mod}", nn.Sequential(
+                nn.Dropout(input_dropout(mod)), nn.Linear(dim, embed_dim), nn.ReLU()))
+        fused_dim = embed_dim * len(self.mods)
+        self.attn = nn.Sequential(nn.Linear(fused_dim, attn_dim), nn.ReLU(),
+                                  nn.Linear(attn_dim, attn_len), nn.Softmax(dim=-1))
+        self.lstm = nn.LSTM(fused_dim, hidden_dim, batch_first=True)
+        self.dec_target = nn.Sequential(nn.Linear(hidden_dim, decoder_dim), nn.ReLU(),
+                                        nn.Linear(decoder_dim, 1))
+        self.config = {"mods": self.mods, "input_dims": self.input_dims,
+                       "embed_dim": embed_dim, "attn_dim": attn_dim, "attn_len": attn_len,
+                       "hidden_dim": hidden_dim, "decoder_dim": decoder_dim}
+
+    def embed(self, inputs):
+        """Per-step embeddings of every modality, concatenated: (total_steps, fused_dim).
+        Applied to the unpadded rows, so no work is spent on padding."""
+        return torch.cat([getattr(self, f"embed_{mod}")(inputs[mod]) for mod in self.mods], dim=-1)
+
+    def forward_embedded(self, embedded, lengths, with_features=False):
+        """Predictions (total_steps,) from embeddings; with `with_features`, also the
+        decision-level features: the decoder's first layer before its ReLU."""
+        lengths = lengths.cpu()
+        weights = self._pad(self.attn(embedded), lengths)          # (B, T, attn_len)
+        states, _ = self.lstm(self._pad(embedded, lengths))        # (B, T, hidden)
+        context = weights[..., :1] * states
+        for lag in range(1, self.attn_len):
+            context = context + weights[..., lag:lag + 1] * F.pad(states, (0, 0, lag, 0))[:, :-lag]
+        valid = torch.arange(states.shape[1]) < lengths[:, None]
+        hidden = self.dec_target[0](context[valid.to(context.device)])
+        predictions = self.dec_target[2](self.dec_target[1](hidden)).squeeze(-1)
+        return (predictions, hidden) if with_features else predictions
+
+    def forward(self, inputs, lengths):
+        return self.forward_embedded(self.embed(inputs), lengths)
+
+    @staticmethod
+    def _pad(rows, lengths):
+        # The LSTM runs forwards only and padding sits at the end, so padded steps
+        # cannot influence valid ones.
+        return pad_sequence(rows.split(lengths.tolist()), batch_first=True)
+
+
+def config_from_state_dict(state_dict):
+    """Rebuild the model's configuration from the shapes in a plain state_dict
+    (the original release saved nothing else)."""
+    mods = [match.group(1) for key in state_dict
+            if (match := re.fullmatch(r"embed_(\w+)\.1\.weight", key))]
+    return {
+        "mods": mods,
+        "input_dims": {mod: state_dict[f"embed_{mod}.1.weight"].shape[1] for mod in mods},
+        "embed_dim": state_dict[f"embed_{mods[0]}.1.weight"].shape[0],
+        "attn_dim": state_dict["attn.0.weight"].shape[0],
+        "attn_len": state_dict["attn.2.weight"].shape[0],
+        "hidden_dim": state_dict["lstm.weight_hh_l0"].shape[1],
+        "decoder_dim": state_dict["dec_target.0.weight"].shape[0],
+    }
+
+
+def model_from_config(config):
+    dims = {mod: int(config["input_dims"][mod]) for mod in config["mods"]}
+    sizes = {key: int(config[key]) for key in
+             ("embed_dim", "attn_dim", "attn_len", "hidden_dim", "decoder_dim")}
+    return FusionLSTM(dims, **sizes)
+
+
+def load_model(path, mods, input_dims, device="cpu"):
+    """The model saved at `path`, checked against the data it is about to see.
+
+    Returns (model, checkpoint). The checkpoint's own modality order wins (it fixes
+    the layout of the fused layers); the set of modalities and every input
+    dimension must match `mods` and `input_dims`.
+    """
+    checkpoint = utils.load_checkpoint(path, device)
+    state_dict = checkpoint["model"]
+    try:
+        config = checkpoint.get("config") or config_from_state_dict(state_dict)
+        model = model_from_config(config)
+        model.load_state_dict(state_dict)
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError):
+        raise ToolkitError(f"checkpoint {path} is not a fusion-LSTM checkpoint (its "
+                           "parameters do not match the model): use a checkpoint written "
+                           "by train.py or by the original release") from None
+    if set(model.mods) != set(mods):
+        raise ToolkitError(f"checkpoint {path} was trained on --mods {','.join(model.mods)}, "
+                           f"not {','.join(mods)}: run with --mods {','.join(model.mods)}")
+    for mod in model.mods:
+        if model.input_dims[mod] != input_dims[mod]:
+            raise ToolkitError(f"checkpoint {path} expects {model.input_dims[mod]}-d {mod} "
+                               f"features but the data has {input_dims[mod]}: use the data "
+                               "it was trained on, or retrain")
+    return model.to(device), checkpoint

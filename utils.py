@@ -1,0 +1,200 @@
+"""Shared helpers: the CCC metric, seeding, devices, checkpoints and file writers.
+
+Every script scores with `ccc` and reads and writes checkpoints with
+`save_checkpoint` / `load_checkpoint`, so these conventions live here only.
+"""
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+FPS = 25  # annotation frames per second of video
+
+
+class ToolkitError(Exception):
+    """A problem with the user's input: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------- metric
+
+def ccc(prediction, annotation):
+    """Concordance correlation coefficient of two series of equal length.
+
+    CCC = 2 cov(x, y) / (var(x) + var(y) + (mean(x) - mean(y))^2), with population
+    (biased) moments, computed in float64. The challenge scores each video
+    separately and averages the per-video values (see `summarize_ccc`).
+    A constant series has no covariance with anything, so it scores 0; when both
+    series are the same constant the formula is 0/0 and we also return 0, never NaN.
+    """
+    x = np.asarray(prediction, dtype=np.float64).ravel()
+    y = np.asarray(annotation, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"ccc needs series of equal length, got {x.size} and {y.size}")
+    mean_x, mean_y = x.mean(), y.mean()
+    covariance = np.mean((x - mean_x) * (y - mean_y))
+    denominator = x.var() + y.var() + (mean_x - mean_y) ** 2
+    if denominator == 0:
+        return 0.0
+    return float(2 * covariance / denominator)
+
+
+def expand_to_frames(per_second, n_frames):
+    """Repeat each per-second value FPS times, then cut or pad (repeating the last
+    value) to the annotation's frame count."""
+    per_second = np.asarray(per_second, dtype=np.float32)
+    frames = np.repeat(per_second, FPS)[:n_frames]
+    if frames.size < n_frames:
+        frames = np.concatenate([frames, np.full(n_frames - frames.size, frames[-1], np.float32)])
+    return frames
+
+
+def summarize_ccc(records):
+    """Tables of per-video CCC records (dicts with subject, story, ccc).
+
+    Returns (per_video, by_story, by_subject) DataFrames: the challenge's
+    "generalized track" is the mean per story over subjects, the "personalized
+    track" the mean per subject over stories.
+    """
+    per_video = pd.DataFrame(records, columns=["subject", "story", "ccc"])
+    per_video = per_video.sort_values(["subject", "story"]).reset_index(drop=True)
+    by_story = per_video.groupby("story", as_index=False)["ccc"].mean()
+    by_subject = per_video.groupby("subject", as_index=False)["ccc"].mean()
+    return per_video, by_story, by_subject
+
+
+# ---------------------------------------------------------------- runtime
+
+def seed_everything(seed):
+    """Seed every generator a run draws from (Python, NumPy, torch CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_warned_no_cuda = False
+
+
+def get_device(cuda):
+    """The device a script runs on: the GPU when `--cuda` is given and one exists.
+    Asking for one without having it warns once and falls back to the CPU."""
+    global _warned_no_cuda
+    if not cuda:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not _warned_no_cuda:
+        print("warning: --cuda given but no GPU is available; running on the CPU",
+              file=sys.stderr)
+        _warned_no_cuda = True
+    return torch.device("cpu")
+
+
+def run_cli(main, parser, argv=None):
+    """Parse arguments and run `main`, turning a ToolkitError into one line on
+    stderr and exit status 1 instead of a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except ToolkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- files
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the
+    block succeeds, so a killed run never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def check_writable(directory):
+    """Fail early, before hours of work, if results cannot be written to `directory`."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / ".write_test"):
+            pass
+        (directory / ".write_test").unlink()
+    except OSError as error:
+        raise ToolkitError(f"cannot write to {directory} ({error.strerror}): "
+                           "choose a folder you can write to") from None
+
+
+def write_csv(frame, path):
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def write_json(data, path):
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_valence(path, frames):
+    """One prediction file: header `valence`, one row per 25 fps frame."""
+    with atomic_path(path) as temporary:
+        np.savetxt(temporary, frames, fmt="%.6f", header="valence", comments="")
+
+
+def save_array(path, array):
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict (tensors and plain values only, so that it loads with
+    `torch.load(weights_only=True)`) under a temporary name, then rename it."""
+    with atomic_path(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint as a dict with at least `model` (a state_dict).
+
+    Accepts the toolkit's own self-describing checkpoints and the original
+    release's plain state_dicts, which are wrapped as {"model": state_dict}.
+    Loading is weights-only: a file that would run pickled code is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"checkpoint {path} does not exist: train a model first "
+                           "or point --load at a saved .save file")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or unsafe files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ToolkitError(f"cannot read checkpoint {path} ({reason[:200]}): it is corrupt, "
+                           "truncated or not a weights-only PyTorch file; retrain or "
+                           "use another checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise ToolkitError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a "
+                           "state_dict: use a checkpoint written by this toolkit")
+    if "model" not in checkpoint:
+        checkpoint = {"model": checkpoint}
+    return checkpoint
