@@ -396,14 +396,15 @@ def _match_files(split_dirs, mods):
 
 
 def _check_widths(files, shapes, mods):
-    """Every file of a modality must have the same number of columns."""
+    """Every file of a modality must have the same number of columns; the odd one
+    out (against the most common width) is the one named."""
     dims = {}
-    for key, paths in files.items():
-        for mod in mods:
-            width = shapes[key][mod][1]
-            first = dims.setdefault(mod, (width, paths[mod]))
-            if width != first[0]:
-                raise ToolkitError(f"{paths[mod]} has {width} columns but {first[1]} has "
-                                   f"{first[0]}: all {mod} files need the same width")
-    return {mod: width for mod, (width, _) in dims.items()}
-
+    for mod in mods:
+        widths = {key: shapes[key][mod][1] for key in files}
+        values, counts = np.unique(list(widths.values()), return_counts=True)
+        dims[mod] = int(values[counts.argmax()])
+        for key, width in widths.items():
+            if width != dims[mod]:
+                raise ToolkitError(f"{files[key][mod]} has {width} columns but the other {mod} "
+                                   f"files have {dims[mod]}: all {mod} files need the same width")
+    return dims

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (Debian packages listed in
+# tests/apt-packages.txt, Python packages in requirements-dev.txt), then run it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+missing=()
+if [ -f tests/apt-packages.txt ]; then
+  for package in $(grep -v '^#' tests/apt-packages.txt); do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+python3 -m pip install -q -r requirements-dev.txt
+python3 -m pytest -q "$@"

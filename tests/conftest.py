@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny synthetic datasets written by make_data.py."""
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import make_data  # noqa: E402
+
+TINY = dict(subjects=3, stories=5, seconds=30, dims="24,16,32,32")
+
+
+def write_tiny_data(out_dir, file_format="npy", seed=0, **sizes):
+    options = {**TINY, **sizes}
+    args = argparse.Namespace(out_dir=str(out_dir), format=file_format, seed=seed,
+                              overwrite=False, **options)
+    make_data.main(args)
+    return Path(out_dir)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep the CSV cache of every test out of the user's home."""
+    monkeypatch.setenv("OMG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_master(tmp_path_factory):
+    return write_tiny_data(tmp_path_factory.mktemp("master") / "data")
+
+
+@pytest.fixture
+def tiny_data(tiny_data_master, tmp_path):
+    """A private copy of the tiny dataset at tmp_path/data (tests may damage it)."""
+    return Path(shutil.copytree(tiny_data_master, tmp_path / "data"))
+
+
+@pytest.fixture
+def in_tmp(tiny_data, monkeypatch):
+    """Run from a folder holding ./data, as the user guide assumes."""
+    monkeypatch.chdir(tiny_data.parent)
+    return tiny_data.parent
+
+
+def run_script(*argv, cwd=None):
+    """Run a top-level script as a user would; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=cwd,
+                          capture_output=True, text=True)
