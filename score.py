@@ -52,7 +52,7 @@ def main(args):
     for title, table in (("CCC per video", per_video),
                          ("generalized track: mean CCC per story over subjects", by_story),
                          ("personalized track: mean CCC per subject over stories", by_subject)):
-        print(f"{title}\n{table.to_string(index=False, float_format='%.4f')}\n")
+        print(f"{title}\n{utils.format_table(table)}\n")
     print(f"mean CCC over {len(per_video)} videos: {per_video['ccc'].mean():.4f}")
     if args.out_dir:
         out_dir = Path(args.out_dir)

@@ -387,7 +387,7 @@ def print_results(results):
         print(f"{name} CCC: {result['ccc']:.4f} over {len(result['records'])} videos")
     _, by_story, _ = utils.summarize_ccc(results["test"]["records"])
     print("test CCC per story (mean over subjects):")
-    print(by_story.to_string(index=False, float_format="%.4f"))
+    print(utils.format_table(by_story))
 
 
 # ---------------------------------------------------------------- main

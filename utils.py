@@ -70,6 +70,25 @@ def summarize_ccc(records):
     return per_video, by_story, by_subject
 
 
+def crossval_table(folds):
+    """The cross-validation table of crossval.py, cv_epochs.py and cv_fusion.py.
+
+    `folds` holds one dict per held-out story: {"story", "train_ccc", "val_ccc"}.
+    Rows follow for Mean, Std (population, as numpy's default) and Mean-Std, a
+    conservative score that favours settings that do well on every story.
+    """
+    table = pd.DataFrame(folds, columns=["story", "train_ccc", "val_ccc"])
+    values = table[["train_ccc", "val_ccc"]].astype(float)
+    mean, std = values.mean(), values.std(ddof=0)
+    summary = pd.DataFrame([mean, std, mean - std])
+    summary.insert(0, "story", ["Mean", "Std", "Mean-Std"])
+    return pd.concat([table.astype({"story": object}), summary], ignore_index=True)
+
+
+def format_table(table):
+    return table.to_string(index=False, float_format=lambda value: f"{value:.4f}")
+
+
 # ---------------------------------------------------------------- runtime
 
 def seed_everything(seed):
