@@ -270,6 +270,19 @@ class VideoSet:
     def __len__(self):
         return len(self.videos)
 
+    # Pickled as NumPy arrays so that joblib memory-maps the storage into worker
+    # processes (see utils.run_parallel) instead of copying it.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["features"] = {mod: storage.numpy() for mod, storage in self.features.items()}
+        state["targets"] = self.targets.numpy()
+        return state
+
+    def __setstate__(self, state):
+        state["features"] = {mod: torch.from_numpy(array) for mod, array in state["features"].items()}
+        state["targets"] = torch.from_numpy(state["targets"])
+        self.__dict__.update(state)
+
     @property
     def mods(self):
         return list(self.features)

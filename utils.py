@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 FPS = 25  # annotation frames per second of video
 
@@ -114,6 +115,37 @@ def get_device(cuda):
               file=sys.stderr)
         _warned_no_cuda = True
     return torch.device("cpu")
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_parallel(function, tasks, jobs, description):
+    """`[function(**task) for task in tasks]`, in `jobs` processes (joblib) with a fair
+    share of the cores each, and a progress bar over finished tasks.
+
+    Each task must seed itself, so that results do not depend on `jobs`. Large
+    arrays in the arguments are memory-mapped (copy-on-write) into the workers
+    rather than copied, so data loaded once is shared by every process.
+    """
+    from joblib import Parallel, delayed
+    if jobs < 1:
+        raise ToolkitError(f"--jobs must be at least 1, got {jobs}")
+    if jobs == 1 or len(tasks) <= 1:
+        return [function(**task) for task in tqdm(tasks, desc=description, unit="task",
+                                                   dynamic_ncols=True)]
+    jobs = min(jobs, len(tasks))
+    threads = max(1, available_cores() // jobs)
+    parallel = Parallel(n_jobs=jobs, mmap_mode="c", return_as="generator")
+    results = parallel(delayed(_call_with_threads)(function, threads, task) for task in tasks)
+    return list(tqdm(results, total=len(tasks), desc=description, unit="task",
+                     dynamic_ncols=True))
+
+
+def _call_with_threads(function, threads, task):
+    torch.set_num_threads(threads)
+    return function(**task)
 
 
 def run_cli(main, parser, argv=None):

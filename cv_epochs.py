@@ -1,0 +1,103 @@
+"""Find the epoch that is best across all cross-validation folds.
+
+    python cv_epochs.py --mods audio,text --out_dir cv_AT
+
+For every saved epoch from --epoch_min to --epoch_max (step --epoch_step) this
+evaluates each fold of a crossval.py run on its held-out story, prints the mean and
+std CCC per epoch and the best epoch (highest mean), writes the table to
+<out_dir>/cv_epochs.csv, and extracts every fold's decision-level features at that
+epoch into val_on_<story>/feat_train and feat_test, ready for cv_fusion.py.
+"""
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+import crossval
+import datasets
+import models
+import train
+import utils
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "cv_epochs.py", description="Find the epoch that is best across all folds.",
+        parents=[train.get_data_args_parser(), crossval.get_fold_args_parser()])
+    group = parser.add_argument_group("epochs")
+    group.add_argument("--epoch_min", type=int, default=100, help="first epoch (default: %(default)s)")
+    group.add_argument("--epoch_max", type=int, default=2000, help="last epoch (default: %(default)s)")
+    group.add_argument("--epoch_step", type=int, default=100, help="step (default: %(default)s)")
+    return parser
+
+
+def epochs_to_check(epoch_min, epoch_max, epoch_step):
+    if epoch_step < 1 or epoch_min < 1 or epoch_max < epoch_min:
+        raise utils.ToolkitError(f"--epoch_min {epoch_min} --epoch_max {epoch_max} --epoch_step "
+                                 f"{epoch_step} selects no epochs: use 1 <= min <= max, step >= 1")
+    return list(range(epoch_min, epoch_max + 1, epoch_step))
+
+
+def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda):
+    """Held-out CCC of one fold at each epoch: {epoch: ccc}."""
+    device = utils.get_device(cuda)
+    train_set, val_set = crossval.fold_sets(pooled, story)
+    scores = {}
+    for epoch in epochs:
+        path = crossval.fold_dir(out_dir, story) / crossval.checkpoint_name(epoch)
+        model, state = models.load_model(path, pooled.mods, pooled.input_dims, device)
+        scaler = train.resolve_scaler(state, normalize, train_set, path)
+        scores[epoch] = train.evaluate(model, val_set.with_scaler(scaler), device)["ccc"]
+    return {"story": story, "scores": scores}
+
+
+def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda):
+    device = utils.get_device(cuda)
+    train_set, val_set = crossval.fold_sets(pooled, story)
+    path = crossval.fold_dir(out_dir, story) / crossval.checkpoint_name(epoch)
+    model, state = models.load_model(path, pooled.mods, pooled.input_dims, device)
+    scaler = train.resolve_scaler(state, normalize, train_set, path)
+    train.extract_features(model, train_set.with_scaler(scaler), val_set.with_scaler(scaler),
+                           crossval.fold_dir(out_dir, story), device)
+
+
+def epoch_table(folds, epochs):
+    """One row per epoch: mean, std and mean-std of the held-out CCC over folds,
+    then each fold's CCC."""
+    per_fold = pd.DataFrame({f"val_on_{fold['story']}": [fold["scores"][e] for e in epochs]
+                             for fold in folds})
+    values = per_fold.to_numpy()
+    table = pd.DataFrame({"epoch": epochs, "mean_ccc": values.mean(axis=1),
+                          "std_ccc": values.std(axis=1)})
+    table["mean_minus_std"] = table["mean_ccc"] - table["std_ccc"]
+    return pd.concat([table, per_fold], axis=1)
+
+
+def main(args):
+    mods = datasets.parse_mods(args.mods)
+    epochs = epochs_to_check(args.epoch_min, args.epoch_max, args.epoch_step)
+    out_dir = Path(args.out_dir)
+    pooled = crossval.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
+    crossval.check_checkpoints(out_dir, pooled.stories, epochs)
+    utils.check_writable(out_dir)
+
+    common = dict(pooled=pooled, out_dir=out_dir, normalize=args.normalize, cuda=args.cuda)
+    folds = utils.run_parallel(evaluate_fold_epochs,
+                               [dict(story=s, epochs=epochs, **common) for s in pooled.stories],
+                               args.jobs, "folds")
+    table = epoch_table(folds, epochs)
+    best_epoch = int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
+    utils.write_csv(table, out_dir / "cv_epochs.csv")
+    print(utils.format_table(table[["epoch", "mean_ccc", "std_ccc", "mean_minus_std"]]))
+    print(f"best epoch: {best_epoch} (mean CCC {table['mean_ccc'].max():.4f})")
+
+    utils.run_parallel(extract_fold_features,
+                       [dict(story=s, epoch=best_epoch, **common) for s in pooled.stories],
+                       args.jobs, "features")
+    print(f"features of epoch {best_epoch} written to {out_dir}/val_on_<story>/feat_train "
+          "and feat_test")
+    return table, best_epoch
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())

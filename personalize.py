@@ -1,0 +1,122 @@
+"""Fine-tune a trained model for each listener.
+
+    mkdir personal_AT && cp cv_AT/val_on_1/best.save personal_AT/init.save
+    python personalize.py --mods audio,text --out_dir personal_AT --epochs 250
+
+Starting from <out_dir>/init.save, one model per subject is fine-tuned in
+<out_dir>/subject_<s>/ on that subject's training videos (or, with --augment N, on
+all training videos with that subject's repeated N times) and evaluated, after the
+last epoch, on that subject's videos in --test_dir. Prints each subject's CCC before
+and after fine-tuning and their mean, writes the table to
+<out_dir>/personalize.csv and the predictions to <out_dir>/pred_test.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+import datasets
+import models
+import train
+import utils
+from utils import ToolkitError
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "personalize.py", description="Fine-tune a trained model for each listener.",
+        parents=[train.get_data_args_parser(), train.get_training_args_parser()])
+    group = parser.add_argument_group("subjects")
+    group.add_argument("--out_dir", default="./personal",
+                       help="folder holding init.save; gets subject_<s>/ and pred_test/ "
+                            "(default: %(default)s)")
+    group.add_argument("--subjects", type=int, nargs="+", metavar="S",
+                       help="subjects to fine-tune for (default: all)")
+    group.add_argument("--augment", type=int, metavar="N",
+                       help="train on all videos, repeating the subject's N times")
+    group.add_argument("--test_set", type=int, nargs="+", metavar="STORY",
+                       help="re-split: pool both folders and test on these stories")
+    group.add_argument("--jobs", type=int, default=1,
+                       help="fine-tune subjects in N parallel processes (default: %(default)s)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="redo subjects that already hold a run")
+    return parser
+
+
+def init_checkpoint(out_dir):
+    path = Path(out_dir) / "init.save"
+    if not path.is_file():
+        raise ToolkitError(f"{path} does not exist: copy the model to start from there, e.g. "
+                           f"mkdir -p {out_dir} && cp cv_AT/val_on_1/best.save {path}")
+    return path
+
+
+def subject_sets(train_all, test_all, subject, augment):
+    train_set = (train_all.repeat_subjects([subject], augment) if augment
+                 else train_all.select(subjects=[subject]))
+    return train_set, test_all.select(subjects=[subject])
+
+
+def personalize_subject(train_all, test_all, subject, out_dir, settings, normalize, cuda,
+                        augment=None, resume=False, progress=True):
+    """Fine-tune init.save for one subject; returns its CCC before and after."""
+    utils.seed_everything(settings.seed)
+    device = utils.get_device(cuda)
+    path = init_checkpoint(out_dir)
+    model, state = models.load_model(path, train_all.mods, train_all.input_dims, device)
+    scaler = train.resolve_scaler(state, normalize, train_all, path)
+    train_set, test_set = subject_sets(train_all.with_scaler(scaler),
+                                       test_all.with_scaler(scaler), subject, augment)
+    before = train.evaluate(model, test_set, device)
+    train.fit(model, train_set, test_set, Path(out_dir) / f"subject_{subject}", settings, device,
+              resume=resume, progress=progress)
+    after = train.evaluate(model, test_set, device)
+    train.write_predictions(Path(out_dir) / "pred_test", test_set, after["frames"])
+    return {"subject": subject, "before_ccc": before["ccc"], "after_ccc": after["ccc"]}
+
+
+def choose_subjects(train_all, test_all, requested, augment):
+    """Subjects with test videos and (unless --augment) training videos."""
+    trainable = set(test_all.subjects)
+    if not augment:
+        trainable &= set(train_all.subjects)
+    if not requested:
+        return sorted(trainable)
+    train.check_known("subject", requested, sorted(trainable), "--subjects")
+    return sorted(requested)
+
+
+def subject_table(rows):
+    table = pd.DataFrame(rows, columns=["subject", "before_ccc", "after_ccc"])
+    mean = table[["before_ccc", "after_ccc"]].mean()
+    return pd.concat([table.astype({"subject": object}),
+                      pd.DataFrame([{"subject": "Mean", **mean}])], ignore_index=True)
+
+
+def main(args):
+    mods = datasets.parse_mods(args.mods)
+    settings = train.TrainingSettings.from_args(args)
+    settings.check()
+    out_dir = Path(args.out_dir)
+    init_checkpoint(out_dir)
+    train_all, test_all = train.load_train_test(args.train_dir, args.test_dir, mods, args.test_set)
+    subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
+    for subject in subjects:
+        train.check_fresh_model_dir(out_dir / f"subject_{subject}", args.resume, args.overwrite)
+    utils.check_writable(out_dir)
+    utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
+
+    tasks = [dict(train_all=train_all, test_all=test_all, subject=subject, out_dir=out_dir,
+                  settings=settings, normalize=args.normalize, cuda=args.cuda,
+                  augment=args.augment, resume=args.resume, progress=args.jobs == 1)
+             for subject in subjects]
+    table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects"))
+    utils.write_csv(table, out_dir / "personalize.csv")
+    print("CCC per subject on the test videos, before and after fine-tuning:")
+    print(utils.format_table(table))
+    return table
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())
