@@ -14,9 +14,9 @@ listener, the listener's face adds something, and fine-tuning per listener helps
 It is not real behaviour: the responses are linear-Gaussian with a tanh, and the
 numbers it gives say nothing about the real data.
 
-The official split is kept: stories 2, 4, 5, 8 train, 1 validation, 3, 6, 7 test
-(dummy annotations of the right length). With fewer stories the same map applies to
-stories 1..N; stories beyond 8 train. Feature files are sometimes a row or two
+The official split is the default: stories 2, 4, 5, 8 train, 1 validation, 3, 6, 7
+test (dummy annotations of the right length); --val_stories and --test_stories
+change it. Feature files are sometimes a row or two
 longer or shorter than the annotation, as in the real data.
 """
 import argparse
@@ -32,8 +32,6 @@ import utils
 from datasets import ANNOTATION_FOLDER, MODALITY_FOLDERS, video_name
 from utils import FPS, ToolkitError
 
-OFFICIAL_SPLIT = {1: "Validation", 2: "Training", 3: "Testing", 4: "Training",
-                  5: "Training", 6: "Testing", 7: "Testing", 8: "Training"}
 
 
 def get_args_parser():
@@ -42,7 +40,14 @@ def get_args_parser():
     parser.add_argument("--subjects", type=int, default=10, help="listeners (default: %(default)s)")
     parser.add_argument("--stories", type=int, default=8, help="stories (default: %(default)s)")
     parser.add_argument("--seconds", type=int, default=300,
-                        help="mean story length; each varies by up to 30%% (default: %(default)s)")
+                        help="mean story length in seconds (default: %(default)s)")
+    parser.add_argument("--length_spread", type=float, default=0.3,
+                        help="story lengths vary by up to this fraction (default: %(default)s)")
+    parser.add_argument("--val_stories", type=int, nargs="*", default=[1], metavar="STORY",
+                        help="validation stories (default: 1, the official split)")
+    parser.add_argument("--test_stories", type=int, nargs="*", default=[3, 6, 7], metavar="STORY",
+                        help="test stories, with dummy annotations (default: 3 6 7, the "
+                             "official split); the others train")
     parser.add_argument("--dims", default="990,300,4096,4096",
                         help="audio,text,v_sub,v_act dimensions (default: %(default)s)")
     parser.add_argument("--format", choices=["npy", "csv"], default="npy",
@@ -53,8 +58,10 @@ def get_args_parser():
     return parser
 
 
-def split_of(story):
-    return OFFICIAL_SPLIT.get(story, "Training")
+def split_of(story, val_stories, test_stories):
+    if story in val_stories:
+        return "Validation"
+    return "Testing" if story in test_stories else "Training"
 
 
 def smooth_noise(rng, n, sigma):
@@ -154,7 +161,9 @@ def main(args):
         raise ToolkitError("make_data.py needs --subjects >= 1, --stories >= 2 and "
                            "--seconds >= 10")
     out_dir = Path(args.out_dir)
-    splits = sorted({split_of(story) for story in range(1, args.stories + 1)})
+    split = {story: split_of(story, args.val_stories, args.test_stories)
+             for story in range(1, args.stories + 1)}
+    splits = sorted(set(split.values()))
     existing = [out_dir / split for split in splits if (out_dir / split).exists()]
     if existing and not args.overwrite:
         raise ToolkitError(f"{existing[0]} already exists: pass --overwrite to replace it, "
@@ -167,14 +176,15 @@ def main(args):
     projections = Projections(rng, dims)
     listeners = make_listeners(rng, args.subjects)
     for story in range(1, args.stories + 1):
-        n_frames = int(args.seconds * rng.uniform(0.7, 1.3) * FPS)
+        spread = args.length_spread
+        n_frames = int(args.seconds * rng.uniform(1 - spread, 1 + spread) * FPS)
         trajectory = smooth_noise(rng, n_frames + FPS, 5 * FPS)
         story_nuisance = smooth_noise(rng, n_frames // FPS + 2, 10)
         for subject, listener in enumerate(listeners, start=1):
             valence, features = make_video(rng, projections, trajectory, listener,
                                            story_nuisance, list(dims))
-            write_video(out_dir / split_of(story), video_name(subject, story), valence,
-                        features, args.format, dummy=split_of(story) == "Testing")
+            write_video(out_dir / split[story], video_name(subject, story), valence,
+                        features, args.format, dummy=split[story] == "Testing")
     print(f"wrote {args.subjects} subjects x {args.stories} stories to "
           + ", ".join(str(out_dir / split) for split in splits))
 

@@ -23,7 +23,7 @@ import models
 import utils
 from utils import ToolkitError
 
-EMBED_CHUNK_ROWS = 8192  # rows embedded at once in evaluation: bounds memory, not speed
+EMBED_CHUNK_ROWS = 2048  # rows embedded at once in evaluation: bounds memory, not speed
 
 
 # ---------------------------------------------------------------- flags

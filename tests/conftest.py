@@ -1,5 +1,4 @@
 """Shared fixtures: tiny synthetic datasets written by make_data.py."""
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -14,11 +13,12 @@ import make_data  # noqa: E402
 TINY = dict(subjects=3, stories=5, seconds=30, dims="24,16,32,32")
 
 
-def write_tiny_data(out_dir, file_format="npy", seed=0, **sizes):
-    options = {**TINY, **sizes}
-    args = argparse.Namespace(out_dir=str(out_dir), format=file_format, seed=seed,
-                              overwrite=False, **options)
-    make_data.main(args)
+def write_tiny_data(out_dir, file_format="npy", seed=0, **options):
+    """make_data.py with the tiny sizes, overridable by keyword (e.g. seconds=12)."""
+    argv = ["--out_dir", str(out_dir), "--format", file_format, "--seed", str(seed)]
+    for name, value in {**TINY, **options}.items():
+        argv += [f"--{name}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    make_data.main(make_data.get_args_parser().parse_args(argv))
     return Path(out_dir)
 
 

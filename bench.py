@@ -1,0 +1,255 @@
+"""Benchmark the toolkit at full OMG-Empathy scale and print one table.
+
+    python bench.py                  # about 5 minutes on 2 cores
+    python bench.py --cuda           # the same figures on the GPU as well
+
+Generates 10 subjects x 5 stories x 300 s of synthetic data (990/300/4096/4096-d;
+story 1 validates, stories 2-5 train) as .npy and .csv in a temporary folder, then
+measures: loading AT and ATV features from CSV (first and second run) and from
+npy; seconds per epoch of the AT and ATV models, training step and evaluation pass
+separately; the analytic floating-point work of a training epoch against the
+machine's float32 matrix-multiply throughput measured in the same run; wall time of
+a short crossval.py with --jobs 1 and --jobs 2; peak resident memory; and that
+batched evaluation equals per-video evaluation.
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import datasets
+import make_data
+import train
+import utils
+
+ROOT = Path(__file__).resolve().parent
+MODELS = {"AT": ["audio", "text"], "ATV": ["audio", "text", "v_sub"]}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", help="where to generate the data (default: a temporary "
+                                           "folder, removed afterwards)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per model "
+                                                              "(default: %(default)s)")
+    parser.add_argument("--cv_epochs", type=int, default=2,
+                        help="epochs per fold of the timed crossval.py (default: %(default)s)")
+    parser.add_argument("--cuda", action="store_true", help="also measure on the GPU")
+    parser.add_argument("--rss_probe", help=argparse.SUPPRESS)  # internal: one model in a clean process
+    return parser
+
+
+# ---------------------------------------------------------------- measurements
+
+def generate(data_root, file_format):
+    folder = Path(data_root) / file_format
+    if not (folder / "Training").is_dir():
+        make_data.main(make_data.get_args_parser().parse_args([
+            "--out_dir", str(folder), "--subjects", "10", "--stories", "5", "--seconds", "300",
+            "--length_spread", "0", "--format", file_format, "--test_stories"]))
+    return folder
+
+
+def split_dirs(folder):
+    return [folder / "Training", folder / "Validation"]
+
+
+def time_loading(csv_dir, npy_dir, mods):
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["OMG_CACHE_DIR"] = cache
+        timings = {}
+        for label, folder in (("csv, first run", csv_dir), ("csv, second run", csv_dir),
+                              ("npy", npy_dir)):
+            start = time.perf_counter()
+            datasets.load_videos(split_dirs(folder), mods)
+            timings[label] = time.perf_counter() - start
+    return timings
+
+
+def training_flops_per_step(model):
+    """Multiply-adds x 2 of one valid step, forward and backward.
+
+    The backward pass costs twice the forward (gradients of inputs and weights),
+    except for the embeddings, whose inputs are data and need no gradient.
+    """
+    config = model.config
+    fused = config["embed_dim"] * len(model.mods)
+    hidden, attn = config["hidden_dim"], config["attn_dim"]
+    embed = sum(2 * dim * config["embed_dim"] for dim in model.input_dims.values())
+    attention = 2 * fused * attn + 2 * attn * config["attn_len"]
+    lstm = 2 * 4 * hidden * (fused + hidden)
+    decoder = 2 * hidden * config["decoder_dim"] + 2 * config["decoder_dim"]
+    return 2 * embed + 3 * (attention + lstm + decoder)
+
+
+def gemm_throughput(device, size=2048, repeats=20):
+    """float32 matrix-multiply GFLOP/s of this machine with the current threads."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_epochs(npy_dir, mods, device, epochs):
+    """Seconds per training step and per evaluation pass, and achieved GFLOP/s."""
+    train_set, val_set = train.load_train_test(*split_dirs(npy_dir), mods)
+    utils.seed_everything(1)
+    model = train.build_model(train_set.input_dims, device)
+    optimizer = train.build_optimizer(model, 1e-5, 5e-4)
+    segments = train_set.training_segments(5)
+    generator = torch.Generator().manual_seed(1)
+
+    def one_epoch():
+        start = time.perf_counter()
+        train.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device)
+        synchronize(device)
+        middle = time.perf_counter()
+        train.evaluate(model, val_set, device)
+        synchronize(device)
+        return middle - start, time.perf_counter() - middle
+
+    one_epoch()  # warm-up: allocator, kernels
+    timings = np.array([one_epoch() for _ in range(epochs)])
+    train_seconds, eval_seconds = timings.mean(axis=0)
+    steps = sum(length for _, length in segments)
+    flops = training_flops_per_step(model) * steps
+    return {"train_s": train_seconds, "eval_s": eval_seconds, "gflop": flops / 1e9,
+            "gflops": flops / train_seconds / 1e9,
+            "batched_vs_alone": batched_vs_alone(model, val_set, device)}
+
+
+def batched_vs_alone(model, video_set, device):
+    """Largest difference between predicting all videos as one batch and one by one."""
+    batched = train.predict(model, video_set, device)
+    alone = [train.predict(model, video_set.subset([video]), device)[0]
+             for video in video_set.videos]
+    return max(float(np.abs(a - b).max()) for a, b in zip(batched, alone))
+
+
+def time_crossval(npy_dir, jobs, epochs, out_dir):
+    command = [sys.executable, str(ROOT / "crossval.py"), "--mods", "audio,text",
+               "--epochs", str(epochs), "--save_freq", str(epochs), "--jobs", str(jobs),
+               "--train_dir", str(npy_dir / "Training"), "--test_dir", str(npy_dir / "Validation"),
+               "--out_dir", str(out_dir)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def peak_rss(npy_dir, name):
+    """Peak resident memory of a fresh process that loads one model's data, trains
+    an epoch and evaluates; with the memory of Python and torch before loading."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--rss_probe",
+                             f"{name}:{npy_dir}"], check=True, capture_output=True, text=True)
+    baseline, peak, feature_bytes = map(int, result.stdout.split())
+    return baseline / 2**20, peak / 2**20, feature_bytes / 2**20
+
+
+def high_water_rss():
+    """This process's peak resident memory in bytes. (ru_maxrss would do, but Linux
+    carries it over from the parent across fork and exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_probe(spec):
+    name, folder = spec.split(":", 1)
+    torch.zeros(1) @ torch.zeros(1)
+    baseline = high_water_rss()
+    train_set, val_set = train.load_train_test(*split_dirs(Path(folder)), MODELS[name])
+    feature_bytes = sum(storage.numel() * 4 for storage in train_set.features.values())
+    model = train.build_model(train_set.input_dims, "cpu")
+    optimizer = train.build_optimizer(model, 1e-5, 5e-4)
+    train.train_one_epoch(model, optimizer, train_set, train_set.training_segments(5), 25,
+                          torch.Generator().manual_seed(1), "cpu")
+    train.evaluate(model, train_set, "cpu")
+    train.evaluate(model, val_set, "cpu")
+    print(baseline, high_water_rss(), feature_bytes)
+
+
+# ---------------------------------------------------------------- report
+
+def run_benchmark(data_root, epochs, cv_epochs, cuda):
+    npy_dir, csv_dir = generate(data_root, "npy"), generate(data_root, "csv")
+    threads = torch.get_num_threads()
+    lines = [f"torch {torch.__version__}, {threads} threads, {utils.available_cores()} cores",
+             "", "| measurement | AT | ATV |", "|---|---|---|"]
+
+    loading = {name: time_loading(csv_dir, npy_dir, mods) for name, mods in MODELS.items()}
+    for label in loading["AT"]:
+        lines.append(f"| load features, {label} (s) | {loading['AT'][label]:.2f} | "
+                     f"{loading['ATV'][label]:.2f} |")
+
+    devices = ["cpu"] + (["cuda"] if cuda and torch.cuda.is_available() else [])
+    for device in devices:
+        gemm = gemm_throughput(device)
+        epoch = {name: time_epochs(npy_dir, mods, device, epochs) for name, mods in MODELS.items()}
+        rows = [
+            ("training step per epoch (s)", "train_s", "{:.3f}"),
+            ("evaluation pass, 10 validation videos (s)", "eval_s", "{:.3f}"),
+            ("training work per epoch (GFLOP)", "gflop", "{:.1f}"),
+            ("achieved training GFLOP/s", "gflops", "{:.1f}"),
+            ("batched vs per-video evaluation, max difference", "batched_vs_alone", "{:.1e}"),
+        ]
+        for label, key, fmt in rows:
+            lines.append(f"| [{device}] {label} | {fmt.format(epoch['AT'][key])} | "
+                         f"{fmt.format(epoch['ATV'][key])} |")
+        lines.append(f"| [{device}] epoch incl. evaluation (s) | "
+                     f"{epoch['AT']['train_s'] + epoch['AT']['eval_s']:.3f} | "
+                     f"{epoch['ATV']['train_s'] + epoch['ATV']['eval_s']:.3f} |")
+        lines.append(f"| [{device}] float32 GEMM GFLOP/s (2048^3) | {gemm:.1f} | {gemm:.1f} |")
+        lines.append(f"| [{device}] training GFLOP/s / GEMM GFLOP/s | "
+                     f"{epoch['AT']['gflops'] / gemm:.0%} | {epoch['ATV']['gflops'] / gemm:.0%} |")
+
+    rss = {name: peak_rss(npy_dir, name) for name in MODELS}
+    lines.append("| features in memory, float32 (MiB) | " +
+                 " | ".join(f"{rss[name][2]:.0f}" for name in MODELS) + " |")
+    lines.append("| peak RSS (MiB) | " + " | ".join(f"{rss[name][1]:.0f}" for name in MODELS) + " |")
+    lines.append("| peak RSS above Python+torch (MiB) | " +
+                 " | ".join(f"{rss[name][1] - rss[name][0]:.0f}" for name in MODELS) + " |")
+    lines.append("| (peak RSS above Python+torch) / features | " +
+                 " | ".join(f"{(rss[name][1] - rss[name][0]) / rss[name][2]:.2f}"
+                            for name in MODELS) + " |")
+
+    with tempfile.TemporaryDirectory() as out:
+        one = time_crossval(npy_dir, 1, cv_epochs, Path(out) / "jobs1")
+        two = time_crossval(npy_dir, 2, cv_epochs, Path(out) / "jobs2")
+    lines += ["", f"crossval.py, AT, 5 folds x {cv_epochs} epochs: --jobs 1 {one:.1f} s, "
+                  f"--jobs 2 {two:.1f} s, speed-up {one / two:.2f}x"]
+    return "\n".join(lines)
+
+
+def main(args):
+    if args.rss_probe:
+        return rss_probe(args.rss_probe)
+    if args.data_dir:
+        report = run_benchmark(args.data_dir, args.epochs, args.cv_epochs, args.cuda)
+    else:
+        with tempfile.TemporaryDirectory() as data_root:
+            report = run_benchmark(data_root, args.epochs, args.cv_epochs, args.cuda)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())
