@@ -39,7 +39,7 @@ def get_args_parser():
                                            "folder, removed afterwards)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per model "
                                                               "(default: %(default)s)")
-    parser.add_argument("--cv_epochs", type=int, default=2,
+    parser.add_argument("--cv_epochs", type=int, default=5,
                         help="epochs per fold of the timed crossval.py (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="also measure on the GPU")
     parser.add_argument("--rss_probe", help=argparse.SUPPRESS)  # internal: one model in a clean process
@@ -144,8 +144,9 @@ def batched_vs_alone(model, video_set, device):
     return max(float(np.abs(a - b).max()) for a, b in zip(batched, alone))
 
 
-def time_crossval(npy_dir, jobs, epochs, out_dir):
+def time_crossval(npy_dir, jobs, epochs, out_dir, stories):
     command = [sys.executable, str(ROOT / "crossval.py"), "--mods", "audio,text",
+               "--stories", *map(str, stories),
                "--epochs", str(epochs), "--save_freq", str(epochs), "--jobs", str(jobs),
                "--train_dir", str(npy_dir / "Training"), "--test_dir", str(npy_dir / "Validation"),
                "--out_dir", str(out_dir)]
@@ -231,11 +232,13 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda):
                  " | ".join(f"{(rss[name][1] - rss[name][0]) / rss[name][2]:.2f}"
                             for name in MODELS) + " |")
 
-    with tempfile.TemporaryDirectory() as out:
-        one = time_crossval(npy_dir, 1, cv_epochs, Path(out) / "jobs1")
-        two = time_crossval(npy_dir, 2, cv_epochs, Path(out) / "jobs2")
-    lines += ["", f"crossval.py, AT, 5 folds x {cv_epochs} epochs: --jobs 1 {one:.1f} s, "
-                  f"--jobs 2 {two:.1f} s, speed-up {one / two:.2f}x"]
+    lines.append("")
+    for stories in ([1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5]):
+        with tempfile.TemporaryDirectory() as out:
+            one = time_crossval(npy_dir, 1, cv_epochs, Path(out) / "jobs1", stories)
+            two = time_crossval(npy_dir, 2, cv_epochs, Path(out) / "jobs2", stories)
+        lines.append(f"crossval.py, AT, {len(stories)} folds x {cv_epochs} epochs: --jobs 1 "
+                     f"{one:.1f} s, --jobs 2 {two:.1f} s, speed-up {one / two:.2f}x")
     return "\n".join(lines)
 
 

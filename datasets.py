@@ -139,6 +139,23 @@ def open_features(path):
     return array
 
 
+def warm_csv_cache(paths):
+    """Parse the CSVs in `paths` that are not cached yet, in one process per core.
+
+    Parsing is CPU-bound and holds the GIL, so threads do not help; processes
+    write the cache files and the loader then reads them like .npy files.
+    """
+    from joblib import Parallel, delayed
+    from utils import available_cores
+    todo = [path for path in paths if path.suffix == ".csv" and not _cache_path(path).is_file()]
+    if len(todo) > 2 and available_cores() > 1:
+        Parallel(n_jobs=available_cores())(delayed(_cache_csv)(path) for path in todo)
+
+
+def _cache_csv(path):
+    _write_cache(_cache_path(path), _parse_csv(path))
+
+
 def _write_cache(cached, array):
     # The cache is a convenience: a read-only home directory must not stop a run.
     try:
@@ -354,6 +371,7 @@ def load_videos(split_dirs, mods):
     if isinstance(split_dirs, (str, Path)):
         split_dirs = [split_dirs]
     files = _match_files(split_dirs, mods)
+    warm_csv_cache([paths[mod] for paths in files.values() for mod in mods])
     # Two passes so that only one video's file is open at a time: the first reads
     # shapes (and parses CSVs into the cache), the second copies into the storage.
     shapes = {key: {mod: open_features(paths[mod]).shape for mod in mods}

@@ -27,6 +27,26 @@ def input_dropout(mod):
     return 0.2 if mod in VISUAL_MODS else 0.1
 
 
+class InputDropout(nn.Dropout):
+    """Dropout for input features, which need no gradient.
+
+    With 4096-d visual features, nn.Dropout's one random draw per element was the
+    largest cost of a training step. This draws 64-bit integers and uses each as four
+    16-bit numbers, a quarter of the draws: an element is dropped with probability
+    round(p * 65536) / 65536 (within 1e-5 of p) and the others are scaled to keep the
+    expectation. Inputs that need a gradient, and evaluation, use nn.Dropout.
+    """
+
+    def forward(self, inputs):
+        if not self.training or self.p == 0 or inputs.requires_grad:
+            return super().forward(inputs)
+        threshold = round(self.p * 65536)
+        draws = -(-inputs.numel() // 4)
+        bits = torch.randint(-2**63, 2**63 - 1, (draws,), dtype=torch.int64, device=inputs.device)
+        keep = bits.view(torch.int16)[:inputs.numel()].view(inputs.shape) >= threshold - 32768
+        return inputs.mul(keep).mul_(65536 / (65536 - threshold))
+
+
 class FusionLSTM(nn.Module):
     """Feature-level fusion of modalities, one valence prediction per second.
 
@@ -44,7 +64,7 @@ class FusionLSTM(nn.Module):
         self.attn_len = attn_len
         for mod, dim in self.input_dims.items():
             self.add_module(f"embed_{mod}", nn.Sequential(
-                nn.Dropout(input_dropout(mod)), nn.Linear(dim, embed_dim), nn.ReLU()))
+                InputDropout(input_dropout(mod)), nn.Linear(dim, embed_dim), nn.ReLU()))
         fused_dim = embed_dim * len(self.mods)
         self.attn = nn.Sequential(nn.Linear(fused_dim, attn_dim), nn.ReLU(),
                                   nn.Linear(attn_dim, attn_len), nn.Softmax(dim=-1))

@@ -117,3 +117,20 @@ def test_corrupt_unsafe_and_foreign_checkpoints_are_refused(tmp_path):
         models.load_model(tmp_path / "other.save", list(DIMS), DIMS)
     with pytest.raises(ToolkitError, match="missing.save does not exist"):
         models.load_model(tmp_path / "missing.save", list(DIMS), DIMS)
+
+
+def test_input_dropout_drops_at_the_rate_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    dropout = models.InputDropout(0.2).train()
+    inputs = torch.ones(400, 1000)
+    outputs = dropout(inputs)
+    dropped = (outputs == 0).float().mean().item()
+    assert dropped == pytest.approx(0.2, abs=0.005)
+    assert outputs[outputs != 0].unique().tolist() == pytest.approx([1 / (1 - 13107 / 65536)])
+    assert outputs.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert not torch.equal(dropout(inputs), outputs)   # a fresh mask each call
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropout(inputs), outputs)   # seeded like the rest of torch
+    assert torch.equal(dropout.eval()(inputs), inputs)
+    odd = torch.ones(3, 7)
+    assert dropout.train()(odd).shape == (3, 7)
