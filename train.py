@@ -294,7 +294,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
 
     Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
     `save_freq` epochs, last.save (with optimizer state, for --resume) every
-    `save_freq` epochs and at the end, and metrics.csv. Returns
+    `save_freq` epochs, at the end, and when Ctrl-C or SIGTERM stops the run at the
+    end of the epoch in progress; and metrics.csv after every epoch. Returns
     {"best_ccc", "best_epoch", "epoch"}.
     """
     model_dir = Path(model_dir)
@@ -325,22 +326,28 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     epoch = start_epoch
     bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=model_dir.name, unit="epoch",
                disable=not progress, leave=False, dynamic_ncols=True)
-    for epoch in bar:
-        stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
-                                generator, device)
-        row = {"epoch": epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
-        if epoch % settings.eval_freq == 0 or epoch == settings.epochs:
-            row["val_ccc"] = evaluate(model, val_set, device)["ccc"]
-            if row["val_ccc"] > best_ccc:
-                best_ccc, best_epoch = row["val_ccc"], epoch
-                save("best.save")
-        if epoch % settings.save_freq == 0:
-            save(f"epoch_{epoch}.save")
-            save("last.save", with_optimizer=True)
-        history.append(row)
-        utils.write_csv(pd.DataFrame(history), model_dir / "metrics.csv")
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
-                        best=f"{best_ccc:.3f}@{best_epoch}")
+    with utils.StopRequests() as stop:
+        for epoch in bar:
+            stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
+                                    generator, device)
+            row = {"epoch": epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
+            if epoch % settings.eval_freq == 0 or epoch == settings.epochs:
+                row["val_ccc"] = evaluate(model, val_set, device)["ccc"]
+                if row["val_ccc"] > best_ccc:
+                    best_ccc, best_epoch = row["val_ccc"], epoch
+                    save("best.save")
+            if epoch % settings.save_freq == 0:
+                save(f"epoch_{epoch}.save")
+                save("last.save", with_optimizer=True)
+            history.append(row)
+            utils.write_csv(pd.DataFrame(history), model_dir / "metrics.csv")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
+                            best=f"{best_ccc:.3f}@{best_epoch}")
+            if stop.requested:
+                save("last.save", with_optimizer=True)
+                print(f"stopped after epoch {epoch}; {model_dir / 'last.save'} holds it: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+                raise KeyboardInterrupt
     if epoch > start_epoch:
         save("last.save", with_optimizer=True)
     return {"best_ccc": best_ccc, "best_epoch": best_epoch, "epoch": epoch}

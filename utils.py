@@ -7,9 +7,10 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
-import warnings
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,36 @@ def run_parallel(function, tasks, jobs, description):
 def _call_with_threads(function, threads, task):
     torch.set_num_threads(threads)
     return function(**task)
+
+
+class StopRequests:
+    """Turns Ctrl-C and SIGTERM into a request that training honours at the end of
+    the epoch in progress, so that nothing but that epoch is lost. A second signal
+    stops at once. Outside the main thread (where signals cannot be caught) it
+    does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this epoch "
+              "(send it again to stop now)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def run_cli(main, parser, argv=None):
