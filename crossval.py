@@ -8,6 +8,7 @@ that story held out, into <out_dir>/val_on_<story>/ (the files train.py writes).
 Then each fold's best.save (or epoch_<--test_epoch>.save) is evaluated: held-out
 predictions go to <out_dir>/cv_pred/, and <out_dir>/crossval.csv gets one row per
 held-out story (train CCC, val CCC) and rows Mean, Std and Mean-Std.
+Folds run side by side with --jobs N, or on a Dask cluster with --scheduler ADDRESS.
 """
 import argparse
 import re
@@ -23,7 +24,8 @@ from utils import ToolkitError
 
 def get_fold_args_parser():
     """Flags of every script that works on cross-validation folds."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False,
+                                     parents=[utils.get_parallel_args_parser("run folds")])
     group = parser.add_argument_group("folds")
     group.add_argument("--out_dir", default="./cv_out",
                        help="folder of the folds val_on_<story>/ (default: %(default)s)")
@@ -31,8 +33,6 @@ def get_fold_args_parser():
                        help="keep only these stories (default: all in both folders)")
     group.add_argument("--subjects", type=int, nargs="+", metavar="S",
                        help="keep only these subjects (default: all)")
-    group.add_argument("--jobs", type=int, default=1,
-                       help="run folds in N parallel processes (default: %(default)s)")
     return parser
 
 
@@ -67,6 +67,17 @@ def load_pool(train_dir, test_dir, mods, stories=None, subjects=None):
     if len(pooled.stories) < 2:
         raise ToolkitError("cross-validation needs at least two stories: widen --stories")
     return pooled
+
+
+def pool_for_tasks(pooled, args):
+    """The videos fold tasks get: the loaded ones (local processes memory-map them), or,
+    with --scheduler, what lets each worker load them from the shared data folders."""
+    if not args.scheduler:
+        return pooled
+    return utils.load_on_workers(
+        load_pool, train_dir=utils.task_path(args.train_dir, args.scheduler),
+        test_dir=utils.task_path(args.test_dir, args.scheduler), mods=pooled.mods,
+        stories=args.stories, subjects=args.subjects)
 
 
 def fold_dir(out_dir, story):
@@ -111,8 +122,15 @@ def _ranges(epochs):
 
 
 def check_fresh_folds(out_dir, stories, resume, overwrite):
+    """Refuse to train over earlier folds unless asked to; returns {story: whether the
+    fold continues from its last.save}. With --resume, folds that have not saved yet
+    (the run stopped before reaching them, e.g. with its Dask scheduler) start afresh."""
+    saved = {story: (fold_dir(out_dir, story) / "last.save").is_file() for story in stories}
+    if resume and not any(saved.values()):
+        train.check_fresh_model_dir(fold_dir(out_dir, stories[0]), resume, overwrite)
     for story in stories:
-        train.check_fresh_model_dir(fold_dir(out_dir, story), resume, overwrite)
+        train.check_fresh_model_dir(fold_dir(out_dir, story), resume and saved[story], overwrite)
+    return {story: resume and saved[story] for story in stories}
 
 
 # ---------------------------------------------------------------- one fold
@@ -162,6 +180,8 @@ def main(args):
     out_dir = Path(args.out_dir)
     checkpoint = checkpoint_name(args.test_epoch)
     pooled = load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
+    utils.check_scheduler(args.scheduler)
+    resumes = {}
     if args.test:
         check_checkpoints(out_dir, pooled.stories, [args.test_epoch])
     else:
@@ -170,16 +190,18 @@ def main(args):
                                             or args.test_epoch > settings.epochs):
             raise ToolkitError(f"--test_epoch {args.test_epoch} will not be saved: pick a "
                                f"multiple of --save_freq {settings.save_freq} up to --epochs")
-        check_fresh_folds(out_dir, pooled.stories, args.resume, args.overwrite)
+        resumes = check_fresh_folds(out_dir, pooled.stories, args.resume, args.overwrite)
         utils.check_writable(out_dir)
         utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
 
-    tasks = [dict(pooled=pooled, story=story, out_dir=out_dir, settings=settings,
+    common = dict(pooled=pool_for_tasks(pooled, args),
+                  out_dir=utils.task_path(out_dir, args.scheduler), settings=settings,
                   normalize=args.normalize, cuda=args.cuda, test_only=args.test,
-                  checkpoint=checkpoint, features=args.features, resume=args.resume,
-                  progress=args.jobs == 1)
+                  checkpoint=checkpoint, features=args.features,
+                  progress=args.jobs == 1 and not args.scheduler)
+    tasks = [dict(story=story, resume=resumes.get(story, False), **common)
              for story in pooled.stories]
-    folds = utils.run_parallel(run_fold, tasks, args.jobs, "folds")
+    folds = utils.run_parallel(run_fold, tasks, args.jobs, "folds", args.scheduler)
     table = utils.crossval_table(folds)
     utils.write_csv(table, out_dir / "crossval.csv")
     print(f"cross-validation of {checkpoint} per held-out story:")

@@ -79,12 +79,15 @@ def main(args):
     out_dir = Path(args.out_dir)
     pooled = crossval.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
     crossval.check_checkpoints(out_dir, pooled.stories, epochs)
+    utils.check_scheduler(args.scheduler)
     utils.check_writable(out_dir)
 
-    common = dict(pooled=pooled, out_dir=out_dir, normalize=args.normalize, cuda=args.cuda)
+    common = dict(pooled=crossval.pool_for_tasks(pooled, args),
+                  out_dir=utils.task_path(out_dir, args.scheduler), normalize=args.normalize,
+                  cuda=args.cuda)
     folds = utils.run_parallel(evaluate_fold_epochs,
                                [dict(story=s, epochs=epochs, **common) for s in pooled.stories],
-                               args.jobs, "folds")
+                               args.jobs, "folds", args.scheduler)
     table = epoch_table(folds, epochs)
     best_epoch = int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
     utils.write_csv(table, out_dir / "cv_epochs.csv")
@@ -93,7 +96,7 @@ def main(args):
 
     utils.run_parallel(extract_fold_features,
                        [dict(story=s, epoch=best_epoch, **common) for s in pooled.stories],
-                       args.jobs, "features")
+                       args.jobs, "features", args.scheduler)
     print(f"features of epoch {best_epoch} written to {out_dir}/val_on_<story>/feat_train "
           "and feat_test")
     return table, best_epoch

@@ -32,7 +32,8 @@ FOLD_FOLDER = re.compile(r"^val_on_(\d+)$")
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "cv_fusion.py", parents=[fusion.get_svr_args_parser()],
+        "cv_fusion.py", parents=[fusion.get_svr_args_parser(),
+                                 utils.get_parallel_args_parser("fit folds")],
         description="Cross-validate decision-level fusion across stories.")
     parser.add_argument("cv_dirs", nargs="+", metavar="CV_DIR",
                         help="crossval.py output folders holding val_on_<story>/feat_train "
@@ -100,6 +101,30 @@ def load_folds(cv_dirs, in_names, train_dir, test_dir):
             for story in list_folds(cv_dirs)}
 
 
+def read_fold(cv_dirs, story, in_names, train_dir, test_dir):
+    """One fold's videos, read by a cluster worker from the shared folders."""
+    return load_fold(cv_dirs, story, fusion.annotation_files([train_dir, test_dir]), in_names)
+
+
+def fold_tasks(folds, saved, args, in_names, settings):
+    """run_fold's arguments per fold: the loaded videos and saved models (local
+    processes memory-map them), or, with --scheduler, what lets each worker read
+    them from the shared folders itself."""
+    out_dir = utils.task_path(args.out_dir, args.scheduler)
+    common = dict(out_dir=out_dir, settings=settings, in_names=in_names)
+    if not args.scheduler:
+        return [dict(story=story, fold=fold, saved=saved.get(story), **common)
+                for story, fold in folds.items()]
+    shared = dict(cv_dirs=[utils.task_path(cv_dir, args.scheduler) for cv_dir in args.cv_dirs],
+                  in_names=in_names, train_dir=utils.task_path(args.train_dir, args.scheduler),
+                  test_dir=utils.task_path(args.test_dir, args.scheduler))
+    return [dict(story=story, fold=utils.load_on_workers(read_fold, story=story, **shared),
+                 saved=utils.load_on_workers(fusion.load_model, path=out_dir / f"val_on_{story}"
+                                             / fusion.MODEL_FILE) if story in saved else None,
+                 **common)
+            for story in folds]
+
+
 def load_fold_models(out_dir, folds, in_names):
     """The saved model of every fold, for --test."""
     models = {}
@@ -125,9 +150,8 @@ def run_fold(story, fold, out_dir, settings, in_names, saved=None):
     test_result = fusion.evaluate(model, test_videos)
     fusion.write_predictions(fold_dir / "pred_train", train_videos, train_result["frames"])
     fusion.write_predictions(out_dir / "cv_pred", test_videos, test_result["frames"])
-    print(f"val_on_{story}: C {c:g}, train CCC {train_result['ccc']:.4f}, "
-          f"val CCC {test_result['ccc']:.4f}")
-    return {"story": story, "train_ccc": train_result["ccc"], "val_ccc": test_result["ccc"]}
+    return {"story": story, "train_ccc": train_result["ccc"], "val_ccc": test_result["ccc"],
+            "C": c}
 
 
 def main(args):
@@ -136,11 +160,15 @@ def main(args):
     out_dir = Path(args.out_dir)
     folds = load_folds(args.cv_dirs, in_names, args.train_dir, args.test_dir)
     saved = load_fold_models(out_dir, folds, in_names) if args.test else {}
+    utils.check_scheduler(args.scheduler)
     # Every input has been checked: only now is anything written.
     utils.check_writable(out_dir)
 
-    rows = [run_fold(story, fold, out_dir, settings, in_names, saved.get(story))
-            for story, fold in folds.items()]
+    rows = utils.run_parallel(run_fold, fold_tasks(folds, saved, args, in_names, settings),
+                              args.jobs, "folds", args.scheduler)
+    for row in rows:  # printed here: parallel folds would print out of order, or remotely
+        print(f"val_on_{row['story']}: C {row['C']:g}, train CCC {row['train_ccc']:.4f}, "
+              f"val CCC {row['val_ccc']:.4f}")
     table = utils.crossval_table(rows)
     utils.write_csv(table, out_dir / "crossval.csv")
     utils.write_json({**vars(args), "command": " ".join(sys.argv)},

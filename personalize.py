@@ -26,7 +26,8 @@ from utils import ToolkitError
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "personalize.py", description="Fine-tune a trained model for each listener.",
-        parents=[train.get_data_args_parser(), train.get_training_args_parser()])
+        parents=[train.get_data_args_parser(), train.get_training_args_parser(),
+                 utils.get_parallel_args_parser("fine-tune subjects")])
     group = parser.add_argument_group("subjects")
     group.add_argument("--out_dir", default="./personal",
                        help="folder holding init.save; gets subject_<s>/ and pred_test/ "
@@ -37,8 +38,6 @@ def get_args_parser():
                        help="train on all videos, repeating the subject's N times")
     group.add_argument("--test_set", type=int, nargs="+", metavar="STORY",
                        help="re-split: pool both folders and test on these stories")
-    group.add_argument("--jobs", type=int, default=1,
-                       help="fine-tune subjects in N parallel processes (default: %(default)s)")
     group.add_argument("--overwrite", action="store_true",
                        help="redo subjects that already hold a run")
     return parser
@@ -76,6 +75,17 @@ def personalize_subject(train_all, test_all, subject, out_dir, settings, normali
     return {"subject": subject, "before_ccc": before["ccc"], "after_ccc": after["ccc"]}
 
 
+def videos_for_tasks(train_all, test_all, args, mods):
+    """The videos subject tasks get: the loaded ones (local processes memory-map them),
+    or, with --scheduler, what lets each worker load them from the shared data folders."""
+    if not args.scheduler:
+        return train_all, test_all
+    return utils.load_on_workers(
+        train.load_train_test, train_dir=utils.task_path(args.train_dir, args.scheduler),
+        test_dir=utils.task_path(args.test_dir, args.scheduler), mods=mods,
+        test_stories=args.test_set).parts(2)
+
+
 def choose_subjects(train_all, test_all, requested, augment):
     """Subjects with test videos and (unless --augment) training videos."""
     trainable = set(test_all.subjects)
@@ -104,14 +114,18 @@ def main(args):
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
     for subject in subjects:
         train.check_fresh_model_dir(out_dir / f"subject_{subject}", args.resume, args.overwrite)
+    utils.check_scheduler(args.scheduler)
     utils.check_writable(out_dir)
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
 
-    tasks = [dict(train_all=train_all, test_all=test_all, subject=subject, out_dir=out_dir,
-                  settings=settings, normalize=args.normalize, cuda=args.cuda,
-                  augment=args.augment, resume=args.resume, progress=args.jobs == 1)
+    train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods)
+    tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
+                  out_dir=utils.task_path(out_dir, args.scheduler), settings=settings,
+                  normalize=args.normalize, cuda=args.cuda, augment=args.augment,
+                  resume=args.resume, progress=args.jobs == 1 and not args.scheduler)
              for subject in subjects]
-    table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects"))
+    table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects",
+                                             args.scheduler))
     utils.write_csv(table, out_dir / "personalize.csv")
     print("CCC per subject on the test videos, before and after fine-tuning:")
     print(utils.format_table(table))

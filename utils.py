@@ -3,7 +3,11 @@
 Every script scores with `ccc` and reads and writes checkpoints with
 `save_checkpoint` / `load_checkpoint`, so these conventions live here only.
 """
+import argparse
 import contextlib
+import dataclasses
+import functools
+import importlib
 import json
 import os
 import random
@@ -11,6 +15,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -122,20 +127,25 @@ def available_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def run_parallel(function, tasks, jobs, description):
+def run_parallel(function, tasks, jobs, description, scheduler=None):
     """`[function(**task) for task in tasks]`, in `jobs` processes (joblib) with a fair
     share of the cores each, and a progress bar over finished tasks.
 
     Each task must seed itself, so that results do not depend on `jobs`. Large
     arrays in the arguments are memory-mapped (copy-on-write) into the workers
     rather than copied, so data loaded once is shared by every process.
+
+    With `scheduler` (a Dask scheduler's address, --scheduler) the tasks run on that
+    cluster's workers instead and `jobs` is ignored; see `_run_on_cluster`.
     """
     from joblib import Parallel, delayed
+    if scheduler:
+        return _run_on_cluster(function, tasks, scheduler, description)
     if jobs < 1:
         raise ToolkitError(f"--jobs must be at least 1, got {jobs}")
     if jobs == 1 or len(tasks) <= 1:
-        return [function(**task) for task in tqdm(tasks, desc=description, unit="task",
-                                                   dynamic_ncols=True)]
+        return [_call(function, task) for task in tqdm(tasks, desc=description, unit="task",
+                                                       dynamic_ncols=True)]
     jobs = min(jobs, len(tasks))
     threads = max(1, available_cores() // jobs)
     parallel = Parallel(n_jobs=jobs, mmap_mode="c", return_as="generator")
@@ -146,7 +156,148 @@ def run_parallel(function, tasks, jobs, description):
 
 def _call_with_threads(function, threads, task):
     torch.set_num_threads(threads)
+    return _call(function, task)
+
+
+def _call(function, task):
+    task = {name: value.load() if isinstance(value, LoadedOnWorkers) else value
+            for name, value in task.items()}
     return function(**task)
+
+
+def get_parallel_args_parser(what):
+    """--jobs and --scheduler, the flags of `run_parallel`, for a script that can
+    `what` (e.g. "run folds") side by side."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("parallel runs")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help=f"{what} in N parallel processes (default: %(default)s)")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help=f"{what} on the workers of the Dask scheduler at ADDRESS (e.g. "
+                            "tcp://host:8786) instead; data and outputs must be in folders "
+                            "the workers share, at the same paths")
+    return parser
+
+
+# ---------------------------------------------------------------- cluster
+
+def task_path(path, scheduler):
+    """A path as tasks get it: absolute on a cluster, whose workers run in other
+    folders (of the same shared file system), as given otherwise."""
+    return Path(path).absolute() if scheduler else Path(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedOnWorkers:
+    """A task argument that each cluster worker loads itself, `loader(**arguments)`,
+    instead of receiving the data through the scheduler (see `load_on_workers`)."""
+    loader: object
+    arguments: tuple
+    run: str
+    part: int = None  # for a loader that returns a tuple: the item this argument is
+
+    def parts(self, count):
+        """One task argument per item of the loader's tuple; they are loaded once."""
+        return [dataclasses.replace(self, part=index) for index in range(count)]
+
+    def load(self):
+        if self.part is None:
+            return _load(self)
+        return _load(dataclasses.replace(self, part=None))[self.part]
+
+
+def load_on_workers(loader, **arguments):
+    """A task argument standing for `loader(**arguments)` (e.g. the pooled videos),
+    for runs on a cluster: workers read the data from paths they share with this
+    machine (make relative paths absolute first), once per worker process and run.
+    A new run reads again, so files changed between runs are never served stale."""
+    arguments = {name: tuple(value) if isinstance(value, list) else value
+                 for name, value in arguments.items()}  # hashable, for the cache
+    return LoadedOnWorkers(_importable(loader), tuple(sorted(arguments.items())),
+                           uuid.uuid4().hex)
+
+
+@functools.lru_cache(maxsize=2)  # the data of this run and of at most one other
+def _load(data):
+    return data.loader(**dict(data.arguments))
+
+
+def _importable(function):
+    """`function` as an attribute of its module. `python crossval.py` defines its
+    functions in __main__, which Dask would ship as copies (so `_load`'s cache would
+    miss every time); workers import the script's module instead."""
+    script = getattr(sys.modules["__main__"], "__file__", None)
+    if getattr(function, "__module__", None) != "__main__" or script is None:
+        return function
+    return getattr(importlib.import_module(Path(script).stem), function.__qualname__)
+
+
+def connect_scheduler(address):
+    """A Dask client of the scheduler at `address`, or a one-line error after Dask's
+    connect timeout (distributed.comm.timeouts.connect, 30 s unless configured)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ToolkitError("--scheduler needs Dask: pip install 'dask[distributed]'") from None
+    try:
+        return Client(address, set_as_default=False)
+    except (OSError, TimeoutError, ValueError, TypeError):
+        raise ToolkitError(f"cannot reach the Dask scheduler at {address}: start one with "
+                           "'dask scheduler' or check the address") from None
+
+
+def check_scheduler(address):
+    """Fail before anything is written if --scheduler names no reachable scheduler."""
+    if address:
+        connect_scheduler(address).close()
+
+
+def _run_on_cluster(function, tasks, scheduler, description):
+    """Each task as a Dask future on the cluster's workers.
+
+    A worker that dies costs only the tasks it was running: the scheduler runs them
+    again on another worker (tasks must therefore be idempotent), and gives up on a
+    task that has taken down `distributed.scheduler.allowed-failures` + 1 workers.
+    The first task that fails stops the run with its error.
+    """
+    from concurrent.futures import CancelledError
+    from distributed import KilledWorker, as_completed
+    function = _importable(function)
+    client = connect_scheduler(scheduler)
+    try:
+        futures = [client.submit(_call, function, task, pure=False) for task in tasks]
+        for future in tqdm(as_completed(futures, loop=client.loop), total=len(futures),
+                           desc=description, unit="task", dynamic_ncols=True):
+            future.result()  # the first error stops the run, not the last task
+        return [future.result() for future in futures]
+    except KilledWorker:
+        raise ToolkitError(f"a {description} task took down every Dask worker that ran it "
+                           "(see the workers' logs, e.g. for running out of memory); what "
+                           "finished is saved: run again, with --resume where the script "
+                           "has it") from None
+    except CancelledError:
+        raise ToolkitError(f"lost the Dask scheduler at {scheduler}, and with it the running "
+                           "tasks; what finished is saved: restart the scheduler and workers "
+                           "and run again, with --resume where the script has it") from None
+    except Exception as error:
+        missing = _missing_module(error)
+        if missing is None:
+            raise
+        raise ToolkitError(f"the Dask scheduler or workers cannot import {missing}: start "
+                           "them with PYTHONPATH set to the toolkit's folder (README: "
+                           "Running on a cluster)") from None
+    finally:
+        client.close()
+
+
+def _missing_module(error):
+    """The module a remote unpickling failed to import, if that is what `error` is
+    (the scheduler wraps it in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError):
+            return error.name
+        error = error.__cause__
+    return None
 
 
 class StopRequests:
