@@ -49,7 +49,7 @@ SVR_CACHE_MB = 500  # libsvm kernel cache; 200 to 1000 MB fit 10,000 rows equall
 
 def get_svr_args_parser():
     """Flags shared by fusion.py and cv_fusion.py."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, parents=[train.get_split_args_parser()])
     group = parser.add_argument_group("fusion model")
     group.add_argument("--in_names", nargs="+", metavar="NAME",
                        help="a name for each input folder, in order, stored with the model "
@@ -66,10 +66,6 @@ def get_svr_args_parser():
     group.add_argument("--gamma", default="auto",
                        help="RBF kernel gamma: 'auto' (1 / features), 'scale' or a number "
                             "(default: %(default)s)")
-    group.add_argument("--train_dir", default="./data/Training",
-                       help="training split folder (default: %(default)s)")
-    group.add_argument("--test_dir", default="./data/Validation",
-                       help="validation or test split folder (default: %(default)s)")
     return parser
 
 

@@ -28,17 +28,24 @@ EMBED_CHUNK_ROWS = 2048  # rows embedded at once in evaluation: bounds memory, n
 
 # ---------------------------------------------------------------- flags
 
-def get_data_args_parser():
-    """Flags of every script that loads data and builds models."""
+def get_split_args_parser():
+    """The split folders, shared by every script that reads data."""
     parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("data and device")
-    group.add_argument("--mods", default="audio,text,v_sub,v_act",
-                       help="comma-separated modalities from audio,text,v_sub,v_act "
-                            "(default: %(default)s)")
+    group = parser.add_argument_group("split folders")
     group.add_argument("--train_dir", default="./data/Training",
                        help="training split folder (default: %(default)s)")
     group.add_argument("--test_dir", default="./data/Validation",
                        help="validation or test split folder (default: %(default)s)")
+    return parser
+
+
+def get_data_args_parser():
+    """Flags of every script that loads data and builds models."""
+    parser = argparse.ArgumentParser(add_help=False, parents=[get_split_args_parser()])
+    group = parser.add_argument_group("data and device")
+    group.add_argument("--mods", default="audio,text,v_sub,v_act",
+                       help="comma-separated modalities from audio,text,v_sub,v_act "
+                            "(default: %(default)s)")
     group.add_argument("--normalize", action="store_true",
                        help="rescale every feature dimension to [-1, 1] by the training "
                             "data's min and max (stored in the checkpoint)")
