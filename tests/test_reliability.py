@@ -242,3 +242,9 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
             temporary.write_text("half")
             raise RuntimeError("killed")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    utils.write_json({"a": 1}, tmp_path / "args.json")
+    expected = 0o666 & ~utils._UMASK
+    assert (tmp_path / "args.json").stat().st_mode & 0o777 == expected

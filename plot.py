@@ -1,0 +1,349 @@
+"""Plots of the files the scripts write, as PNG images.
+
+    python plot.py predictions --pred_dir preds_AT/pred_test --annotations data/Validation/Annotations --out plots/predictions.png
+    python plot.py epochs cv_AT/cv_epochs.csv --out plots/cv_epochs.png
+    python plot.py subjects personal_AT/personalize.csv --out plots/personalize.png
+    python plot.py stories cv_AT/crossval.csv --out plots/crossval.png
+
+`predictions` draws predicted and annotated valence over time for chosen videos
+(--videos, default the first two); `epochs` the mean held-out CCC per epoch of
+cv_epochs.py with a band of one std over folds and the best epoch marked;
+`subjects` each subject's CCC before and after personalize.py; `stories` the CCC
+per held-out story of crossval.py or cv_fusion.py (or score.py's by_story.csv), the
+generalized track. Several CSV files (or --pred_dir folders) are drawn side by
+side, named by --labels (default: their folder names).
+"""
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import utils
+from datasets import list_videos, read_annotation, video_name
+from utils import FPS, ToolkitError
+
+VIDEO_NAME = re.compile(r"Subject_(\d+)_Story_(\d+)")
+DEFAULT_VIDEOS = 2
+BEFORE_ALPHA = 0.45  # "before" bars are a lighter shade of their run's colour
+
+
+# ---------------------------------------------------------------- flags
+
+def get_common_args_parser():
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", required=True, help="PNG file to write, e.g. plots/cv_epochs.png")
+    group.add_argument("--labels", nargs="+", metavar="NAME",
+                       help="a legend name for each input, in order (default: folder names)")
+    group.add_argument("--title", help="figure title (default: says what is drawn)")
+    group.add_argument("--dpi", type=int, default=100, help="resolution (default: %(default)s)")
+    return parser
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "plot.py", description="Plots of the files the scripts write, as PNG images.")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    common = [get_common_args_parser()]
+
+    predictions = kinds.add_parser("predictions", parents=common,
+                                   help="predicted and annotated valence over time")
+    predictions.add_argument("--pred_dir", nargs="+", required=True, metavar="DIR",
+                             help="folders of 25 fps predictions (e.g. preds_AT/pred_test)")
+    predictions.add_argument("--annotations", default="./data/Validation/Annotations",
+                             help="folder of the annotations (default: %(default)s)")
+    predictions.add_argument("--videos", nargs="+", metavar="NAME",
+                             help="videos to draw, e.g. Subject_1_Story_1 (default: the "
+                                  f"first {DEFAULT_VIDEOS} with predictions)")
+
+    epochs = kinds.add_parser("epochs", parents=common,
+                              help="cross-validated CCC per epoch (cv_epochs.csv)")
+    epochs.add_argument("csv", nargs="+", help="cv_epochs.csv files of cv_epochs.py")
+
+    subjects = kinds.add_parser("subjects", parents=common,
+                                help="CCC per subject before and after personalization")
+    subjects.add_argument("csv", nargs="+", help="personalize.csv files of personalize.py")
+
+    stories = kinds.add_parser("stories", parents=common,
+                               help="CCC per held-out story (generalized track)")
+    stories.add_argument("csv", nargs="+",
+                         help="crossval.csv of crossval.py or cv_fusion.py, or by_story.csv "
+                              "of score.py")
+    return parser
+
+
+# ---------------------------------------------------------------- inputs
+
+def read_table(path, columns, producer, key=None):
+    """A CSV with `columns`, all numeric, and `key`, read as text so that summary rows
+    (`Mean`, `Std`) survive next to subject or story numbers."""
+    table = read_csv(path, producer, key)
+    return numeric_columns(table, path, columns, producer, key)
+
+
+def read_csv(path, producer, key=None):
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"{path} does not exist: run {producer} first or check the path")
+    try:
+        return pd.read_csv(path, dtype={key: str} if key else None)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else "empty"
+        raise ToolkitError(f"cannot read {path} as CSV ({reason}): pass a table "
+                           f"written by {producer}") from None
+
+
+def numeric_columns(table, path, columns, producer, key=None):
+    missing = [column for column in [key, *columns] if column and column not in table.columns]
+    if missing:
+        raise ToolkitError(f"{path} has no column {','.join(missing)} (it has "
+                           f"{','.join(map(str, table.columns))}): pass a table written by "
+                           f"{producer}")
+    for column in columns:
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        if table.empty or numbers.isna().any():
+            raise ToolkitError(f"{path}: column {column} is empty or not numeric: pass a "
+                               f"table written by {producer}")
+        table[column] = numbers
+    return table
+
+
+def per_key_rows(table, path, key, producer):
+    """The rows of single subjects or stories (numeric keys), sorted; summary rows
+    such as `Mean` are dropped, since the plots draw their own."""
+    numeric = table[key].fillna("").str.strip().str.fullmatch(r"\d+")
+    rows = table[numeric].copy()
+    if rows.empty:
+        raise ToolkitError(f"{path} has no row for a single {key}: pass a table written by "
+                           f"{producer}")
+    rows[key] = rows[key].str.strip().astype(int)
+    return rows.sort_values(key)
+
+
+def labels_for(inputs, labels):
+    if labels is None:
+        return [input_label(path) for path in inputs]
+    if len(labels) != len(inputs):
+        raise ToolkitError(f"--labels names {len(labels)} input(s) but {len(inputs)} were "
+                           "given: give one name per input")
+    return labels
+
+
+def input_label(path):
+    """cv_AT/cv_epochs.csv -> cv_AT; preds_AT/pred_test -> preds_AT/pred_test."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return path.resolve().parent.name
+    return str(path)
+
+
+def parse_video(name):
+    match = VIDEO_NAME.fullmatch(Path(name).stem)
+    if not match:
+        raise ToolkitError(f"--videos {name} is not a video name: use Subject_<s>_Story_<t>, "
+                           "e.g. Subject_1_Story_1")
+    return int(match.group(1)), int(match.group(2))
+
+
+def choose_videos(requested, annotations, predictions):
+    """(subject, story) pairs to draw: those asked for, all annotated and predicted."""
+    available = sorted(set(annotations).intersection(*predictions.values()))
+    if not requested:
+        if not available:
+            raise ToolkitError("no video has both an annotation and a prediction in every "
+                               "--pred_dir: check --annotations and --pred_dir")
+        return available[:DEFAULT_VIDEOS]
+    videos = [parse_video(name) for name in requested]
+    for video in videos:
+        if video not in annotations:
+            raise ToolkitError(f"no annotation for {video_name(*video)} in the --annotations "
+                               "folder: pick an annotated video")
+        for folder, files in predictions.items():
+            if video not in files:
+                raise ToolkitError(f"{folder} has no prediction for {video_name(*video)}: "
+                                   "pick a predicted video")
+    return videos
+
+
+def aligned(prediction, n_frames):
+    """Cut or pad (with the last value) to the annotation's length, as score.py does."""
+    padding = np.full(max(0, n_frames - prediction.size), prediction[-1])
+    return np.concatenate([prediction, padding])[:n_frames]
+
+
+# ---------------------------------------------------------------- figures
+
+def new_figure(width, height):
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # render with Agg, whatever backend the caller has set
+    return figure
+
+
+def save_png(figure, out, dpi):
+    with utils.atomic_path(out) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi)
+    print(f"wrote {out}")
+
+
+def video_files(folder, what, producer):
+    if not Path(folder).is_dir():
+        raise ToolkitError(f"{what} folder {folder} does not exist: {producer}")
+    return list_videos(folder)
+
+
+def plot_predictions(args):
+    annotations = video_files(args.annotations, "annotation",
+                              "pass the split's Annotations folder with --annotations")
+    predictions = {folder: video_files(folder, "prediction", "run train.py --test (or "
+                                       "personalize.py, fusion.py) first or check --pred_dir")
+                   for folder in args.pred_dir}
+    labels = labels_for(args.pred_dir, args.labels)
+    videos = choose_videos(args.videos, annotations, predictions)
+    figure = new_figure(10, 1.2 + 2.4 * len(videos))
+    axes = figure.subplots(len(videos), 1, squeeze=False)[:, 0]
+    for axis, video in zip(axes, videos):
+        annotation = read_annotation(annotations[video])
+        seconds = np.arange(annotation.size) / FPS
+        axis.plot(seconds, annotation, color="black", linewidth=1.6, label="annotation")
+        for (folder, files), label in zip(predictions.items(), labels):
+            prediction = aligned(read_annotation(files[video]), annotation.size)
+            axis.plot(seconds, prediction, linewidth=1.2,
+                      label=f"{label} (CCC {utils.ccc(prediction, annotation):.2f})")
+        axis.set_title(video_name(*video), fontsize=10)
+        axis.set_ylabel("valence")
+        axis.axhline(0, color="grey", linewidth=0.5)
+        # Beside the axes: a legend inside would hide part of the series.
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        axis.grid(alpha=0.3)
+    axes[-1].set_xlabel("time (s)")
+    figure.suptitle(args.title or "Predicted and annotated valence")
+    return figure
+
+
+def plot_epochs(args):
+    labels = labels_for(args.csv, args.labels)
+    figure = new_figure(8, 4.5)
+    axis = figure.subplots()
+    for path, label in zip(args.csv, labels):
+        table = read_table(path, ["epoch", "mean_ccc", "std_ccc"], "cv_epochs.py")
+        table = table.assign(epoch=table["epoch"].astype(int)).sort_values("epoch")
+        epochs, mean, std = table["epoch"], table["mean_ccc"], table["std_ccc"]
+        line, = axis.plot(epochs, mean, marker="o", markersize=3, label=f"{label}: mean")
+        axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2,
+                          label=f"{label}: mean ± std over folds")
+        if len(args.csv) == 1:  # one run: its folds fit on the figure too
+            folds = [column for column in table.columns if column.startswith("val_on_")]
+            for index, column in enumerate(folds):
+                axis.plot(epochs, table[column], color=line.get_color(), linewidth=0.6,
+                          alpha=0.5, linestyle="--",
+                          label=f"{label}: each fold ({len(folds)})" if index == 0 else None)
+        best = table.loc[mean.idxmax()]
+        axis.plot(best["epoch"], best["mean_ccc"], marker="*", markersize=16,
+                  color=line.get_color(), markeredgecolor="black", linestyle="none",
+                  label=f"{label}: best epoch {int(best['epoch'])} "
+                        f"(CCC {best['mean_ccc']:.3f})")
+        axis.axvline(best["epoch"], color=line.get_color(), linewidth=0.8, linestyle=":")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("CCC on the held-out story")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title(args.title or "Cross-validated CCC across epochs")
+    return figure
+
+
+def grouped_bars(axis, keys, series):
+    """Bars side by side per key; `series` is a list of (values, label, style dict)."""
+    width = 0.8 / len(series)
+    positions = np.arange(len(keys))
+    for index, (values, label, style) in enumerate(series):
+        axis.bar(positions + (index - (len(series) - 1) / 2) * width, values, width,
+                 label=label, **style)
+    axis.set_xticks(positions, [str(key) for key in keys])
+    axis.axhline(0, color="grey", linewidth=0.6)
+    axis.grid(axis="y", alpha=0.3)
+    # Below the figure: inside, the legend would cover the tallest bars.
+    axis.figure.legend(loc="outside lower center", ncol=min(len(series), 4), fontsize=8,
+                       frameon=False)
+
+
+def plot_subjects(args):
+    labels = labels_for(args.csv, args.labels)
+    tables = [per_key_rows(read_table(path, ["before_ccc", "after_ccc"], "personalize.py",
+                                      key="subject"), path, "subject", "personalize.py")
+              for path in args.csv]
+    subjects = sorted(set().union(*(table["subject"] for table in tables)))
+    figure = new_figure(max(6, 1 + 0.7 * len(subjects) * len(tables)), 4.5)
+    axis = figure.subplots()
+    series = []
+    for index, (table, label) in enumerate(zip(tables, labels)):
+        colour = f"C{index}"
+        by_subject = table.set_index("subject").reindex(subjects)
+        prefix = f"{label}: " if len(tables) > 1 else ""
+        for column, when, alpha in (("before_ccc", "before", BEFORE_ALPHA),
+                                    ("after_ccc", "after", 1.0)):
+            series.append((by_subject[column].to_numpy(),
+                           f"{prefix}{when} fine-tuning (mean {table[column].mean():.3f})",
+                           dict(color=colour, alpha=alpha, edgecolor="black", linewidth=0.5)))
+    grouped_bars(axis, subjects, series)
+    axis.set_xlabel("subject (listener)")
+    axis.set_ylabel("CCC on the subject's test videos")
+    axis.set_title(args.title or "CCC per subject before and after personalization")
+    return figure
+
+
+def story_scores(path):
+    """(per-story table with a `ccc` column, mean, std) of crossval.csv or by_story.csv."""
+    producer = "crossval.py, cv_fusion.py or score.py --out_dir"
+    table = read_csv(path, producer, key="story")
+    column = "val_ccc" if "val_ccc" in table.columns else "ccc"
+    table = numeric_columns(table, path, [column], producer, key="story")
+    stories = per_key_rows(table, path, "story", producer)
+    scores = stories.rename(columns={column: "ccc"})[["story", "ccc"]]
+    # Population std, as crossval.csv's Std row.
+    return scores, scores["ccc"].mean(), scores["ccc"].std(ddof=0)
+
+
+def plot_stories(args):
+    labels = labels_for(args.csv, args.labels)
+    runs = [story_scores(path) for path in args.csv]
+    stories = sorted(set().union(*(scores["story"] for scores, _, _ in runs)))
+    figure = new_figure(max(6, 1 + 0.8 * len(stories) * len(runs)), 4.5)
+    axis = figure.subplots()
+    series = []
+    for index, ((scores, mean, std), label) in enumerate(zip(runs, labels)):
+        values = scores.set_index("story").reindex(stories)["ccc"].to_numpy()
+        series.append((values, f"{label} (mean {mean:.3f} ± {std:.3f})",
+                       dict(color=f"C{index}", edgecolor="black", linewidth=0.5)))
+        axis.axhline(mean, color=f"C{index}", linestyle="--", linewidth=1)
+    grouped_bars(axis, stories, series)
+    axis.set_xlabel("held-out story")
+    axis.set_ylabel("CCC (mean over subjects)")
+    axis.set_title(args.title or "Generalized track: CCC per story (dashed: mean)")
+    return figure
+
+
+PLOTS = {"predictions": plot_predictions, "epochs": plot_epochs,
+         "subjects": plot_subjects, "stories": plot_stories}
+
+
+# ---------------------------------------------------------------- main
+
+def main(args):
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ToolkitError(f"--out {out} does not end in .png: plots are written as PNG")
+    if args.dpi < 10:
+        raise ToolkitError(f"--dpi must be at least 10, got {args.dpi}")
+    figure = PLOTS[args.kind](args)
+    save_png(figure, out, args.dpi)
+    return out
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())

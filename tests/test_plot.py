@@ -1,0 +1,177 @@
+"""plot.py: each kind of plot writes a real PNG; bad input is one error line."""
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import datasets
+import plot
+import utils
+from conftest import run_script
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path):
+    """(width, height) in pixels, read from the PNG header."""
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def assert_sensible_png(path):
+    width, height = png_size(path)
+    assert 400 <= width <= 2500 and 250 <= height <= 2500
+    assert 5_000 < path.stat().st_size < 200_000
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def run_plot(*argv):
+    return plot.main(plot.get_args_parser().parse_args([str(arg) for arg in argv]))
+
+
+def plot_error(capsys, *argv):
+    """The one line that plot.py prints for bad input (and exits 1 with)."""
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_cli(plot.main, plot.get_args_parser(), [str(arg) for arg in argv])
+    assert stopped.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
+    return stderr
+
+
+@pytest.fixture
+def tables(tmp_path):
+    """CSV files shaped like those cv_epochs.py, personalize.py, crossval.py and
+    score.py write, with made-up numbers."""
+    epochs = np.arange(10, 101, 10)
+    folds = {f"val_on_{story}": 0.3 + 0.1 * np.sin(epochs / 30 + story) for story in (1, 2, 4)}
+    cv_epochs = pd.DataFrame({"epoch": epochs, **folds})
+    values = cv_epochs[list(folds)].to_numpy()
+    cv_epochs.insert(1, "mean_ccc", values.mean(axis=1))
+    cv_epochs.insert(2, "std_ccc", values.std(axis=1))
+    cv_epochs.insert(3, "mean_minus_std", cv_epochs["mean_ccc"] - cv_epochs["std_ccc"])
+    personal = pd.DataFrame({"subject": ["1", "2", "3", "Mean"], "before_ccc": [0.1, 0.2, -0.1, 0.07],
+                             "after_ccc": [0.3, 0.25, 0.1, 0.22]})
+    folds = [{"story": s, "train_ccc": 0.6, "val_ccc": v} for s, v in ((1, 0.4), (2, 0.2), (4, 0.3))]
+    paths = {"cv_epochs": tmp_path / "cv_AT" / "cv_epochs.csv",
+             "personal": tmp_path / "personal_AT" / "personalize.csv",
+             "crossval": tmp_path / "cv_AT" / "crossval.csv",
+             "crossval_atv": tmp_path / "cv_ATV" / "crossval.csv",
+             "by_story": tmp_path / "scores_AT" / "by_story.csv"}
+    utils.write_csv(cv_epochs, paths["cv_epochs"])
+    utils.write_csv(personal, paths["personal"])
+    utils.write_csv(utils.crossval_table(folds), paths["crossval"])
+    utils.write_csv(utils.crossval_table([{**f, "val_ccc": f["val_ccc"] + 0.05} for f in folds]),
+                    paths["crossval_atv"])
+    utils.write_csv(pd.DataFrame({"story": [1, 3], "ccc": [0.2, 0.4]}), paths["by_story"])
+    return paths
+
+
+@pytest.fixture
+def predictions(tiny_data, tmp_path):
+    """Noisy copies of the validation annotations, one frame short, as train.py writes."""
+    rng = np.random.default_rng(0)
+    annotations = tiny_data / "Validation" / "Annotations"
+    folder = tmp_path / "preds_AT" / "pred_test"
+    for path in annotations.iterdir():
+        truth = datasets.read_annotation(path)
+        utils.write_valence(folder / path.name, truth[:-1] * 0.5 + rng.normal(0, 0.1, truth.size - 1))
+    return annotations, folder
+
+
+def test_epochs_plot_marks_the_best_epoch(tables, tmp_path, capsys):
+    out = run_plot("epochs", tables["cv_epochs"], "--out", tmp_path / "plots" / "cv_epochs.png")
+    assert_sensible_png(out)
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_subjects_plot_draws_one_or_several_runs(tables, tmp_path):
+    assert_sensible_png(run_plot("subjects", tables["personal"], "--out", tmp_path / "one.png"))
+    assert_sensible_png(run_plot("subjects", tables["personal"], tables["personal"],
+                                 "--labels", "AT", "ATV", "--out", tmp_path / "two.png"))
+
+
+def test_stories_plot_reads_crossval_and_score_tables(tables, tmp_path):
+    out = run_plot("stories", tables["crossval"], tables["crossval_atv"], tables["by_story"],
+                   "--labels", "AT", "ATV", "scored", "--title", "Per story",
+                   "--out", tmp_path / "stories.png")
+    assert_sensible_png(out)
+
+
+def test_predictions_plot_draws_chosen_videos(predictions, tmp_path):
+    annotations, folder = predictions
+    out = run_plot("predictions", "--pred_dir", folder, folder, "--labels", "AT", "again",
+                   "--annotations", annotations, "--videos", "Subject_1_Story_1",
+                   "Subject_3_Story_1", "--out", tmp_path / "predictions.png")
+    assert_sensible_png(out)
+    assert png_size(out)[1] > png_size(run_plot(
+        "predictions", "--pred_dir", folder, "--annotations", annotations,
+        "--videos", "Subject_2_Story_1", "--out", tmp_path / "one.png"))[1]
+
+
+def test_default_videos_are_the_first_two_predicted():
+    annotations = {(1, 1): "a", (2, 1): "b", (3, 1): "c"}
+    predictions = {"AT": {(2, 1): "x", (3, 1): "y"}, "ATV": {(1, 1): "z", (2, 1): "w", (3, 1): "v"}}
+    assert plot.choose_videos(None, annotations, predictions) == [(2, 1), (3, 1)]
+
+
+def test_command_line_writes_a_png(tables, tmp_path):
+    result = run_script("plot.py", "stories", str(tables["crossval"]), "--out",
+                        str(tmp_path / "stories.png"))
+    assert result.returncode == 0, result.stderr
+    assert_sensible_png(tmp_path / "stories.png")
+
+
+def test_missing_file_is_one_error_line(tmp_path):
+    result = run_script("plot.py", "epochs", str(tmp_path / "cv_AT" / "cv_epochs.csv"),
+                        "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {tmp_path / 'cv_AT' / 'cv_epochs.csv'} does not exist: "
+                             "run cv_epochs.py first or check the path\n")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_wrong_columns_are_named(tables, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    error = plot_error(capsys, "epochs", tables["personal"], "--out", out)
+    assert "has no column epoch,mean_ccc,std_ccc" in error and "cv_epochs.py" in error
+    error = plot_error(capsys, "subjects", tables["cv_epochs"], "--out", out)
+    assert "has no column subject,before_ccc,after_ccc" in error
+    error = plot_error(capsys, "stories", tables["personal"], "--out", out)
+    assert "has no column story" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", ["", "epoch,mean_ccc,std_ccc\n", "epoch,mean_ccc,std_ccc\n1,x,0\n"])
+def test_empty_or_non_numeric_tables_are_refused(tmp_path, capsys, content):
+    path = tmp_path / "cv_epochs.csv"
+    path.write_text(content)
+    error = plot_error(capsys, "epochs", path, "--out", tmp_path / "x.png")
+    assert str(path) in error
+
+
+def test_bad_options_are_refused(tables, predictions, tmp_path, capsys):
+    annotations, folder = predictions
+    assert "does not end in .png" in plot_error(
+        capsys, "epochs", tables["cv_epochs"], "--out", tmp_path / "x.jpg")
+    assert "--labels names 2 input(s) but 1 were given" in plot_error(
+        capsys, "epochs", tables["cv_epochs"], "--labels", "a", "b", "--out", tmp_path / "x.png")
+    assert "is not a video name" in plot_error(
+        capsys, "predictions", "--pred_dir", folder, "--annotations", annotations,
+        "--videos", "Story_1", "--out", tmp_path / "x.png")
+    assert "no annotation for Subject_9_Story_1" in plot_error(
+        capsys, "predictions", "--pred_dir", folder, "--annotations", annotations,
+        "--videos", "Subject_9_Story_1", "--out", tmp_path / "x.png")
+    assert "prediction folder" in plot_error(
+        capsys, "predictions", "--pred_dir", tmp_path / "nowhere", "--annotations", annotations,
+        "--out", tmp_path / "x.png")
+
+
+def test_summary_rows_alone_are_refused(tmp_path, capsys):
+    path = tmp_path / "personalize.csv"
+    path.write_text("subject,before_ccc,after_ccc\nMean,0.1,0.2\n")
+    assert "has no row for a single subject" in plot_error(
+        capsys, "subjects", path, "--out", tmp_path / "x.png")
