@@ -147,13 +147,15 @@ def warm_csv_cache(paths):
     """
     from joblib import Parallel, delayed
     from utils import available_cores
-    todo = [path for path in paths if path.suffix == ".csv" and not _cache_path(path).is_file()]
+    todo = [(path, _cache_path(path)) for path in paths if path.suffix == ".csv"]
+    todo = [(path, cached) for path, cached in todo if not cached.is_file()]
     if len(todo) > 2 and available_cores() > 1:
-        Parallel(n_jobs=available_cores())(delayed(_cache_csv)(path) for path in todo)
+        # The cache path is decided here: reused workers may carry an older environment.
+        Parallel(n_jobs=available_cores())(delayed(_cache_csv)(*job) for job in todo)
 
 
-def _cache_csv(path):
-    _write_cache(_cache_path(path), _parse_csv(path))
+def _cache_csv(path, cached):
+    _write_cache(cached, _parse_csv(path))
 
 
 def _write_cache(cached, array):

@@ -234,3 +234,12 @@ def test_missing_split_folder(tmp_path):
 def test_a_video_in_two_pooled_splits_is_refused(tiny_data):
     with pytest.raises(ToolkitError, match="in one split only"):
         load_videos([tiny_data / "Training", tiny_data / "Training"], ["audio"])
+
+
+def test_parallel_csv_parsing_fills_the_current_cache(tmp_path, monkeypatch):
+    from conftest import write_tiny_data
+    data = write_tiny_data(tmp_path / "data", file_format="csv", subjects=2, stories=2, seconds=12)
+    for cache in ("first", "second"):   # worker processes outlive a change of cache folder
+        monkeypatch.setenv("OMG_CACHE_DIR", str(tmp_path / cache))
+        datasets.load_videos(data / "Training", ["audio", "text"])
+        assert len(list((tmp_path / cache).glob("*.npy"))) == 4
