@@ -310,14 +310,7 @@ def predict(model, videos):
 
 def evaluate(model, videos):
     """CCC of every video at 25 fps, and their mean; as train.evaluate returns."""
-    frames, records = [], []
-    for video, per_second in zip(videos, predict(model, videos)):
-        prediction = utils.expand_to_frames(per_second, video.annotation.size)
-        frames.append(prediction)
-        records.append({"subject": video.subject, "story": video.story,
-                        "ccc": utils.ccc(prediction, video.annotation)})
-    return {"ccc": float(np.mean([r["ccc"] for r in records])), "records": records,
-            "frames": frames}
+    return utils.score_videos(videos, predict(model, videos))
 
 
 def choose_c(videos, settings):

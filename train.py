@@ -245,14 +245,7 @@ def evaluate(model, video_set, device):
     Returns {"ccc": mean CCC, "records": [{subject, story, ccc}], "frames": [25 fps
     predictions per video]}.
     """
-    frames, records = [], []
-    for video, per_second in zip(video_set.videos, predict(model, video_set, device)):
-        prediction = utils.expand_to_frames(per_second, video.annotation.size)
-        frames.append(prediction)
-        records.append({"subject": video.subject, "story": video.story,
-                        "ccc": utils.ccc(prediction, video.annotation)})
-    return {"ccc": float(np.mean([r["ccc"] for r in records])), "records": records,
-            "frames": frames}
+    return utils.score_videos(video_set.videos, predict(model, video_set, device))
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -63,6 +63,23 @@ def expand_to_frames(per_second, n_frames):
     return frames
 
 
+def score_videos(videos, per_second_predictions):
+    """Expand each video's per-second predictions to 25 fps and score them.
+
+    `videos` need `subject`, `story` and `annotation` (25 fps). Returns {"ccc": mean
+    CCC over videos, "records": [{subject, story, ccc}], "frames": [25 fps
+    predictions per video]}.
+    """
+    frames, records = [], []
+    for video, per_second in zip(videos, per_second_predictions):
+        prediction = expand_to_frames(per_second, video.annotation.size)
+        frames.append(prediction)
+        records.append({"subject": video.subject, "story": video.story,
+                        "ccc": ccc(prediction, video.annotation)})
+    return {"ccc": float(np.mean([r["ccc"] for r in records])), "records": records,
+            "frames": frames}
+
+
 def summarize_ccc(records):
     """Tables of per-video CCC records (dicts with subject, story, ccc).
 
