@@ -7,13 +7,17 @@ Training and validation videos are pooled; for each story, a model is trained wi
 that story held out, into <out_dir>/val_on_<story>/ (the files train.py writes).
 Then each fold's best.save (or epoch_<--test_epoch>.save) is evaluated: held-out
 predictions go to <out_dir>/cv_pred/, and <out_dir>/crossval.csv gets one row per
-held-out story (train CCC, val CCC) and rows Mean, Std and Mean-Std.
+held-out story (train CCC, val CCC) and rows Mean, Std and Mean-Std. With --seeds N
+each fold trains N seeds (val_on_<story>/seed_<s>/); the CCC is that of their
+average prediction, and columns add the mean and std of the seeds' own CCC.
 Folds run side by side with --jobs N, or on a Dask cluster with --scheduler ADDRESS.
 """
 import argparse
 import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import datasets
 import models
@@ -40,7 +44,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         "crossval.py", description="Cross-validate the fusion LSTM across stories.",
         parents=[train.get_data_args_parser(), train.get_training_args_parser(),
-                 get_fold_args_parser()])
+                 train.get_model_args_parser(), get_fold_args_parser()])
     group = parser.add_argument_group("what to run")
     group.add_argument("--test", action="store_true",
                        help="evaluate the saved folds without training")
@@ -103,12 +107,12 @@ def check_checkpoints(out_dir, stories, epochs=(None,)):
     for story in stories:
         folder = fold_dir(out_dir, story)
         for epoch in epochs:
-            path = folder / checkpoint_name(epoch)
-            if not path.is_file():
-                saved = saved_epochs(folder)
-                listing = (f"saved epochs: {_ranges(saved)}" if saved
-                           else "run crossval.py without --test first")
-                raise ToolkitError(f"{path} does not exist ({listing})")
+            for path in train.run_checkpoints(folder, checkpoint_name(epoch)):
+                if not path.is_file():
+                    saved = saved_epochs(path.parent)
+                    listing = (f"saved epochs: {_ranges(saved)}" if saved
+                               else "run crossval.py without --test first")
+                    raise ToolkitError(f"{path} does not exist ({listing})")
 
 
 def _ranges(epochs):
@@ -121,55 +125,65 @@ def _ranges(epochs):
     return ", ".join(map(str, epochs[:20])) + (" ..." if len(epochs) > 20 else "")
 
 
-def check_fresh_folds(out_dir, stories, resume, overwrite):
-    """Refuse to train over earlier folds unless asked to; returns {story: whether the
-    fold continues from its last.save}. With --resume, folds that have not saved yet
-    (the run stopped before reaching them, e.g. with its Dask scheduler) start afresh."""
-    saved = {story: (fold_dir(out_dir, story) / "last.save").is_file() for story in stories}
-    if resume and not any(saved.values()):
-        train.check_fresh_model_dir(fold_dir(out_dir, stories[0]), resume, overwrite)
-    for story in stories:
-        train.check_fresh_model_dir(fold_dir(out_dir, story), resume and saved[story], overwrite)
-    return {story: resume and saved[story] for story in stories}
+def check_fresh_folds(out_dir, stories, settings, resume, overwrite):
+    """Refuse to train over earlier folds unless asked to; returns {folder: whether the
+    run continues from its last.save} for every fold (and seed)."""
+    folders = [folder for story in stories
+               for _, folder in settings.seed_runs(fold_dir(out_dir, story))]
+    return train.check_fresh_runs(folders, resume, overwrite)
 
 
 # ---------------------------------------------------------------- one fold
 
-def train_fold(pooled, story, out_dir, settings, normalize, cuda, resume=False, progress=True):
-    """Train the fold that holds out `story`; returns fit()'s summary."""
-    utils.seed_everything(settings.seed)
+def train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes=None, progress=True,
+               postprocessing_flags=None):
+    """Train the fold that holds out `story` (every seed); returns fit()'s summaries."""
     device = utils.get_device(cuda)
     train_set, val_set = fold_sets(pooled, story)
     scaler = datasets.FeatureScaler.fit(train_set) if normalize else None
-    model = train.build_model(pooled.input_dims, device)
-    return train.fit(model, train_set.with_scaler(scaler), val_set.with_scaler(scaler),
-                     fold_dir(out_dir, story), settings, device, resume=resume,
-                     progress=progress)
+    return train.fit_seeds(
+        lambda: train.build_model(pooled.input_dims, device, settings.layers, settings.bidirectional),
+        train_set.with_scaler(scaler), val_set.with_scaler(scaler), fold_dir(out_dir, story),
+        settings, device, resumes, progress,
+        utils.Postprocessing.resolve(**(postprocessing_flags or {})))
 
 
-def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=False):
-    """Evaluate a fold's checkpoint on its training and held-out videos, write the
-    held-out predictions to <out_dir>/cv_pred/ (and features if asked)."""
+def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=False,
+                  postprocessing_flags=None):
+    """Evaluate a fold's checkpoint (every seed's) on its training and held-out videos,
+    write the held-out predictions to <out_dir>/cv_pred/ (and features if asked)."""
     device = utils.get_device(cuda)
     train_set, val_set = fold_sets(pooled, story)
-    path = fold_dir(out_dir, story) / checkpoint
-    model, state = models.load_model(path, pooled.mods, pooled.input_dims, device)
-    scaler = train.resolve_scaler(state, normalize, train_set, path)
-    train_set, val_set = train_set.with_scaler(scaler), val_set.with_scaler(scaler)
-    train_result = train.evaluate(model, train_set, device)
-    val_result = train.evaluate(model, val_set, device)
+    trained = train.load_trained(train.run_checkpoints(fold_dir(out_dir, story), checkpoint),
+                                 train_set, normalize, device)
+    postprocessing = train.saved_postprocessing(trained, postprocessing_flags or {})
+    train_result = train.evaluate_seeds(trained, train_set, device, postprocessing)
+    val_result = train.evaluate_seeds(trained, val_set, device, postprocessing)
     train.write_predictions(Path(out_dir) / "cv_pred", val_set, val_result["frames"])
     if features:
-        train.extract_features(model, train_set, val_set, fold_dir(out_dir, story), device)
-    return {"story": story, "train_ccc": train_result["ccc"], "val_ccc": val_result["ccc"],
-            "epoch": state.get("epoch")}
+        train.extract_features(trained, train_set, val_set, fold_dir(out_dir, story), device,
+                               postprocessing.label_delay)
+    row = {"story": story, "train_ccc": train_result["ccc"], "val_ccc": val_result["ccc"],
+           "epoch": trained[0].checkpoint.get("epoch")}
+    if len(trained) > 1:
+        row.update(val_ccc_seed_mean=np.mean(val_result["seed_ccc"]),
+                   val_ccc_seed_std=np.std(val_result["seed_ccc"]))
+    return row
 
 
 def run_fold(pooled, story, out_dir, settings, normalize, cuda, test_only, checkpoint,
-             features, resume, progress):
+             features, resumes, progress, postprocessing_flags):
     if not test_only:
-        train_fold(pooled, story, out_dir, settings, normalize, cuda, resume, progress)
-    return evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features)
+        train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes, progress,
+                   postprocessing_flags)
+    return evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features,
+                         postprocessing_flags)
+
+
+def _fold_resumes(resumes, folder, args):
+    """This fold's part of {folder: resumes}, with paths as its task sees them."""
+    return {utils.task_path(path, args.scheduler): resume for path, resume in resumes.items()
+            if path == folder or path.parent == folder}
 
 
 # ---------------------------------------------------------------- main
@@ -190,7 +204,7 @@ def main(args):
                                             or args.test_epoch > settings.epochs):
             raise ToolkitError(f"--test_epoch {args.test_epoch} will not be saved: pick a "
                                f"multiple of --save_freq {settings.save_freq} up to --epochs")
-        resumes = check_fresh_folds(out_dir, pooled.stories, args.resume, args.overwrite)
+        resumes = check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
         utils.check_writable(out_dir)
         utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
 
@@ -198,9 +212,10 @@ def main(args):
                   out_dir=utils.task_path(out_dir, args.scheduler), settings=settings,
                   normalize=args.normalize, cuda=args.cuda, test_only=args.test,
                   checkpoint=checkpoint, features=args.features,
-                  progress=args.jobs == 1 and not args.scheduler)
-    tasks = [dict(story=story, resume=resumes.get(story, False), **common)
-             for story in pooled.stories]
+                  progress=args.jobs == 1 and not args.scheduler,
+                  postprocessing_flags=train.postprocessing_flags(args))
+    tasks = [dict(story=story, resumes=_fold_resumes(resumes, fold_dir(out_dir, story), args),
+                  **common) for story in pooled.stories]
     folds = utils.run_parallel(run_fold, tasks, args.jobs, "folds", args.scheduler)
     table = utils.crossval_table(folds)
     utils.write_csv(table, out_dir / "crossval.csv")

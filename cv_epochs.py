@@ -6,7 +6,9 @@ For every saved epoch from --epoch_min to --epoch_max (step --epoch_step) this
 evaluates each fold of a crossval.py run on its held-out story, prints the mean and
 std CCC per epoch and the best epoch (highest mean), writes the table to
 <out_dir>/cv_epochs.csv, and extracts every fold's decision-level features at that
-epoch into val_on_<story>/feat_train and feat_test, ready for cv_fusion.py.
+epoch into val_on_<story>/feat_train and feat_test, ready for cv_fusion.py. Folds
+trained with --seeds are scored on their seeds' average prediction; a fold that
+--patience stopped early counts with its final model at the later epochs.
 """
 import argparse
 from pathlib import Path
@@ -15,7 +17,6 @@ import pandas as pd
 
 import crossval
 import datasets
-import models
 import train
 import utils
 
@@ -38,27 +39,31 @@ def epochs_to_check(epoch_min, epoch_max, epoch_step):
     return list(range(epoch_min, epoch_max + 1, epoch_step))
 
 
-def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda):
-    """Held-out CCC of one fold at each epoch: {epoch: ccc}."""
-    device = utils.get_device(cuda)
+def load_fold_epoch(pooled, story, out_dir, epoch, normalize, device):
+    """A fold's training and held-out videos, and its models (one per seed) at `epoch`."""
     train_set, val_set = crossval.fold_sets(pooled, story)
+    paths = train.run_checkpoints(crossval.fold_dir(out_dir, story), crossval.checkpoint_name(epoch))
+    return train_set, val_set, train.load_trained(paths, train_set, normalize, device)
+
+
+def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postprocessing_flags):
+    """Held-out CCC of one fold at each epoch (of its seeds' average prediction):
+    {"story", "scores": {epoch: ccc}}."""
+    device = utils.get_device(cuda)
     scores = {}
     for epoch in epochs:
-        path = crossval.fold_dir(out_dir, story) / crossval.checkpoint_name(epoch)
-        model, state = models.load_model(path, pooled.mods, pooled.input_dims, device)
-        scaler = train.resolve_scaler(state, normalize, train_set, path)
-        scores[epoch] = train.evaluate(model, val_set.with_scaler(scaler), device)["ccc"]
+        _, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
+        postprocessing = train.saved_postprocessing(trained, postprocessing_flags)
+        scores[epoch] = train.evaluate_seeds(trained, val_set, device, postprocessing)["ccc"]
     return {"story": story, "scores": scores}
 
 
-def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda):
+def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda, postprocessing_flags):
     device = utils.get_device(cuda)
-    train_set, val_set = crossval.fold_sets(pooled, story)
-    path = crossval.fold_dir(out_dir, story) / crossval.checkpoint_name(epoch)
-    model, state = models.load_model(path, pooled.mods, pooled.input_dims, device)
-    scaler = train.resolve_scaler(state, normalize, train_set, path)
-    train.extract_features(model, train_set.with_scaler(scaler), val_set.with_scaler(scaler),
-                           crossval.fold_dir(out_dir, story), device)
+    train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
+    postprocessing = train.saved_postprocessing(trained, postprocessing_flags)
+    train.extract_features(trained, train_set, val_set, crossval.fold_dir(out_dir, story), device,
+                           postprocessing.label_delay)
 
 
 def epoch_table(folds, epochs):
@@ -84,7 +89,7 @@ def main(args):
 
     common = dict(pooled=crossval.pool_for_tasks(pooled, args),
                   out_dir=utils.task_path(out_dir, args.scheduler), normalize=args.normalize,
-                  cuda=args.cuda)
+                  cuda=args.cuda, postprocessing_flags=train.postprocessing_flags(args))
     folds = utils.run_parallel(evaluate_fold_epochs,
                                [dict(story=s, epochs=epochs, **common) for s in pooled.stories],
                                args.jobs, "folds", args.scheduler)

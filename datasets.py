@@ -11,6 +11,11 @@ A split folder (for example ``data/Training``) holds::
     CombinedVSub/...                          listener's face features  (v_sub)
     CombinedVAct/...                          speaker's face features  (v_act)
 
+A test folder may lack ``Annotations``: ``train.py --test`` then predicts without
+scoring, taking each video's frame count from a ``--frame_counts`` CSV (columns
+``video,frames``) or, without one, from its feature rows at 25 frames per second.
+With no annotations, the modality folders must hold the same videos.
+
 Feature files have one row per second of video, as ``.csv`` with a header row or
 as ``.npy`` (arrays of more than 2 dimensions are flattened per row). A file name
 may carry a suffix after the story id (``Subject_1_Story_2_x.csv``). Every modality
@@ -26,6 +31,7 @@ batch is a single gather.
 Parsed CSV features are cached as ``.npy`` (see `cache_dir`), so reading the same
 CSV a second time costs what reading ``.npy`` costs.
 """
+import dataclasses
 import hashlib
 import math
 import os
@@ -207,7 +213,9 @@ class Video:
     story: int
     start: int            # first row of this video in the feature storage
     n_seconds: int        # rows of input (its shortest modality)
-    annotation: np.ndarray  # valence at 25 fps
+    annotation: np.ndarray  # valence at 25 fps; None in a test folder without annotations
+    n_frames: int         # frames of the video at 25 fps (the annotation's length if any)
+    label_delay_frames: int = 0  # training targets start this many frames later
 
     @property
     def name(self):
@@ -216,7 +224,7 @@ class Video:
     @property
     def labelled_seconds(self):
         """Seconds that have both features and a target: what training uses."""
-        return min(self.n_seconds, math.ceil(self.annotation.size / FPS))
+        return min(self.n_seconds, math.ceil((self.n_frames - self.label_delay_frames) / FPS))
 
 
 @dataclass
@@ -332,6 +340,25 @@ class VideoSet:
             and (subjects is None or video.subject in subjects)
             and video.story not in exclude_stories])
 
+    @property
+    def labelled(self):
+        return all(video.annotation is not None for video in self.videos)
+
+    def with_label_delay(self, delay_frames):
+        """The same videos with per-second targets taken `delay_frames` later in the
+        annotation (--label_delay): features at second t learn the valence at t +
+        delay. Targets get their own storage; features stay shared."""
+        targets = torch.zeros_like(self.targets)
+        videos = []
+        for video in self.videos:
+            if delay_frames >= video.n_frames:
+                raise ToolkitError(f"--label_delay of {delay_frames / FPS:g} s is longer than "
+                                   f"{video.name} ({video.n_frames / FPS:g} s): use a shorter delay")
+            target = per_second(video.annotation[delay_frames:])[:video.n_seconds]
+            targets[video.start:video.start + target.size] = torch.from_numpy(target)
+            videos.append(dataclasses.replace(video, label_delay_frames=delay_frames))
+        return VideoSet(self.features, targets, videos, self.scaler)
+
     def repeat_subjects(self, subjects, times):
         """All videos, with those of `subjects` appearing `times` times (--augment)."""
         others = [video for video in self.videos if video.subject not in subjects]
@@ -368,11 +395,23 @@ class VideoSet:
         return Batch(inputs, lengths, targets)
 
 
-def load_videos(split_dirs, mods):
-    """Load the videos of one or more split folders (pooled) for modalities `mods`."""
+def load_videos(split_dirs, mods, unlabelled=False, frame_counts=None):
+    """Load the videos of one or more split folders (pooled) for modalities `mods`.
+
+    With `unlabelled`, a folder without Annotations loads too (for prediction only);
+    its videos' frame counts come from the `frame_counts` CSV if given, else from
+    their feature rows at 25 fps.
+    """
     if isinstance(split_dirs, (str, Path)):
         split_dirs = [split_dirs]
-    files = _match_files(split_dirs, mods)
+    files = _match_files(split_dirs, mods, unlabelled)
+    counts = {}
+    if frame_counts:
+        labelled = [paths["annotation"] for paths in files.values() if paths["annotation"]]
+        if labelled:
+            raise ToolkitError(f"--frame_counts is for test folders without Annotations, but "
+                               f"{labelled[0].parent} exists: leave out --frame_counts")
+        counts = read_frame_counts(frame_counts, files)
     warm_csv_cache([paths[mod] for paths in files.values() for mod in mods])
     # Two passes so that only one video's file is open at a time: the first reads
     # shapes (and parses CSVs into the cache), the second copies into the storage.
@@ -393,38 +432,79 @@ def load_videos(split_dirs, mods):
             if not torch.isfinite(block).all():
                 raise ToolkitError(f"{paths[mod]} contains NaN or inf values: "
                                    "fix or regenerate the feature file")
-        annotation = read_annotation(paths["annotation"])
-        target = per_second(annotation)[:length]
-        targets[start:start + target.size] = torch.from_numpy(target)
-        videos.append(Video(key[0], key[1], start, length, annotation))
+        annotation = read_annotation(paths["annotation"]) if paths["annotation"] else None
+        if annotation is not None:
+            target = per_second(annotation)[:length]
+            targets[start:start + target.size] = torch.from_numpy(target)
+        n_frames = annotation.size if annotation is not None else counts.get(key, length * FPS)
+        videos.append(Video(key[0], key[1], start, length, annotation, n_frames))
         start += length
     return VideoSet(features, targets, videos)
 
 
-def _match_files(split_dirs, mods):
-    """{(subject, story): {"annotation": path, mod: path}} across split folders."""
+def read_frame_counts(path, files):
+    """{(subject, story): frames} from a CSV with columns `video` (a video name,
+    with or without an extension) and `frames`, for every video in `files`."""
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ToolkitError(f"--frame_counts file {path} does not exist: pass a CSV with "
+                           "columns video,frames") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        raise ToolkitError(f"--frame_counts file {path} is not a CSV with columns "
+                           "video,frames: fix it") from None
+    if not {"video", "frames"} <= set(table.columns):
+        raise ToolkitError(f"--frame_counts file {path} needs the header video,frames "
+                           f"(it has {','.join(map(str, table.columns))})")
+    counts = {}
+    for row, (name, frames) in enumerate(zip(table["video"], table["frames"]), start=2):
+        match = re.match(r"Subject_(\d+)_Story_(\d+)(?![0-9])", str(name))
+        frames = pd.to_numeric(frames, errors="coerce")
+        if not match or not (frames > 0 and float(frames).is_integer()):
+            raise ToolkitError(f"--frame_counts file {path}, line {row}: expected a video name "
+                               f"Subject_<s>_Story_<t> and a positive whole number of frames, "
+                               f"got {name!r}, {frames!r}")
+        counts[int(match.group(1)), int(match.group(2))] = int(frames)
+    missing = sorted(files.keys() - counts.keys())
+    if missing:
+        raise ToolkitError(f"--frame_counts file {path} has no row for {video_name(*missing[0])} "
+                           f"({len(missing)} videos missing): add a row per video")
+    return counts
+
+
+def _match_files(split_dirs, mods, unlabelled=False):
+    """{(subject, story): {"annotation": path or None, mod: path}} across split folders.
+    A folder without Annotations is accepted if `unlabelled`; its first modality
+    folder then lists the videos."""
     matched = {}
     for split_dir in map(Path, split_dirs):
         if not split_dir.is_dir():
             raise ToolkitError(f"split folder {split_dir} does not exist: pass the right "
                                "--train_dir/--test_dir, or make data with make_data.py")
-        annotations = list_videos(split_dir / ANNOTATION_FOLDER)
+        if unlabelled and not (split_dir / ANNOTATION_FOLDER).exists():
+            reference_folder = MODALITY_FOLDERS[mods[0]]
+            reference = dict.fromkeys(list_videos(split_dir / reference_folder))
+        else:
+            reference_folder = ANNOTATION_FOLDER
+            reference = list_videos(split_dir / reference_folder)
         per_mod = {mod: list_videos(split_dir / MODALITY_FOLDERS[mod]) for mod in mods}
         for mod, found in per_mod.items():
-            if found.keys() != annotations.keys():
-                missing = sorted(annotations.keys() - found.keys())
-                extra = sorted(found.keys() - annotations.keys())
+            if found.keys() != reference.keys():
+                missing = sorted(reference.keys() - found.keys())
+                extra = sorted(found.keys() - reference.keys())
+                lacking = ("has no annotation" if reference_folder == ANNOTATION_FOLDER
+                           else f"is not in {reference_folder}")
                 what = (f"lacks {video_name(*missing[0])}" if missing
-                        else f"has {video_name(*extra[0])}, which has no annotation")
+                        else f"has {video_name(*extra[0])}, which {lacking}")
                 raise ToolkitError(
                     f"{split_dir / MODALITY_FOLDERS[mod]} {what} ({len(missing)} missing, "
                     f"{len(extra)} extra): every modality folder needs the same videos as "
-                    f"{split_dir / ANNOTATION_FOLDER}")
-        for key in sorted(annotations):
+                    f"{split_dir / reference_folder}")
+        for key in sorted(reference):
             if key in matched:
                 raise ToolkitError(f"{video_name(*key)} is in {split_dir} and in an earlier "
                                    "split folder: each video may appear in one split only")
-            matched[key] = {"annotation": annotations[key], **{mod: per_mod[mod][key] for mod in mods}}
+            matched[key] = {"annotation": reference[key], **{mod: per_mod[mod][key] for mod in mods}}
     return matched
 
 

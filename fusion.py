@@ -190,6 +190,10 @@ class FusedVideo:
     def name(self):
         return datasets.video_name(self.subject, self.story)
 
+    @property
+    def n_frames(self):
+        return self.annotation.size
+
     def training_rows(self):
         """Seconds that have both features and a target, with that target."""
         target = datasets.per_second(self.annotation)

@@ -5,6 +5,8 @@ embedding; the embeddings are concatenated. An attention head turns the
 concatenation into 3 weights per step; a one-layer LSTM (hidden 512) runs over it;
 the context at step t is the weighted sum of the LSTM states at t, t-1 and t-2
 (zero before the start); a decoder (512 -> 128 -> ReLU -> 1) gives the valence.
+Optionally (--layers, --bidirectional) the LSTM is stacked or runs both ways; the
+decoder then takes the concatenated directions (1024 wide).
 
 Module names match the original release (`embed_<mod>.1.weight`, `attn.0.weight`,
 `lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain state_dicts load as is.
@@ -14,7 +16,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 import utils
 from utils import ToolkitError
@@ -57,7 +59,7 @@ class FusionLSTM(nn.Module):
     """
 
     def __init__(self, input_dims, embed_dim=128, attn_dim=128, attn_len=3,
-                 hidden_dim=512, decoder_dim=128):
+                 hidden_dim=512, decoder_dim=128, num_layers=1, bidirectional=False):
         super().__init__()
         self.input_dims = dict(input_dims)
         self.mods = list(self.input_dims)
@@ -68,12 +70,15 @@ class FusionLSTM(nn.Module):
         fused_dim = embed_dim * len(self.mods)
         self.attn = nn.Sequential(nn.Linear(fused_dim, attn_dim), nn.ReLU(),
                                   nn.Linear(attn_dim, attn_len), nn.Softmax(dim=-1))
-        self.lstm = nn.LSTM(fused_dim, hidden_dim, batch_first=True)
-        self.dec_target = nn.Sequential(nn.Linear(hidden_dim, decoder_dim), nn.ReLU(),
+        self.lstm = nn.LSTM(fused_dim, hidden_dim, num_layers=num_layers, batch_first=True,
+                            bidirectional=bidirectional)
+        state_dim = hidden_dim * (2 if bidirectional else 1)
+        self.dec_target = nn.Sequential(nn.Linear(state_dim, decoder_dim), nn.ReLU(),
                                         nn.Linear(decoder_dim, 1))
         self.config = {"mods": self.mods, "input_dims": self.input_dims,
                        "embed_dim": embed_dim, "attn_dim": attn_dim, "attn_len": attn_len,
-                       "hidden_dim": hidden_dim, "decoder_dim": decoder_dim}
+                       "hidden_dim": hidden_dim, "decoder_dim": decoder_dim,
+                       "num_layers": num_layers, "bidirectional": bidirectional}
 
     def embed(self, inputs):
         """Per-step embeddings of every modality, concatenated: (total_steps, fused_dim).
@@ -85,7 +90,7 @@ class FusionLSTM(nn.Module):
         decision-level features: the decoder's first layer before its ReLU."""
         lengths = lengths.cpu()
         weights = self._pad(self.attn(embedded), lengths)          # (B, T, attn_len)
-        states, _ = self.lstm(self._pad(embedded, lengths))        # (B, T, hidden)
+        states = self._run_lstm(self._pad(embedded, lengths), lengths)  # (B, T, states)
         context = weights[..., :1] * states
         for lag in range(1, self.attn_len):
             context = context + weights[..., lag:lag + 1] * F.pad(states, (0, 0, lag, 0))[:, :-lag]
@@ -97,10 +102,18 @@ class FusionLSTM(nn.Module):
     def forward(self, inputs, lengths):
         return self.forward_embedded(self.embed(inputs), lengths)
 
+    def _run_lstm(self, padded, lengths):
+        if not self.lstm.bidirectional:
+            # Forwards only, with padding at the end: padded steps cannot influence
+            # valid ones, and the unpacked LSTM is the faster one.
+            return self.lstm(padded)[0]
+        # Backwards, the padding would come first: pack so each sequence starts at its end.
+        packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                   total_length=padded.shape[1])[0]
+
     @staticmethod
     def _pad(rows, lengths):
-        # The LSTM runs forwards only and padding sits at the end, so padded steps
-        # cannot influence valid ones.
         return pad_sequence(rows.split(lengths.tolist()), batch_first=True)
 
 
@@ -117,6 +130,8 @@ def config_from_state_dict(state_dict):
         "attn_len": state_dict["attn.2.weight"].shape[0],
         "hidden_dim": state_dict["lstm.weight_hh_l0"].shape[1],
         "decoder_dim": state_dict["dec_target.0.weight"].shape[0],
+        "num_layers": sum(1 for key in state_dict if re.fullmatch(r"lstm\.weight_hh_l\d+", key)),
+        "bidirectional": "lstm.weight_hh_l0_reverse" in state_dict,
     }
 
 
@@ -124,7 +139,9 @@ def model_from_config(config):
     dims = {mod: int(config["input_dims"][mod]) for mod in config["mods"]}
     sizes = {key: int(config[key]) for key in
              ("embed_dim", "attn_dim", "attn_len", "hidden_dim", "decoder_dim")}
-    return FusionLSTM(dims, **sizes)
+    # Checkpoints from before --layers and --bidirectional have neither key.
+    return FusionLSTM(dims, **sizes, num_layers=int(config.get("num_layers", 1)),
+                      bidirectional=bool(config.get("bidirectional", False)))
 
 
 def load_model(path, mods, input_dims, device="cpu"):

@@ -8,16 +8,18 @@ Starting from <out_dir>/init.save, one model per subject is fine-tuned in
 all training videos with that subject's repeated N times) and evaluated, after the
 last epoch, on that subject's videos in --test_dir. Prints each subject's CCC before
 and after fine-tuning and their mean, writes the table to
-<out_dir>/personalize.csv and the predictions to <out_dir>/pred_test.
+<out_dir>/personalize.csv and the predictions to <out_dir>/pred_test. With --seeds N
+each subject is fine-tuned N times (subject_<s>/seed_<k>/) and scored on the
+average of their predictions. init.save's label delay and smoothing carry over.
 """
 import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import datasets
-import models
 import train
 import utils
 from utils import ToolkitError
@@ -58,21 +60,30 @@ def subject_sets(train_all, test_all, subject, augment):
 
 
 def personalize_subject(train_all, test_all, subject, out_dir, settings, normalize, cuda,
-                        augment=None, resume=False, progress=True):
-    """Fine-tune init.save for one subject; returns its CCC before and after."""
-    utils.seed_everything(settings.seed)
+                        augment=None, resumes=None, progress=True, postprocessing_flags=None):
+    """Fine-tune init.save for one subject (once per seed); returns its CCC before
+    and after (of the seeds' average prediction, with their mean and std)."""
     device = utils.get_device(cuda)
-    path = init_checkpoint(out_dir)
-    model, state = models.load_model(path, train_all.mods, train_all.input_dims, device)
-    scaler = train.resolve_scaler(state, normalize, train_all, path)
-    train_set, test_set = subject_sets(train_all.with_scaler(scaler),
-                                       test_all.with_scaler(scaler), subject, augment)
-    before = train.evaluate(model, test_set, device)
-    train.fit(model, train_set, test_set, Path(out_dir) / f"subject_{subject}", settings, device,
-              resume=resume, progress=progress)
-    after = train.evaluate(model, test_set, device)
+    init = train.load_trained([init_checkpoint(out_dir)], train_all, normalize, device)[0]
+    postprocessing = train.saved_postprocessing([init], postprocessing_flags or {})
+    train_set, test_set = subject_sets(train_all.with_scaler(init.scaler),
+                                       test_all.with_scaler(init.scaler), subject, augment)
+    before = train.evaluate(init.network, test_set, device, postprocessing)
+    subject_dir = Path(out_dir) / f"subject_{subject}"
+    train.fit_seeds(lambda: train.load_trained([init_checkpoint(out_dir)], train_all, normalize,
+                                               device)[0].network,
+                    train_set, test_set, subject_dir, settings, device, resumes, progress,
+                    postprocessing)
+    # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
+    tuned = train.load_trained(train.run_checkpoints(subject_dir, "last.save"), train_all,
+                               normalize, device)
+    after = train.evaluate_seeds(tuned, test_set, device, postprocessing)
     train.write_predictions(Path(out_dir) / "pred_test", test_set, after["frames"])
-    return {"subject": subject, "before_ccc": before["ccc"], "after_ccc": after["ccc"]}
+    row = {"subject": subject, "before_ccc": before["ccc"], "after_ccc": after["ccc"]}
+    if settings.seeds > 1:
+        row.update(after_ccc_seed_mean=np.mean(after["seed_ccc"]),
+                   after_ccc_seed_std=np.std(after["seed_ccc"]))
+    return row
 
 
 def videos_for_tasks(train_all, test_all, args, mods):
@@ -98,8 +109,10 @@ def choose_subjects(train_all, test_all, requested, augment):
 
 
 def subject_table(rows):
-    table = pd.DataFrame(rows, columns=["subject", "before_ccc", "after_ccc"])
-    mean = table[["before_ccc", "after_ccc"]].mean()
+    scores = [name for name in ("before_ccc", "after_ccc", "after_ccc_seed_mean",
+                                "after_ccc_seed_std") if name in rows[0]]
+    table = pd.DataFrame(rows, columns=["subject", *scores])
+    mean = table[scores].mean()
     return pd.concat([table.astype({"subject": object}),
                       pd.DataFrame([{"subject": "Mean", **mean}])], ignore_index=True)
 
@@ -112,8 +125,10 @@ def main(args):
     init_checkpoint(out_dir)
     train_all, test_all = train.load_train_test(args.train_dir, args.test_dir, mods, args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
-    for subject in subjects:
-        train.check_fresh_model_dir(out_dir / f"subject_{subject}", args.resume, args.overwrite)
+    resumes = train.check_fresh_runs(
+        [folder for subject in subjects
+         for _, folder in settings.seed_runs(out_dir / f"subject_{subject}")],
+        args.resume, args.overwrite)
     utils.check_scheduler(args.scheduler)
     utils.check_writable(out_dir)
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
@@ -122,7 +137,10 @@ def main(args):
     tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
                   out_dir=utils.task_path(out_dir, args.scheduler), settings=settings,
                   normalize=args.normalize, cuda=args.cuda, augment=args.augment,
-                  resume=args.resume, progress=args.jobs == 1 and not args.scheduler)
+                  resumes={utils.task_path(folder, args.scheduler): resume
+                           for folder, resume in resumes.items()},
+                  progress=args.jobs == 1 and not args.scheduler,
+                  postprocessing_flags=train.postprocessing_flags(args))
              for subject in subjects]
     table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects",
                                              args.scheduler))

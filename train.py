@@ -9,8 +9,9 @@ functions below with explicit arguments.
 """
 import argparse
 import math
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,13 @@ import utils
 from utils import ToolkitError
 
 EMBED_CHUNK_ROWS = 2048  # rows embedded at once in evaluation: bounds memory, not speed
+
+
+def mse_loss(predictions, targets):
+    return torch.mean((predictions - targets) ** 2)
+
+
+LOSSES = {"mse": mse_loss, "ccc": utils.ccc_loss}
 
 
 # ---------------------------------------------------------------- flags
@@ -51,7 +59,38 @@ def get_data_args_parser():
                             "data's min and max (stored in the checkpoint)")
     group.add_argument("--cuda", action="store_true",
                        help="run on the GPU (falls back to the CPU with a warning)")
-    group.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=1,
+                       help="random seed; with --seeds N, the first of N (default: %(default)s)")
+    group = parser.add_argument_group(
+        "predictions", "Post-processing of predictions, the same in evaluation and in written "
+        "files. When a saved model is evaluated, it defaults to what the model was trained with.")
+    group.add_argument("--label_delay", type=float, metavar="SECONDS",
+                       help="train features at t to predict the annotation at t + SECONDS "
+                            "(listeners annotate late); predictions are shifted back when "
+                            "written and scored (default: 0)")
+    group.add_argument("--smooth", type=float, metavar="SECONDS",
+                       help="smooth predictions with a centred window this long (default: 0, none)")
+    group.add_argument("--smooth_window", choices=utils.SMOOTHING_WINDOWS,
+                       help="shape of the --smooth window: moving average or Gaussian "
+                            "(standard deviation a quarter of the window) (default: moving)")
+    return parser
+
+
+def postprocessing_flags(args):
+    """The post-processing flags as given (None where not given), for
+    `utils.Postprocessing.resolve`."""
+    return {name: getattr(args, name) for name in ("label_delay", "smooth", "smooth_window")}
+
+
+def get_model_args_parser():
+    """Flags of the scripts that build new models."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("--layers", type=int, default=1, metavar="N",
+                       help="stacked LSTM layers (default: %(default)s)")
+    group.add_argument("--bidirectional", action="store_true",
+                       help="run the LSTM forwards and backwards; the attention and the "
+                            "decoder take both directions' states")
     return parser
 
 
@@ -76,12 +115,23 @@ def get_training_args_parser():
                        help="save epoch_<N>.save every N epochs (default: %(default)s)")
     group.add_argument("--resume", action="store_true",
                        help="continue the run in the model folder from its last.save")
+    group.add_argument("--loss", choices=LOSSES, default="mse",
+                       help="mse: squared error over a batch's valid steps; ccc: 1 - CCC over "
+                            "them (default: %(default)s)")
+    group.add_argument("--patience", type=int, metavar="N",
+                       help="stop when the validation CCC has not improved for N evaluations "
+                            "(default: train all --epochs)")
+    group.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="train N models, seeds --seed to --seed+N-1, in seed_<s>/ folders; "
+                            "report mean +- std of their CCC and score and write the average "
+                            "of their predictions (default: %(default)s)")
     return parser
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "train.py", parents=[get_data_args_parser(), get_training_args_parser()],
+        "train.py", parents=[get_data_args_parser(), get_training_args_parser(),
+                             get_model_args_parser()],
         description="Train, test, or extract features from the fusion LSTM.")
     group = parser.add_argument_group("what to run")
     group.add_argument("--model_dir", default="./models",
@@ -105,12 +155,16 @@ def get_args_parser():
                             "subjects' videos N times")
     group.add_argument("--overwrite", action="store_true",
                        help="train into a --model_dir that already holds a run")
+    group.add_argument("--frame_counts", metavar="CSV",
+                       help="for --test/--features on a --test_dir without Annotations: "
+                            "a CSV with columns video,frames giving each video's frame count "
+                            "(default: its feature rows x 25)")
     return parser
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """The hyper-parameters of one training run."""
+    """The hyper-parameters of one training run (one seed's, with `seed`)."""
     epochs: int = 1000
     batch_size: int = 25
     split: int = 5
@@ -119,26 +173,48 @@ class TrainingSettings:
     eval_freq: int = 1
     save_freq: int = 100
     seed: int = 1
+    loss: str = "mse"
+    patience: int = None
+    seeds: int = 1
+    layers: int = 1
+    bidirectional: bool = False
 
     @classmethod
     def from_args(cls, args):
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+        """From parsed flags; a script without some flag (personalize.py has no
+        --layers) keeps that default."""
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__
+                      if hasattr(args, name)})
 
     def check(self):
-        for name in ("epochs", "batch_size", "split", "eval_freq", "save_freq"):
+        for name in ("epochs", "batch_size", "split", "eval_freq", "save_freq", "seeds", "layers"):
             if getattr(self, name) < 1:
                 raise ToolkitError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 1:
+            raise ToolkitError(f"--patience must be at least 1, got {self.patience}")
         if not self.lr > 0:
             raise ToolkitError(f"--lr must be positive, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise ToolkitError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
+
+    def seed_runs(self, model_dir):
+        """(settings of one seed, its folder) per seed: the folder itself for one
+        seed, seed_<s>/ inside it for several."""
+        if self.seeds == 1:
+            return [(self, Path(model_dir))]
+        return [(replace(self, seed=seed), Path(model_dir) / f"seed_{seed}")
+                for seed in range(self.seed, self.seed + self.seeds)]
 
 
 # ---------------------------------------------------------------- data
 
-def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None, augment=None):
+def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None, augment=None,
+                    unlabelled_test=False, frame_counts=None):
     """The training and test videos a run uses.
 
     `test_stories` pools both folders and tests on those stories; `subjects` keeps
     those subjects (with `augment`, training keeps every video and repeats theirs).
+    With `unlabelled_test`, `test_dir` may lack annotations (see datasets.load_videos).
     """
     if test_stories:
         pooled = datasets.load_videos([train_dir, test_dir], mods)
@@ -147,7 +223,7 @@ def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None,
         test_set = pooled.select(stories=test_stories)
     else:
         train_set = datasets.load_videos(train_dir, mods)
-        test_set = datasets.load_videos(test_dir, mods)
+        test_set = datasets.load_videos(test_dir, mods, unlabelled_test, frame_counts)
     if subjects:
         check_known("subject", subjects, sorted(set(train_set.subjects) | set(test_set.subjects)),
                     "--subjects")
@@ -181,25 +257,28 @@ def resolve_scaler(checkpoint, normalize, train_set, source):
 
 # ---------------------------------------------------------------- steps
 
-def build_model(input_dims, device):
-    return models.FusionLSTM(input_dims).to(device)
+def build_model(input_dims, device, num_layers=1, bidirectional=False):
+    return models.FusionLSTM(input_dims, num_layers=num_layers,
+                             bidirectional=bidirectional).to(device)
 
 
 def build_optimizer(model, lr, weight_decay):
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device):
+def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,
+                    loss_name="mse"):
     """One pass over the training pieces in a fresh random order.
 
-    The loss is the squared error summed over a batch's valid steps divided by
-    their number. Returns {"loss": mean squared error over all steps}.
+    The loss (`LOSSES[loss_name]`) is computed over each batch's valid steps.
+    Returns {"loss": its mean over batches, weighted by their steps}.
     """
     model.train()
+    loss_function = LOSSES[loss_name]
     total_loss, total_steps = 0.0, 0
     for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size):
         batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
-        loss = torch.mean((model(batch.inputs, batch.lengths) - batch.targets) ** 2)
+        loss = loss_function(model(batch.inputs, batch.lengths), batch.targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -239,23 +318,69 @@ def _chunks(segments, max_rows):
     yield chunk
 
 
-def evaluate(model, video_set, device):
+def evaluate(model, video_set, device, postprocessing=None):
     """CCC of every video at 25 fps, and their mean.
 
     Returns {"ccc": mean CCC, "records": [{subject, story, ccc}], "frames": [25 fps
-    predictions per video]}.
+    predictions per video]}; see `utils.score_videos` and `utils.Postprocessing`.
     """
-    return utils.score_videos(video_set.videos, predict(model, video_set, device))
+    return utils.score_videos(video_set.videos, predict(model, video_set, device), postprocessing)
+
+
+@dataclass
+class TrainedModel:
+    """A saved model ready to predict: the network, the normalization of its
+    inputs, and its checkpoint (epoch, post-processing, ...)."""
+    network: models.FusionLSTM
+    scaler: datasets.FeatureScaler
+    checkpoint: dict
+
+
+def load_trained(paths, train_set, normalize, device):
+    """The models saved at `paths` (one per seed), for data shaped like `train_set`."""
+    trained = []
+    for path in paths:
+        network, checkpoint = models.load_model(path, train_set.mods, train_set.input_dims, device)
+        trained.append(TrainedModel(network, resolve_scaler(checkpoint, normalize, train_set, path),
+                                    checkpoint))
+    return trained
+
+
+def saved_postprocessing(trained, flags):
+    """The post-processing the models were trained with, overridden by `flags`."""
+    return utils.Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"), **flags)
+
+
+def evaluate_seeds(trained, video_set, device, postprocessing):
+    """`evaluate` for the models of several seeds: the videos are scored on the
+    average of their per-second predictions; "seed_ccc" lists each model's own CCC."""
+    per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device) for t in trained]
+    average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]
+    result = utils.score_videos(video_set.videos, average, postprocessing)
+    result["seed_ccc"] = [utils.score_videos(video_set.videos, predictions, postprocessing)["ccc"]
+                          for predictions in per_seed]
+    return result
+
+
+def seed_summary(result):
+    """'0.6123' or, for several seeds, '0.6123 (seeds: 0.5871 +- 0.0102)'."""
+    text = f"{result['ccc']:.4f}"
+    if len(result.get("seed_ccc", [])) > 1:
+        text += f" (seeds: {np.mean(result['seed_ccc']):.4f} +- {np.std(result['seed_ccc']):.4f})"
+    return text
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def make_checkpoint(model, scaler, epoch, best_ccc, best_epoch, optimizer=None, rng=None):
+def make_checkpoint(model, scaler, epoch, best_ccc, best_epoch, optimizer=None, rng=None,
+                    run_record=None):
     """A self-describing checkpoint: weights, the model's configuration and
-    normalization, and (only for resuming) optimizer and random-generator state."""
+    normalization, `run_record` (training settings, post-processing, whether
+    --patience stopped the run), and (only for resuming) optimizer and
+    random-generator state."""
     checkpoint = {"model": model.state_dict(), "config": model.config, "epoch": epoch,
                   "best_ccc": best_ccc, "best_epoch": best_epoch,
-                  "normalization": scaler.state_dict() if scaler else None}
+                  "normalization": scaler.state_dict() if scaler else None, **(run_record or {})}
     if optimizer is not None:
         checkpoint["optimizer"] = optimizer.state_dict()
         checkpoint["rng"] = rng
@@ -287,25 +412,67 @@ def check_fresh_model_dir(model_dir, resume, overwrite):
                            "--overwrite to replace it, or choose another --model_dir")
 
 
+def check_fresh_runs(folders, resume, overwrite):
+    """`check_fresh_model_dir` for the runs of several seeds (or folds); returns
+    {folder: whether it continues from its last.save}. With --resume, runs that had
+    not saved yet (the command stopped before reaching them) start afresh."""
+    saved = {folder: (folder / "last.save").is_file() for folder in folders}
+    if resume and not any(saved.values()):
+        check_fresh_model_dir(folders[0], resume, overwrite)  # nothing to resume: says so
+    for folder in folders:
+        check_fresh_model_dir(folder, resume and saved[folder], overwrite)
+    return {folder: resume and saved[folder] for folder in folders}
+
+
+def run_checkpoints(run_dir, name="best.save"):
+    """The checkpoints `name` of the run in `run_dir`: its own, or one per seed_<s>/
+    folder of a --seeds run. A run that --patience stopped before the epoch of
+    `epoch_<N>.save` stands for it with its last.save (training ended there)."""
+    run_dir = Path(run_dir)
+    folders = ([run_dir] if (run_dir / "last.save").exists() or (run_dir / name).exists()
+               else sorted((path for path in run_dir.glob("seed_*") if path.is_dir()),
+                           key=lambda path: path.name) or [run_dir])
+    return [_checkpoint_or_stop(folder, name) for folder in folders]
+
+
+def _checkpoint_or_stop(folder, name):
+    path = folder / name
+    epoch = re.fullmatch(r"epoch_(\d+)\.save", name)
+    if path.is_file() or not epoch or not (folder / "last.save").is_file():
+        return path
+    last = utils.load_checkpoint(folder / "last.save")
+    if last.get("stopped_early") and last["epoch"] < int(epoch.group(1)):
+        return folder / "last.save"
+    return path
+
+
 # ---------------------------------------------------------------- training
 
-def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True):
+def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
+        postprocessing=None):
     """Train `model` on `train_set`, checking `val_set` every `eval_freq` epochs.
 
     Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
     `save_freq` epochs, last.save (with optimizer state, for --resume) every
     `save_freq` epochs, at the end, and when Ctrl-C or SIGTERM stops the run at the
-    end of the epoch in progress; and metrics.csv after every epoch. Returns
-    {"best_ccc", "best_epoch", "epoch"}.
+    end of the epoch in progress; and metrics.csv after every epoch. With
+    `settings.patience`, training ends once that many evaluations in a row have not
+    beaten the best. `postprocessing` (see utils.Postprocessing) sets the label
+    delay of the training targets and how validation predictions are scored.
+    Returns {"best_ccc", "best_epoch", "epoch", "stopped_early"}.
     """
     model_dir = Path(model_dir)
     utils.check_writable(model_dir)
     settings.check()
+    postprocessing = postprocessing or utils.Postprocessing()
+    if postprocessing.delay_frames:
+        train_set = train_set.with_label_delay(postprocessing.delay_frames)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     segments = train_set.training_segments(settings.split)
     scaler = train_set.scaler
     start_epoch, best_ccc, best_epoch, history = 0, -math.inf, 0, []
+    stale_evaluations, stopped_early = 0, False  # evaluations since the best, for --patience
     if resume:
         state = utils.load_checkpoint(model_dir / "last.save", device)
         if "optimizer" not in state:
@@ -315,13 +482,21 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"], generator)
         start_epoch, best_ccc, best_epoch = state["epoch"], state["best_ccc"], state["best_epoch"]
+        stopped_early = bool(state.get("stopped_early"))
         history = _read_history(model_dir / "metrics.csv", start_epoch)
+        stale_evaluations = sum(1 for row in history
+                                if row["epoch"] > best_epoch and not math.isnan(row["val_ccc"]))
+    if stopped_early:
+        return {"best_ccc": best_ccc, "best_epoch": best_epoch, "epoch": start_epoch,
+                "stopped_early": True}
 
     def save(name, with_optimizer=False):
+        record = {"training": asdict(settings), "postprocessing": asdict(postprocessing),
+                  "stopped_early": stopped_early}
         utils.save_checkpoint(model_dir / name, make_checkpoint(
             model, scaler, epoch, best_ccc, best_epoch,
             optimizer if with_optimizer else None,
-            rng_state(generator) if with_optimizer else None))
+            rng_state(generator) if with_optimizer else None, record))
 
     epoch = start_epoch
     bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=model_dir.name, unit="epoch",
@@ -329,13 +504,15 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     with utils.StopRequests() as stop:
         for epoch in bar:
             stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
-                                    generator, device)
+                                    generator, device, settings.loss)
             row = {"epoch": epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
             if epoch % settings.eval_freq == 0 or epoch == settings.epochs:
-                row["val_ccc"] = evaluate(model, val_set, device)["ccc"]
+                row["val_ccc"] = evaluate(model, val_set, device, postprocessing)["ccc"]
+                stale_evaluations += 1
                 if row["val_ccc"] > best_ccc:
-                    best_ccc, best_epoch = row["val_ccc"], epoch
+                    best_ccc, best_epoch, stale_evaluations = row["val_ccc"], epoch, 0
                     save("best.save")
+            stopped_early = settings.patience is not None and stale_evaluations >= settings.patience
             if epoch % settings.save_freq == 0:
                 save(f"epoch_{epoch}.save")
                 save("last.save", with_optimizer=True)
@@ -343,6 +520,10 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
             utils.write_csv(pd.DataFrame(history), model_dir / "metrics.csv")
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
                             best=f"{best_ccc:.3f}@{best_epoch}")
+            if stopped_early:
+                tqdm.write(f"{model_dir}: stopped at epoch {epoch}, the validation CCC has not "
+                           f"improved for {settings.patience} evaluations (--patience)")
+                break
             if stop.requested:
                 save("last.save", with_optimizer=True)
                 print(f"stopped after epoch {epoch}; {model_dir / 'last.save'} holds it: "
@@ -350,7 +531,23 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
                 raise KeyboardInterrupt
     if epoch > start_epoch:
         save("last.save", with_optimizer=True)
-    return {"best_ccc": best_ccc, "best_epoch": best_epoch, "epoch": epoch}
+    return {"best_ccc": best_ccc, "best_epoch": best_epoch, "epoch": epoch,
+            "stopped_early": stopped_early}
+
+
+def fit_seeds(make_model, train_set, val_set, model_dir, settings, device, resumes=None,
+              progress=True, postprocessing=None):
+    """`fit` once per seed (see `TrainingSettings.seed_runs`), each seeded before
+    `make_model()` builds its starting model. `resumes` maps a seed's folder to
+    whether it continues from its last.save. Returns fit's summary per seed, with "seed"."""
+    summaries = []
+    for seed_settings, folder in settings.seed_runs(model_dir):
+        utils.seed_everything(seed_settings.seed)
+        summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
+                      resume=(resumes or {}).get(folder, False), progress=progress,
+                      postprocessing=postprocessing)
+        summaries.append({"seed": seed_settings.seed, **summary})
+    return summaries
 
 
 def _read_history(path, last_epoch):
@@ -374,24 +571,50 @@ def write_features(folder, video_set, features):
         utils.save_array(Path(folder) / f"{video.name}.npy", rows.astype(np.float32))
 
 
-def test(model, train_set, test_set, pred_dir, device):
-    """Write predictions for both sets and return their evaluations."""
+def test(trained, train_set, test_set, pred_dir, device, postprocessing):
+    """Write the predictions for both sets (of the seed average, and of each seed
+    under seed_<s>/ when there are several) and return their evaluations."""
     results = {}
     for name, video_set in (("train", train_set), ("test", test_set)):
-        results[name] = evaluate(model, video_set, device)
+        results[name] = evaluate_seeds(trained, video_set, device, postprocessing)
         write_predictions(Path(pred_dir) / f"pred_{name}", video_set, results[name]["frames"])
+        if len(trained) > 1:
+            for model in trained:
+                seed = model.checkpoint["training"]["seed"]
+                own = evaluate_seeds([model], video_set, device, postprocessing)
+                write_predictions(Path(pred_dir) / f"seed_{seed}" / f"pred_{name}", video_set,
+                                  own["frames"])
     return results
 
 
-def extract_features(model, train_set, test_set, feat_dir, device):
+def extract_features(trained, train_set, test_set, feat_dir, device, label_delay=0.0):
+    """Decision-level features of both sets; several seeds' side by side (N x 128
+    columns). A --label_delay run's features are shifted back by the delay in whole
+    seconds, like its predictions, so that row t stays second t of the video."""
+    shift = round(label_delay)
     for name, video_set in (("train", train_set), ("test", test_set)):
-        _, features = predict(model, video_set, device, with_features=True)
-        write_features(Path(feat_dir) / f"feat_{name}", video_set, features)
+        per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device,
+                            with_features=True)[1] for t in trained]
+        features = [np.concatenate(video_features, axis=1) for video_features in zip(*per_seed)]
+        write_features(Path(feat_dir) / f"feat_{name}", video_set,
+                       [_delayed_rows(rows, shift) for rows in features])
+
+
+def _delayed_rows(rows, seconds):
+    """Rows shifted `seconds` later, the first row repeated in front."""
+    if seconds <= 0:
+        return rows
+    seconds = min(seconds, len(rows) - 1)
+    return np.concatenate([np.repeat(rows[:1], seconds, axis=0), rows[:len(rows) - seconds]])
 
 
 def print_results(results):
-    for name, result in results.items():
-        print(f"{name} CCC: {result['ccc']:.4f} over {len(result['records'])} videos")
+    labelled = {name: result for name, result in results.items() if not math.isnan(result["ccc"])}
+    for name, result in labelled.items():
+        print(f"{name} CCC: {seed_summary(result)} over {len(result['records'])} videos")
+    if "test" not in labelled:
+        print("the test videos have no annotations: predictions written, no CCC")
+        return
     _, by_story, _ = utils.summarize_ccc(results["test"]["records"])
     print("test CCC per story (mean over subjects):")
     print(utils.format_table(by_story))
@@ -403,39 +626,62 @@ def main(args):
     mods = datasets.parse_mods(args.mods)
     if args.augment is not None and not args.subjects:
         raise ToolkitError("--augment needs --subjects: name the subjects whose videos to repeat")
+    predicting = args.test or args.features
+    if args.frame_counts and not predicting:
+        raise ToolkitError("--frame_counts is for --test/--features on a --test_dir without "
+                           "Annotations: leave it out when training")
     device = utils.get_device(args.cuda)
-    utils.seed_everything(args.seed)
     model_dir = Path(args.model_dir)
-    if not (args.test or args.features):
-        check_fresh_model_dir(model_dir, args.resume, args.overwrite)
     train_set, test_set = load_train_test(args.train_dir, args.test_dir, mods, args.test_set,
-                                          args.subjects, args.augment)
+                                          args.subjects, args.augment, unlabelled_test=predicting,
+                                          frame_counts=args.frame_counts)
+    if predicting:
+        return predict_saved(args, model_dir, train_set, test_set, device)
+    if not test_set.labelled:
+        raise ToolkitError(f"{Path(args.test_dir) / datasets.ANNOTATION_FOLDER} does not exist: "
+                           "training validates on --test_dir, which needs annotations")
 
-    if args.test or args.features:
-        checkpoint_path = Path(args.load) if args.load else model_dir / "best.save"
-        model, checkpoint = models.load_model(checkpoint_path, mods, train_set.input_dims, device)
-        scaler = resolve_scaler(checkpoint, args.normalize, train_set, checkpoint_path)
-        train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
-        if args.test:
-            utils.check_writable(args.pred_dir)
-            print_results(test(model, train_set, test_set, args.pred_dir, device))
-        if args.features:
-            utils.check_writable(args.feat_dir)
-            extract_features(model, train_set, test_set, args.feat_dir, device)
-            print(f"features written to {Path(args.feat_dir) / 'feat_train'} and "
-                  f"{Path(args.feat_dir) / 'feat_test'}")
-        return None
-
+    settings = TrainingSettings.from_args(args)
+    settings.check()
+    postprocessing = utils.Postprocessing.resolve(**postprocessing_flags(args))
+    resumes = check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
+                               args.resume, args.overwrite)
     scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
     train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
     utils.check_writable(model_dir)
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, model_dir / "args.json")
-    model = build_model(train_set.input_dims, device)
-    summary = fit(model, train_set, test_set, model_dir, TrainingSettings.from_args(args),
-                  device, resume=args.resume)
-    print(f"best validation CCC {summary['best_ccc']:.4f} at epoch {summary['best_epoch']} "
-          f"(checkpoints in {model_dir})")
-    return summary
+    summaries = fit_seeds(
+        lambda: build_model(train_set.input_dims, device, settings.layers, settings.bidirectional),
+        train_set, test_set, model_dir, settings, device, resumes, postprocessing=postprocessing)
+    for summary in summaries:
+        stop = " (stopped by --patience)" if summary["stopped_early"] else ""
+        where = model_dir / f"seed_{summary['seed']}" if settings.seeds > 1 else model_dir
+        print(f"best validation CCC {summary['best_ccc']:.4f} at epoch {summary['best_epoch']}"
+              f"{stop} (checkpoints in {where})")
+    if settings.seeds > 1:
+        best = [summary["best_ccc"] for summary in summaries]
+        trained = load_trained(run_checkpoints(model_dir), train_set, args.normalize, device)
+        average = evaluate_seeds(trained, test_set, device, postprocessing)
+        print(f"best validation CCC over {settings.seeds} seeds: {np.mean(best):.4f} +- "
+              f"{np.std(best):.4f}; their average prediction: CCC {average['ccc']:.4f}")
+    return summaries
+
+
+def predict_saved(args, model_dir, train_set, test_set, device):
+    """--test and --features: evaluate a saved model (every seed's, for a --seeds run)."""
+    paths = [Path(args.load)] if args.load else run_checkpoints(model_dir)
+    trained = load_trained(paths, train_set, args.normalize, device)
+    postprocessing = saved_postprocessing(trained, postprocessing_flags(args))
+    if args.test:
+        utils.check_writable(args.pred_dir)
+        print_results(test(trained, train_set, test_set, args.pred_dir, device, postprocessing))
+    if args.features:
+        utils.check_writable(args.feat_dir)
+        extract_features(trained, train_set, test_set, args.feat_dir, device,
+                         postprocessing.label_delay)
+        print(f"features written to {Path(args.feat_dir) / 'feat_train'} and "
+              f"{Path(args.feat_dir) / 'feat_test'}")
+    return None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import random
 import signal
@@ -45,12 +46,27 @@ def ccc(prediction, annotation):
     y = np.asarray(annotation, dtype=np.float64).ravel()
     if x.shape != y.shape:
         raise ValueError(f"ccc needs series of equal length, got {x.size} and {y.size}")
-    mean_x, mean_y = x.mean(), y.mean()
-    covariance = np.mean((x - mean_x) * (y - mean_y))
-    denominator = x.var() + y.var() + (mean_x - mean_y) ** 2
+    covariance, denominator = _concordance_terms(x, y)
     if denominator == 0:
         return 0.0
     return float(2 * covariance / denominator)
+
+
+def ccc_loss(prediction, target):
+    """1 - CCC of two torch tensors, differentiable (`--loss ccc`): the conventions
+    of `ccc`, over all the steps given (a batch's valid steps), in their dtype. A
+    tiny constant keeps the gradient finite when both are constant."""
+    covariance, denominator = _concordance_terms(prediction, target)
+    return 1 - 2 * covariance / (denominator + 1e-12)
+
+
+def _concordance_terms(x, y):
+    """cov(x, y) and var(x) + var(y) + (mean(x) - mean(y))^2, population moments;
+    written for NumPy arrays and torch tensors alike, so CCC has one formula."""
+    mean_x, mean_y = x.mean(), y.mean()
+    centred_x, centred_y = x - mean_x, y - mean_y
+    covariance = (centred_x * centred_y).mean()
+    return covariance, (centred_x ** 2).mean() + (centred_y ** 2).mean() + (mean_x - mean_y) ** 2
 
 
 def expand_to_frames(per_second, n_frames):
@@ -63,19 +79,81 @@ def expand_to_frames(per_second, n_frames):
     return frames
 
 
-def score_videos(videos, per_second_predictions):
-    """Expand each video's per-second predictions to 25 fps and score them.
+SMOOTHING_WINDOWS = ("moving", "gaussian")
 
-    `videos` need `subject`, `story` and `annotation` (25 fps). Returns {"ccc": mean
-    CCC over videos, "records": [{subject, story, ccc}], "frames": [25 fps
+
+@dataclasses.dataclass(frozen=True)
+class Postprocessing:
+    """How per-second predictions become the 25 fps predictions that are written and
+    scored; the same for evaluation during training and for written files.
+
+    `label_delay` (seconds, --label_delay): the model was trained so that features at
+    second t predict the annotation at t + delay, so its 25 fps predictions are
+    shifted that much later, the first frames repeating the first prediction.
+    `smooth` (seconds, --smooth): a centred window of that length smooths the 25 fps
+    predictions, flat (`moving` average) or Gaussian (standard deviation a quarter of
+    the window, so the window spans +-2 sigma); edges repeat the end values.
+    """
+    label_delay: float = 0.0
+    smooth: float = 0.0
+    smooth_window: str = "moving"
+
+    def __post_init__(self):
+        for name in ("label_delay", "smooth"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ToolkitError(f"--{name} must be a number of seconds >= 0, got {value}")
+        if self.smooth_window not in SMOOTHING_WINDOWS:
+            raise ToolkitError(f"--smooth_window must be one of {', '.join(SMOOTHING_WINDOWS)}, "
+                               f"got {self.smooth_window}")
+
+    @property
+    def delay_frames(self):
+        return round(self.label_delay * FPS)
+
+    def frames(self, per_second, n_frames):
+        """25 fps predictions of a video of `n_frames` frames."""
+        delay = min(self.delay_frames, n_frames - 1)
+        frames = expand_to_frames(per_second, n_frames - delay)
+        frames = self._smoothed(frames)
+        return np.concatenate([np.full(delay, frames[0], np.float32), frames])
+
+    def _smoothed(self, frames):
+        from scipy.ndimage import gaussian_filter1d, uniform_filter1d
+        width = self.smooth * FPS
+        if width < 1:
+            return frames
+        if self.smooth_window == "moving":
+            odd_width = 2 * round(width / 2) + 1  # an odd width keeps the window centred
+            return uniform_filter1d(frames.astype(np.float64), odd_width, mode="nearest").astype(np.float32)
+        return gaussian_filter1d(frames.astype(np.float64), width / 4, mode="nearest",
+                                 truncate=2.0).astype(np.float32)
+
+    @classmethod
+    def resolve(cls, saved=None, **overrides):
+        """The post-processing `saved` in a checkpoint (defaults if none), with the
+        flags given on the command line (not None) taking precedence."""
+        settings = dict(saved or {})
+        settings.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**settings)
+
+
+def score_videos(videos, per_second_predictions, postprocessing=None):
+    """Turn each video's per-second predictions into 25 fps predictions (see
+    `Postprocessing`) and score them against its annotation.
+
+    `videos` need `subject`, `story`, `n_frames` and `annotation` (25 fps, or None
+    for a video without one, which is predicted but scores NaN). Returns {"ccc":
+    mean CCC over videos, "records": [{subject, story, ccc}], "frames": [25 fps
     predictions per video]}.
     """
+    postprocessing = postprocessing or Postprocessing()
     frames, records = [], []
     for video, per_second in zip(videos, per_second_predictions):
-        prediction = expand_to_frames(per_second, video.annotation.size)
+        prediction = postprocessing.frames(per_second, video.n_frames)
         frames.append(prediction)
-        records.append({"subject": video.subject, "story": video.story,
-                        "ccc": ccc(prediction, video.annotation)})
+        score = ccc(prediction, video.annotation) if video.annotation is not None else math.nan
+        records.append({"subject": video.subject, "story": video.story, "ccc": score})
     return {"ccc": float(np.mean([r["ccc"] for r in records])), "records": records,
             "frames": frames}
 
@@ -94,15 +172,20 @@ def summarize_ccc(records):
     return per_video, by_story, by_subject
 
 
+SEED_COLUMNS = ("val_ccc_seed_mean", "val_ccc_seed_std")
+
+
 def crossval_table(folds):
     """The cross-validation table of crossval.py, cv_epochs.py and cv_fusion.py.
 
-    `folds` holds one dict per held-out story: {"story", "train_ccc", "val_ccc"}.
-    Rows follow for Mean, Std (population, as numpy's default) and Mean-Std, a
-    conservative score that favours settings that do well on every story.
+    `folds` holds one dict per held-out story: {"story", "train_ccc", "val_ccc"},
+    and for --seeds runs "val_ccc_seed_mean" and "val_ccc_seed_std" (of the seeds'
+    own CCC). Rows follow for Mean, Std (population, as numpy's default) and
+    Mean-Std, a conservative score that favours settings that do well on every story.
     """
-    table = pd.DataFrame(folds, columns=["story", "train_ccc", "val_ccc"])
-    values = table[["train_ccc", "val_ccc"]].astype(float)
+    scores = ["train_ccc", "val_ccc"] + [name for name in SEED_COLUMNS if name in folds[0]]
+    table = pd.DataFrame(folds, columns=["story", *scores])
+    values = table[scores].astype(float)
     mean, std = values.mean(), values.std(ddof=0)
     summary = pd.DataFrame([mean, std, mean - std])
     summary.insert(0, "story", ["Mean", "Std", "Mean-Std"])

@@ -174,7 +174,7 @@ def test_train_runs_on_the_extracted_folder(extracted, tmp_path):
     args = train.get_args_parser().parse_args(
         ["--train_dir", out_dir, "--test_dir", out_dir, "--epochs", "1",
          "--model_dir", str(tmp_path / "models")])
-    summary = train.main(args)
+    (summary,) = train.main(args)
     assert summary["best_epoch"] == 1
     assert (tmp_path / "models" / "best.save").is_file()
 

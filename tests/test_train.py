@@ -81,8 +81,8 @@ def test_printed_ccc_matches_the_scorer_on_written_predictions(in_tmp, capsys):
 
 def test_training_learns(in_tmp):
     """After a short training the validation CCC clearly beats the untrained model's."""
-    summary = run_train("--epochs", "25", "--mods", "audio,text", "--model_dir", "m",
-                        "--lr", "1e-3", "--eval_freq", "25")
+    (summary,) = run_train("--epochs", "25", "--mods", "audio,text", "--model_dir", "m",
+                           "--lr", "1e-3", "--eval_freq", "25")
     train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio", "text"])
     val_set = datasets.load_videos(in_tmp / "data" / "Validation", ["audio", "text"])
     torch.manual_seed(1)
