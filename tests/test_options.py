@@ -1,0 +1,354 @@
+"""The options researchers know from comparable toolkits: --loss ccc, --label_delay,
+--smooth, --layers/--bidirectional, --seeds, --patience and prediction for test
+folders without annotations. Each is off by default; each test shows its effect."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import crossval
+import cv_epochs
+import datasets
+import models
+import personalize
+import score
+import train
+import utils
+from conftest import run_script
+from utils import FPS, ToolkitError
+
+
+def run(module, *argv):
+    return module.main(module.get_args_parser().parse_args([str(arg) for arg in argv]))
+
+
+def written(folder):
+    """{video name: 25 fps predictions} of a prediction folder."""
+    return {path.stem: datasets.read_annotation(path) for path in sorted(folder.glob("*.csv"))}
+
+
+def scored(pred_dir, annotations="data/Validation/Annotations"):
+    per_video, _, _ = score.main(score.get_args_parser().parse_args([annotations, str(pred_dir)]))
+    return per_video["ccc"].mean()
+
+
+# ---------------------------------------------------------------- --loss ccc
+
+def test_ccc_loss_is_one_minus_the_metric():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, generator=generator, dtype=torch.float64)
+    y = 0.5 * x + torch.randn(200, generator=generator, dtype=torch.float64) + 0.3
+    assert 1 - utils.ccc_loss(x, y).item() == pytest.approx(utils.ccc(x.numpy(), y.numpy()), abs=1e-12)
+    constant = torch.zeros(10, requires_grad=True)
+    utils.ccc_loss(constant, torch.zeros(10)).backward()
+    assert torch.isfinite(constant.grad).all()
+
+
+def test_training_with_ccc_loss_minimises_one_minus_batch_ccc(tiny_data):
+    train_set = datasets.load_videos(tiny_data / "Training", ["audio", "text"])
+    torch.manual_seed(0)
+    model = train.build_model(train_set.input_dims, "cpu")
+    segments = train_set.training_segments(1)
+    batch = train_set.gather(segments)
+    model.eval()  # the loss of the one batch, without dropout, before the step
+    with torch.no_grad():
+        expected = 1 - utils.ccc(model(batch.inputs, batch.lengths).numpy(), batch.targets.numpy())
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    optimizer = train.build_optimizer(model, 1e-3, 0)
+    generator = torch.Generator().manual_seed(0)
+    first = train.train_one_epoch(model, optimizer, train_set, segments, len(segments), generator,
+                                  "cpu", "ccc")
+    assert first["loss"] == pytest.approx(expected, abs=1e-5)
+    losses = [train.train_one_epoch(model, optimizer, train_set, segments, len(segments),
+                                    generator, "cpu", "ccc")["loss"] for _ in range(30)]
+    assert losses[-1] < first["loss"] - 0.2
+
+
+def test_loss_is_recorded_in_checkpoint_and_run_record(in_tmp):
+    run(train, "--mods", "audio,text", "--epochs", 2, "--model_dir", "m", "--loss", "ccc")
+    best = torch.load(in_tmp / "m" / "best.save", weights_only=True)
+    assert best["training"]["loss"] == "ccc"
+    assert json.loads((in_tmp / "m" / "args.json").read_text())["loss"] == "ccc"
+    metrics = pd.read_csv(in_tmp / "m" / "metrics.csv")
+    assert metrics["train_loss"].between(0, 2).all()
+
+
+# ---------------------------------------------------------------- --label_delay
+
+def test_label_delay_shifts_targets_and_predictions_back(tiny_data):
+    videos = datasets.load_videos(tiny_data / "Training", ["audio"])
+    delayed = videos.with_label_delay(2 * FPS)
+    for video, late in zip(videos.videos, delayed.videos):
+        expected = datasets.per_second(video.annotation[2 * FPS:])
+        length = late.labelled_seconds
+        assert length == min(video.n_seconds, expected.size)
+        assert torch.equal(delayed.targets[late.start:late.start + length],
+                           torch.from_numpy(expected[:length]))
+    per_second = np.arange(10, dtype=np.float32)
+    frames = utils.Postprocessing(label_delay=2).frames(per_second, 10 * FPS)
+    assert frames.size == 10 * FPS
+    assert (frames[:2 * FPS] == 0).all()                  # before any prediction: the first
+    assert np.array_equal(frames[2 * FPS:], np.repeat(per_second[:8], FPS))
+    with pytest.raises(ToolkitError, match=r"--label_delay of 400 s is longer than Subject_1_Story_\d"):
+        videos.with_label_delay(10_000)
+
+
+def test_label_delay_end_to_end(in_tmp, capsys):
+    run(train, "--mods", "audio,text", "--epochs", 2, "--model_dir", "m", "--label_delay", 1.5)
+    assert torch.load(in_tmp / "m" / "best.save", weights_only=True)["postprocessing"][
+        "label_delay"] == 1.5
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "p", "--test")
+    printed = capsys.readouterr().out
+    predictions = written(in_tmp / "p" / "pred_test")
+    for name, frames in predictions.items():   # the delay comes back from the checkpoint
+        assert (frames[:round(1.5 * FPS)] == frames[0]).all()
+        assert frames.size == datasets.read_annotation(
+            in_tmp / "data" / "Validation" / "Annotations" / f"{name}.csv").size
+    assert f"test CCC: {scored(in_tmp / 'p' / 'pred_test'):.4f}" in printed
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--feat_dir", "f", "--features")
+    features = np.load(in_tmp / "f" / "feat_test" / "Subject_1_Story_1.npy")
+    assert np.array_equal(features[0], features[1])   # shifted back by round(1.5) s
+
+
+# ---------------------------------------------------------------- --smooth
+
+def test_smoothing_windows():
+    step = np.array([0, 0, 1, 1], np.float32)     # per second: 0 until frame 50, then 1
+    moving = utils.Postprocessing(smooth=1.0).frames(step, 4 * FPS)
+    assert moving[2 * FPS - 1] == pytest.approx(12 / 25)   # frames 37..61: twelve are 1
+    assert moving[0] == 0 and moving[-1] == 1 and (np.diff(moving) >= 0).all()
+    assert moving.mean() == pytest.approx(0.5, abs=1e-6)   # symmetric: mass is kept
+    gaussian = utils.Postprocessing(smooth=2.0, smooth_window="gaussian").frames(step, 4 * FPS)
+    assert 0 < gaussian[2 * FPS - 1] < 1 and (np.diff(gaussian) >= 0).all()
+    constant = utils.Postprocessing(smooth=3.0, smooth_window="gaussian").frames(
+        np.full(5, 0.25, np.float32), 5 * FPS)
+    assert np.allclose(constant, 0.25)
+    with pytest.raises(ToolkitError, match="--smooth must be"):
+        utils.Postprocessing(smooth=-1)
+
+
+def test_smoothing_is_the_same_in_evaluation_and_written_predictions(in_tmp, capsys):
+    run(train, "--mods", "audio,text", "--epochs", 3, "--model_dir", "m", "--smooth", 4)
+    best_ccc = torch.load(in_tmp / "m" / "best.save", weights_only=True)["best_ccc"]
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "smooth", "--test")
+    assert f"test CCC: {best_ccc:.4f}" in capsys.readouterr().out
+    assert scored(in_tmp / "smooth" / "pred_test") == pytest.approx(best_ccc, abs=1e-5)
+    # --smooth 0 at test time overrides the checkpoint: rougher predictions
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "raw", "--test",
+        "--smooth", 0)
+    smooth, raw = written(in_tmp / "smooth" / "pred_test"), written(in_tmp / "raw" / "pred_test")
+    for name in raw:
+        assert np.abs(np.diff(smooth[name])).sum() < np.abs(np.diff(raw[name])).sum()
+
+
+# ---------------------------------------------------------------- --layers, --bidirectional
+
+def test_bidirectional_stacked_model_shapes_and_loading(tmp_path):
+    model = models.FusionLSTM({"audio": 6, "text": 4}, hidden_dim=8, num_layers=2,
+                              bidirectional=True)
+    state = model.state_dict()
+    assert {"lstm.weight_hh_l1", "lstm.weight_hh_l1_reverse"} <= set(state)
+    assert state["dec_target.0.weight"].shape == (128, 16)
+    assert models.config_from_state_dict(state) == model.config
+    torch.save(state, tmp_path / "plain.save")     # a plain state_dict rebuilds too
+    loaded, _ = models.load_model(tmp_path / "plain.save", ["audio", "text"],
+                                  {"audio": 6, "text": 4})
+    assert loaded.config["num_layers"] == 2 and loaded.config["bidirectional"]
+
+
+def test_bidirectional_sees_the_future_and_ignores_padding():
+    torch.manual_seed(0)
+    dims = {"audio": 5}
+    lengths = torch.tensor([7, 4])
+    inputs = {"audio": torch.randn(11, 5)}
+    for bidirectional in (False, True):
+        model = models.FusionLSTM(dims, hidden_dim=16, bidirectional=bidirectional).eval()
+        with torch.no_grad():
+            together = model(inputs, lengths)
+            alone = torch.cat([model({"audio": inputs["audio"][:7]}, lengths[:1]),
+                               model({"audio": inputs["audio"][7:]}, lengths[1:])])
+            changed = {"audio": inputs["audio"].clone()}
+            changed["audio"][6] += 1.0          # the last step of the first video
+            later = model(changed, lengths)
+        assert torch.allclose(together, alone, atol=1e-6)     # padding never leaks in
+        assert (later[0] != together[0]).item() == bidirectional   # step 0 sees step 6
+
+
+def test_bidirectional_stacked_training_end_to_end(in_tmp):
+    run(train, "--mods", "audio,text", "--epochs", 2, "--model_dir", "m", "--bidirectional",
+        "--layers", 2)
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "p", "--test")
+    config = torch.load(in_tmp / "m" / "best.save", weights_only=True)["config"]
+    assert config["bidirectional"] and config["num_layers"] == 2
+    assert len(written(in_tmp / "p" / "pred_test")) == 3
+    with pytest.raises(ToolkitError, match="--layers must be at least 1"):
+        run(train, "--mods", "audio", "--model_dir", "n", "--layers", 0)
+
+
+# ---------------------------------------------------------------- --seeds
+
+def test_seeds_train_separately_and_average(in_tmp, capsys):
+    run(train, "--mods", "audio,text", "--epochs", 2, "--model_dir", "m", "--seeds", 2,
+        "--seed", 5)
+    printed = capsys.readouterr().out
+    assert "over 2 seeds" in printed
+    for seed in (5, 6):
+        assert torch.load(in_tmp / "m" / f"seed_{seed}" / "best.save",
+                          weights_only=True)["training"]["seed"] == seed
+    first, second = (pd.read_csv(in_tmp / "m" / f"seed_{seed}" / "metrics.csv") for seed in (5, 6))
+    assert not first["train_loss"].equals(second["train_loss"])
+
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "p", "--test")
+    printed = capsys.readouterr().out
+    average = written(in_tmp / "p" / "pred_test")
+    seeds = [written(in_tmp / "p" / f"seed_{seed}" / "pred_test") for seed in (5, 6)]
+    for name, frames in average.items():
+        assert np.allclose(frames, (seeds[0][name] + seeds[1][name]) / 2, atol=2e-6)
+    seed_scores = [scored(in_tmp / "p" / f"seed_{seed}" / "pred_test") for seed in (5, 6)]
+    assert (f"test CCC: {scored(in_tmp / 'p' / 'pred_test'):.4f} (seeds: "
+            f"{np.mean(seed_scores):.4f} +- {np.std(seed_scores):.4f})") in printed
+
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--feat_dir", "f", "--features")
+    assert np.load(in_tmp / "f" / "feat_test" / "Subject_1_Story_1.npy").shape[1] == 2 * 128
+
+
+def test_seeds_in_crossval_cv_epochs_and_personalize(in_tmp, capsys):
+    run(crossval, "--mods", "audio", "--epochs", 2, "--save_freq", 2, "--out_dir", "cv",
+        "--seeds", 2, "--stories", 1, 2)
+    table = pd.read_csv(in_tmp / "cv" / "crossval.csv")
+    assert {"val_ccc_seed_mean", "val_ccc_seed_std"} <= set(table.columns)
+    assert (in_tmp / "cv" / "val_on_1" / "seed_2" / "epoch_2.save").is_file()
+    assert table["val_ccc"][0] == pytest.approx(
+        np.mean([utils.ccc(prediction, truth) for prediction, truth in
+                 ((datasets.read_annotation(path),
+                   datasets.read_annotation(in_tmp / "data" / "Validation" / "Annotations" / path.name))
+                  for path in (in_tmp / "cv" / "cv_pred").glob("*Story_1.csv"))]), abs=1e-6)
+
+    _, best_epoch = run(cv_epochs, "--mods", "audio", "--out_dir", "cv", "--epoch_min", 2,
+                        "--epoch_max", 2, "--stories", 1, 2)
+    assert best_epoch == 2
+    assert np.load(in_tmp / "cv" / "val_on_2" / "feat_test" / "Subject_1_Story_2.npy").shape[1] == 256
+
+    (in_tmp / "pers").mkdir()
+    shutil.copy(in_tmp / "cv" / "val_on_1" / "seed_1" / "best.save", in_tmp / "pers" / "init.save")
+    table = run(personalize, "--mods", "audio", "--out_dir", "pers", "--epochs", 2, "--seeds", 2,
+                "--subjects", 1)
+    assert (in_tmp / "pers" / "subject_1" / "seed_2" / "last.save").is_file()
+    assert {"after_ccc_seed_mean", "after_ccc_seed_std"} <= set(table.columns)
+
+
+# ---------------------------------------------------------------- --patience
+
+def test_patience_stops_training_and_resume_keeps_it_stopped(in_tmp, capsys):
+    # A learning rate this small leaves the float32 weights unchanged: no improvement.
+    run(train, "--mods", "audio,text", "--epochs", 10, "--model_dir", "m", "--lr", 1e-20,
+        "--patience", 2, "--save_freq", 1)
+    assert "(stopped by --patience)" in capsys.readouterr().out
+    assert pd.read_csv(in_tmp / "m" / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    last = torch.load(in_tmp / "m" / "last.save", weights_only=True)
+    assert last["stopped_early"] and last["epoch"] == 3 and last["training"]["patience"] == 2
+    run(train, "--mods", "audio,text", "--epochs", 10, "--model_dir", "m", "--lr", 1e-20,
+        "--patience", 2, "--save_freq", 1, "--resume")
+    assert len(pd.read_csv(in_tmp / "m" / "metrics.csv")) == 3
+    # A fold that stopped early counts with its final model at later epochs.
+    assert train.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
+    assert train.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
+
+
+def test_patience_in_crossval_and_cv_epochs(in_tmp):
+    run(crossval, "--mods", "audio", "--epochs", 6, "--save_freq", 2, "--out_dir", "cv",
+        "--lr", 1e-20, "--patience", 1, "--stories", 1, 2)
+    assert not (in_tmp / "cv" / "val_on_1" / "epoch_6.save").exists()
+    table, _ = run(cv_epochs, "--mods", "audio", "--out_dir", "cv", "--epoch_min", 2,
+                   "--epoch_max", 6, "--epoch_step", 2, "--stories", 1, 2)
+    assert table["epoch"].tolist() == [2, 4, 6]
+    assert table["mean_ccc"].nunique() == 1   # the weights never moved
+
+
+# ---------------------------------------------------------------- unlabelled test folders
+
+@pytest.fixture
+def unlabelled(in_tmp):
+    """A test folder without Annotations (the challenge's test split)."""
+    shutil.copytree(in_tmp / "data" / "Validation", in_tmp / "data" / "Test")
+    shutil.rmtree(in_tmp / "data" / "Test" / "Annotations")
+    run(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m")
+    return in_tmp
+
+
+def test_prediction_without_annotations_uses_feature_length(unlabelled, capsys):
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--test_dir", "data/Test",
+        "--pred_dir", "p", "--test")
+    printed = capsys.readouterr().out
+    assert "no annotations" in printed and "test CCC" not in printed
+    predictions = written(unlabelled / "p" / "pred_test")
+    for name, frames in predictions.items():
+        rows = min(np.load(unlabelled / "data" / "Test" / folder / f"{name}.npy").shape[0]
+                   for folder in ("CombinedAudio", "CombinedText"))
+        assert frames.size == rows * FPS
+
+
+def test_prediction_without_annotations_uses_frame_counts(unlabelled, capsys):
+    names = sorted(path.stem for path in (unlabelled / "data" / "Test" / "CombinedAudio").iterdir())
+    counts = {name: 700 + index for index, name in enumerate(names)}
+    pd.DataFrame({"video": [f"{name}.mp4" for name in counts], "frames": list(counts.values())}
+                 ).to_csv(unlabelled / "frames.csv", index=False)
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--test_dir", "data/Test",
+        "--pred_dir", "p", "--test", "--frame_counts", "frames.csv")
+    assert {name: frames.size for name, frames in written(unlabelled / "p" / "pred_test").items()} == counts
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing row", "has no row for Subject_3_Story_1"),
+    ("bad header", "needs the header video,frames"),
+    ("bad count", "line 2: expected a video name"),
+    ("labelled folder", "is for test folders without Annotations"),
+    ("training", "leave it out when training"),
+])
+def test_frame_count_errors(unlabelled, problem, message):
+    names = sorted(path.stem for path in (unlabelled / "data" / "Test" / "CombinedAudio").iterdir())
+    table = pd.DataFrame({"video": names, "frames": 750})
+    if problem == "missing row":
+        table = table[table["video"] != "Subject_3_Story_1"]
+    if problem == "bad header":
+        table = table.rename(columns={"frames": "n"})
+    if problem == "bad count":
+        table["frames"] = table["frames"].astype(object)
+        table.loc[0, "frames"] = "many"
+    table.to_csv(unlabelled / "frames.csv", index=False)
+    test_dir = "data/Validation" if problem == "labelled folder" else "data/Test"
+    command = ["train.py", "--mods", "audio,text", "--model_dir", "m", "--test_dir", test_dir,
+               "--frame_counts", "frames.csv", "--pred_dir", "p"]
+    result = run_script(*command, *([] if problem == "training" else ["--test"]), cwd=unlabelled)
+    assert result.returncode == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (unlabelled / "p").exists()
+
+
+def test_training_needs_annotated_validation(unlabelled):
+    with pytest.raises(ToolkitError, match="Test/Annotations does not exist"):
+        run(train, "--mods", "audio,text", "--model_dir", "n", "--test_dir", "data/Test")
+
+
+# ---------------------------------------------------------------- the comparison
+
+def test_compare_options_tables_each_option(in_tmp, capsys):
+    import compare_options
+    table = run(compare_options, "--epochs", 2, "--only", "default", "smooth_4", "loss_ccc")
+    assert table["option"].tolist() == ["default", "--loss ccc", "--smooth 4"]
+    default = pd.read_csv(in_tmp / "compare" / "default" / "crossval.csv").set_index("story")
+    assert table["mean_ccc"][0] == pytest.approx(default["val_ccc"]["Mean"])
+    smooth = pd.read_csv(in_tmp / "compare" / "smooth_4" / "crossval.csv").set_index("story")
+    assert table["mean_ccc"][2] == pytest.approx(smooth["val_ccc"]["Mean"])
+    assert table["mean_ccc"][2] != table["mean_ccc"][0]   # same models, smoothed
+    assert torch.load(in_tmp / "compare" / "loss_ccc" / "val_on_1" / "best.save",
+                      weights_only=True)["training"]["loss"] == "ccc"
+    assert "| `--smooth 4` |" in capsys.readouterr().out
+    with pytest.raises(ToolkitError, match="unknown option dropout; choose from default, loss_ccc"):
+        run(compare_options, "--only", "dropout")
