@@ -357,8 +357,8 @@ def evaluate_seeds(trained, video_set, device, postprocessing):
     per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device) for t in trained]
     average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]
     result = utils.score_videos(video_set.videos, average, postprocessing)
-    result["seed_ccc"] = [utils.score_videos(video_set.videos, predictions, postprocessing)["ccc"]
-                          for predictions in per_seed]
+    result["seed_ccc"] = ([utils.score_videos(video_set.videos, predictions, postprocessing)["ccc"]
+                           for predictions in per_seed] if len(per_seed) > 1 else [result["ccc"]])
     return result
 
 
