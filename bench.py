@@ -173,12 +173,23 @@ def high_water_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def warm_up_torch():
+    """One optimizer step of a tiny model: loads what every run loads whatever its data
+    (the optimizer's first step imports torch._dynamo, about 70 MiB; oneDNN's LSTM
+    and GEMM set up), so that the baseline holds Python and torch, not our data."""
+    model = train.build_model({"audio": 4}, "cpu")
+    optimizer = train.build_optimizer(model, 1e-5, 5e-4)
+    model(({"audio": torch.zeros(6, 4)}), torch.tensor([4, 2])).sum().backward()
+    optimizer.step()
+
+
 def rss_probe(spec):
     name, folder = spec.split(":", 1)
-    torch.zeros(1) @ torch.zeros(1)
+    warm_up_torch()
     baseline = high_water_rss()
     train_set, val_set = train.load_train_test(*split_dirs(Path(folder)), MODELS[name])
-    feature_bytes = sum(storage.numel() * 4 for storage in train_set.features.values())
+    feature_bytes = sum(storage.numel() * 4 for video_set in (train_set, val_set)
+                        for storage in video_set.features.values())
     model = train.build_model(train_set.input_dims, "cpu")
     optimizer = train.build_optimizer(model, 1e-5, 5e-4)
     train.train_one_epoch(model, optimizer, train_set, train_set.training_segments(5), 25,

@@ -276,12 +276,15 @@ def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator
     model.train()
     loss_function = LOSSES[loss_name]
     total_loss, total_steps = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
     for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size):
         batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
-        loss = loss_function(model(batch.inputs, batch.lengths), batch.targets)
-        optimizer.zero_grad(set_to_none=True)
+        embedded = model.embed(batch.inputs)
+        batch.inputs = None  # dropout copied the rows it needs: free the gathered ones early
+        loss = loss_function(model.forward_embedded(embedded, batch.lengths), batch.targets)
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # gradients freed before the next batch
         total_loss += loss.item() * batch.targets.numel()
         total_steps += batch.targets.numel()
     return {"loss": total_loss / total_steps}
