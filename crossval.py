@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-import models
 import train
 import utils
 from utils import ToolkitError
@@ -180,12 +179,6 @@ def run_fold(pooled, story, out_dir, settings, normalize, cuda, test_only, check
                          postprocessing_flags)
 
 
-def _fold_resumes(resumes, folder, args):
-    """This fold's part of {folder: resumes}, with paths as its task sees them."""
-    return {utils.task_path(path, args.scheduler): resume for path, resume in resumes.items()
-            if path == folder or path.parent == folder}
-
-
 # ---------------------------------------------------------------- main
 
 def main(args):
@@ -214,8 +207,8 @@ def main(args):
                   checkpoint=checkpoint, features=args.features,
                   progress=args.jobs == 1 and not args.scheduler,
                   postprocessing_flags=train.postprocessing_flags(args))
-    tasks = [dict(story=story, resumes=_fold_resumes(resumes, fold_dir(out_dir, story), args),
-                  **common) for story in pooled.stories]
+    resumes = {utils.task_path(folder, args.scheduler): resume for folder, resume in resumes.items()}
+    tasks = [dict(story=story, resumes=resumes, **common) for story in pooled.stories]
     folds = utils.run_parallel(run_fold, tasks, args.jobs, "folds", args.scheduler)
     table = utils.crossval_table(folds)
     utils.write_csv(table, out_dir / "crossval.csv")

@@ -46,6 +46,17 @@ def in_tmp(tiny_data, monkeypatch):
     return tiny_data.parent
 
 
+def assert_same_checkpoints(first_dir, second_dir, names):
+    """The checkpoints `names` of two runs hold the same epoch and identical weights."""
+    import torch
+    for name in names:
+        first = torch.load(Path(first_dir) / name, weights_only=True)
+        second = torch.load(Path(second_dir) / name, weights_only=True)
+        assert first["epoch"] == second["epoch"], name
+        for key in first["model"]:
+            torch.testing.assert_close(first["model"][key], second["model"][key], rtol=0, atol=0)
+
+
 def run_script(*argv, cwd=None):
     """Run a top-level script as a user would; returns the CompletedProcess."""
     import subprocess

@@ -15,7 +15,7 @@ import torch
 
 import train
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_same_checkpoints, run_script
 from test_datasets import bad_input_cases
 
 
@@ -210,12 +210,7 @@ def test_killed_run_resumes_as_if_never_interrupted(in_tmp, signum):
               "1000", "--lr", "1e-3")
     pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "cut" / "metrics.csv"),
                                   pd.read_csv(in_tmp / "whole" / "metrics.csv"))
-    for name in ("last.save", "best.save"):
-        cut = torch.load(in_tmp / "cut" / name, weights_only=True)
-        whole = torch.load(in_tmp / "whole" / name, weights_only=True)
-        assert cut["epoch"] == whole["epoch"]
-        for key in whole["model"]:
-            torch.testing.assert_close(cut["model"][key], whole["model"][key], rtol=0, atol=0)
+    assert_same_checkpoints(in_tmp / "cut", in_tmp / "whole", ["last.save", "best.save"])
 
 
 def test_a_real_command_prints_one_line_without_traceback(in_tmp):

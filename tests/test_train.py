@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import datasets
-import models
 import train
-from conftest import run_script
+from conftest import assert_same_checkpoints, run_script
 
 
 def run_train(*argv):
@@ -109,12 +108,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(in_tmp):
     whole = pd.read_csv(in_tmp / "whole" / "metrics.csv")
     parts = pd.read_csv(in_tmp / "parts" / "metrics.csv")
     pd.testing.assert_frame_equal(whole, parts)
-    for name in ("last.save", "epoch_4.save", "best.save"):
-        first = torch.load(in_tmp / "whole" / name, weights_only=True)
-        second = torch.load(in_tmp / "parts" / name, weights_only=True)
-        assert first["epoch"] == second["epoch"]
-        for key in first["model"]:
-            torch.testing.assert_close(first["model"][key], second["model"][key], rtol=0, atol=0)
+    assert_same_checkpoints(in_tmp / "whole", in_tmp / "parts",
+                            ["last.save", "epoch_4.save", "best.save"])
 
 
 def test_normalization_travels_with_the_checkpoint(in_tmp):
