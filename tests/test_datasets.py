@@ -42,8 +42,35 @@ def test_csv_and_npy_give_the_same_arrays_and_suffixes_are_accepted(tmp_path):
     from_csv = load_videos(tmp_path / "csv", ["audio"])
     from_npy = load_videos(tmp_path / "npy", ["audio"])
     assert from_csv.videos[0].name == "Subject_1_Story_2"
-    np.testing.assert_allclose(from_csv.features["audio"], features["audio"], rtol=1e-6)
+    # float32 written at full precision parses back to the same bits
+    np.testing.assert_array_equal(from_csv.features["audio"], features["audio"])
     np.testing.assert_array_equal(from_npy.features["audio"], features["audio"])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a,b\r\n1,2\r\n3,4e-5\r\n", [[1, 2], [3, 4e-5]]),     # CRLF, exponent
+    ("a,b\n1,2\n\n3,4", [[1, 2], [3, 4]]),                     # blank line, no final newline
+    ("a,a\n 1, 2\n\"3\",4\n", [[1, 2], [3, 4]]),               # repeated names, spaces, quotes
+    ("a,b\n1,\n3,4\n", [[1, np.nan], [3, 4]]),                 # empty cell: NaN, refused later
+    ("a,b\n", np.zeros((0, 2))),                               # header only: refused later
+])
+def test_csv_parsing_edge_cases(tmp_path, text, expected):
+    path = tmp_path / "features.csv"
+    path.write_bytes(text.encode())
+    np.testing.assert_array_equal(datasets._parse_csv(path),
+                                  np.array(expected, dtype=np.float32).reshape(-1, 2))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "features.csv is empty"),
+    ("a,b\n1,2\n3,4,5\n", "features.csv is not a table of numbers .*more fields"),
+    ("a,b\n1,x\n", "features.csv is not a table of numbers .*could not parse `x`"),
+])
+def test_malformed_csv_names_the_file(tmp_path, text, message):
+    path = tmp_path / "features.csv"
+    path.write_bytes(text.encode())
+    with pytest.raises(ToolkitError, match=message):
+        datasets._parse_csv(path)
 
 
 def test_arrays_of_more_than_two_dimensions_are_flattened_per_row(tmp_path):
@@ -210,7 +237,7 @@ def bad_input_cases():
         ("NaN in features", write_audio(with_nan), "Subject_1_Story_2.npy contains NaN"),
         ("inf in features", write_audio(with_inf), "Subject_1_Story_2.npy contains NaN or inf"),
         ("different width", write_audio(lambda a: a[:, :5]), "has 5 columns but"),
-        ("non-numeric cell", csv_with_text, "Subject_1_Story_2.csv has a non-numeric value"),
+        ("non-numeric cell", csv_with_text, "Subject_1_Story_2.csv is not a table of numbers"),
         ("annotation without header", write_annotation("0.1\n0.2\n"), "has no `valence` column"),
         ("empty annotation", write_annotation(""), "is empty"),
         ("annotation header only", write_annotation("valence\n"), "has no rows"),
@@ -236,10 +263,10 @@ def test_a_video_in_two_pooled_splits_is_refused(tiny_data):
         load_videos([tiny_data / "Training", tiny_data / "Training"], ["audio"])
 
 
-def test_parallel_csv_parsing_fills_the_current_cache(tmp_path, monkeypatch):
+def test_csv_parsing_fills_the_current_cache(tmp_path, monkeypatch):
     from conftest import write_tiny_data
     data = write_tiny_data(tmp_path / "data", file_format="csv", subjects=2, stories=2, seconds=12)
-    for cache in ("first", "second"):   # worker processes outlive a change of cache folder
+    for cache in ("first", "second"):
         monkeypatch.setenv("OMG_CACHE_DIR", str(tmp_path / cache))
         datasets.load_videos(data / "Training", ["audio", "text"])
         assert len(list((tmp_path / cache).glob("*.npy"))) == 4
