@@ -43,6 +43,7 @@ def get_args_parser():
                         help="epochs per fold of the timed crossval.py (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="also measure on the GPU")
     parser.add_argument("--rss_probe", help=argparse.SUPPRESS)  # internal: one model in a clean process
+    parser.add_argument("--epoch_probe", help=argparse.SUPPRESS)  # internal: one epoch, given threads
     return parser
 
 
@@ -73,20 +74,31 @@ def time_loading(csv_dir, npy_dir, mods):
     return timings
 
 
-def training_flops_per_step(model):
-    """Multiply-adds x 2 of one valid step, forward and backward.
-
-    The backward pass costs twice the forward (gradients of inputs and weights),
-    except for the embeddings, whose inputs are data and need no gradient.
-    """
+def forward_flops_per_step(model):
+    """Multiply-adds x 2 of one valid step's forward pass: {"embed": the per-modality
+    embeddings, "rest": attention, LSTM and decoder}."""
     config = model.config
     fused = config["embed_dim"] * len(model.mods)
     hidden, attn = config["hidden_dim"], config["attn_dim"]
-    embed = sum(2 * dim * config["embed_dim"] for dim in model.input_dims.values())
     attention = 2 * fused * attn + 2 * attn * config["attn_len"]
     lstm = 2 * 4 * hidden * (fused + hidden)
     decoder = 2 * hidden * config["decoder_dim"] + 2 * config["decoder_dim"]
-    return 2 * embed + 3 * (attention + lstm + decoder)
+    return {"embed": sum(2 * dim * config["embed_dim"] for dim in model.input_dims.values()),
+            "rest": attention + lstm + decoder}
+
+
+def training_flops(model, lengths):
+    """Forward and backward over sequences of `lengths` steps. The backward pass costs
+    twice the forward (gradients of inputs and weights), except for the embeddings,
+    whose inputs are data, and the LSTM's zero initial state: neither needs a gradient."""
+    forward = forward_flops_per_step(model)
+    hidden = model.config["hidden_dim"]
+    return ((2 * forward["embed"] + 3 * forward["rest"]) * sum(lengths)
+            - 2 * 4 * hidden * hidden * len(lengths))
+
+
+def evaluation_flops_per_step(model):
+    return sum(forward_flops_per_step(model).values())
 
 
 def gemm_throughput(device, size=2048, repeats=20):
@@ -108,18 +120,27 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_epochs(npy_dir, mods, device, epochs):
-    """Seconds per training step and per evaluation pass, and achieved GFLOP/s."""
-    train_set, val_set = train.load_train_test(*split_dirs(npy_dir), mods)
+def start_training(train_set, device):
+    """A seeded model with the default settings, and a function that trains it one epoch."""
     utils.seed_everything(1)
     model = train.build_model(train_set.input_dims, device)
     optimizer = train.build_optimizer(model, 1e-5, 5e-4)
     segments = train_set.training_segments(5)
     generator = torch.Generator().manual_seed(1)
 
+    def train_epoch():
+        train.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device)
+    return model, segments, train_epoch
+
+
+def time_epochs(npy_dir, mods, device, epochs):
+    """Seconds per training step and per evaluation pass, and achieved GFLOP/s."""
+    train_set, val_set = train.load_train_test(*split_dirs(npy_dir), mods)
+    model, segments, train_epoch = start_training(train_set, device)
+
     def one_epoch():
         start = time.perf_counter()
-        train.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device)
+        train_epoch()
         synchronize(device)
         middle = time.perf_counter()
         train.evaluate(model, val_set, device)
@@ -129,10 +150,10 @@ def time_epochs(npy_dir, mods, device, epochs):
     one_epoch()  # warm-up: allocator, kernels
     timings = np.array([one_epoch() for _ in range(epochs)])
     train_seconds, eval_seconds = timings.mean(axis=0)
-    steps = sum(length for _, length in segments)
-    flops = training_flops_per_step(model) * steps
+    flops = training_flops(model, [length for _, length in segments])
+    eval_flops = evaluation_flops_per_step(model) * sum(video.n_seconds for video in val_set.videos)
     return {"train_s": train_seconds, "eval_s": eval_seconds, "gflop": flops / 1e9,
-            "gflops": flops / train_seconds / 1e9,
+            "gflops": flops / train_seconds / 1e9, "eval_gflop": eval_flops / 1e9,
             "batched_vs_alone": batched_vs_alone(model, val_set, device)}
 
 
@@ -190,13 +211,35 @@ def rss_probe(spec):
     train_set, val_set = train.load_train_test(*split_dirs(Path(folder)), MODELS[name])
     feature_bytes = sum(storage.numel() * 4 for video_set in (train_set, val_set)
                         for storage in video_set.features.values())
-    model = train.build_model(train_set.input_dims, "cpu")
-    optimizer = train.build_optimizer(model, 1e-5, 5e-4)
-    train.train_one_epoch(model, optimizer, train_set, train_set.training_segments(5), 25,
-                          torch.Generator().manual_seed(1), "cpu")
+    model, _, train_epoch = start_training(train_set, "cpu")
+    train_epoch()
     train.evaluate(model, train_set, "cpu")
     train.evaluate(model, val_set, "cpu")
     print(baseline, high_water_rss(), feature_bytes)
+
+
+def epoch_seconds(npy_dir, threads, processes):
+    """Seconds of one AT training epoch in each of `processes` fresh processes started
+    together, each on `threads` threads: what a crossval.py worker sees."""
+    probes = [subprocess.Popen([sys.executable, str(ROOT / "bench.py"), "--epoch_probe",
+                                f"{threads}:{npy_dir}"], stdout=subprocess.PIPE, text=True)
+              for _ in range(processes)]
+    outputs = [probe.communicate()[0] for probe in probes]
+    if any(probe.returncode for probe in probes):
+        raise RuntimeError(f"an --epoch_probe process failed with threads={threads}")
+    return [float(output) for output in outputs]
+
+
+def epoch_probe(spec, epochs=2):
+    threads, folder = spec.split(":", 1)
+    torch.set_num_threads(int(threads))
+    train_set, _ = train.load_train_test(*split_dirs(Path(folder)), MODELS["AT"])
+    _, _, train_epoch = start_training(train_set, "cpu")
+    train_epoch()  # warm-up
+    start = time.perf_counter()
+    for _ in range(epochs):
+        train_epoch()
+    print((time.perf_counter() - start) / epochs)
 
 
 # ---------------------------------------------------------------- report
@@ -232,6 +275,11 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda):
         lines.append(f"| [{device}] float32 GEMM GFLOP/s (2048^3) | {gemm:.1f} | {gemm:.1f} |")
         lines.append(f"| [{device}] training GFLOP/s / GEMM GFLOP/s | "
                      f"{epoch['AT']['gflops'] / gemm:.0%} | {epoch['ATV']['gflops'] / gemm:.0%} |")
+        # What the arithmetic alone takes if every FLOP ran at the GEMM speed.
+        lines.append(f"| [{device}] floor: evaluation pass at GEMM speed (s) | "
+                     f"{epoch['AT']['eval_gflop'] / gemm:.3f} | {epoch['ATV']['eval_gflop'] / gemm:.3f} |")
+        lines.append("| [{}] floor: epoch incl. evaluation at GEMM speed (s) | {:.3f} | {:.3f} |".format(
+            device, *((epoch[name]["gflop"] + epoch[name]["eval_gflop"]) / gemm for name in MODELS)))
 
     rss = {name: peak_rss(npy_dir, name) for name in MODELS}
     lines.append("| features in memory, float32 (MiB) | " +
@@ -250,12 +298,22 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda):
             two = time_crossval(npy_dir, 2, cv_epochs, Path(out) / "jobs2", stories)
         lines.append(f"crossval.py, AT, {len(stories)} folds x {cv_epochs} epochs: --jobs 1 "
                      f"{one:.1f} s, --jobs 2 {two:.1f} s, speed-up {one / two:.2f}x")
+    # --jobs 2 runs two folds at once on half the threads each: its ceiling.
+    alone, = epoch_seconds(npy_dir, threads, 1)
+    half, = epoch_seconds(npy_dir, max(threads // 2, 1), 1)
+    side_by_side = epoch_seconds(npy_dir, max(threads // 2, 1), 2)
+    lines.append(f"one AT epoch in a fresh process: {alone:.2f} s on {threads} threads, {half:.2f} s "
+                 f"on {max(threads // 2, 1)}, {max(side_by_side):.2f} s on {max(threads // 2, 1)} "
+                 f"beside a second such process: two folds at once are at most "
+                 f"{2 * alone / max(side_by_side):.2f}x faster per epoch")
     return "\n".join(lines)
 
 
 def main(args):
     if args.rss_probe:
         return rss_probe(args.rss_probe)
+    if args.epoch_probe:
+        return epoch_probe(args.epoch_probe)
     if args.data_dir:
         report = run_benchmark(args.data_dir, args.epochs, args.cv_epochs, args.cuda)
     else:

@@ -1,0 +1,40 @@
+"""bench.py's analytic work counts and its probes (not its timings: those are measured,
+never asserted)."""
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import train
+
+
+@pytest.mark.parametrize("dims", [{"audio": 7, "text": 5}, {"audio": 7, "text": 5, "v_sub": 11}])
+def test_analytic_flops_equal_the_counted_matrix_products(dims):
+    # Without oneDNN the LSTM runs as matrix products that FlopCounterMode sees.
+    # Equal lengths: the model runs its LSTM over padding, which the count leaves out.
+    torch.manual_seed(0)
+    model = train.build_model(dims, "cpu")
+    lengths = [5, 5, 5]
+    inputs = {mod: torch.randn(sum(lengths), dim) for mod, dim in dims.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flags' note on Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            with FlopCounterMode(display=False) as forward, torch.no_grad():
+                model.eval()(inputs, torch.tensor(lengths))
+            with FlopCounterMode(display=False) as training:
+                model.train()(inputs, torch.tensor(lengths)).sum().backward()
+    assert forward.get_total_flops() == bench.evaluation_flops_per_step(model) * sum(lengths)
+    assert training.get_total_flops() == bench.training_flops(model, lengths)
+
+
+def test_probes_report_memory_and_epoch_times_of_fresh_processes(tiny_data):
+    baseline, peak, features = bench.peak_rss(tiny_data, "AT")
+    train_set, val_set = train.load_train_test(*bench.split_dirs(tiny_data), ["audio", "text"])
+    expected = sum(storage.numel() * 4 for video_set in (train_set, val_set)
+                   for storage in video_set.features.values())
+    assert features == expected / 2**20
+    assert 100 < baseline < peak  # MiB: Python and torch alone take more than 100
+    seconds = bench.epoch_seconds(tiny_data, threads=1, processes=2)
+    assert len(seconds) == 2 and all(0 < value < 60 for value in seconds)
