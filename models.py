@@ -45,9 +45,11 @@ class InputDropout(nn.Dropout):
         threshold = round(self.p * 65536)
         draws = -(-inputs.numel() // 4)
         bits = torch.randint(-2**63, 2**63 - 1, (draws,), dtype=torch.int64, device=inputs.device)
-        keep = bits.view(torch.int16)[:inputs.numel()].view(inputs.shape) >= threshold - 32768
-        del bits  # before the product is allocated: lowers the peak
-        return inputs.mul(keep).mul_(65536 / (65536 - threshold))
+        drop = bits.view(torch.int16)[:inputs.numel()].view(inputs.shape) < threshold - 32768
+        del bits  # before the output is allocated: lowers the peak
+        # torch.where, not a product with the mask: multiplying by a bool tensor first
+        # converts it to a float copy as large as the inputs (3x slower, and memory).
+        return torch.where(drop, 0.0, inputs).mul_(65536 / (65536 - threshold))
 
 
 class FusionLSTM(nn.Module):
