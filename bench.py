@@ -147,8 +147,9 @@ def time_epochs(npy_dir, mods, device, epochs):
         synchronize(device)
         return middle - start, time.perf_counter() - middle
 
-    one_epoch()  # warm-up: allocator, kernels
-    timings = np.array([one_epoch() for _ in range(epochs)])
+    with utils.reused_heap():  # as in train.fit
+        one_epoch()  # warm-up: allocator, kernels
+        timings = np.array([one_epoch() for _ in range(epochs)])
     train_seconds, eval_seconds = timings.mean(axis=0)
     flops = training_flops(model, [length for _, length in segments])
     eval_flops = evaluation_flops_per_step(model) * sum(video.n_seconds for video in val_set.videos)
@@ -212,9 +213,10 @@ def rss_probe(spec):
     feature_bytes = sum(storage.numel() * 4 for video_set in (train_set, val_set)
                         for storage in video_set.features.values())
     model, _, train_epoch = start_training(train_set, "cpu")
-    train_epoch()
-    train.evaluate(model, train_set, "cpu")
-    train.evaluate(model, val_set, "cpu")
+    with utils.reused_heap():  # as in train.fit
+        train_epoch()
+        train.evaluate(model, train_set, "cpu")
+        train.evaluate(model, val_set, "cpu")
     print(baseline, high_water_rss(), feature_bytes)
 
 
@@ -235,10 +237,11 @@ def epoch_probe(spec, epochs=2):
     torch.set_num_threads(int(threads))
     train_set, _ = train.load_train_test(*split_dirs(Path(folder)), MODELS["AT"])
     _, _, train_epoch = start_training(train_set, "cpu")
-    train_epoch()  # warm-up
-    start = time.perf_counter()
-    for _ in range(epochs):
-        train_epoch()
+    with utils.reused_heap():  # as in train.fit
+        train_epoch()  # warm-up
+        start = time.perf_counter()
+        for _ in range(epochs):
+            train_epoch()
     print((time.perf_counter() - start) / epochs)
 
 

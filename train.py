@@ -504,7 +504,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     epoch = start_epoch
     bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=model_dir.name, unit="epoch",
                disable=not progress, leave=False, dynamic_ncols=True)
-    with utils.StopRequests() as stop:
+    with utils.StopRequests() as stop, utils.reused_heap():
         for epoch in bar:
             stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
                                     generator, device, settings.loss)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -243,3 +244,27 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     utils.write_json({"a": 1}, tmp_path / "args.json")
     expected = 0o666 & ~utils._UMASK
     assert (tmp_path / "args.json").stat().st_mode & 0o777 == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_reused_heap_stops_page_faults_and_gives_memory_back():
+    import resource
+
+    def faults_per_big_block(repeats=20):
+        faults = []
+        for _ in range(repeats):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(48 * 2**20 // 4)  # 48 MiB, above glibc's largest mmap threshold
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return faults
+
+    def resident_mib():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    pages = 48 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert all(faults > 0.9 * pages for faults in faults_per_big_block())  # mapped afresh each time
+    with utils.reused_heap():
+        reused = [faults < 0.1 * pages for faults in faults_per_big_block()]
+        held = resident_mib()
+    assert sum(reused) >= 10  # mostly served again from the heap, no page faults
+    assert resident_mib() < held - 40  # the free heap went back to the system
