@@ -215,8 +215,8 @@ def rss_probe(spec):
     model, _, train_epoch = start_training(train_set, "cpu")
     with utils.reused_heap():  # as in train.fit
         train_epoch()
-        train.evaluate(model, train_set, "cpu")
         train.evaluate(model, val_set, "cpu")
+    train.evaluate(model, train_set, "cpu")  # as --test and --features do after training
     print(baseline, high_water_rss(), feature_bytes)
 
 
