@@ -101,18 +101,22 @@ def evaluation_flops_per_step(model):
     return sum(forward_flops_per_step(model).values())
 
 
-def gemm_throughput(device, size=2048, repeats=20):
-    """float32 matrix-multiply GFLOP/s of this machine with the current threads."""
+def gemm_throughput(device, size=2048, repeats=10, rounds=5):
+    """float32 matrix-multiply GFLOP/s of this machine with the current threads: the
+    best of several rounds, so that a busy moment does not flatter the ratio to it."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     for _ in range(3):
         a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+    best = 0.0
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        best = max(best, 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def synchronize(device):
