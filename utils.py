@@ -236,9 +236,9 @@ def reused_heap():
     By default glibc maps blocks over 32 MiB (oneDNN's LSTM workspace) fresh from the
     kernel each time and hands the top of its heap back early, so every batch page-
     faults the same memory in again: 0.2 s of system time per ATV epoch on 2 cores,
-    5-10% of its wall time (bench.py). Peak memory changes little (within 30 MiB in
-    bench.py's runs): each batch reuses what the last one freed. On leaving, the heap's
-    free memory goes back to the system. Without glibc this does nothing.
+    5-10% of its wall time on bench.py's data. Peak memory changes little (within 30
+    MiB there): each batch reuses what the last one freed. On leaving, the heap's free
+    memory goes back to the system. Without glibc this does nothing.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
