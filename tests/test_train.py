@@ -100,6 +100,25 @@ def test_same_seed_same_predictions(in_tmp):
             torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
 
 
+def test_optimizer_matches_plain_adam_bit_for_bit(tiny_data):
+    """build_optimizer's faster settings must not change a single bit of training."""
+    train_set = datasets.load_videos(tiny_data / "Training", ["audio", "text", "v_sub"])
+    segments = train_set.training_segments(5)
+    models = []
+    for make_optimizer in (train.build_optimizer,
+                           lambda model, lr, decay: torch.optim.Adam(model.parameters(), lr=lr,
+                                                                     weight_decay=decay)):
+        torch.manual_seed(1)
+        model = train.build_model(train_set.input_dims, "cpu")
+        optimizer = make_optimizer(model, 1e-3, 5e-4)
+        for _ in range(3):
+            train.train_one_epoch(model, optimizer, train_set, segments, 4,
+                                  torch.Generator().manual_seed(1), "cpu")
+        models.append(model.state_dict())
+    for key, value in models[0].items():
+        assert torch.equal(value.view(torch.int32), models[1][key].view(torch.int32)), key
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(in_tmp):
     run_train("--epochs", "4", "--mods", "audio", "--model_dir", "whole", "--save_freq", "2")
     run_train("--epochs", "2", "--mods", "audio", "--model_dir", "parts", "--save_freq", "2")
