@@ -37,8 +37,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser("bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", help="where to generate the data (default: a temporary "
                                            "folder, removed afterwards)")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per model "
-                                                              "(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per model; their "
+                                                              "median is reported (default: "
+                                                              "%(default)s)")
     parser.add_argument("--cv_epochs", type=int, default=5,
                         help="epochs per fold of the timed crossval.py (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="also measure on the GPU")
@@ -154,7 +155,8 @@ def time_epochs(npy_dir, mods, device, epochs):
     with utils.reused_heap():  # as in train.fit
         one_epoch()  # warm-up: allocator, kernels
         timings = np.array([one_epoch() for _ in range(epochs)])
-    train_seconds, eval_seconds = timings.mean(axis=0)
+    # The median: on a shared machine a few epochs are slowed by other load.
+    train_seconds, eval_seconds = np.median(timings, axis=0)
     flops = training_flops(model, [length for _, length in segments])
     eval_flops = evaluation_flops_per_step(model) * sum(video.n_seconds for video in val_set.videos)
     return {"train_s": train_seconds, "eval_s": eval_seconds, "gflop": flops / 1e9,
