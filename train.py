@@ -358,12 +358,15 @@ def saved_postprocessing(trained, flags):
 
 def evaluate_seeds(trained, video_set, device, postprocessing):
     """`evaluate` for the models of several seeds: the videos are scored on the
-    average of their per-second predictions; "seed_ccc" lists each model's own CCC."""
+    average of their per-second predictions; "seed_ccc" lists each model's own CCC
+    and "seed_frames" its 25 fps predictions."""
     per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device) for t in trained]
     average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]
     result = utils.score_videos(video_set.videos, average, postprocessing)
-    result["seed_ccc"] = ([utils.score_videos(video_set.videos, predictions, postprocessing)["ccc"]
-                           for predictions in per_seed] if len(per_seed) > 1 else [result["ccc"]])
+    own = ([utils.score_videos(video_set.videos, predictions, postprocessing)
+            for predictions in per_seed] if len(per_seed) > 1 else [result])
+    result["seed_ccc"] = [seed_result["ccc"] for seed_result in own]
+    result["seed_frames"] = [seed_result["frames"] for seed_result in own]
     return result
 
 
@@ -584,11 +587,10 @@ def test(trained, train_set, test_set, pred_dir, device, postprocessing):
         results[name] = evaluate_seeds(trained, video_set, device, postprocessing)
         write_predictions(Path(pred_dir) / f"pred_{name}", video_set, results[name]["frames"])
         if len(trained) > 1:
-            for model in trained:
+            for model, frames in zip(trained, results[name]["seed_frames"]):
                 seed = model.checkpoint["training"]["seed"]
-                own = evaluate_seeds([model], video_set, device, postprocessing)
                 write_predictions(Path(pred_dir) / f"seed_{seed}" / f"pred_{name}", video_set,
-                                  own["frames"])
+                                  frames)
     return results
 
 
