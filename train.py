@@ -471,6 +471,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     """
     model_dir = Path(model_dir)
     utils.check_writable(model_dir)
+    # A run killed mid-write (a lost cluster worker) left temporaries; this run owns the folder.
+    utils.remove_interrupted_writes(model_dir)
     settings.check()
     postprocessing = postprocessing or utils.Postprocessing()
     if postprocessing.delay_frames:
@@ -569,12 +571,14 @@ def _read_history(path, last_epoch):
 
 def write_predictions(folder, video_set, frames):
     """One 25 fps CSV (header `valence`) per video."""
+    utils.remove_interrupted_writes(folder, {f"{video.name}.csv" for video in video_set.videos})
     for video, prediction in zip(video_set.videos, frames):
         utils.write_valence(Path(folder) / f"{video.name}.csv", prediction)
 
 
 def write_features(folder, video_set, features):
     """One (seconds, 128) .npy of decision-level features per video."""
+    utils.remove_interrupted_writes(folder, {f"{video.name}.npy" for video in video_set.videos})
     for video, rows in zip(video_set.videos, features):
         utils.save_array(Path(folder) / f"{video.name}.npy", rows.astype(np.float32))
 

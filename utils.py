@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -501,14 +502,29 @@ def atomic_path(path):
         raise
 
 
+# mkstemp's names for atomic_path: "." + the file's name + "." + 8 random characters + ".tmp"
+_TEMPORARY_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_interrupted_writes(directory, names=None):
+    """Delete the temporary files that atomic_path leaves in `directory` when its process
+    is killed mid-write (SIGKILL, a lost cluster worker): nothing else removes them.
+    Only those of the files `names`, or all where the caller alone writes into
+    `directory`, since another process's write in progress looks the same."""
+    for path in Path(directory).glob(".*.tmp"):
+        match = _TEMPORARY_NAME.fullmatch(path.name)
+        if match and (names is None or match.group(1) in names) and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
 def check_writable(directory):
     """Fail early, before hours of work, if results cannot be written to `directory`."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / ".write_test"):
+        with tempfile.TemporaryFile(dir=directory):  # nameless where it can be: nothing to leave
             pass
-        (directory / ".write_test").unlink()
     except OSError as error:
         raise ToolkitError(f"cannot write to {directory} ({error.strerror}): "
                            "choose a folder you can write to") from None

@@ -240,6 +240,33 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
 
 
+def test_training_clears_what_a_killed_write_left(in_tmp):
+    # SIGKILL skips atomic_path's cleanup, as when a cluster worker is lost mid-save.
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys, utils\n"
+         "with utils.atomic_path(sys.argv[1]) as temporary:\n"
+         "    temporary.write_bytes(b'half')\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)", "run/best.save"],
+        cwd=in_tmp, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    leftover, = (in_tmp / "run").glob(".best.save.*.tmp")
+    (in_tmp / "run" / ".notes.tmp").write_text("the user's own")
+
+    run_train("--epochs", "2", "--mods", "audio", "--model_dir", "run")
+    assert not leftover.exists() and (in_tmp / "run" / ".notes.tmp").is_file()
+    assert (in_tmp / "run" / "best.save").is_file()
+
+
+def test_only_the_named_files_temporaries_are_removed(tmp_path):
+    names = [".a.csv.k3x_9q0z.tmp", ".b.csv.0123abcd.tmp", ".a.csv.tmp", "a.csv.k3x_9q0z.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("")
+    utils.remove_interrupted_writes(tmp_path, {"a.csv"})  # b.csv may be another fold's
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])
+    utils.remove_interrupted_writes(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[2:])
+
+
 def test_written_files_get_ordinary_permissions(tmp_path):
     utils.write_json({"a": 1}, tmp_path / "args.json")
     expected = 0o666 & ~utils._UMASK
