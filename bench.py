@@ -313,13 +313,14 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda):
         lines.append(f"crossval.py, AT, {len(stories)} folds x {cv_epochs} epochs: --jobs 1 "
                      f"{one:.1f} s, --jobs 2 {two:.1f} s, speed-up {one / two:.2f}x")
     # --jobs 2 runs two folds at once on half the threads each: its ceiling.
+    half_threads = max(threads // 2, 1)
     alone, = epoch_seconds(npy_dir, threads, 1)
-    half, = epoch_seconds(npy_dir, max(threads // 2, 1), 1)
-    side_by_side = epoch_seconds(npy_dir, max(threads // 2, 1), 2)
+    half, = epoch_seconds(npy_dir, half_threads, 1)
+    side_by_side = max(epoch_seconds(npy_dir, half_threads, 2))
     lines.append(f"one AT epoch in a fresh process: {alone:.2f} s on {threads} threads, {half:.2f} s "
-                 f"on {max(threads // 2, 1)}, {max(side_by_side):.2f} s on {max(threads // 2, 1)} "
-                 f"beside a second such process: two folds at once are at most "
-                 f"{2 * alone / max(side_by_side):.2f}x faster per epoch")
+                 f"on {half_threads}, {side_by_side:.2f} s on {half_threads} beside a second such "
+                 f"process: two folds at once are at most {2 * alone / side_by_side:.2f}x faster "
+                 "per epoch")
     return "\n".join(lines)
 
 

@@ -484,6 +484,10 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# mkstemp's names for atomic_path: "." + the file's name + "." + 8 random characters + ".tmp"
+_TEMPORARY_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the
@@ -500,10 +504,6 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
-
-
-# mkstemp's names for atomic_path: "." + the file's name + "." + 8 random characters + ".tmp"
-_TEMPORARY_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 
 def remove_interrupted_writes(directory, names=None):

@@ -104,7 +104,7 @@ def test_optimizer_matches_plain_adam_bit_for_bit(tiny_data):
     """build_optimizer's faster settings must not change a single bit of training."""
     train_set = datasets.load_videos(tiny_data / "Training", ["audio", "text", "v_sub"])
     segments = train_set.training_segments(5)
-    models = []
+    state_dicts = []
     for make_optimizer in (train.build_optimizer,
                            lambda model, lr, decay: torch.optim.Adam(model.parameters(), lr=lr,
                                                                      weight_decay=decay)):
@@ -114,9 +114,9 @@ def test_optimizer_matches_plain_adam_bit_for_bit(tiny_data):
         for _ in range(3):
             train.train_one_epoch(model, optimizer, train_set, segments, 4,
                                   torch.Generator().manual_seed(1), "cpu")
-        models.append(model.state_dict())
-    for key, value in models[0].items():
-        assert torch.equal(value.view(torch.int32), models[1][key].view(torch.int32)), key
+        state_dicts.append(model.state_dict())
+    for key, value in state_dicts[0].items():
+        assert torch.equal(value.view(torch.int32), state_dicts[1][key].view(torch.int32)), key
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(in_tmp):
