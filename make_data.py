@@ -34,6 +34,9 @@ from utils import FPS, ToolkitError
 
 
 
+PRESETS = ("easy", "realistic")
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser("make_data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", default="./data", help="where to write (default: %(default)s)")
@@ -52,6 +55,12 @@ def get_args_parser():
                         help="audio,text,v_sub,v_act dimensions (default: %(default)s)")
     parser.add_argument("--format", choices=["npy", "csv"], default="npy",
                         help="feature file format (default: %(default)s)")
+    parser.add_argument("--preset", choices=PRESETS, default="easy",
+                        help="easy: a clear signal that every command learns in a few epochs "
+                             "(for trying the toolkit); realistic: the statistics of the real "
+                             "OMG-Empathy annotations, little agreement between listeners and a "
+                             "weak signal in the features (for comparing methods) "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the split folders if --out_dir already has them")
@@ -123,13 +132,83 @@ def make_video(rng, projections, trajectory, listener, story_nuisance, mods):
         "v_act": (np.column_stack([0.15 * story, smooth_noise(rng, n_seconds, 2),
                                    smooth_noise(rng, n_seconds, 8)]), 6.0),
     }
+    return valence, _features(rng, projections, latents, n_seconds, mods)
+
+
+# ---------------------------------------------------------------- the realistic preset
+
+def make_realistic_listeners(rng, n_subjects):
+    """Listeners who annotate as the OMG-Empathy listeners do: each with their own
+    mean, range, delay, neutral zone and pace of moving the slider."""
+    return [{"offset": rng.normal(-0.08, 0.2), "scale": rng.uniform(0.15, 0.6),
+             "delay": int(rng.integers(0, 7)), "neutral": rng.uniform(0.08, 0.22),
+             "hold": rng.uniform(0.3, 1.0), "identity": rng.standard_normal(2)}
+            for _ in range(n_subjects)]
+
+
+def make_realistic_story(rng, n_frames):
+    """A story: its emotional trajectory (frames), its mean mood, how clearly it
+    moves listeners alike (the share of their response that is shared), nuisance."""
+    timescale = math.exp(rng.uniform(math.log(4), math.log(18)))
+    return {"trajectory": smooth_noise(rng, n_frames + FPS, timescale * FPS),
+            "mood": rng.normal(0, 0.1), "shared": rng.uniform(0.1, 0.45),
+            "nuisance": smooth_noise(rng, n_frames // FPS + 2, 10)}
+
+
+def held_steps(rng, continuous, hold_seconds, neutral):
+    """What a listener's slider records: the response read at random moments (mean
+    `hold_seconds` apart), set to 0 inside the neutral zone, rounded to the 0.05
+    grid, and held until the next reading."""
+    n_frames = continuous.size
+    gaps = rng.exponential(hold_seconds * FPS, n_frames // FPS + 10).astype(int) + 1
+    readings = np.cumsum(np.concatenate([[0], gaps]))
+    readings = readings[readings < n_frames]
+    values = continuous[readings]
+    values = np.where(np.abs(values) < neutral, 0.0, np.round(values / 0.05) * 0.05)
+    held = np.repeat(values, np.diff(np.append(readings, n_frames)))
+    return np.clip(held, -1, 1).astype(np.float32)
+
+
+def make_realistic_video(rng, projections, story, listener, mods):
+    """Annotation (25 fps) and features (per second) of one listener and story: the
+    listener shares a small part of their response with the others, the features
+    follow the story (and the listener's face their own valence) only weakly."""
+    trajectory = story["trajectory"]
+    n_frames = trajectory.size - int(rng.integers(0, FPS))
+    n_seconds = math.ceil(n_frames / FPS)
+    lagged = np.concatenate([np.full(listener["delay"] * FPS, trajectory[0]), trajectory])[:n_frames]
+    own_timescale = math.exp(rng.uniform(math.log(2), math.log(30)))
+    idiosyncratic = smooth_noise(rng, n_frames, own_timescale * FPS)
+    response = math.sqrt(story["shared"]) * lagged + math.sqrt(1 - story["shared"]) * idiosyncratic
+    scale = listener["scale"] * math.exp(rng.normal(0, 0.35))
+    mean = listener["offset"] + story["mood"] + rng.normal(0, 0.12)
+    jitter = 0.05 * smooth_noise(rng, n_frames, FPS // 3)  # the hand on the slider
+    continuous = np.tanh(mean + scale * response) + jitter
+    valence = held_steps(rng, continuous, listener["hold"], listener["neutral"])
+
+    story_signal = per_second_mean(trajectory[:n_frames], n_seconds)
+    own = per_second_mean(valence, n_seconds)
+    nuisance = story["nuisance"][:n_seconds]
+    speaking = (rng.random(n_seconds) < 0.85).astype(np.float32)
+    identity = np.broadcast_to(listener["identity"], (n_seconds, 2))
+    latents = {
+        "audio": (np.column_stack([story_signal, nuisance, smooth_noise(rng, n_seconds, 20)]), 16.0),
+        "text": (np.column_stack([story_signal * speaking, nuisance * speaking, speaking]), 18.0),
+        "v_sub": (np.column_stack([own, identity, smooth_noise(rng, n_seconds, 2)]), 40.0),
+        "v_act": (np.column_stack([0.1 * story_signal, smooth_noise(rng, n_seconds, 2),
+                                   smooth_noise(rng, n_seconds, 8)]), 12.0),
+    }
+    return valence, _features(rng, projections, latents, n_seconds, mods)
+
+
+def _features(rng, projections, latents, n_seconds, mods):
     features = {}
     for mod in mods:
         latent, noise = latents[mod]
         rows = n_seconds + int(rng.choice([0, 0, 0, 0, 1, -1, 2, -2]))  # sometimes a row off
         latent = np.resize(latent, (rows, latent.shape[1])) if rows > n_seconds else latent[:rows]
         features[mod] = projections.features(rng, mod, latent, noise)
-    return valence, features
+    return features
 
 
 def write_video(split_dir, name, valence, features, file_format, dummy):
@@ -160,6 +239,9 @@ def main(args):
     if args.subjects < 1 or args.stories < 2 or args.seconds < 10:
         raise ToolkitError("make_data.py needs --subjects >= 1, --stories >= 2 and "
                            "--seconds >= 10")
+    if not 0 <= args.length_spread < 0.9:
+        raise ToolkitError(f"--length_spread must be at least 0 and below 0.9, got "
+                           f"{args.length_spread}")
     out_dir = Path(args.out_dir)
     split = {story: split_of(story, args.val_stories, args.test_stories)
              for story in range(1, args.stories + 1)}
@@ -174,18 +256,26 @@ def main(args):
 
     rng = np.random.default_rng(args.seed)
     projections = Projections(rng, dims)
-    listeners = make_listeners(rng, args.subjects)
+    realistic = args.preset == "realistic"
+    listeners = (make_realistic_listeners if realistic else make_listeners)(rng, args.subjects)
     for story in range(1, args.stories + 1):
         spread = args.length_spread
         n_frames = int(args.seconds * rng.uniform(1 - spread, 1 + spread) * FPS)
-        trajectory = smooth_noise(rng, n_frames + FPS, 5 * FPS)
-        story_nuisance = smooth_noise(rng, n_frames // FPS + 2, 10)
+        if realistic:
+            story_state = make_realistic_story(rng, n_frames)
+        else:
+            trajectory = smooth_noise(rng, n_frames + FPS, 5 * FPS)
+            story_nuisance = smooth_noise(rng, n_frames // FPS + 2, 10)
         for subject, listener in enumerate(listeners, start=1):
-            valence, features = make_video(rng, projections, trajectory, listener,
-                                           story_nuisance, list(dims))
+            if realistic:
+                valence, features = make_realistic_video(rng, projections, story_state, listener,
+                                                         list(dims))
+            else:
+                valence, features = make_video(rng, projections, trajectory, listener,
+                                               story_nuisance, list(dims))
             write_video(out_dir / split[story], video_name(subject, story), valence,
                         features, args.format, dummy=split[story] == "Testing")
-    print(f"wrote {args.subjects} subjects x {args.stories} stories to "
+    print(f"wrote {args.subjects} subjects x {args.stories} stories ({args.preset} preset) to "
           + ", ".join(str(out_dir / split) for split in splits))
 
 
