@@ -155,7 +155,8 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=
     train_set, val_set = fold_sets(pooled, story)
     trained = train.load_trained(train.run_checkpoints(fold_dir(out_dir, story), checkpoint),
                                  train_set, normalize, device)
-    postprocessing = train.saved_postprocessing(trained, postprocessing_flags or {})
+    postprocessing = train.saved_postprocessing(trained, postprocessing_flags or {}, train_set,
+                                                [val_set])
     train_result = train.evaluate_seeds(trained, train_set, device, postprocessing)
     val_result = train.evaluate_seeds(trained, val_set, device, postprocessing)
     train.write_predictions(Path(out_dir) / "cv_pred", val_set, val_result["frames"])

@@ -52,8 +52,10 @@ def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postpr
     device = utils.get_device(cuda)
     scores = {}
     for epoch in epochs:
-        _, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
-        postprocessing = train.saved_postprocessing(trained, postprocessing_flags)
+        train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize,
+                                                      device)
+        postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set,
+                                                    [val_set] if epoch == epochs[0] else [])
         scores[epoch] = train.evaluate_seeds(trained, val_set, device, postprocessing)["ccc"]
     return {"story": story, "scores": scores}
 
@@ -61,7 +63,7 @@ def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postpr
 def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda, postprocessing_flags):
     device = utils.get_device(cuda)
     train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
-    postprocessing = train.saved_postprocessing(trained, postprocessing_flags)
+    postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set)
     train.extract_features(trained, train_set, val_set, crossval.fold_dir(out_dir, story), device,
                            postprocessing.label_delay)
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import fusion
+import train
 import utils
 from utils import ToolkitError
 
@@ -111,7 +112,8 @@ def fold_tasks(folds, saved, args, in_names, settings):
     processes memory-map them), or, with --scheduler, what lets each worker read
     them from the shared folders itself."""
     out_dir = utils.task_path(args.out_dir, args.scheduler)
-    common = dict(out_dir=out_dir, settings=settings, in_names=in_names)
+    common = dict(out_dir=out_dir, settings=settings, in_names=in_names,
+                  postprocessing_flags=train.postprocessing_flags(args))
     if not args.scheduler:
         return [dict(story=story, fold=fold, saved=saved.get(story), **common)
                 for story, fold in folds.items()]
@@ -125,29 +127,35 @@ def fold_tasks(folds, saved, args, in_names, settings):
             for story in folds]
 
 
-def load_fold_models(out_dir, folds, in_names):
-    """The saved model of every fold, for --test."""
+def load_fold_models(out_dir, folds, in_names, flags):
+    """The saved model of every fold, for --test, checked to be usable with the
+    post-processing `flags`."""
     models = {}
     for story, (_, _, dims) in folds.items():
         path = Path(out_dir) / f"val_on_{story}" / fusion.MODEL_FILE
         models[story] = fusion.load_model(path)
         fusion.check_compatible(models[story], in_names, dims, path)
+        fusion.saved_postprocessing(models[story], flags, path)  # refuses before any write
     return models
 
 
-def run_fold(story, fold, out_dir, settings, in_names, saved=None):
-    """Fit one fold (or take its saved model), score it and write its outputs;
-    returns its row of the cross-validation table."""
+def run_fold(story, fold, out_dir, settings, in_names, saved=None, postprocessing_flags=None):
+    """Fit one fold (or take its saved model, post-processed as saved but for the
+    `postprocessing_flags` given), score it and write its outputs; returns its row
+    of the cross-validation table."""
     train_videos, test_videos, dims = fold
     fold_dir = out_dir / f"val_on_{story}"
     if saved:
         model, c = saved["model"], saved["C"]
+        postprocessing = fusion.saved_postprocessing(saved, postprocessing_flags or {},
+                                                     fold_dir / fusion.MODEL_FILE)
     else:
         model, c = fusion.fit_with_c_choice(train_videos, settings, verbose=False)
+        postprocessing = fusion.fitted_postprocessing(settings, train_videos)
         fusion.save_model(fold_dir / fusion.MODEL_FILE, fusion.model_record(
             model, c, settings, in_names, dims, train_videos))
-    train_result = fusion.evaluate(model, train_videos)
-    test_result = fusion.evaluate(model, test_videos)
+    train_result = fusion.evaluate(model, train_videos, postprocessing)
+    test_result = fusion.evaluate(model, test_videos, postprocessing)
     fusion.write_predictions(fold_dir / "pred_train", train_videos, train_result["frames"])
     fusion.write_predictions(out_dir / "cv_pred", test_videos, test_result["frames"])
     return {"story": story, "train_ccc": train_result["ccc"], "val_ccc": test_result["ccc"],
@@ -159,7 +167,8 @@ def main(args):
     settings = fusion.SVRSettings.from_args(args)
     out_dir = Path(args.out_dir)
     folds = load_folds(args.cv_dirs, in_names, args.train_dir, args.test_dir)
-    saved = load_fold_models(out_dir, folds, in_names) if args.test else {}
+    saved = (load_fold_models(out_dir, folds, in_names, train.postprocessing_flags(args))
+             if args.test else {})
     utils.check_scheduler(args.scheduler)
     # Every input has been checked: only now is anything written.
     utils.check_writable(out_dir)

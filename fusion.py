@@ -23,7 +23,7 @@ pass --test only models that you made or that come from someone you trust.
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import joblib
@@ -49,7 +49,8 @@ SVR_CACHE_MB = 500  # libsvm kernel cache; 200 to 1000 MB fit 10,000 rows equall
 
 def get_svr_args_parser():
     """Flags shared by fusion.py and cv_fusion.py."""
-    parser = argparse.ArgumentParser(add_help=False, parents=[train.get_split_args_parser()])
+    parser = argparse.ArgumentParser(add_help=False, parents=[
+        train.get_split_args_parser(), train.get_postprocessing_args_parser(with_label_delay=False)])
     group = parser.add_argument_group("fusion model")
     group.add_argument("--in_names", nargs="+", metavar="NAME",
                        help="a name for each input folder, in order, stored with the model "
@@ -91,15 +92,18 @@ def get_args_parser():
 
 @dataclass(frozen=True)
 class SVRSettings:
-    """The regressor's hyper-parameters (C may be a grid to choose from)."""
+    """The regressor's hyper-parameters (C may be a grid to choose from) and the
+    post-processing of its predictions (listener statistics are added per fit)."""
     c_values: tuple = (0.01,)
     epsilon: float = 0.1
     gamma: object = "auto"
     normalize: bool = False
+    postprocessing: utils.Postprocessing = field(default_factory=utils.Postprocessing)
 
     @classmethod
     def from_args(cls, args):
-        settings = cls(tuple(args.C), args.epsilon, parse_gamma(args.gamma), args.normalize)
+        settings = cls(tuple(args.C), args.epsilon, parse_gamma(args.gamma), args.normalize,
+                       utils.Postprocessing.resolve(**train.postprocessing_flags(args)))
         if not all(c > 0 for c in settings.c_values):
             raise ToolkitError(f"--C must be positive, got {' '.join(map(str, args.C))}")
         if not settings.epsilon >= 0:
@@ -312,9 +316,24 @@ def predict(model, videos):
     return [part.astype(np.float32) for part in np.split(predictions, bounds)]
 
 
-def evaluate(model, videos):
+def evaluate(model, videos, postprocessing=None):
     """CCC of every video at 25 fps, and their mean; as train.evaluate returns."""
-    return utils.score_videos(videos, predict(model, videos))
+    return utils.score_videos(videos, predict(model, videos), postprocessing)
+
+
+def fitted_postprocessing(settings, train_videos):
+    """The post-processing of a model fitted on `train_videos` (their listener
+    statistics calibrate its predictions)."""
+    return settings.postprocessing.with_listener_stats(train_videos)
+
+
+def saved_postprocessing(record, flags, source):
+    """A saved model's post-processing, overridden by the `flags` given."""
+    postprocessing = utils.Postprocessing.resolve(record.get("postprocessing"), **flags)
+    if postprocessing.calibrate and postprocessing.listener_stats is None:
+        raise ToolkitError(f"{source} was saved without listener statistics, so --calibrate "
+                           "cannot use them: fit the model again with this version")
+    return postprocessing
 
 
 def choose_c(videos, settings):
@@ -331,8 +350,10 @@ def choose_c(videos, settings):
     for c in settings.c_values:
         row, held_out_cccs = {"C": c}, []
         for story in stories:
-            model = fit_model([v for v in videos if v.story != story], c, settings)
-            result = evaluate(model, [v for v in videos if v.story == story])
+            train_videos = [v for v in videos if v.story != story]
+            model = fit_model(train_videos, c, settings)
+            result = evaluate(model, [v for v in videos if v.story == story],
+                              fitted_postprocessing(settings, train_videos))
             row[f"story {story}"] = result["ccc"]
             held_out_cccs += [record["ccc"] for record in result["records"]]
         row["mean"] = float(np.mean(held_out_cccs))  # over videos, as the challenge scores
@@ -360,6 +381,7 @@ def model_record(model, c, settings, in_names, dims, videos):
     return {"kind": MODEL_KIND, "model": model, "in_names": list(in_names),
             "input_dims": [int(dim) for dim in dims], "C": c, "epsilon": settings.epsilon,
             "gamma": settings.gamma, "normalize": settings.normalize,
+            "postprocessing": asdict(fitted_postprocessing(settings, videos)),
             "train_videos": [video.name for video in videos],
             "sklearn_version": sklearn.__version__}
 
@@ -420,6 +442,7 @@ def main(args):
         with_train=saved is None)
     if saved:
         check_compatible(saved, in_names, dims, args.test)
+        postprocessing = saved_postprocessing(saved, train.postprocessing_flags(args), args.test)
     # Every input has been checked: only now is anything written.
     utils.check_writable(pred_dir)
 
@@ -429,10 +452,12 @@ def main(args):
     else:
         utils.check_writable(model_path.parent)
         model, c = fit_with_c_choice(train_videos, settings)
-        results["train"] = evaluate(model, train_videos)
+        postprocessing = fitted_postprocessing(settings, train_videos)
+        results["train"] = evaluate(model, train_videos, postprocessing)
         write_predictions(pred_dir / "pred_train", train_videos, results["train"]["frames"])
         save_model(model_path, model_record(model, c, settings, in_names, dims, train_videos))
-    results["test"] = evaluate(model, test_videos)
+    train.report_unseen_listeners(postprocessing, test_videos)
+    results["test"] = evaluate(model, test_videos, postprocessing)
     write_predictions(pred_dir, test_videos, results["test"]["frames"])
     utils.write_json({**vars(args), "command": " ".join(sys.argv)},
                      pred_dir / ("test_args.json" if saved else "args.json"))

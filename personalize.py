@@ -10,10 +10,20 @@ last epoch, on that subject's videos in --test_dir. Prints each subject's CCC be
 and after fine-tuning and their mean, writes the table to
 <out_dir>/personalize.csv and the predictions to <out_dir>/pred_test. With --seeds N
 each subject is fine-tuned N times (subject_<s>/seed_<k>/) and scored on the
-average of their predictions. init.save's label delay and smoothing carry over.
+average of their predictions. init.save's post-processing carries over; with
+--calibrate, a fine-tuned model calibrates with its subject's own training videos.
+
+With a handful of videos per listener, fine-tuning for a fixed number of epochs can
+make things worse. --inner_cv chooses the number per subject without looking at the
+test videos: for each of the subject's training stories in turn, init.save is
+fine-tuned on the other training videos (subject_<s>/inner_val_on_<story>/) and the
+held-out video is scored every --eval_freq epochs; the epoch (0, no fine-tuning,
+included) with the best mean held-out CCC is the one the subject's model is then
+fine-tuned for on all of them. subject_<s>/inner_cv.csv holds the curves.
 """
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +52,9 @@ def get_args_parser():
                        help="re-split: pool both folders and test on these stories")
     group.add_argument("--overwrite", action="store_true",
                        help="redo subjects that already hold a run")
+    group.add_argument("--inner_cv", action="store_true",
+                       help="choose each subject's number of fine-tuning epochs (0 to "
+                            "--epochs) by leave-one-story-out over their own training videos")
     return parser
 
 
@@ -59,31 +72,87 @@ def subject_sets(train_all, test_all, subject, augment):
     return train_set, test_all.select(subjects=[subject])
 
 
+def inner_folders(subject_dir, stories):
+    return {story: Path(subject_dir) / f"inner_val_on_{story}" for story in stories}
+
+
 def personalize_subject(train_all, test_all, subject, out_dir, settings, normalize, cuda,
-                        augment=None, resumes=None, progress=True, postprocessing_flags=None):
-    """Fine-tune init.save for one subject (once per seed); returns its CCC before
-    and after (of the seeds' average prediction, with their mean and std)."""
+                        augment=None, resumes=None, progress=True, postprocessing_flags=None,
+                        inner_cv=False):
+    """Fine-tune init.save for one subject (once per seed; for the number of epochs
+    that `inner_cv` chooses, if asked); returns its CCC before and after (of the
+    seeds' average prediction, with their mean and std)."""
     device = utils.get_device(cuda)
+    flags = postprocessing_flags or {}
     init = train.load_trained([init_checkpoint(out_dir)], train_all, normalize, device)[0]
-    postprocessing = train.saved_postprocessing([init], postprocessing_flags or {})
     train_set, test_set = subject_sets(train_all.with_scaler(init.scaler),
                                        test_all.with_scaler(init.scaler), subject, augment)
+    postprocessing = train.saved_postprocessing([init], flags, train_all)
     before = train.evaluate(init.network, test_set, device, postprocessing)
     subject_dir = Path(out_dir) / f"subject_{subject}"
-    train.fit_seeds(lambda: train.load_trained([init_checkpoint(out_dir)], train_all, normalize,
-                                               device)[0].network,
-                    train_set, test_set, subject_dir, settings, device, resumes, progress,
-                    postprocessing)
-    # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
-    tuned = train.load_trained(train.run_checkpoints(subject_dir, "last.save"), train_all,
-                               normalize, device)
-    after = train.evaluate_seeds(tuned, test_set, device, postprocessing)
+
+    def load_init():
+        return train.load_trained([init_checkpoint(out_dir)], train_all, normalize, device)[0].network
+
+    epochs = settings.epochs
+    if inner_cv:
+        own_videos = train_all.with_scaler(init.scaler).select(subjects=[subject])
+        epochs = choose_epochs(load_init, init.network, train_set, own_videos, subject_dir,
+                               settings, device, postprocessing, resumes, progress)
+    row = {"subject": subject, "before_ccc": before["ccc"]}
+    if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
+        after = {**before, "seed_ccc": [before["ccc"]] * settings.seeds}
+    else:
+        train.fit_seeds(load_init, train_set, test_set, subject_dir,
+                        replace(settings, epochs=epochs), device, resumes, progress, postprocessing)
+        # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
+        tuned = train.load_trained(train.run_checkpoints(subject_dir, "last.save"), train_all,
+                                   normalize, device)
+        # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
+        after = train.evaluate_seeds(tuned, test_set, device,
+                                     train.saved_postprocessing(tuned, flags, train_set, [test_set]))
     train.write_predictions(Path(out_dir) / "pred_test", test_set, after["frames"])
-    row = {"subject": subject, "before_ccc": before["ccc"], "after_ccc": after["ccc"]}
+    row["after_ccc"] = after["ccc"]
+    if inner_cv:
+        row["epochs"] = epochs
     if settings.seeds > 1:
         row.update(after_ccc_seed_mean=np.mean(after["seed_ccc"]),
                    after_ccc_seed_std=np.std(after["seed_ccc"]))
     return row
+
+
+def choose_epochs(load_init, init_network, train_set, own_videos, subject_dir, settings, device,
+                  postprocessing, resumes=None, progress=True):
+    """The number of fine-tuning epochs (0 to settings.epochs) with the best mean CCC
+    on the subject's own training videos, each held out in turn (see the module's
+    docstring); writes the curves to <subject_dir>/inner_cv.csv."""
+    stories = sorted({video.story for video in own_videos.videos})
+    inner_settings = replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
+    curves = {}
+    for story, folder in inner_folders(subject_dir, stories).items():
+        held_out = own_videos.select(stories=[story])
+        start = train.evaluate(init_network, held_out, device, postprocessing)["ccc"]
+        utils.seed_everything(inner_settings.seed)
+        train.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
+                  inner_settings, device, resume=(resumes or {}).get(folder, False),
+                  progress=progress, postprocessing=postprocessing)
+        history = pd.read_csv(folder / "metrics.csv").dropna(subset=["val_ccc"])
+        curves[f"val_on_{story}"] = pd.Series([start, *history["val_ccc"]],
+                                              index=[0, *history["epoch"]])
+    table = pd.DataFrame(curves).rename_axis("epoch").reset_index()
+    table["mean_ccc"] = table[list(curves)].mean(axis=1)
+    utils.write_csv(table, Path(subject_dir) / "inner_cv.csv")
+    return int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
+
+
+def inner_cv_folders(train_all, subject, out_dir):
+    """{story: folder} of a subject's inner cross-validation, which needs two or more
+    of their training stories."""
+    stories = sorted({video.story for video in train_all.select(subjects=[subject]).videos})
+    if len(stories) < 2:
+        raise ToolkitError(f"--inner_cv needs two or more training stories of subject {subject}, "
+                           f"who has {len(stories)}: leave out --inner_cv or that subject")
+    return inner_folders(Path(out_dir) / f"subject_{subject}", stories)
 
 
 def videos_for_tasks(train_all, test_all, args, mods):
@@ -109,7 +178,7 @@ def choose_subjects(train_all, test_all, requested, augment):
 
 
 def subject_table(rows):
-    scores = [name for name in ("before_ccc", "after_ccc", "after_ccc_seed_mean",
+    scores = [name for name in ("before_ccc", "after_ccc", "epochs", "after_ccc_seed_mean",
                                 "after_ccc_seed_std") if name in rows[0]]
     table = pd.DataFrame(rows, columns=["subject", *scores])
     mean = table[scores].mean()
@@ -121,14 +190,19 @@ def main(args):
     mods = datasets.parse_mods(args.mods)
     settings = train.TrainingSettings.from_args(args)
     settings.check()
+    if args.inner_cv and settings.patience is not None:
+        raise ToolkitError("--inner_cv chooses how long to fine-tune by itself: leave out "
+                           "--patience (which would stop on the test videos)")
     out_dir = Path(args.out_dir)
     init_checkpoint(out_dir)
     train_all, test_all = train.load_train_test(args.train_dir, args.test_dir, mods, args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
-    resumes = train.check_fresh_runs(
-        [folder for subject in subjects
-         for _, folder in settings.seed_runs(out_dir / f"subject_{subject}")],
-        args.resume, args.overwrite)
+    folders = [folder for subject in subjects
+               for _, folder in settings.seed_runs(out_dir / f"subject_{subject}")]
+    if args.inner_cv:
+        folders += [folder for subject in subjects
+                    for folder in inner_cv_folders(train_all, subject, out_dir).values()]
+    resumes = train.check_fresh_runs(folders, args.resume, args.overwrite)
     utils.check_scheduler(args.scheduler)
     utils.check_writable(out_dir)
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
@@ -140,7 +214,7 @@ def main(args):
                   resumes={utils.task_path(folder, args.scheduler): resume
                            for folder, resume in resumes.items()},
                   progress=args.jobs == 1 and not args.scheduler,
-                  postprocessing_flags=train.postprocessing_flags(args))
+                  postprocessing_flags=train.postprocessing_flags(args), inner_cv=args.inner_cv)
              for subject in subjects]
     table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects",
                                              args.scheduler))

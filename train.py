@@ -49,7 +49,8 @@ def get_split_args_parser():
 
 def get_data_args_parser():
     """Flags of every script that loads data and builds models."""
-    parser = argparse.ArgumentParser(add_help=False, parents=[get_split_args_parser()])
+    parser = argparse.ArgumentParser(add_help=False, parents=[get_split_args_parser(),
+                                                             get_postprocessing_args_parser()])
     group = parser.add_argument_group("data and device")
     group.add_argument("--mods", default="audio,text,v_sub,v_act",
                        help="comma-separated modalities from audio,text,v_sub,v_act "
@@ -61,25 +62,45 @@ def get_data_args_parser():
                        help="run on the GPU (falls back to the CPU with a warning)")
     group.add_argument("--seed", type=int, default=1,
                        help="random seed; with --seeds N, the first of N (default: %(default)s)")
+    return parser
+
+
+def get_postprocessing_args_parser(with_label_delay=True):
+    """Flags of the post-processing of predictions (see utils.Postprocessing);
+    fusion.py takes them all but --label_delay, which concerns training targets."""
+    parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group(
         "predictions", "Post-processing of predictions, the same in evaluation and in written "
-        "files. When a saved model is evaluated, it defaults to what the model was trained with.")
-    group.add_argument("--label_delay", type=float, metavar="SECONDS",
-                       help="train features at t to predict the annotation at t + SECONDS "
-                            "(listeners annotate late); predictions are shifted back when "
-                            "written and scored (default: 0)")
+        "files, in this order: label delay, smoothing or low-pass, calibration. When a saved "
+        "model is evaluated, it defaults to what the model was saved with.")
+    if with_label_delay:
+        group.add_argument("--label_delay", type=float, metavar="SECONDS",
+                           help="train features at t to predict the annotation at t + SECONDS "
+                                "(listeners annotate late); predictions are shifted back when "
+                                "written and scored (default: 0)")
     group.add_argument("--smooth", type=float, metavar="SECONDS",
                        help="smooth predictions with a centred window this long (default: 0, none)")
     group.add_argument("--smooth_window", choices=utils.SMOOTHING_WINDOWS,
                        help="shape of the --smooth window: moving average or Gaussian "
                             "(standard deviation a quarter of the window) (default: moving)")
+    group.add_argument("--lowpass", type=float, metavar="HZ",
+                       help="zero-phase Butterworth low-pass filter of the 25 fps predictions "
+                            "with this cutoff, instead of --smooth; e.g. 0.01 (default: 0, none)")
+    group.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                       help="give each video's prediction its listener's mean and standard "
+                            "deviation over the model's training annotations (the pooled ones "
+                            "for a listener without training videos); --no-calibrate turns "
+                            "off a saved model's (default: off)")
     return parser
 
 
+POSTPROCESSING_FLAGS = ("label_delay", "smooth", "smooth_window", "lowpass", "calibrate")
+
+
 def postprocessing_flags(args):
-    """The post-processing flags as given (None where not given), for
+    """The post-processing flags as given (None where not given or not taken), for
     `utils.Postprocessing.resolve`."""
-    return {name: getattr(args, name) for name in ("label_delay", "smooth", "smooth_window")}
+    return {name: getattr(args, name, None) for name in POSTPROCESSING_FLAGS}
 
 
 def get_model_args_parser():
@@ -351,9 +372,30 @@ def load_trained(paths, train_set, normalize, device):
     return trained
 
 
-def saved_postprocessing(trained, flags):
-    """The post-processing the models were trained with, overridden by `flags`."""
-    return utils.Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"), **flags)
+def saved_postprocessing(trained, flags, train_set, evaluated=()):
+    """The post-processing the models were trained with, overridden by `flags`. A
+    model saved without listener statistics calibrates with those of `train_set`
+    (its training videos, as the caller knows them), and says so; so does
+    calibration of listeners in the `evaluated` sets that training never saw."""
+    postprocessing = utils.Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"),
+                                                  **flags)
+    if postprocessing.calibrate and postprocessing.listener_stats is None:
+        print(f"note: the model was saved without listener statistics: --calibrate uses "
+              f"those of its {len(train_set)} training videos as loaded now", file=sys.stderr)
+        postprocessing = postprocessing.with_listener_stats(train_set.videos)
+    report_unseen_listeners(postprocessing, [video for video_set in evaluated
+                                             for video in video_set.videos])
+    return postprocessing
+
+
+def report_unseen_listeners(postprocessing, videos):
+    """Say which listeners of `videos` calibration maps to the pooled statistics."""
+    unseen = postprocessing.unseen_listeners([video.subject for video in videos])
+    if unseen:
+        mean, std = postprocessing.listener_stats["pooled"]
+        print(f"note: --calibrate: listener(s) {', '.join(map(str, unseen))} had no training "
+              f"videos; their predictions take the pooled statistics (mean {mean:.3f}, "
+              f"sd {std:.3f})", file=sys.stderr)
 
 
 def evaluate_seeds(trained, video_set, device, postprocessing):
@@ -474,7 +516,12 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     # A run killed mid-write (a lost cluster worker) left temporaries; this run owns the folder.
     utils.remove_interrupted_writes(model_dir)
     settings.check()
-    postprocessing = postprocessing or utils.Postprocessing()
+    # Calibration maps predictions to the statistics of the training videos: saved in
+    # every checkpoint, so that a model evaluated later calibrates as it was trained.
+    postprocessing = (postprocessing or utils.Postprocessing()).with_listener_stats(
+        train_set.videos)
+    if not resume:
+        report_unseen_listeners(postprocessing, val_set.videos)
     if postprocessing.delay_frames:
         train_set = train_set.with_label_delay(postprocessing.delay_frames)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
@@ -672,7 +719,8 @@ def main(args):
     if settings.seeds > 1:
         best = [summary["best_ccc"] for summary in summaries]
         trained = load_trained(run_checkpoints(model_dir), train_set, args.normalize, device)
-        average = evaluate_seeds(trained, test_set, device, postprocessing)
+        average = evaluate_seeds(trained, test_set, device,
+                                 saved_postprocessing(trained, {}, train_set))
         print(f"best validation CCC over {settings.seeds} seeds: {np.mean(best):.4f} +- "
               f"{np.std(best):.4f}; their average prediction: CCC {average['ccc']:.4f}")
     return summaries
@@ -682,7 +730,8 @@ def predict_saved(args, model_dir, train_set, test_set, device):
     """--test and --features: evaluate a saved model (every seed's, for a --seeds run)."""
     paths = [Path(args.load)] if args.load else run_checkpoints(model_dir)
     trained = load_trained(paths, train_set, args.normalize, device)
-    postprocessing = saved_postprocessing(trained, postprocessing_flags(args))
+    postprocessing = saved_postprocessing(trained, postprocessing_flags(args), train_set,
+                                          [test_set])
     if args.test:
         utils.check_writable(args.pred_dir)
         print_results(test(trained, train_set, test_set, args.pred_dir, device, postprocessing))

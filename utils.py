@@ -87,7 +87,8 @@ SMOOTHING_WINDOWS = ("moving", "gaussian")
 @dataclasses.dataclass(frozen=True)
 class Postprocessing:
     """How per-second predictions become the 25 fps predictions that are written and
-    scored; the same for evaluation during training and for written files.
+    scored; the same for evaluation during training and for written files. The steps
+    run in this order:
 
     `label_delay` (seconds, --label_delay): the model was trained so that features at
     second t predict the annotation at t + delay, so its 25 fps predictions are
@@ -95,30 +96,50 @@ class Postprocessing:
     `smooth` (seconds, --smooth): a centred window of that length smooths the 25 fps
     predictions, flat (`moving` average) or Gaussian (standard deviation a quarter of
     the window, so the window spans +-2 sigma); edges repeat the end values.
+    `lowpass` (Hz, --lowpass), instead of `smooth`: a zero-phase (forward and
+    backward) second-order Butterworth low-pass filter; edges repeat the end values.
+    `calibrate` (--calibrate): each video's prediction is standardized over the video,
+    then given its listener's mean and standard deviation in `listener_stats` (see
+    `listener_statistics`: the annotations of the model's training videos), or the
+    pooled ones for a listener without training videos. A constant prediction
+    becomes the listener's mean.
     """
     label_delay: float = 0.0
     smooth: float = 0.0
     smooth_window: str = "moving"
+    lowpass: float = 0.0
+    calibrate: bool = False
+    listener_stats: dict = None
 
     def __post_init__(self):
-        for name in ("label_delay", "smooth"):
+        for name in ("label_delay", "smooth", "lowpass"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ToolkitError(f"--{name} must be a number of seconds >= 0, got {value}")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                unit = "Hz" if name == "lowpass" else "seconds"
+                raise ToolkitError(f"--{name} must be a number of {unit} >= 0, got {value}")
         if self.smooth_window not in SMOOTHING_WINDOWS:
             raise ToolkitError(f"--smooth_window must be one of {', '.join(SMOOTHING_WINDOWS)}, "
                                f"got {self.smooth_window}")
+        if self.lowpass >= FPS / 2:
+            raise ToolkitError(f"--lowpass {self.lowpass:g} Hz is not below the Nyquist "
+                               f"frequency of 25 fps predictions ({FPS / 2:g} Hz): give a lower "
+                               "cutoff, e.g. 0.01")
+        if self.lowpass and self.smooth:
+            raise ToolkitError("--lowpass and --smooth both filter the predictions: give one "
+                               "(--smooth 0 or --lowpass 0 turns off the one a model was "
+                               "saved with)")
 
     @property
     def delay_frames(self):
         return round(self.label_delay * FPS)
 
-    def frames(self, per_second, n_frames):
-        """25 fps predictions of a video of `n_frames` frames."""
+    def frames(self, per_second, n_frames, subject=None):
+        """25 fps predictions of a video of `n_frames` frames, by listener `subject`."""
         delay = min(self.delay_frames, n_frames - 1)
         frames = expand_to_frames(per_second, n_frames - delay)
-        frames = self._smoothed(frames)
-        return np.concatenate([np.full(delay, frames[0], np.float32), frames])
+        frames = self._low_passed(self._smoothed(frames))
+        frames = np.concatenate([np.full(delay, frames[0], np.float32), frames])
+        return self._calibrated(frames, subject) if self.calibrate else frames
 
     def _smoothed(self, frames):
         from scipy.ndimage import gaussian_filter1d, uniform_filter1d
@@ -131,6 +152,40 @@ class Postprocessing:
         return gaussian_filter1d(frames.astype(np.float64), width / 4, mode="nearest",
                                  truncate=2.0).astype(np.float32)
 
+    def _low_passed(self, frames):
+        from scipy.signal import butter, sosfiltfilt
+        if not self.lowpass or frames.size < 2:
+            return frames
+        sections = butter(2, self.lowpass, fs=FPS, output="sos")
+        # Constant padding starts the filter in its steady state at the edge value, so
+        # even a cutoff whose response outlasts the video adds no edge transient.
+        padding = min(frames.size - 1, math.ceil(FPS / self.lowpass))
+        return sosfiltfilt(sections, frames.astype(np.float64), padtype="constant",
+                           padlen=padding).astype(np.float32)
+
+    def _calibrated(self, frames, subject):
+        if self.listener_stats is None:
+            raise ToolkitError("--calibrate needs the listeners' statistics of the model's "
+                               "training videos, and none were given")
+        mean, std = self.listener_stats["subjects"].get(str(subject),
+                                                        self.listener_stats["pooled"])
+        frames = frames.astype(np.float64)
+        spread = frames.std()
+        standardized = (frames - frames.mean()) / spread if spread > 0 else np.zeros_like(frames)
+        return (mean + std * standardized).astype(np.float32)
+
+    def with_listener_stats(self, videos):
+        """This post-processing with the listener statistics of `videos` (the
+        training videos of the model it serves)."""
+        return dataclasses.replace(self, listener_stats=listener_statistics(videos))
+
+    def unseen_listeners(self, subjects):
+        """The listeners among `subjects` whom calibration maps to the pooled
+        statistics (none unless --calibrate)."""
+        if not self.calibrate or self.listener_stats is None:
+            return []
+        return sorted({s for s in subjects if str(s) not in self.listener_stats["subjects"]})
+
     @classmethod
     def resolve(cls, saved=None, **overrides):
         """The post-processing `saved` in a checkpoint (defaults if none), with the
@@ -138,6 +193,27 @@ class Postprocessing:
         settings = dict(saved or {})
         settings.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**settings)
+
+
+def listener_statistics(videos):
+    """Mean and standard deviation of the 25 fps annotations of each listener's
+    videos (each video once, however often a set repeats it) and of all of them:
+    {"pooled": [mean, std], "subjects": {"<subject>": [mean, std]}}, plain values
+    so that a checkpoint holding them loads with weights_only=True."""
+    unique = {(video.subject, video.story): video.annotation for video in videos
+              if video.annotation is not None}
+    if not unique:
+        raise ToolkitError("--calibrate needs annotated training videos")
+
+    def moments(annotations):
+        values = np.concatenate(annotations).astype(np.float64)
+        return [float(values.mean()), float(values.std())]
+
+    per_subject = {}
+    for (subject, _), annotation in sorted(unique.items()):
+        per_subject.setdefault(subject, []).append(annotation)
+    return {"pooled": moments(list(unique.values())),
+            "subjects": {str(subject): moments(own) for subject, own in per_subject.items()}}
 
 
 def score_videos(videos, per_second_predictions, postprocessing=None):
@@ -152,7 +228,7 @@ def score_videos(videos, per_second_predictions, postprocessing=None):
     postprocessing = postprocessing or Postprocessing()
     frames, records = [], []
     for video, per_second in zip(videos, per_second_predictions):
-        prediction = postprocessing.frames(per_second, video.n_frames)
+        prediction = postprocessing.frames(per_second, video.n_frames, video.subject)
         frames.append(prediction)
         score = ccc(prediction, video.annotation) if video.annotation is not None else math.nan
         records.append({"subject": video.subject, "story": video.story, "ccc": score})

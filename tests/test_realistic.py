@@ -1,0 +1,296 @@
+"""Results that hold on real recordings: the realistic built-in data, data_stats.py,
+--calibrate, --lowpass and personalize.py --inner_cv."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cv_fusion
+import crossval
+import data_stats
+import datasets
+import fusion
+import personalize
+import train
+import utils
+from conftest import run_script, write_tiny_data
+from utils import FPS, ToolkitError
+
+
+def run(module, *argv):
+    return module.main(module.get_args_parser().parse_args([str(arg) for arg in argv]))
+
+
+def video(subject, story, annotation):
+    return SimpleNamespace(subject=subject, story=story, annotation=np.asarray(annotation, np.float32))
+
+
+# ---------------------------------------------------------------- calibration arithmetic
+
+STATS = {"pooled": [0.0, 1.0], "subjects": {"1": [0.5, 0.2]}}
+
+
+def test_calibration_of_a_hand_computed_video():
+    # Per second 1, 2, 3 -> 25 frames each: mean 2, population sd sqrt(2/3), so the
+    # standardized seconds are -1.2247, 0, 1.2247; listener 1 has mean 0.5, sd 0.2.
+    calibrated = utils.Postprocessing(calibrate=True, listener_stats=STATS).frames(
+        np.array([1, 2, 3], np.float32), 3 * FPS, subject=1)
+    z = 1 / np.sqrt(2 / 3)
+    expected = np.repeat([0.5 - 0.2 * z, 0.5, 0.5 + 0.2 * z], FPS)
+    np.testing.assert_allclose(calibrated, expected, atol=1e-6)
+    assert calibrated.mean() == pytest.approx(0.5, abs=1e-6)
+    assert calibrated.std() == pytest.approx(0.2, abs=1e-6)
+
+
+def test_a_listener_without_training_videos_takes_the_pooled_statistics(capsys):
+    postprocessing = utils.Postprocessing(calibrate=True, listener_stats=STATS)
+    calibrated = postprocessing.frames(np.array([1, 2, 3], np.float32), 3 * FPS, subject=9)
+    np.testing.assert_allclose(calibrated, np.repeat([-1 / np.sqrt(2 / 3), 0, 1 / np.sqrt(2 / 3)], FPS),
+                               atol=1e-6)
+    assert postprocessing.unseen_listeners([1, 9, 9, 4]) == [4, 9]
+    train.report_unseen_listeners(postprocessing, [video(9, 1, [0]), video(1, 1, [0])])
+    assert "listener(s) 9 had no training videos" in capsys.readouterr().err
+    # Without --calibrate nobody is mapped, so nothing is said.
+    assert utils.Postprocessing(listener_stats=STATS).unseen_listeners([9]) == []
+
+
+def test_a_constant_prediction_becomes_the_listeners_mean():
+    calibrated = utils.Postprocessing(calibrate=True, listener_stats=STATS).frames(
+        np.full(4, 0.3, np.float32), 4 * FPS, subject=1)
+    np.testing.assert_allclose(calibrated, 0.5)
+
+
+def test_listener_statistics_count_each_video_once():
+    first, second = video(1, 2, [0.0, 1.0]), video(1, 4, [1.0, 1.0])
+    other = video(2, 2, [-1.0, -1.0, -1.0, -1.0])
+    stats = utils.listener_statistics([first, second, second, second, other])  # --augment repeats
+    assert stats["subjects"]["1"] == pytest.approx([0.75, np.sqrt(0.1875)])
+    assert stats["subjects"]["2"] == pytest.approx([-1.0, 0.0])
+    assert stats["pooled"] == pytest.approx([-0.125, np.std([0, 1, 1, 1, -1, -1, -1, -1])])
+
+
+def test_calibration_without_statistics_is_refused():
+    with pytest.raises(ToolkitError, match="--calibrate needs"):
+        utils.Postprocessing(calibrate=True).frames(np.zeros(2, np.float32), 2 * FPS, 1)
+
+
+# ---------------------------------------------------------------- low-pass
+
+def test_lowpass_keeps_slow_changes_and_removes_fast_ones():
+    t = np.arange(120 * FPS) / FPS
+    slow, fast = np.sin(2 * np.pi * 0.01 * t), 0.5 * np.sin(2 * np.pi * 2 * t)
+    frames = (slow + fast).astype(np.float32)
+    filtered = utils.Postprocessing(lowpass=0.1)._low_passed(frames)
+    assert np.std(filtered - slow) < 0.05 < np.std(frames - slow)
+    assert utils.ccc(filtered, slow) > 0.99
+    # Zero phase: filtering a time-reversed series gives the reversed result.
+    reversed_filtered = utils.Postprocessing(lowpass=0.1)._low_passed(frames[::-1].copy())
+    np.testing.assert_allclose(reversed_filtered[::-1], filtered, atol=1e-4)
+    # A constant stays exactly constant, even with a cutoff far below 1 / length.
+    constant = utils.Postprocessing(lowpass=0.004).frames(np.full(30, 0.35, np.float32), 30 * FPS)
+    np.testing.assert_allclose(constant, 0.35, atol=1e-6)
+
+
+def test_lowpass_runs_before_calibration():
+    postprocessing = utils.Postprocessing(lowpass=0.05, calibrate=True, listener_stats=STATS)
+    per_second = np.random.default_rng(0).standard_normal(200).astype(np.float32)
+    result = postprocessing.frames(per_second, 200 * FPS, subject=1)
+    assert result.mean() == pytest.approx(0.5, abs=1e-5) and result.std() == pytest.approx(0.2, abs=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lowpass=12.5), "--lowpass 12.5 Hz is not below the Nyquist"),
+    (dict(lowpass=-1.0), "--lowpass must be a number of Hz"),
+    (dict(lowpass=float("nan")), "--lowpass must be a number of Hz"),
+    (dict(lowpass=0.01, smooth=4.0), "--lowpass and --smooth both filter"),
+])
+def test_bad_lowpass_values_are_refused(options, message):
+    with pytest.raises(ToolkitError, match=message):
+        utils.Postprocessing(**options)
+
+
+def test_a_bad_lowpass_flag_writes_nothing(in_tmp):
+    result = run_script("train.py", "--mods", "audio,text", "--epochs", "1", "--model_dir", "m",
+                        "--lowpass", "30", cwd=in_tmp)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --lowpass 30 Hz is not below the Nyquist frequency of 25 fps predictions "
+        "(12.5 Hz): give a lower cutoff, e.g. 0.01"]
+    assert not (in_tmp / "m").exists()
+
+
+# ---------------------------------------------------------------- statistics travel with the model
+
+def test_calibration_statistics_travel_with_the_model(in_tmp, capsys):
+    run(train, "--mods", "audio,text", "--epochs", 2, "--lr", 1e-3, "--model_dir", "m",
+        "--calibrate", "--lowpass", 0.05)
+    checkpoint = torch.load(in_tmp / "m" / "best.save", weights_only=True)
+    train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio", "text"])
+    saved = checkpoint["postprocessing"]
+    assert saved["calibrate"] and saved["lowpass"] == 0.05
+    assert saved["listener_stats"] == utils.listener_statistics(train_set.videos)
+    # --test scores exactly what training selected the best epoch on ...
+    capsys.readouterr()
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "p", "--test")
+    assert f"test CCC: {checkpoint['best_ccc']:.4f}" in capsys.readouterr().out
+    # ... and its written predictions carry each listener's training mean and sd.
+    for path in sorted((in_tmp / "p" / "pred_test").glob("*.csv")):
+        subject = datasets.VIDEO_FILE.match(path.name).group(1)
+        mean, std = saved["listener_stats"]["subjects"][subject]
+        prediction = datasets.read_annotation(path)
+        assert prediction.mean() == pytest.approx(mean, abs=1e-5)
+        assert prediction.std() == pytest.approx(std, abs=1e-5)
+    # A model trained without --calibrate still holds the statistics: calibrating later
+    # needs no training data of its own.
+    run(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "plain")
+    plain = torch.load(in_tmp / "plain" / "best.save", weights_only=True)["postprocessing"]
+    assert not plain["calibrate"] and plain["listener_stats"] == saved["listener_stats"]
+
+
+def test_crossval_calibrates_each_fold_with_its_own_training_videos(in_tmp):
+    run(crossval, "--mods", "audio,text", "--epochs", 1, "--out_dir", "cv", "--calibrate",
+        "--stories", 1, 2, 4)
+    pooled = crossval.load_pool("data/Training", "data/Validation", ["audio", "text"], [1, 2, 4], None)
+    for story in (1, 2, 4):
+        train_set, _ = crossval.fold_sets(pooled, story)
+        saved = torch.load(in_tmp / "cv" / f"val_on_{story}" / "best.save", weights_only=True)
+        assert saved["postprocessing"]["listener_stats"] == utils.listener_statistics(train_set.videos)
+    table = pd.read_csv(in_tmp / "cv" / "crossval.csv")
+    run(crossval, "--mods", "audio,text", "--out_dir", "cv", "--test", "--stories", 1, 2, 4,
+        "--no-calibrate")
+    uncalibrated = pd.read_csv(in_tmp / "cv" / "crossval.csv")
+    assert not np.allclose(table["val_ccc"], uncalibrated["val_ccc"])
+    run(crossval, "--mods", "audio,text", "--out_dir", "cv", "--test", "--stories", 1, 2, 4)
+    np.testing.assert_allclose(pd.read_csv(in_tmp / "cv" / "crossval.csv")["val_ccc"],
+                               table["val_ccc"], rtol=0, atol=1e-12)
+
+
+def test_fusion_saves_its_calibration_and_test_uses_it(in_tmp, capsys):
+    run(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m")
+    run(train, "--mods", "audio,text", "--model_dir", "m", "--feat_dir", "f", "--features")
+    fitted = run(fusion, "f", "--calibrate", "--pred_dir", "fused")
+    record = fusion.load_model(in_tmp / "fused" / fusion.MODEL_FILE)
+    train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio"])
+    assert record["postprocessing"]["calibrate"]
+    assert record["postprocessing"]["listener_stats"] == utils.listener_statistics(train_set.videos)
+    tested = run(fusion, "f", "--test", in_tmp / "fused" / fusion.MODEL_FILE, "--pred_dir", "again")
+    assert tested["test"]["ccc"] == pytest.approx(fitted["test"]["ccc"], abs=1e-12)
+    plain = run(fusion, "f", "--test", in_tmp / "fused" / fusion.MODEL_FILE, "--pred_dir", "raw",
+                "--no-calibrate")
+    assert plain["test"]["ccc"] != pytest.approx(fitted["test"]["ccc"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- personalize.py --inner_cv
+
+def test_inner_cv_chooses_the_epochs_on_the_subjects_own_training_videos(in_tmp):
+    run(train, "--mods", "audio,text", "--epochs", 2, "--lr", 1e-3, "--model_dir", "m")
+    (in_tmp / "p").mkdir()
+    (in_tmp / "p" / "init.save").write_bytes((in_tmp / "m" / "best.save").read_bytes())
+    table = run(personalize, "--mods", "audio,text", "--out_dir", "p", "--epochs", 3, "--lr", 1e-3,
+                "--inner_cv", "--subjects", 1, 2)
+    for subject in (1, 2):
+        curves = pd.read_csv(in_tmp / "p" / f"subject_{subject}" / "inner_cv.csv")
+        # the subject's training stories 2, 4, 5 held out in turn, epochs 0 (init) to 3
+        assert list(curves.columns) == ["epoch", "val_on_2", "val_on_4", "val_on_5", "mean_ccc"]
+        assert list(curves["epoch"]) == [0, 1, 2, 3]
+        chosen = int(curves.loc[curves["mean_ccc"].idxmax(), "epoch"])
+        row = table[table["subject"] == subject].iloc[0]
+        assert row["epochs"] == chosen
+        subject_dir = in_tmp / "p" / f"subject_{subject}"
+        if chosen:
+            assert torch.load(subject_dir / "last.save", weights_only=True)["epoch"] == chosen
+        else:
+            assert row["after_ccc"] == row["before_ccc"] and not (subject_dir / "last.save").exists()
+        # the held-out story of an inner run is not among its training videos
+        inner = torch.load(subject_dir / "inner_val_on_4" / "last.save", weights_only=True)
+        assert inner["epoch"] == 3
+    assert sorted(p.name for p in (in_tmp / "p" / "pred_test").glob("*.csv")) == [
+        "Subject_1_Story_1.csv", "Subject_2_Story_1.csv"]
+
+
+def test_inner_cv_refusals(in_tmp):
+    run(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m")
+    (in_tmp / "p").mkdir()
+    (in_tmp / "p" / "init.save").write_bytes((in_tmp / "m" / "best.save").read_bytes())
+    with pytest.raises(ToolkitError, match="leave out --patience"):
+        run(personalize, "--mods", "audio,text", "--out_dir", "p", "--inner_cv", "--patience", 2)
+    with pytest.raises(ToolkitError, match="two or more training stories of subject 1"):
+        run(personalize, "--mods", "audio,text", "--out_dir", "p", "--inner_cv",
+            "--test_set", 1, 2, 4)
+    assert sorted(path.name for path in (in_tmp / "p").iterdir()) == ["init.save"]
+
+
+# ---------------------------------------------------------------- data_stats.py
+
+def write_annotation(folder, subject, story, values):
+    folder.mkdir(parents=True, exist_ok=True)
+    utils.write_valence(folder / f"{datasets.video_name(subject, story)}.csv",
+                        np.asarray(values, np.float32))
+
+
+def test_data_stats_on_a_hand_made_folder(tmp_path, capsys):
+    annotations = tmp_path / "split" / "Annotations"
+    first = np.repeat([0.0, 0.05, 0.1, 0.1], 2 * FPS)      # 8 s on the 0.05 grid
+    second = np.repeat([0.1, 0.1, 0.05, 0.0], 2 * FPS)     # the mirror image
+    write_annotation(annotations, 1, 1, first)
+    write_annotation(annotations, 2, 1, second)
+    write_annotation(annotations, 1, 2, np.repeat([0.0, -0.5], 4 * FPS + 3))
+    write_annotation(annotations, 2, 3, np.zeros(10))       # a dummy: left out
+    table = run(data_stats, tmp_path / "split", "--out", tmp_path / "stats.csv")
+    stats = table.set_index("statistic")
+    assert stats.loc["pairwise CCC of two listeners on the same story (mean per story)", "mean"] == \
+        pytest.approx(utils.ccc(first, second))
+    assert stats.loc["fraction of 25 fps frames that differ from the previous frame", "mean"] == \
+        pytest.approx(5 / (2 * (8 * FPS - 1) + 8 * FPS + 6 - 1))  # 2 + 2 + 1 changes
+    assert "value grid step (0.05)" in stats.index
+    all_values = np.concatenate([first, second, np.repeat([0.0, -0.5], 4 * FPS + 3)])
+    assert stats.loc["fraction of frames exactly 0", "mean"] == pytest.approx(np.mean(all_values == 0))
+    assert stats.loc["per-video standard deviation", "count"] == 3
+    listener_means = [np.mean([first.mean(), np.repeat([0.0, -0.5], 4 * FPS + 3).mean()]),
+                      second.mean()]
+    assert stats.loc["sd of the per-listener means across listeners", "mean"] == \
+        pytest.approx(np.std(listener_means), abs=1e-6)
+    assert stats.loc["story length (s)", "max"] == pytest.approx((8 * FPS + 6) / FPS)
+    assert "1 constant (dummy) annotations left out" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "stats.csv")["statistic"].tolist() == table["statistic"].tolist()
+
+
+def test_autocorrelation_half_life():
+    lags = np.arange(400)
+    assert data_stats.autocorrelation_half_life(np.sin(2 * np.pi * lags / 40)) == 7  # cos(2pi 7/40) < 0.5
+    assert np.isnan(data_stats.autocorrelation_half_life(np.ones(10)))
+
+
+def test_data_stats_refuses_a_folder_without_annotations(tmp_path):
+    result = run_script("data_stats.py", str(tmp_path), "--out", str(tmp_path / "s.csv"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {tmp_path / 'Annotations'} does not exist: give "
+                                     "split folders that hold Annotations/ (e.g. data/Training)")
+    assert not (tmp_path / "s.csv").exists()
+
+
+# ---------------------------------------------------------------- the realistic preset
+
+def test_the_realistic_preset_has_the_real_annotations_statistics(tmp_path):
+    data = write_tiny_data(tmp_path / "data", preset="realistic", subjects=8, stories=5,
+                           seconds=200, dims="6,6,6,6")
+    table = run(data_stats, data / "Training", data / "Validation", "--mods", "audio,text",
+                "--out", tmp_path / "stats.csv").set_index("statistic")
+    mean = table["mean"]
+    assert 0.0 < mean["pairwise CCC of two listeners on the same story (mean per story)"] < 0.3
+    assert 0.005 < mean["fraction of 25 fps frames that differ from the previous frame"] < 0.05
+    assert "value grid step (0.05)" in table.index
+    assert 0.1 < mean["fraction of frames exactly 0"] < 0.45
+    assert 0.2 < mean["per-video standard deviation"] < 0.5
+    assert 4 <= table.loc["autocorrelation of the per-second series falls below 0.5 after (s)",
+                          "median"] <= 30
+    best_audio = [name for name in table.index if name.startswith("Pearson r of the best single audio")]
+    assert abs(mean[best_audio[0]]) < 0.3
+    easy = write_tiny_data(tmp_path / "easy", subjects=8, stories=5, seconds=200, dims="6,6,6,6")
+    easy_table = run(data_stats, easy / "Training", easy / "Validation",
+                     "--out", tmp_path / "easy.csv").set_index("statistic")
+    assert easy_table["mean"]["pairwise CCC of two listeners on the same story (mean per story)"] > 0.4
+    assert "value grid step (continuous)" in easy_table.index
