@@ -1,13 +1,20 @@
 """Compare the training and post-processing options by cross-validation.
 
-    python make_data.py --out_dir data_compare --subjects 10 --stories 5 --seconds 120
+    python make_data.py --preset realistic --out_dir data_compare --subjects 10 --stories 5
     python compare_options.py --train_dir data_compare/Training --test_dir data_compare/Validation
 
 Runs crossval.py once per option (the default first) with the same data, epochs and
 learning rate, into <out_dir>/<option>/, and prints a Markdown table of the held-out
 CCC of each (mean, std and mean-std over folds) with its wall time; the table is
-also written to <out_dir>/compare.csv. Smoothing needs no training: it re-evaluates
-the default run's checkpoints with --smooth.
+also written to <out_dir>/compare.csv. Filtering alone needs no training: --smooth
+and --lowpass re-evaluate the default run's checkpoints. Options that change what
+is scored (--calibrate) train, so that the best epoch is chosen on what is reported.
+
+Then personalization: the default run's model for the fold that holds out story 1
+(as the user guide copies cv_AT/val_on_1/best.save) is fine-tuned per listener with
+personalize.py, with and without --inner_cv and --calibrate, into
+<out_dir>/personal_<option>/; a second table (the personalized track: the mean over
+listeners of their story-1 CCC) is written to <out_dir>/personalize.csv.
 """
 import argparse
 import re
@@ -18,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 import crossval
+import personalize
 import train
 import utils
 
@@ -28,6 +36,10 @@ VARIANTS = [
     ("--label_delay 3", ["--label_delay", "3"], False),
     ("--smooth 4", ["--smooth", "4"], True),
     ("--smooth 4 --smooth_window gaussian", ["--smooth", "4", "--smooth_window", "gaussian"], True),
+    ("--lowpass 0.01", ["--lowpass", "0.01"], True),
+    ("--calibrate", ["--calibrate"], False),
+    ("--loss ccc --calibrate", ["--loss", "ccc", "--calibrate"], False),
+    ("--lowpass 0.01 --calibrate", ["--lowpass", "0.01", "--calibrate"], False),
     ("--bidirectional", ["--bidirectional"], False),
     ("--layers 2", ["--layers", "2"], False),
     ("--seeds 3", ["--seeds", "3"], False),
@@ -46,8 +58,21 @@ def get_args_parser():
     parser.add_argument("--out_dir", default="./compare", help="where the runs go (default: %(default)s)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these options, by folder name, e.g. default loss_ccc "
-                             "smooth_4 (the smoothing options need the default run)")
+                             "smooth_4 (the filtering options and personalization need the "
+                             "default run)")
+    parser.add_argument("--personal_epochs", type=int, default=10, metavar="N",
+                        help="fine-tuning epochs per listener (with --inner_cv: at most N); "
+                             "0 skips personalization (default: %(default)s)")
     return parser
+
+
+# (name, personalize.py flags) of the personalization table; "init.save" only evaluates.
+PERSONAL_VARIANTS = [
+    ("fine-tune", []),
+    ("fine-tune --calibrate", ["--calibrate"]),
+    ("--inner_cv", ["--inner_cv"]),
+    ("--inner_cv --calibrate", ["--inner_cv", "--calibrate"]),
+]
 
 
 def variant_folder(out_dir, name):
@@ -82,6 +107,34 @@ def run_variant(name, flags, reevaluate, common, out_dir):
             "mean_minus_std": summary["Mean-Std"], "seconds": seconds}
 
 
+def run_personalization(name, flags, common, out_dir, epochs):
+    """Fine-tune the default run's story-1 model per listener; returns its table row
+    (the mean over listeners of their CCC before and after)."""
+    init = variant_folder(out_dir, "default") / "val_on_1" / "best.save"
+    if not init.is_file():
+        raise utils.ToolkitError(f"personalization starts from {init}, which does not exist: "
+                                 "include default in --only, on data whose story 1 validates")
+    folder = Path(out_dir) / f"personal_{variant_folder(out_dir, name).name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(init, folder / "init.save")
+    argv = [*common, "--out_dir", str(folder), "--epochs", str(epochs), "--overwrite",
+            "--save_freq", str(epochs), *flags]
+    start = time.perf_counter()
+    table = personalize.main(personalize.get_args_parser().parse_args(argv))
+    mean = table.set_index("subject").loc["Mean"]
+    return {"option": name, "before_ccc": mean["before_ccc"], "after_ccc": mean["after_ccc"],
+            "mean_epochs": mean.get("epochs", epochs), "seconds": time.perf_counter() - start}
+
+
+def personal_markdown(table):
+    lines = ["| personalize.py | CCC before | CCC after | mean epochs | wall time |",
+             "|---|---|---|---|---|"]
+    for row in table.itertuples():
+        lines.append(f"| `{row.option}` | {row.before_ccc:.4f} | {row.after_ccc:.4f} | "
+                     f"{row.mean_epochs:.1f} | {row.seconds:.0f} s |")
+    return "\n".join(lines)
+
+
 def markdown(table):
     lines = ["| option | mean CCC | std | mean-std | wall time |", "|---|---|---|---|---|"]
     for row in table.itertuples():
@@ -100,14 +153,29 @@ def main(args):
     common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir, "--mods", args.mods,
               "--epochs", str(args.epochs), "--lr", str(args.lr), "--jobs", str(args.jobs),
               "--save_freq", str(args.epochs)]
+    if args.personal_epochs < 0:
+        raise utils.ToolkitError(f"--personal_epochs must be 0 or more, got {args.personal_epochs}")
     utils.check_writable(args.out_dir)
     rows = [run_variant(name, flags, reevaluate, common, args.out_dir)
             for name, flags, reevaluate in VARIANTS if name in chosen]
     table = pd.DataFrame(rows)
     utils.write_csv(table, Path(args.out_dir) / "compare.csv")
+    personal = None
+    if args.personal_epochs and "default" in chosen:
+        personal_common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir,
+                           "--mods", args.mods, "--lr", str(args.lr), "--jobs", str(args.jobs)]
+        personal = pd.DataFrame([run_personalization(name, flags, personal_common, args.out_dir,
+                                                     args.personal_epochs)
+                                 for name, flags in PERSONAL_VARIANTS])
+        utils.write_csv(personal, Path(args.out_dir) / "personalize.csv")
     print(f"\nheld-out CCC of crossval.py --mods {args.mods} --epochs {args.epochs} --lr {args.lr}:")
     print(markdown(table))
-    return table
+    if personal is not None:
+        print(f"\npersonalized track (story 1, mean over listeners) of personalize.py from "
+              f"{variant_folder(args.out_dir, 'default') / 'val_on_1' / 'best.save'}, "
+              f"--epochs {args.personal_epochs} --lr {args.lr}:")
+        print(personal_markdown(personal))
+    return table, personal
 
 
 if __name__ == "__main__":

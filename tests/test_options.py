@@ -340,8 +340,9 @@ def test_training_needs_annotated_validation(unlabelled):
 
 def test_compare_options_tables_each_option(in_tmp, capsys):
     import compare_options
-    table = run(compare_options, "--epochs", 2, "--only", "default", "smooth_4", "loss_ccc")
-    assert table["option"].tolist() == ["default", "--loss ccc", "--smooth 4"]
+    table, personal = run(compare_options, "--epochs", 2, "--only", "default", "smooth_4",
+                          "loss_ccc", "calibrate", "--personal_epochs", 1)
+    assert table["option"].tolist() == ["default", "--loss ccc", "--smooth 4", "--calibrate"]
     default = pd.read_csv(in_tmp / "compare" / "default" / "crossval.csv").set_index("story")
     assert table["mean_ccc"][0] == pytest.approx(default["val_ccc"]["Mean"])
     smooth = pd.read_csv(in_tmp / "compare" / "smooth_4" / "crossval.csv").set_index("story")
@@ -349,6 +350,20 @@ def test_compare_options_tables_each_option(in_tmp, capsys):
     assert table["mean_ccc"][2] != table["mean_ccc"][0]   # same models, smoothed
     assert torch.load(in_tmp / "compare" / "loss_ccc" / "val_on_1" / "best.save",
                       weights_only=True)["training"]["loss"] == "ccc"
-    assert "| `--smooth 4` |" in capsys.readouterr().out
+    calibrated = torch.load(in_tmp / "compare" / "calibrate" / "val_on_1" / "best.save",
+                            weights_only=True)["postprocessing"]
+    assert calibrated["calibrate"] and calibrated["listener_stats"]["subjects"]
+    # personalization starts from the default run's story-1 model, as the guide does
+    assert personal["option"].tolist() == ["fine-tune", "fine-tune --calibrate", "--inner_cv",
+                                           "--inner_cv --calibrate"]
+    for name in ("fine_tune", "inner_cv"):
+        assert (in_tmp / "compare" / f"personal_{name}" / "init.save").read_bytes() == \
+            (in_tmp / "compare" / "default" / "val_on_1" / "best.save").read_bytes()
+    assert personal["before_ccc"][0] == pytest.approx(personal["before_ccc"][2])
+    inner = pd.read_csv(in_tmp / "compare" / "personal_inner_cv" / "personalize.csv")
+    assert personal["after_ccc"][2] == pytest.approx(inner["after_ccc"].iloc[-1])
+    assert personal["mean_epochs"][2] == pytest.approx(inner["epochs"].iloc[-1])
+    out = capsys.readouterr().out
+    assert "| `--smooth 4` |" in out and "| `--inner_cv --calibrate` |" in out
     with pytest.raises(ToolkitError, match="unknown option dropout; choose from default, loss_ccc"):
         run(compare_options, "--only", "dropout")
