@@ -140,8 +140,8 @@ def make_video(rng, projections, trajectory, listener, story_nuisance, mods):
 def make_realistic_listeners(rng, n_subjects):
     """Listeners who annotate as the OMG-Empathy listeners do: each with their own
     mean, range, delay, neutral zone and pace of moving the slider."""
-    return [{"offset": rng.normal(-0.08, 0.2), "scale": rng.uniform(0.15, 0.6),
-             "delay": int(rng.integers(0, 7)), "neutral": rng.uniform(0.08, 0.22),
+    return [{"offset": rng.normal(-0.08, 0.18), "scale": rng.uniform(0.15, 0.6),
+             "delay": int(rng.integers(0, 7)), "neutral": rng.uniform(0.08, 0.26),
              "hold": rng.uniform(0.3, 1.0), "identity": rng.standard_normal(2)}
             for _ in range(n_subjects)]
 
@@ -151,7 +151,7 @@ def make_realistic_story(rng, n_frames):
     moves listeners alike (the share of their response that is shared), nuisance."""
     timescale = math.exp(rng.uniform(math.log(4), math.log(18)))
     return {"trajectory": smooth_noise(rng, n_frames + FPS, timescale * FPS),
-            "mood": rng.normal(0, 0.1), "shared": rng.uniform(0.1, 0.45),
+            "mood": rng.normal(0, 0.1), "shared": rng.uniform(0.12, 0.45),
             "nuisance": smooth_noise(rng, n_frames // FPS + 2, 10)}
 
 
