@@ -82,6 +82,7 @@ def expand_to_frames(per_second, n_frames):
 
 
 SMOOTHING_WINDOWS = ("moving", "gaussian")
+MIN_LOWPASS = 1e-4  # Hz: a period of 3 hours; lower cutoffs make Butterworth's design singular
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,10 @@ class Postprocessing:
         if self.smooth_window not in SMOOTHING_WINDOWS:
             raise ToolkitError(f"--smooth_window must be one of {', '.join(SMOOTHING_WINDOWS)}, "
                                f"got {self.smooth_window}")
+        if 0 < self.lowpass < MIN_LOWPASS:
+            raise ToolkitError(f"--lowpass {self.lowpass:g} Hz is below {MIN_LOWPASS:g} Hz, where "
+                               "the filter turns any video into a constant (and cannot be "
+                               "designed): give 0 for no filter, or e.g. 0.004 to 0.01")
         if self.lowpass >= FPS / 2:
             raise ToolkitError(f"--lowpass {self.lowpass:g} Hz is not below the Nyquist "
                                f"frequency of 25 fps predictions ({FPS / 2:g} Hz): give a lower "
@@ -191,6 +196,11 @@ class Postprocessing:
         """The post-processing `saved` in a checkpoint (defaults if none), with the
         flags given on the command line (not None) taking precedence."""
         settings = dict(saved or {})
+        unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ToolkitError(f"the model's post-processing has unknown setting "
+                               f"{', '.join(unknown)}: it was saved by a newer version of this "
+                               "toolkit; update the toolkit")
         settings.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**settings)
 

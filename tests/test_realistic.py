@@ -106,10 +106,22 @@ def test_lowpass_runs_before_calibration():
     (dict(lowpass=-1.0), "--lowpass must be a number of Hz"),
     (dict(lowpass=float("nan")), "--lowpass must be a number of Hz"),
     (dict(lowpass=0.01, smooth=4.0), "--lowpass and --smooth both filter"),
+    (dict(lowpass=1e-300), "--lowpass 1e-300 Hz is below 0.0001 Hz"),
 ])
 def test_bad_lowpass_values_are_refused(options, message):
     with pytest.raises(ToolkitError, match=message):
         utils.Postprocessing(**options)
+
+
+def test_the_lowest_lowpass_cutoff_still_filters():
+    frames = utils.Postprocessing(lowpass=utils.MIN_LOWPASS).frames(
+        np.random.default_rng(0).standard_normal(300).astype(np.float32), 300 * FPS)
+    assert np.isfinite(frames).all()
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_by_name():
+    with pytest.raises(ToolkitError, match="unknown setting warp_factor: it was saved by a newer"):
+        utils.Postprocessing.resolve({"smooth": 1.0, "warp_factor": 9})
 
 
 def test_a_bad_lowpass_flag_writes_nothing(in_tmp):
