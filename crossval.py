@@ -21,6 +21,7 @@ import numpy as np
 
 import datasets
 import train
+import runs
 import utils
 from utils import ToolkitError
 
@@ -43,7 +44,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         "crossval.py", description="Cross-validate the fusion LSTM across stories.",
         parents=[train.get_data_args_parser(), train.get_training_args_parser(),
-                 train.get_model_args_parser(), get_fold_args_parser()])
+                 train.get_model_args_parser(), get_fold_args_parser(),
+                 runs.get_ledger_args_parser()])
     group = parser.add_argument_group("what to run")
     group.add_argument("--test", action="store_true",
                        help="evaluate the saved folds without training")
@@ -135,7 +137,7 @@ def check_fresh_folds(out_dir, stories, settings, resume, overwrite):
 # ---------------------------------------------------------------- one fold
 
 def train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes=None, progress=True,
-               postprocessing_flags=None):
+               postprocessing_flags=None, tensorboard_dir=None):
     """Train the fold that holds out `story` (every seed); returns fit()'s summaries."""
     device = utils.get_device(cuda)
     train_set, val_set = fold_sets(pooled, story)
@@ -144,7 +146,7 @@ def train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes=None, 
         lambda: train.build_model(pooled.input_dims, device, settings.layers, settings.bidirectional),
         train_set.with_scaler(scaler), val_set.with_scaler(scaler), fold_dir(out_dir, story),
         settings, device, resumes, progress,
-        utils.Postprocessing.resolve(**(postprocessing_flags or {})))
+        utils.Postprocessing.resolve(**(postprocessing_flags or {})), tensorboard_dir)
 
 
 def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=False,
@@ -172,10 +174,10 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=
 
 
 def run_fold(pooled, story, out_dir, settings, normalize, cuda, test_only, checkpoint,
-             features, resumes, progress, postprocessing_flags):
+             features, resumes, progress, postprocessing_flags, tensorboard_dir=None):
     if not test_only:
         train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes, progress,
-                   postprocessing_flags)
+                   postprocessing_flags, tensorboard_dir)
     return evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features,
                          postprocessing_flags)
 
@@ -207,7 +209,9 @@ def main(args):
                   normalize=args.normalize, cuda=args.cuda, test_only=args.test,
                   checkpoint=checkpoint, features=args.features,
                   progress=args.jobs == 1 and not args.scheduler,
-                  postprocessing_flags=train.postprocessing_flags(args))
+                  postprocessing_flags=train.postprocessing_flags(args),
+                  tensorboard_dir=args.tensorboard and utils.task_path(args.tensorboard,
+                                                                        args.scheduler))
     resumes = {utils.task_path(folder, args.scheduler): resume for folder, resume in resumes.items()}
     tasks = [dict(story=story, resumes=resumes, **common) for story in pooled.stories]
     folds = utils.run_parallel(run_fold, tasks, args.jobs, "folds", args.scheduler)
@@ -219,4 +223,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser())
+    runs.run_cli(main, get_args_parser(), runs.crossval_results)

@@ -18,13 +18,15 @@ import pandas as pd
 import crossval
 import datasets
 import train
+import runs
 import utils
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "cv_epochs.py", description="Find the epoch that is best across all folds.",
-        parents=[train.get_data_args_parser(), crossval.get_fold_args_parser()])
+        parents=[train.get_data_args_parser(), crossval.get_fold_args_parser(),
+                 runs.get_ledger_args_parser()])
     group = parser.add_argument_group("epochs")
     group.add_argument("--epoch_min", type=int, default=100, help="first epoch (default: %(default)s)")
     group.add_argument("--epoch_max", type=int, default=2000, help="last epoch (default: %(default)s)")
@@ -80,6 +82,14 @@ def epoch_table(folds, epochs):
     return pd.concat([table, per_fold], axis=1)
 
 
+def ledger_results(returned):
+    """The ledger's results: the cross-validated CCC of the best epoch."""
+    table, best_epoch = returned
+    best = table.set_index("epoch").loc[best_epoch]
+    return {"mean_ccc": best["mean_ccc"], "std_ccc": best["std_ccc"],
+            "mean_minus_std": best["mean_minus_std"], "best_epoch": best_epoch}
+
+
 def main(args):
     mods = datasets.parse_mods(args.mods)
     epochs = epochs_to_check(args.epoch_min, args.epoch_max, args.epoch_step)
@@ -110,4 +120,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser())
+    runs.run_cli(main, get_args_parser(), ledger_results)

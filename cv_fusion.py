@@ -25,6 +25,7 @@ from pathlib import Path
 
 import fusion
 import train
+import runs
 import utils
 from utils import ToolkitError
 
@@ -34,7 +35,8 @@ FOLD_FOLDER = re.compile(r"^val_on_(\d+)$")
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "cv_fusion.py", parents=[fusion.get_svr_args_parser(),
-                                 utils.get_parallel_args_parser("fit folds")],
+                                 utils.get_parallel_args_parser("fit folds"),
+                                 runs.get_ledger_args_parser()],
         description="Cross-validate decision-level fusion across stories.")
     parser.add_argument("cv_dirs", nargs="+", metavar="CV_DIR",
                         help="crossval.py output folders holding val_on_<story>/feat_train "
@@ -188,4 +190,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser())
+    runs.run_cli(main, get_args_parser(), runs.crossval_results)

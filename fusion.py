@@ -36,6 +36,7 @@ from sklearn.svm import SVR
 
 import datasets
 import train
+import runs
 import utils
 from utils import ToolkitError
 
@@ -72,7 +73,7 @@ def get_svr_args_parser():
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "fusion.py", parents=[get_svr_args_parser()],
+        "fusion.py", parents=[get_svr_args_parser(), runs.get_ledger_args_parser()],
         description="Decision-level fusion of several models' features with an RBF SVR.")
     parser.add_argument("feat_dirs", nargs="+", metavar="FEAT_DIR",
                         help="feature folders written by train.py --features (copied into "
@@ -431,6 +432,11 @@ def write_predictions(folder, videos, frames):
 
 # ---------------------------------------------------------------- main
 
+def ledger_results(results):
+    """The ledger's results: the test CCC, and the training CCC of a fitted model."""
+    return {"mean_ccc": results["test"]["ccc"], "train_ccc": results.get("train", {}).get("ccc")}
+
+
 def main(args):
     in_names = input_names(args.feat_dirs, args.in_names)
     settings = SVRSettings.from_args(args)
@@ -467,4 +473,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser())
+    runs.run_cli(main, get_args_parser(), ledger_results)

@@ -31,6 +31,7 @@ import pandas as pd
 
 import datasets
 import train
+import runs
 import utils
 from utils import ToolkitError
 
@@ -39,7 +40,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         "personalize.py", description="Fine-tune a trained model for each listener.",
         parents=[train.get_data_args_parser(), train.get_training_args_parser(),
-                 utils.get_parallel_args_parser("fine-tune subjects")])
+                 utils.get_parallel_args_parser("fine-tune subjects"),
+                 runs.get_ledger_args_parser()])
     group = parser.add_argument_group("subjects")
     group.add_argument("--out_dir", default="./personal",
                        help="folder holding init.save; gets subject_<s>/ and pred_test/ "
@@ -78,7 +80,7 @@ def inner_folders(subject_dir, stories):
 
 def personalize_subject(train_all, test_all, subject, out_dir, settings, normalize, cuda,
                         augment=None, resumes=None, progress=True, postprocessing_flags=None,
-                        inner_cv=False):
+                        inner_cv=False, tensorboard_dir=None):
     """Fine-tune init.save for one subject (once per seed; for the number of epochs
     that `inner_cv` chooses, if asked); returns its CCC before and after (of the
     seeds' average prediction, with their mean and std)."""
@@ -98,13 +100,15 @@ def personalize_subject(train_all, test_all, subject, out_dir, settings, normali
     if inner_cv:
         own_videos = train_all.with_scaler(init.scaler).select(subjects=[subject])
         epochs = choose_epochs(load_init, init.network, train_set, own_videos, subject_dir,
-                               settings, device, postprocessing, resumes, progress)
+                               settings, device, postprocessing, resumes, progress,
+                               tensorboard_dir)
     row = {"subject": subject, "before_ccc": before["ccc"]}
     if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
         after = {**before, "seed_ccc": [before["ccc"]] * settings.seeds}
     else:
         train.fit_seeds(load_init, train_set, test_set, subject_dir,
-                        replace(settings, epochs=epochs), device, resumes, progress, postprocessing)
+                        replace(settings, epochs=epochs), device, resumes, progress, postprocessing,
+                        tensorboard_dir)
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
         tuned = train.load_trained(train.run_checkpoints(subject_dir, "last.save"), train_all,
                                    normalize, device)
@@ -122,7 +126,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, settings, normali
 
 
 def choose_epochs(load_init, init_network, train_set, own_videos, subject_dir, settings, device,
-                  postprocessing, resumes=None, progress=True):
+                  postprocessing, resumes=None, progress=True, tensorboard_dir=None):
     """The number of fine-tuning epochs (0 to settings.epochs) with the best mean CCC
     on the subject's own training videos, each held out in turn (see the module's
     docstring); writes the curves to <subject_dir>/inner_cv.csv."""
@@ -135,7 +139,7 @@ def choose_epochs(load_init, init_network, train_set, own_videos, subject_dir, s
         utils.seed_everything(inner_settings.seed)
         train.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
                   inner_settings, device, resume=(resumes or {}).get(folder, False),
-                  progress=progress, postprocessing=postprocessing)
+                  progress=progress, postprocessing=postprocessing, tensorboard_dir=tensorboard_dir)
         history = pd.read_csv(folder / "metrics.csv").dropna(subset=["val_ccc"])
         curves[f"val_on_{story}"] = pd.Series([start, *history["val_ccc"]],
                                               index=[0, *history["epoch"]])
@@ -186,6 +190,12 @@ def subject_table(rows):
                       pd.DataFrame([{"subject": "Mean", **mean}])], ignore_index=True)
 
 
+def ledger_results(table):
+    """The ledger's results: the subjects' CCC after fine-tuning (the personalized track)."""
+    subjects = table[table["subject"] != "Mean"]
+    return runs.spread_results(subjects["after_ccc"])
+
+
 def main(args):
     mods = datasets.parse_mods(args.mods)
     settings = train.TrainingSettings.from_args(args)
@@ -214,7 +224,9 @@ def main(args):
                   resumes={utils.task_path(folder, args.scheduler): resume
                            for folder, resume in resumes.items()},
                   progress=args.jobs == 1 and not args.scheduler,
-                  postprocessing_flags=train.postprocessing_flags(args), inner_cv=args.inner_cv)
+                  postprocessing_flags=train.postprocessing_flags(args), inner_cv=args.inner_cv,
+                  tensorboard_dir=args.tensorboard and utils.task_path(args.tensorboard,
+                                                                        args.scheduler))
              for subject in subjects]
     table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects",
                                              args.scheduler))
@@ -225,4 +237,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser())
+    runs.run_cli(main, get_args_parser(), ledger_results)

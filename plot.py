@@ -4,14 +4,17 @@
     python plot.py epochs cv_AT/cv_epochs.csv --out plots/cv_epochs.png
     python plot.py subjects personal_AT/personalize.csv --out plots/personalize.png
     python plot.py stories cv_AT/crossval.csv --out plots/crossval.png
+    python plot.py runs runs.csv --script crossval --out plots/runs.png
 
 `predictions` draws predicted and annotated valence over time for chosen videos
 (--videos, default the first two); `epochs` the mean held-out CCC per epoch of
 cv_epochs.py with a band of one std over folds and the best epoch marked;
 `subjects` each subject's CCC before and after personalize.py; `stories` the CCC
 per held-out story of crossval.py or cv_fusion.py (or score.py's by_story.csv), the
-generalized track. Several CSV files (or --pred_dir folders) are drawn side by
-side, named by --labels (default: their folder names).
+generalized track; `runs` the mean CCC (with std bars) of the runs in the ledger
+(runs.py), labelled by the settings in which they differ and grouped by them.
+Several CSV files (or --pred_dir folders) are drawn side by side, named by --labels
+(default: their folder names).
 """
 import argparse
 import re
@@ -23,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import runs
 import utils
 from datasets import list_videos, read_annotation, video_name
 from utils import FPS, ToolkitError
@@ -74,6 +78,14 @@ def get_args_parser():
     stories.add_argument("csv", nargs="+",
                          help="crossval.csv of crossval.py or cv_fusion.py, or by_story.csv "
                               "of score.py")
+
+    ledger = kinds.add_parser("runs", parents=common,
+                              help="mean CCC of the runs in the ledger, by their settings")
+    ledger.add_argument("csv", nargs="?", default=runs.DEFAULT_LEDGER,
+                        help="the ledger CSV (default: %(default)s)")
+    ledger.add_argument("--script", help="only this script's runs, e.g. crossval")
+    ledger.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="only runs whose changed settings include these, e.g. loss=ccc")
     return parser
 
 
@@ -328,8 +340,36 @@ def plot_stories(args):
     return figure
 
 
+def plot_runs(args):
+    ledger = runs.select(runs.read_ledger(args.csv), args.script, args.where)
+    ledger = ledger[ledger["mean_ccc"].notna()]
+    if ledger.empty:
+        raise ToolkitError(f"no run with a CCC in {args.csv} matches --script/--where: "
+                           "choose runs that were scored")
+    ledger = ledger.assign(label=runs.run_labels(ledger))
+    ledger = ledger.sort_values(["label", "script", "time"], kind="stable")  # a setting's runs together
+    scripts = list(dict.fromkeys(ledger["script"]))
+    figure = new_figure(max(6, 1 + 0.6 * len(ledger)), 4.5)
+    axis = figure.subplots()
+    positions = np.arange(len(ledger))
+    for index, script in enumerate(scripts):
+        mine = (ledger["script"] == script).to_numpy()
+        axis.bar(positions[mine], ledger["mean_ccc"][mine], 0.7,
+                 yerr=ledger["std_ccc"][mine].fillna(0), capsize=3, label=script,
+                 color=f"C{index}", edgecolor="black", linewidth=0.5)
+    axis.set_xticks(positions, [f"{label}\n{Path(str(folder)).name}" for label, folder in
+                                zip(ledger["label"], ledger["out_dir"])],
+                    rotation=30, ha="right", fontsize=8)
+    axis.axhline(0, color="grey", linewidth=0.6)
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_ylabel("mean CCC (bars: ± std)")
+    axis.legend(fontsize=8, frameon=False)
+    axis.set_title(args.title or f"Runs in {args.csv}, by the settings in which they differ")
+    return figure
+
+
 PLOTS = {"predictions": plot_predictions, "epochs": plot_epochs,
-         "subjects": plot_subjects, "stories": plot_stories}
+         "subjects": plot_subjects, "stories": plot_stories, "runs": plot_runs}
 
 
 # ---------------------------------------------------------------- main

@@ -8,6 +8,7 @@ Other scripts (crossval.py, cv_epochs.py, personalize.py) reuse the parsers and
 functions below with explicit arguments.
 """
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 import datasets
 import models
+import runs
 import utils
 from utils import ToolkitError
 
@@ -142,6 +144,11 @@ def get_training_args_parser():
     group.add_argument("--patience", type=int, metavar="N",
                        help="stop when the validation CCC has not improved for N evaluations "
                             "(default: train all --epochs)")
+    group.add_argument("--tensorboard", metavar="DIR",
+                       help="write each run's per-epoch training loss, validation CCC and "
+                            "learning rate as TensorBoard events under DIR/<model folder> "
+                            "(per fold, seed and subject); view with tensorboard --logdir DIR "
+                            "(default: none)")
     group.add_argument("--seeds", type=int, default=1, metavar="N",
                        help="train N models, seeds --seed to --seed+N-1, in seed_<s>/ folders; "
                             "report mean +- std of their CCC and score and write the average "
@@ -152,7 +159,7 @@ def get_training_args_parser():
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "train.py", parents=[get_data_args_parser(), get_training_args_parser(),
-                             get_model_args_parser()],
+                             get_model_args_parser(), runs.get_ledger_args_parser()],
         description="Train, test, or extract features from the fusion LSTM.")
     group = parser.add_argument_group("what to run")
     group.add_argument("--model_dir", default="./models",
@@ -499,7 +506,7 @@ def _checkpoint_or_stop(folder, name):
 # ---------------------------------------------------------------- training
 
 def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
-        postprocessing=None):
+        postprocessing=None, tensorboard_dir=None):
     """Train `model` on `train_set`, checking `val_set` every `eval_freq` epochs.
 
     Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
@@ -508,7 +515,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     end of the epoch in progress; and metrics.csv after every epoch. With
     `settings.patience`, training ends once that many evaluations in a row have not
     beaten the best. `postprocessing` (see utils.Postprocessing) sets the label
-    delay of the training targets and how validation predictions are scored.
+    delay of the training targets and how validation predictions are scored. With
+    `tensorboard_dir`, every epoch's scalars also go to TensorBoard (see `curves`).
     Returns {"best_ccc", "best_epoch", "epoch", "stopped_early"}.
     """
     model_dir = Path(model_dir)
@@ -558,7 +566,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     epoch = start_epoch
     bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=model_dir.name, unit="epoch",
                disable=not progress, leave=False, dynamic_ncols=True)
-    with utils.StopRequests() as stop, utils.reused_heap():
+    with utils.StopRequests() as stop, utils.reused_heap(), \
+            curves(tensorboard_dir, model_dir) as log_epoch:
         for epoch in bar:
             stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
                                     generator, device, settings.loss)
@@ -575,6 +584,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
                 save("last.save", with_optimizer=True)
             history.append(row)
             utils.write_csv(pd.DataFrame(history), model_dir / "metrics.csv")
+            log_epoch(row, optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
                             best=f"{best_ccc:.3f}@{best_epoch}")
             if stopped_early:
@@ -592,8 +602,32 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
             "stopped_early": stopped_early}
 
 
+@contextlib.contextmanager
+def curves(tensorboard_dir, model_dir):
+    """A function that logs an epoch's metrics row (and the learning rate) to
+    TensorBoard under <tensorboard_dir>/<model_dir> (its path without a leading
+    root, so that folds, seeds and subjects are separate runs); one that does
+    nothing without `tensorboard_dir`."""
+    if not tensorboard_dir:
+        yield lambda row, lr: None
+        return
+    from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
+    run_name = Path(model_dir).relative_to(Path(model_dir).anchor)
+    writer = SummaryWriter(log_dir=str(Path(tensorboard_dir) / run_name))
+
+    def log_epoch(row, lr):
+        writer.add_scalar("loss/train", row["train_loss"], row["epoch"])
+        writer.add_scalar("learning_rate", lr, row["epoch"])
+        if not math.isnan(row["val_ccc"]):
+            writer.add_scalar("ccc/validation", row["val_ccc"], row["epoch"])
+    try:
+        yield log_epoch
+    finally:
+        writer.close()
+
+
 def fit_seeds(make_model, train_set, val_set, model_dir, settings, device, resumes=None,
-              progress=True, postprocessing=None):
+              progress=True, postprocessing=None, tensorboard_dir=None):
     """`fit` once per seed (see `TrainingSettings.seed_runs`), each seeded before
     `make_model()` builds its starting model. `resumes` maps a seed's folder to
     whether it continues from its last.save. Returns fit's summary per seed, with "seed"."""
@@ -602,7 +636,7 @@ def fit_seeds(make_model, train_set, val_set, model_dir, settings, device, resum
         utils.seed_everything(seed_settings.seed)
         summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
                       resume=(resumes or {}).get(folder, False), progress=progress,
-                      postprocessing=postprocessing)
+                      postprocessing=postprocessing, tensorboard_dir=tensorboard_dir)
         summaries.append({"seed": seed_settings.seed, **summary})
     return summaries
 
@@ -710,7 +744,8 @@ def main(args):
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, model_dir / "args.json")
     summaries = fit_seeds(
         lambda: build_model(train_set.input_dims, device, settings.layers, settings.bidirectional),
-        train_set, test_set, model_dir, settings, device, resumes, postprocessing=postprocessing)
+        train_set, test_set, model_dir, settings, device, resumes, postprocessing=postprocessing,
+        tensorboard_dir=args.tensorboard)
     for summary in summaries:
         stop = " (stopped by --patience)" if summary["stopped_early"] else ""
         where = model_dir / f"seed_{summary['seed']}" if settings.seeds > 1 else model_dir
@@ -726,23 +761,35 @@ def main(args):
     return summaries
 
 
+def ledger_results(returned):
+    """The ledger's results of a run: the seeds' best validation CCC (training), or
+    the test and training CCC (--test)."""
+    if isinstance(returned, list):
+        return runs.spread_results([summary["best_ccc"] for summary in returned],
+                                   best_epoch=" ".join(str(s["best_epoch"]) for s in returned))
+    return {"mean_ccc": returned["test"]["ccc"], "train_ccc": returned["train"]["ccc"]}
+
+
 def predict_saved(args, model_dir, train_set, test_set, device):
-    """--test and --features: evaluate a saved model (every seed's, for a --seeds run)."""
+    """--test and --features: evaluate a saved model (every seed's, for a --seeds run);
+    returns the evaluations of --test (None for --features alone)."""
     paths = [Path(args.load)] if args.load else run_checkpoints(model_dir)
     trained = load_trained(paths, train_set, args.normalize, device)
     postprocessing = saved_postprocessing(trained, postprocessing_flags(args), train_set,
                                           [test_set])
+    results = None
     if args.test:
         utils.check_writable(args.pred_dir)
-        print_results(test(trained, train_set, test_set, args.pred_dir, device, postprocessing))
+        results = test(trained, train_set, test_set, args.pred_dir, device, postprocessing)
+        print_results(results)
     if args.features:
         utils.check_writable(args.feat_dir)
         extract_features(trained, train_set, test_set, args.feat_dir, device,
                          postprocessing.label_delay)
         print(f"features written to {Path(args.feat_dir) / 'feat_train'} and "
               f"{Path(args.feat_dir) / 'feat_test'}")
-    return None
+    return results
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, get_args_parser())
+    runs.run_cli(main, get_args_parser(), ledger_results)

@@ -1,0 +1,278 @@
+"""The ledger: one row per run of the toolkit's scripts, in one CSV.
+
+    python crossval.py --mods audio,text --out_dir cv_AT          # appends a row to ./runs.csv
+    python runs.py                                                 # prints the ledger
+    python runs.py runs.csv --script crossval --where loss=ccc
+    python plot.py runs runs.csv --out plots/runs.png
+
+Every run of train.py, crossval.py, cv_epochs.py, personalize.py, fusion.py and
+cv_fusion.py that finishes appends one row to the ledger (`--ledger PATH`, default
+./runs.csv; `--ledger none` skips it): when it ended, the script, the full command,
+its output folder, the settings that differ from the script's defaults (as JSON),
+the data folders, the results (mean, std and mean-std CCC, training CCC, best epoch),
+the wall time, and the package versions and git commit of the toolkit. A run that
+fails or is stopped appends nothing. Rows are appended under an exclusive lock
+(fcntl), each in one write, so runs that finish at once lose nothing.
+"""
+import argparse
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import utils
+from utils import ToolkitError
+
+DEFAULT_LEDGER = "runs.csv"
+COLUMNS = ["time", "script", "command", "out_dir", "settings", "train_dir", "test_dir",
+           "mean_ccc", "std_ccc", "mean_minus_std", "train_ccc", "best_epoch", "wall_s",
+           "versions", "commit"]
+RESULTS = ("mean_ccc", "std_ccc", "mean_minus_std", "train_ccc", "best_epoch")
+OUTPUT_FLAGS = ("out_dir", "model_dir", "pred_dir", "feat_dir")  # the first one a script has
+NOT_SETTINGS = {"help", "ledger"}
+TOOLKIT_DIR = Path(__file__).resolve().parent
+
+
+def get_ledger_args_parser():
+    """--ledger, taken by every script that records its runs."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("ledger")
+    group.add_argument("--ledger", default=DEFAULT_LEDGER, metavar="PATH",
+                       help="CSV to which the finished run appends one row of settings and "
+                            "results; 'none' to skip (default: %(default)s)")
+    return parser
+
+
+# ---------------------------------------------------------------- writing
+
+def ledger_path(args):
+    """The ledger a run appends to (None for --ledger none), checked before the run
+    starts: it must be a ledger already, or not exist yet."""
+    value = getattr(args, "ledger", None)
+    if value is None or value.lower() == "none":
+        return None
+    path = Path(value)
+    if path.exists():
+        if not path.is_file():
+            raise ToolkitError(f"--ledger {path} is not a file: give a CSV path, or none")
+        header = _first_line(path)
+        if header and header != ",".join(COLUMNS):
+            raise ToolkitError(f"--ledger {path} is not a ledger of this toolkit (its first line "
+                               "is not the ledger's header): give another path, or none")
+    utils.check_writable(path.parent)
+    return path
+
+
+def _first_line(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ToolkitError(f"--ledger {path} cannot be read ({error.__class__.__name__}): give "
+                           "another path, or none") from None
+
+
+def record(path, script, parser, args, results, seconds):
+    """Append the finished run's row to the ledger at `path`."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": script,
+           "command": " ".join(sys.argv), "out_dir": output_folder(args),
+           "settings": json.dumps(changed_settings(parser, args), sort_keys=True, default=str),
+           "train_dir": getattr(args, "train_dir", ""), "test_dir": getattr(args, "test_dir", ""),
+           **{name: _plain(results.get(name)) for name in RESULTS},
+           "wall_s": round(seconds, 2), "versions": versions(), "commit": toolkit_commit()}
+    append_row(path, row)
+
+
+def append_row(path, row):
+    """One CSV line, written whole under an exclusive lock (with the header if the
+    ledger is new), so that concurrent runs neither interleave nor lose rows."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    with open(path, "a", encoding="utf-8") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            if file.tell() == 0 and os.fstat(file.fileno()).st_size == 0:
+                writer.writeheader()
+            writer.writerow(row)
+            file.write(text.getvalue())
+            file.flush()
+            os.fsync(file.fileno())
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _plain(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
+
+
+def output_folder(args):
+    for flag in OUTPUT_FLAGS:
+        if getattr(args, flag, None) is not None:
+            return str(getattr(args, flag))
+    return ""
+
+
+def changed_settings(parser, args):
+    """{flag: value} of every setting that differs from the parser's default (the
+    data folders and the output folder have columns of their own)."""
+    changed, output = {}, next((flag for flag in OUTPUT_FLAGS
+                                if getattr(args, flag, None) is not None), None)
+    skipped = NOT_SETTINGS | {"train_dir", "test_dir", output}
+    for action in parser._actions:  # argparse keeps its actions here; there is no public list
+        if action.dest in skipped or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value != action.default:
+            changed[action.dest] = value
+    return changed
+
+
+def versions():
+    import numpy
+    import sklearn
+    import torch
+    return (f"python {platform.python_version()}; torch {torch.__version__}; numpy "
+            f"{numpy.__version__}; pandas {pd.__version__}; scikit-learn {sklearn.__version__}")
+
+
+def toolkit_commit():
+    """The toolkit's git commit ('+dirty' with uncommitted changes), or '' outside git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(TOOLKIT_DIR), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(TOOLKIT_DIR), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def run_cli(main, parser, results_of, argv=None):
+    """`utils.run_cli`, and the row of the finished run appended to its --ledger.
+    `results_of(what main returned)` gives the row's results."""
+    def recorded(args):
+        ledger = ledger_path(args)  # checked before the run writes anything
+        start = time.perf_counter()
+        returned = main(args)
+        if ledger:
+            results = results_of(returned) if returned is not None else {}
+            record(ledger, parser.prog, parser, args, results, time.perf_counter() - start)
+        return returned
+    return utils.run_cli(recorded, parser, argv)
+
+
+# ---------------------------------------------------------------- what each script reports
+
+def crossval_results(table):
+    """A crossval.csv-shaped table (crossval.py, cv_fusion.py)."""
+    rows = table.set_index("story")
+    results = {"mean_ccc": rows.loc["Mean", "val_ccc"], "std_ccc": rows.loc["Std", "val_ccc"],
+               "mean_minus_std": rows.loc["Mean-Std", "val_ccc"],
+               "train_ccc": rows.loc["Mean", "train_ccc"]}
+    return results
+
+
+def spread_results(values, **extra):
+    """Mean, std and mean-std of a list of CCCs (seeds, subjects)."""
+    series = pd.Series(values, dtype=float)
+    mean, std = series.mean(), series.std(ddof=0)
+    return {"mean_ccc": mean, "std_ccc": std, "mean_minus_std": mean - std, **extra}
+
+
+# ---------------------------------------------------------------- reading
+
+def read_ledger(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"ledger {path} does not exist: run a script (it appends to "
+                           f"./{DEFAULT_LEDGER}) or give the path of another ledger")
+    if _first_line(path) != ",".join(COLUMNS):
+        raise ToolkitError(f"{path} is not a ledger of this toolkit: its first line is not "
+                           "the ledger's header")
+    return pd.read_csv(path, dtype={"settings": str, "best_epoch": str, "commit": str},
+                       keep_default_na=False, na_values=[""])
+
+
+def varying_settings(settings):
+    """The settings whose values differ between the rows (a setting missing from a
+    row is at its default there)."""
+    keys = sorted(set().union(*settings)) if settings else []
+    return [key for key in keys
+            if len({json.dumps(row.get(key), sort_keys=True, default=str) for row in settings}) > 1]
+
+
+def run_labels(ledger):
+    """A label per row naming its values of the settings that vary between rows
+    ("default" where it has none of them)."""
+    settings = settings_of(ledger)
+    varying = varying_settings(settings)
+    return [", ".join(f"{key}={_as_text(row[key])}" for key in varying if key in row) or "default"
+            for row in settings]
+
+
+def settings_of(ledger):
+    """Each row's changed settings as a dict."""
+    return [json.loads(text) if isinstance(text, str) and text else {}
+            for text in ledger["settings"]]
+
+
+def select(ledger, script=None, where=()):
+    """The rows of `script` (with or without .py) whose settings match every
+    KEY=VALUE of `where` (values compared as the JSON text of the setting)."""
+    keep = pd.Series(True, index=ledger.index)
+    if script:
+        keep &= ledger["script"] == (script if script.endswith(".py") else f"{script}.py")
+    settings = settings_of(ledger)
+    for condition in where:
+        key, separator, value = condition.partition("=")
+        if not separator or not key:
+            raise ToolkitError(f"--where {condition}: write KEY=VALUE, e.g. loss=ccc")
+        keep &= pd.Series([key in row and _as_text(row[key]) == value for row in settings],
+                          index=ledger.index)
+    return ledger[keep]
+
+
+def _as_text(value):
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "runs.py", description="Print the ledger of runs, filtered by script or setting.")
+    parser.add_argument("ledger", nargs="?", default=DEFAULT_LEDGER,
+                        help="the ledger CSV (default: %(default)s)")
+    parser.add_argument("--script", help="only this script's runs, e.g. crossval")
+    parser.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="only runs whose changed settings include these, e.g. loss=ccc mods=audio,text")
+    parser.add_argument("--all_columns", action="store_true",
+                        help="show the command, data folders, versions and commit too")
+    return parser
+
+
+def main(args):
+    rows = select(read_ledger(args.ledger), args.script, args.where)
+    if rows.empty:
+        print(f"no run in {args.ledger} matches")
+        return rows
+    shown = rows if args.all_columns else rows[["time", "script", "out_dir", "settings", *RESULTS,
+                                                "wall_s"]]
+    with pd.option_context("display.max_colwidth", 80, "display.width", 250):
+        print(utils.format_table(shown))
+    return rows
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())
