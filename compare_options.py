@@ -26,6 +26,7 @@ import pandas as pd
 
 import crossval
 import personalize
+import runs
 import train
 import utils
 
@@ -60,6 +61,9 @@ def get_args_parser():
                         help="run only these options, by folder name, e.g. default loss_ccc "
                              "smooth_4 (the filtering options and personalization need the "
                              "default run)")
+    parser.add_argument("--ledger", default=runs.DEFAULT_LEDGER, metavar="PATH",
+                        help="ledger to which every cross-validation and personalization run "
+                             "appends its row (see runs.py); 'none' to skip (default: %(default)s)")
     parser.add_argument("--personal_epochs", type=int, default=10, metavar="N",
                         help="fine-tuning epochs per listener (with --inner_cv: at most N); "
                              "0 skips personalization (default: %(default)s)")
@@ -87,7 +91,20 @@ def copy_best_checkpoints(source, target):
         shutil.copyfile(checkpoint, destination)
 
 
-def run_variant(name, flags, reevaluate, common, out_dir):
+def run_recorded(script, argv, ledger, results_of):
+    """`script`'s main on `argv`, its run appended to the `ledger` (if any) as if
+    it had been run from the command line."""
+    parser = script.get_args_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    returned = script.main(args)
+    if ledger:
+        runs.record(ledger, parser.prog, parser, args, results_of(returned),
+                    time.perf_counter() - start, command=" ".join([parser.prog, *argv]))
+    return returned
+
+
+def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
     """Cross-validate one option; returns its table row."""
     folder = variant_folder(out_dir, name)
     if reevaluate:
@@ -100,14 +117,14 @@ def run_variant(name, flags, reevaluate, common, out_dir):
     else:
         argv = common + ["--out_dir", str(folder), "--overwrite", *flags]
     start = time.perf_counter()
-    table = crossval.main(crossval.get_args_parser().parse_args(argv))
+    table = run_recorded(crossval, argv, ledger, runs.crossval_results)
     seconds = time.perf_counter() - start
     summary = table.set_index("story")["val_ccc"]
     return {"option": name, "mean_ccc": summary["Mean"], "std_ccc": summary["Std"],
             "mean_minus_std": summary["Mean-Std"], "seconds": seconds}
 
 
-def run_personalization(name, flags, common, out_dir, epochs):
+def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
     """Fine-tune the default run's story-1 model per listener; returns its table row
     (the mean over listeners of their CCC before and after)."""
     init = variant_folder(out_dir, "default") / "val_on_1" / "best.save"
@@ -120,7 +137,7 @@ def run_personalization(name, flags, common, out_dir, epochs):
     argv = [*common, "--out_dir", str(folder), "--epochs", str(epochs), "--overwrite",
             "--save_freq", str(epochs), *flags]
     start = time.perf_counter()
-    table = personalize.main(personalize.get_args_parser().parse_args(argv))
+    table = run_recorded(personalize, argv, ledger, personalize.ledger_results)
     mean = table.set_index("subject").loc["Mean"]
     return {"option": name, "before_ccc": mean["before_ccc"], "after_ccc": mean["after_ccc"],
             "mean_epochs": mean.get("epochs", epochs), "seconds": time.perf_counter() - start}
@@ -155,8 +172,9 @@ def main(args):
               "--save_freq", str(args.epochs)]
     if args.personal_epochs < 0:
         raise utils.ToolkitError(f"--personal_epochs must be 0 or more, got {args.personal_epochs}")
+    ledger = runs.ledger_path(args)
     utils.check_writable(args.out_dir)
-    rows = [run_variant(name, flags, reevaluate, common, args.out_dir)
+    rows = [run_variant(name, flags, reevaluate, common, args.out_dir, ledger)
             for name, flags, reevaluate in VARIANTS if name in chosen]
     table = pd.DataFrame(rows)
     utils.write_csv(table, Path(args.out_dir) / "compare.csv")
@@ -165,7 +183,7 @@ def main(args):
         personal_common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir,
                            "--mods", args.mods, "--lr", str(args.lr), "--jobs", str(args.jobs)]
         personal = pd.DataFrame([run_personalization(name, flags, personal_common, args.out_dir,
-                                                     args.personal_epochs)
+                                                     args.personal_epochs, ledger)
                                  for name, flags in PERSONAL_VARIANTS])
         utils.write_csv(personal, Path(args.out_dir) / "personalize.csv")
     print(f"\nheld-out CCC of crossval.py --mods {args.mods} --epochs {args.epochs} --lr {args.lr}:")

@@ -81,10 +81,11 @@ def _first_line(path):
                            "another path, or none") from None
 
 
-def record(path, script, parser, args, results, seconds):
-    """Append the finished run's row to the ledger at `path`."""
+def record(path, script, parser, args, results, seconds, command=None):
+    """Append the finished run's row to the ledger at `path`; `command` defaults to
+    this process's command line."""
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": script,
-           "command": " ".join(sys.argv), "out_dir": output_folder(args),
+           "command": command or " ".join(sys.argv), "out_dir": output_folder(args),
            "settings": json.dumps(changed_settings(parser, args), sort_keys=True, default=str),
            "train_dir": getattr(args, "train_dir", ""), "test_dir": getattr(args, "test_dir", ""),
            **{name: _plain(results.get(name)) for name in RESULTS},

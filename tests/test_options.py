@@ -365,5 +365,12 @@ def test_compare_options_tables_each_option(in_tmp, capsys):
     assert personal["mean_epochs"][2] == pytest.approx(inner["epochs"].iloc[-1])
     out = capsys.readouterr().out
     assert "| `--smooth 4` |" in out and "| `--inner_cv --calibrate` |" in out
+    # every run is in the ledger, as if run from the command line
+    import runs
+    ledger = runs.read_ledger(in_tmp / "runs.csv")
+    assert list(ledger["script"]) == ["crossval.py"] * 4 + ["personalize.py"] * 4
+    assert list(ledger["mean_ccc"][:4]) == pytest.approx(list(table["mean_ccc"]))
+    assert ledger["command"][1].startswith("crossval.py --train_dir ./data/Training") and \
+        ledger["command"][1].endswith("--loss ccc")
     with pytest.raises(ToolkitError, match="unknown option dropout; choose from default, loss_ccc"):
         run(compare_options, "--only", "dropout")
