@@ -35,6 +35,7 @@ EXPECTED_FILES = [
     "fusion_preds/fusion_model.joblib", "fusion_test/Subject_1_Story_3.csv",
     "cv_fusion_out/crossval.csv", "scores_AT/by_story.csv",
     "plots/predictions.png", "plots/cv_epochs.png", "plots/personalize.png", "plots/crossval.png",
+    "runs.csv", "plots/runs.png",
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -141,7 +142,7 @@ def test_notebook_runs_top_to_bottom_on_tiny_data(tmp_path, monkeypatch):
         assert any((workdir / name).iterdir()), f"{name} is empty"
     shown = [output for cell in notebook.cells for output in cell.get("outputs", [])
              if "image/png" in output.get("data", {})]
-    assert len(shown) == 4
+    assert len(shown) == 5
     for png in (workdir / "plots").glob("*.png"):
         assert png.read_bytes().startswith(PNG_SIGNATURE)
     # The skipped cells stayed skipped: no install, no test suite, no extraction.
