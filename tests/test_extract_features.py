@@ -359,6 +359,25 @@ def test_transcript_without_video_and_video_without_transcript(material, tmp_pat
     assert not (folder / "out").exists()
 
 
+def test_no_embedding_per_second(tmp_path, capsys):
+    lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                         "--embed_per_second", "0"], capsys)
+    assert len(lines) == 1 and "--embed_per_second" in lines[0]
+
+
+def test_missing_face_package_names_the_install_script(tmp_path, capsys, monkeypatch):
+    find_spec = extract_features.importlib.util.find_spec
+    monkeypatch.setattr(extract_features.importlib.util, "find_spec",
+                        lambda name: None if name == "dlib" else find_spec(name))
+    lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                         "--mods", "v_sub"], capsys)
+    assert len(lines) == 1 and "dlib" in lines[0] and "bash install_extract.sh" in lines[0]
+    # The hog faces do without it.
+    lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                         "--mods", "v_sub", "--face_features", "hog"], capsys)
+    assert len(lines) == 1 and "no Subject_<s>_Story_<t>.mp4 recordings" in lines[0]
+
+
 def test_text_without_transcripts(tmp_path, capsys):
     lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
                          "--mods", "audio,text"], capsys)
