@@ -401,6 +401,7 @@ def search_deep(frame, second, faces, settings):
                                                       embed)
         found.add(second, described, embedding)
 
+
 @lru_cache(maxsize=1)
 def face_detector():
     """scikit-image's bundled LBP frontal-face cascade (one per process)."""
