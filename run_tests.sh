@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (Debian packages listed in
-# tests/apt-packages.txt, Python packages in requirements-dev.txt), then run it.
+# tests/apt-packages.txt, Python packages in requirements-dev.txt and, without
+# their dependencies, requirements-extract-nodeps.txt), then run it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,4 +17,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -m pip install -q -r requirements-dev.txt
+# Without its dependencies, which pin an old torch (see the file).
+python3 -m pip install -q --no-deps -r requirements-extract-nodeps.txt
 python3 -m pytest -q "$@"

