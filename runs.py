@@ -39,6 +39,8 @@ COLUMNS = ["time", "script", "command", "out_dir", "settings", "train_dir", "tes
 RESULTS = ("mean_ccc", "std_ccc", "mean_minus_std", "train_ccc", "best_epoch")
 OUTPUT_FLAGS = ("out_dir", "model_dir", "pred_dir", "feat_dir")  # the first one a script has
 NOT_SETTINGS = {"help", "ledger"}
+# Flags that say how a run ran, not what it computed: left out of the plot's labels.
+OPERATIONAL = {"overwrite", "resume", "jobs", "scheduler", "cuda", "tensorboard"}
 TOOLKIT_DIR = Path(__file__).resolve().parent
 
 
@@ -208,9 +210,9 @@ def read_ledger(path):
 
 
 def varying_settings(settings):
-    """The settings whose values differ between the rows (a setting missing from a
-    row is at its default there)."""
-    keys = sorted(set().union(*settings)) if settings else []
+    """The settings (not the OPERATIONAL flags) whose values differ between the rows
+    (a setting missing from a row is at its default there)."""
+    keys = sorted(set().union(*settings) - OPERATIONAL) if settings else []
     return [key for key in keys
             if len({json.dumps(row.get(key), sort_keys=True, default=str) for row in settings}) > 1]
 
