@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-import train
 import runs
+import train
 import utils
 from utils import ToolkitError
 

@@ -17,8 +17,8 @@ import pandas as pd
 
 import crossval
 import datasets
-import train
 import runs
+import train
 import utils
 
 

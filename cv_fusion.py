@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 import fusion
-import train
 import runs
+import train
 import utils
 from utils import ToolkitError
 

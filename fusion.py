@@ -35,8 +35,8 @@ from sklearn.preprocessing import MinMaxScaler
 from sklearn.svm import SVR
 
 import datasets
-import train
 import runs
+import train
 import utils
 from utils import ToolkitError
 

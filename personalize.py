@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 import datasets
-import train
 import runs
+import train
 import utils
 from utils import ToolkitError
 

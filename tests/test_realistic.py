@@ -1,6 +1,5 @@
 """Results that hold on real recordings: the realistic built-in data, data_stats.py,
 --calibrate, --lowpass and personalize.py --inner_cv."""
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,15 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
-import cv_fusion
 import crossval
 import data_stats
 import datasets
 import fusion
 import personalize
+import runs
 import train
 import utils
-from conftest import run_script, write_tiny_data
+from conftest import write_tiny_data
 from utils import FPS, ToolkitError
 
 
@@ -124,14 +123,15 @@ def test_a_checkpoint_from_a_newer_version_is_refused_by_name():
         utils.Postprocessing.resolve({"smooth": 1.0, "warp_factor": 9})
 
 
-def test_a_bad_lowpass_flag_writes_nothing(in_tmp):
-    result = run_script("train.py", "--mods", "audio,text", "--epochs", "1", "--model_dir", "m",
-                        "--lowpass", "30", cwd=in_tmp)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+def test_a_bad_lowpass_flag_writes_nothing(in_tmp, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        runs.run_cli(train.main, train.get_args_parser(), train.ledger_results,
+                     ["--mods", "audio,text", "--epochs", "1", "--model_dir", "m", "--lowpass", "30"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: --lowpass 30 Hz is not below the Nyquist frequency of 25 fps predictions "
         "(12.5 Hz): give a lower cutoff, e.g. 0.01"]
-    assert not (in_tmp / "m").exists()
+    assert sorted(path.name for path in in_tmp.iterdir()) == ["data"]  # no model, no ledger
 
 
 # ---------------------------------------------------------------- statistics travel with the model
@@ -276,10 +276,12 @@ def test_autocorrelation_half_life():
     assert np.isnan(data_stats.autocorrelation_half_life(np.ones(10)))
 
 
-def test_data_stats_refuses_a_folder_without_annotations(tmp_path):
-    result = run_script("data_stats.py", str(tmp_path), "--out", str(tmp_path / "s.csv"))
-    assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {tmp_path / 'Annotations'} does not exist: give "
+def test_data_stats_refuses_a_folder_without_annotations(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_cli(data_stats.main, data_stats.get_args_parser(),
+                      [str(tmp_path), "--out", str(tmp_path / "s.csv")])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'Annotations'} does not exist: give "
                                      "split folders that hold Annotations/ (e.g. data/Training)")
     assert not (tmp_path / "s.csv").exists()
 

@@ -100,15 +100,17 @@ def test_a_failed_or_stopped_run_appends_nothing(in_tmp, monkeypatch):
     assert stopped.value.code == 130 and not (in_tmp / "ledger.csv").exists()
 
 
-def test_ledger_none_writes_no_ledger_and_a_foreign_csv_is_refused(in_tmp):
+def test_ledger_none_writes_no_ledger_and_a_foreign_csv_is_refused(in_tmp, capsys):
     run_recorded(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m", "--ledger", "none")
     assert not (in_tmp / "runs.csv").exists()
     annotation = in_tmp / "data" / "Validation" / "Annotations" / "Subject_1_Story_1.csv"
     before = annotation.read_bytes()
-    result = run_script("train.py", "--mods", "audio,text", "--epochs", "1", "--model_dir", "n",
-                        "--ledger", str(annotation), cwd=in_tmp)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: --ledger {annotation} is not a ledger of this toolkit "
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_recorded(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "n",
+                     "--ledger", annotation)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip() == (f"error: --ledger {annotation} is not a ledger of this toolkit "
                                      "(its first line is not the ledger's header): give another "
                                      "path, or none")
     assert annotation.read_bytes() == before and not (in_tmp / "n").exists()
