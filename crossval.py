@@ -201,6 +201,7 @@ def main(args):
             raise ToolkitError(f"--test_epoch {args.test_epoch} will not be saved: pick a "
                                f"multiple of --save_freq {settings.save_freq} up to --epochs")
         resumes = check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
+        train.check_tensorboard_dir(args.tensorboard)
         utils.check_writable(out_dir)
         utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
 

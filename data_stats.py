@@ -192,6 +192,9 @@ def _pearson_columns(features, target):
 def main(args):
     mods = datasets.parse_mods(args.mods) if args.mods.strip() else []
     out = Path(args.out)
+    if out.is_dir():
+        raise ToolkitError(f"--out {out} is a folder: give the CSV file to write, e.g. "
+                           f"{out / 'data_stats.csv'}")
     annotations, constant = load_annotations(args.split_dirs)
     rows = annotation_statistics(annotations)
     if mods:

@@ -214,6 +214,7 @@ def main(args):
                     for folder in inner_cv_folders(train_all, subject, out_dir).values()]
     resumes = train.check_fresh_runs(folders, args.resume, args.overwrite)
     utils.check_scheduler(args.scheduler)
+    train.check_tensorboard_dir(args.tensorboard)
     utils.check_writable(out_dir)
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
 

@@ -602,6 +602,15 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
             "stopped_early": stopped_early}
 
 
+def check_tensorboard_dir(tensorboard_dir):
+    """--tensorboard must name a folder that can be written, checked before training."""
+    if tensorboard_dir:
+        if Path(tensorboard_dir).exists() and not Path(tensorboard_dir).is_dir():
+            raise ToolkitError(f"--tensorboard {tensorboard_dir} is a file: give a folder for the "
+                               "event files, e.g. tb")
+        utils.check_writable(tensorboard_dir)
+
+
 @contextlib.contextmanager
 def curves(tensorboard_dir, model_dir):
     """A function that logs an epoch's metrics row (and the learning rate) to
@@ -740,6 +749,7 @@ def main(args):
                                args.resume, args.overwrite)
     scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
     train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
+    check_tensorboard_dir(args.tensorboard)
     utils.check_writable(model_dir)
     utils.write_json({**vars(args), "command": " ".join(sys.argv)}, model_dir / "args.json")
     summaries = fit_seeds(

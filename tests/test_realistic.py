@@ -284,6 +284,8 @@ def test_data_stats_refuses_a_folder_without_annotations(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'Annotations'} does not exist: give "
                                      "split folders that hold Annotations/ (e.g. data/Training)")
     assert not (tmp_path / "s.csv").exists()
+    with pytest.raises(ToolkitError, match="is a folder: give the CSV file to write"):
+        run(data_stats, tmp_path, "--out", tmp_path)
 
 
 # ---------------------------------------------------------------- the realistic preset

@@ -187,6 +187,14 @@ def test_tensorboard_logs_every_epoch_of_every_fold(in_tmp):
         assert [value for _, value in scalars(logged, "learning_rate")] == pytest.approx([1e-5] * 3)
 
 
+def test_a_tensorboard_path_that_is_a_file_is_refused_before_training(in_tmp):
+    (in_tmp / "tb").write_text("not a folder")
+    with pytest.raises(ToolkitError, match="--tensorboard tb is a file: give a folder"):
+        train.main(train.get_args_parser().parse_args(
+            ["--mods", "audio,text", "--epochs", "1", "--model_dir", "m", "--tensorboard", "tb"]))
+    assert not (in_tmp / "m").exists()
+
+
 def test_nothing_is_logged_without_the_flag(in_tmp):
     run_recorded(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m", "--seeds", 2,
                  "--ledger", "none")
