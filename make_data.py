@@ -2,6 +2,7 @@
 
     python make_data.py                      # ./data: 10 subjects x 8 stories, ~5 min each
     python make_data.py --subjects 3 --stories 5 --seconds 40 --dims 12,8,16,16
+    python make_data.py --preset realistic --out_dir data_realistic
 
 How the data is made (and what it is not): each story has a smooth latent
 "emotional trajectory". The storyteller's audio and transcript features are noisy
@@ -13,6 +14,14 @@ motion; the speaker's face carries little. So audio+text learns the average
 listener, the listener's face adds something, and fine-tuning per listener helps.
 It is not real behaviour: the responses are linear-Gaussian with a tanh, and the
 numbers it gives say nothing about the real data.
+
+That is the easy preset (the default): listeners agree and the features carry a
+strong signal, so every command visibly learns. --preset realistic matches the
+statistics of the real OMG-Empathy annotations instead (see data_stats.py): each
+listener shares only a small, story-dependent part of their response with the
+others, answers with their own mean, range and delay, moves the slider in held
+steps on a 0.05 grid with a neutral zone at 0, and the features follow the story
+(and the listener's face their own valence) weakly. Compare methods on it.
 
 The official split is the default: stories 2, 4, 5, 8 train, 1 validation, 3, 6, 7
 test (dummy annotations of the right length); --val_stories and --test_stories
