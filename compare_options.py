@@ -95,13 +95,8 @@ def run_recorded(script, argv, ledger, results_of):
     """`script`'s main on `argv`, its run appended to the `ledger` (if any) as if
     it had been run from the command line."""
     parser = script.get_args_parser()
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    returned = script.main(args)
-    if ledger:
-        runs.record(ledger, parser.prog, parser, args, results_of(returned),
-                    time.perf_counter() - start, command=" ".join([parser.prog, *argv]))
-    return returned
+    return runs.run_recorded(script.main, parser, parser.parse_args(argv), ledger, results_of,
+                             command=" ".join([parser.prog, *argv]))
 
 
 def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):

@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+import datasets
 import fusion
 import runs
 import train
@@ -99,14 +100,14 @@ def load_fold(cv_dirs, story, annotations, in_names):
 
 def load_folds(cv_dirs, in_names, train_dir, test_dir):
     """{held-out story: (training videos, held-out videos, input widths)} of every fold."""
-    annotations = fusion.annotation_files([train_dir, test_dir])
+    annotations = datasets.annotation_files([train_dir, test_dir])
     return {story: load_fold(cv_dirs, story, annotations, in_names)
             for story in list_folds(cv_dirs)}
 
 
 def read_fold(cv_dirs, story, in_names, train_dir, test_dir):
     """One fold's videos, read by a cluster worker from the shared folders."""
-    return load_fold(cv_dirs, story, fusion.annotation_files([train_dir, test_dir]), in_names)
+    return load_fold(cv_dirs, story, datasets.annotation_files([train_dir, test_dir]), in_names)
 
 
 def fold_tasks(folds, saved, args, in_names, settings):

@@ -43,21 +43,18 @@ def get_args_parser():
 def load_annotations(split_dirs):
     """{(subject, story): 25 fps annotation} of the pooled folders, and how many
     constant (dummy) annotations were left out."""
-    annotations, constant = {}, 0
     for split_dir in split_dirs:
         folder = Path(split_dir) / datasets.ANNOTATION_FOLDER
         if not folder.is_dir():
             raise ToolkitError(f"{folder} does not exist: give split folders that hold "
                                "Annotations/ (e.g. data/Training)")
-        for key, path in datasets.list_videos(folder).items():
-            if key in annotations:
-                raise ToolkitError(f"{datasets.video_name(*key)} is in more than one of "
-                                   f"{', '.join(map(str, split_dirs))}: give each folder once")
-            values = datasets.read_annotation(path)
-            if np.ptp(values) == 0:
-                constant += 1
-                continue
-            annotations[key] = values.astype(np.float64)
+    annotations, constant = {}, 0
+    for key, path in datasets.annotation_files(split_dirs).items():
+        values = datasets.read_annotation(path)
+        if np.ptp(values) == 0:
+            constant += 1
+            continue
+        annotations[key] = values.astype(np.float64)
     if not annotations:
         raise ToolkitError(f"no annotation that varies in {', '.join(map(str, split_dirs))}: "
                            "give folders with real annotations (a test split's are dummies)")
@@ -163,16 +160,19 @@ def feature_statistics(split_dirs, mods, annotations):
     """Per modality: the Pearson r with the per-second valence, per video, of the
     one feature that follows valence best over all videos pooled."""
     video_set = datasets.load_videos(list(split_dirs), mods)
+    targets = video_set.targets.numpy().astype(np.float64)  # the per-second valence
+    videos = [(v.start, v.labelled_seconds) for v in video_set.videos
+              if (v.subject, v.story) in annotations]
     rows = []
     for mod in mods:
         storage = video_set.features[mod].numpy()
-        per_video = [(storage[v.start:v.start + v.labelled_seconds].astype(np.float64),
-                      datasets.per_second(v.annotation)[:v.labelled_seconds].astype(np.float64))
-                     for v in video_set.videos if (v.subject, v.story) in annotations]
-        features = np.concatenate([rows_ for rows_, _ in per_video])
+        per_video = [(storage[start:start + length].astype(np.float64),
+                      targets[start:start + length]) for start, length in videos]
+        features = np.concatenate([video_rows for video_rows, _ in per_video])
         target = np.concatenate([valence for _, valence in per_video])
         best = int(np.nanargmax(np.abs(_pearson_columns(features, target))))
-        per_video_r = [_pearson_columns(rows_[:, [best]], valence)[0] for rows_, valence in per_video]
+        per_video_r = [_pearson_columns(video_rows[:, [best]], valence)[0]
+                       for video_rows, valence in per_video]
         rows.append(summary_row(f"Pearson r of the best single {mod} feature (column {best}) "
                                 "with valence, per video", "videos", per_video_r))
     return rows

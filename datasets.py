@@ -97,6 +97,25 @@ def list_videos(folder):
     return files
 
 
+def list_pooled(folders, what):
+    """(subject, story) -> file over several folders, each video in one folder only
+    (`what` names the files in the error: "annotation", "feature")."""
+    files, origin = {}, {}
+    for folder in folders:
+        for key, path in list_videos(folder).items():
+            if key in files:
+                raise ToolkitError(f"{video_name(*key)} is in {origin[key]} and in "
+                                   f"{folder}: each video may have one {what} file only")
+            files[key], origin[key] = path, folder
+    return files
+
+
+def annotation_files(split_dirs):
+    """(subject, story) -> annotation file of several split folders, pooled."""
+    return list_pooled([Path(split_dir) / ANNOTATION_FOLDER for split_dir in split_dirs],
+                       "annotation")
+
+
 def cache_dir():
     """Where parsed CSV features are kept: $OMG_CACHE_DIR, else ~/.cache/omg_empathy."""
     return Path(os.environ.get("OMG_CACHE_DIR", Path.home() / ".cache" / "omg_empathy"))

@@ -164,23 +164,6 @@ def find_feature_folder(feat_dir, split_dir, side):
                        f"copy step) and {written} (train.py --features --feat_dir {feat_dir})")
 
 
-def list_pooled(folders, what):
-    """(subject, story) -> file over several folders, each video in one folder only."""
-    files, origin = {}, {}
-    for folder in folders:
-        for key, path in datasets.list_videos(folder).items():
-            if key in files:
-                raise ToolkitError(f"{datasets.video_name(*key)} is in {origin[key]} and in "
-                                   f"{folder}: each video may have one {what} file only")
-            files[key], origin[key] = path, folder
-    return files
-
-
-def annotation_files(split_dirs):
-    return list_pooled([Path(split_dir) / datasets.ANNOTATION_FOLDER for split_dir in split_dirs],
-                       "annotation")
-
-
 # ---------------------------------------------------------------- loading
 
 @dataclass
@@ -213,7 +196,7 @@ def load_fused_videos(input_folders, annotations, in_names):
     `input_folders` holds one list of folders (pooled) per input. Returns
     (videos, dims): dims is each input's feature width.
     """
-    inputs = [list_pooled(folders, "feature") for folders in input_folders]
+    inputs = [datasets.list_pooled(folders, "feature") for folders in input_folders]
     described = [f"{name} ({', '.join(map(str, folders))})"
                  for name, folders in zip(in_names, input_folders)]
     _check_same_videos(inputs, described)
@@ -269,18 +252,20 @@ def load_split(feat_dirs, in_names, train_dir, test_dir, test_stories=None, with
     if test_stories:
         folders = [[find_feature_folder(name, train_dir, "train"),
                     find_feature_folder(name, test_dir, "test")] for name in feat_dirs]
-        pooled, dims = load_fused_videos(folders, annotation_files([train_dir, test_dir]), in_names)
+        pooled, dims = load_fused_videos(
+            folders, datasets.annotation_files([train_dir, test_dir]), in_names)
         train.check_known("story", test_stories, sorted({v.story for v in pooled}), "--test_set")
         train_videos = [video for video in pooled if video.story not in test_stories]
         test_videos = [video for video in pooled if video.story in test_stories]
     else:
         folders = [[find_feature_folder(name, test_dir, "test")] for name in feat_dirs]
-        test_videos, dims = load_fused_videos(folders, annotation_files([test_dir]), in_names)
+        test_videos, dims = load_fused_videos(
+            folders, datasets.annotation_files([test_dir]), in_names)
         train_videos = []
         if with_train:
             train_folders = [[find_feature_folder(name, train_dir, "train")] for name in feat_dirs]
             train_videos, train_dims = load_fused_videos(
-                train_folders, annotation_files([train_dir]), in_names)
+                train_folders, datasets.annotation_files([train_dir]), in_names)
             check_same_dims(train_dims, dims, in_names)
             folders = [a + b for a, b in zip(train_folders, folders)]
     if (with_train and not train_videos) or not test_videos:

@@ -103,7 +103,7 @@ def append_row(path, row):
     with open(path, "a", encoding="utf-8") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
         try:
-            if file.tell() == 0 and os.fstat(file.fileno()).st_size == 0:
+            if os.fstat(file.fileno()).st_size == 0:  # a new ledger: the header first
                 writer.writeheader()
             writer.writerow(row)
             file.write(text.getvalue())
@@ -129,16 +129,10 @@ def output_folder(args):
 def changed_settings(parser, args):
     """{flag: value} of every setting that differs from the parser's default (the
     data folders and the output folder have columns of their own)."""
-    changed, output = {}, next((flag for flag in OUTPUT_FLAGS
-                                if getattr(args, flag, None) is not None), None)
+    output = next((flag for flag in OUTPUT_FLAGS if getattr(args, flag, None) is not None), None)
     skipped = NOT_SETTINGS | {"train_dir", "test_dir", output}
-    for action in parser._actions:  # argparse keeps its actions here; there is no public list
-        if action.dest in skipped or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if value != action.default:
-            changed[action.dest] = value
-    return changed
+    return {name: value for name, value in vars(args).items()
+            if name not in skipped and value != parser.get_default(name)}
 
 
 def versions():
@@ -163,18 +157,23 @@ def toolkit_commit():
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def run_recorded(main, parser, args, ledger, results_of, command=None):
+    """`main(args)`, and, if it returns, its row appended to `ledger` (None: no
+    ledger); `results_of(what main returned)` gives the row's results."""
+    start = time.perf_counter()
+    returned = main(args)
+    if ledger:
+        results = results_of(returned) if returned is not None else {}
+        record(ledger, parser.prog, parser, args, results, time.perf_counter() - start, command)
+    return returned
+
+
 def run_cli(main, parser, results_of, argv=None):
-    """`utils.run_cli`, and the row of the finished run appended to its --ledger.
-    `results_of(what main returned)` gives the row's results."""
-    def recorded(args):
-        ledger = ledger_path(args)  # checked before the run writes anything
-        start = time.perf_counter()
-        returned = main(args)
-        if ledger:
-            results = results_of(returned) if returned is not None else {}
-            record(ledger, parser.prog, parser, args, results, time.perf_counter() - start)
-        return returned
-    return utils.run_cli(recorded, parser, argv)
+    """`utils.run_cli`, with the finished run recorded in its --ledger (which is
+    checked before the run writes anything)."""
+    return utils.run_cli(
+        lambda args: run_recorded(main, parser, args, ledger_path(args), results_of),
+        parser, argv)
 
 
 # ---------------------------------------------------------------- what each script reports
