@@ -25,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 import crossval
+import datasets
 import personalize
 import runs
-import train
 import utils
 
 # (name, crossval.py flags, whether it re-evaluates the default run instead of training)
@@ -50,7 +50,7 @@ VARIANTS = [
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "compare_options.py", parents=[train.get_split_args_parser()],
+        "compare_options.py", parents=[datasets.get_split_args_parser()],
         description="Compare the training and post-processing options by cross-validation.")
     parser.add_argument("--mods", default="audio,text", help="modalities (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per fold (default: %(default)s)")
@@ -83,10 +83,18 @@ def variant_folder(out_dir, name):
     return Path(out_dir) / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "default")
 
 
+def default_fold_model(out_dir):
+    """The checkpoint personalization starts from, as the user guide's: story 1's fold."""
+    return runs.fold_dir(variant_folder(out_dir, "default"), 1) / runs.BEST
+
+
 def copy_best_checkpoints(source, target):
     """The default run's best.save of every fold, for re-evaluating it another way."""
-    for checkpoint in sorted(Path(source).glob("val_on_*/best.save")):
-        destination = Path(target) / checkpoint.parent.name / "best.save"
+    for story in runs.fold_stories(source):
+        checkpoint = runs.fold_dir(source, story) / runs.BEST
+        if not checkpoint.is_file():
+            continue
+        destination = runs.fold_dir(target, story) / runs.BEST
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(checkpoint, destination)
 
@@ -122,7 +130,7 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
 def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
     """Fine-tune the default run's story-1 model per listener; returns its table row
     (the mean over listeners of their CCC before and after)."""
-    init = variant_folder(out_dir, "default") / "val_on_1" / "best.save"
+    init = default_fold_model(out_dir)
     if not init.is_file():
         raise utils.ToolkitError(f"personalization starts from {init}, which does not exist: "
                                  "include default in --only, on data whose story 1 validates")
@@ -169,6 +177,7 @@ def main(args):
         raise utils.ToolkitError(f"--personal_epochs must be 0 or more, got {args.personal_epochs}")
     ledger = runs.ledger_path(args)
     utils.check_writable(args.out_dir)
+    runs.write_run_record(args, args.out_dir)
     rows = [run_variant(name, flags, reevaluate, common, args.out_dir, ledger)
             for name, flags, reevaluate in VARIANTS if name in chosen]
     table = pd.DataFrame(rows)
@@ -185,7 +194,7 @@ def main(args):
     print(markdown(table))
     if personal is not None:
         print(f"\npersonalized track (story 1, mean over listeners) of personalize.py from "
-              f"{variant_folder(args.out_dir, 'default') / 'val_on_1' / 'best.save'}, "
+              f"{default_fold_model(args.out_dir)}, "
               f"--epochs {args.personal_epochs} --lr {args.lr}:")
         print(personal_markdown(personal))
     return table, personal

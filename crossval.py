@@ -13,13 +13,12 @@ average prediction, and columns add the mean and std of the seeds' own CCC.
 Folds run side by side with --jobs N, or on a Dask cluster with --scheduler ADDRESS.
 """
 import argparse
-import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
 import datasets
+import parallel
 import runs
 import train
 import utils
@@ -29,7 +28,7 @@ from utils import ToolkitError
 def get_fold_args_parser():
     """Flags of every script that works on cross-validation folds."""
     parser = argparse.ArgumentParser(add_help=False,
-                                     parents=[utils.get_parallel_args_parser("run folds")])
+                                     parents=[parallel.get_parallel_args_parser("run folds")])
     group = parser.add_argument_group("folds")
     group.add_argument("--out_dir", default="./cv_out",
                        help="folder of the folds val_on_<story>/ (default: %(default)s)")
@@ -65,28 +64,20 @@ def load_pool(train_dir, test_dir, mods, stories=None, subjects=None):
     """Training and validation videos pooled, restricted to `stories`/`subjects`."""
     pooled = datasets.load_videos([train_dir, test_dir], mods)
     if stories:
-        train.check_known("story", stories, pooled.stories, "--stories")
+        datasets.check_known("story", stories, pooled.stories, "--stories")
     if subjects:
-        train.check_known("subject", subjects, pooled.subjects, "--subjects")
+        datasets.check_known("subject", subjects, pooled.subjects, "--subjects")
     pooled = pooled.select(stories=stories, subjects=subjects)
     if len(pooled.stories) < 2:
         raise ToolkitError("cross-validation needs at least two stories: widen --stories")
     return pooled
 
 
-def pool_for_tasks(pooled, args):
-    """The videos fold tasks get: the loaded ones (local processes memory-map them), or,
-    with --scheduler, what lets each worker load them from the shared data folders."""
-    if not args.scheduler:
-        return pooled
-    return utils.load_on_workers(
-        load_pool, train_dir=utils.task_path(args.train_dir, args.scheduler),
-        test_dir=utils.task_path(args.test_dir, args.scheduler), mods=pooled.mods,
-        stories=args.stories, subjects=args.subjects)
-
-
-def fold_dir(out_dir, story):
-    return Path(out_dir) / f"val_on_{story}"
+def pool_for_tasks(pooled, args, runner):
+    """The pooled videos as fold tasks get them from `runner` (parallel.Runner)."""
+    return runner.data(pooled, load_pool, train_dir=Path(args.train_dir),
+                       test_dir=Path(args.test_dir), mods=pooled.mods, stories=args.stories,
+                       subjects=args.subjects)
 
 
 def fold_sets(pooled, story):
@@ -94,23 +85,14 @@ def fold_sets(pooled, story):
     return pooled.select(exclude_stories=[story]), pooled.select(stories=[story])
 
 
-def checkpoint_name(epoch=None):
-    return f"epoch_{epoch}.save" if epoch is not None else "best.save"
-
-
-def saved_epochs(folder):
-    return sorted(int(match.group(1)) for path in Path(folder).glob("epoch_*.save")
-                  if (match := re.fullmatch(r"epoch_(\d+)\.save", path.name)))
-
-
 def check_checkpoints(out_dir, stories, epochs=(None,)):
     """Every fold must hold every checkpoint asked for, before any work starts."""
     for story in stories:
-        folder = fold_dir(out_dir, story)
         for epoch in epochs:
-            for path in train.run_checkpoints(folder, checkpoint_name(epoch)):
+            for path in runs.run_checkpoints(runs.fold_dir(out_dir, story),
+                                             runs.checkpoint_name(epoch)):
                 if not path.is_file():
-                    saved = saved_epochs(path.parent)
+                    saved = runs.saved_epochs(path.parent)
                     listing = (f"saved epochs: {_ranges(saved)}" if saved
                                else "run crossval.py without --test first")
                     raise ToolkitError(f"{path} does not exist ({listing})")
@@ -130,23 +112,29 @@ def check_fresh_folds(out_dir, stories, settings, resume, overwrite):
     """Refuse to train over earlier folds unless asked to; returns {folder: whether the
     run continues from its last.save} for every fold (and seed)."""
     folders = [folder for story in stories
-               for _, folder in settings.seed_runs(fold_dir(out_dir, story))]
-    return train.check_fresh_runs(folders, resume, overwrite)
+               for _, folder in settings.seed_runs(runs.fold_dir(out_dir, story))]
+    return runs.check_fresh_runs(folders, resume, overwrite)
+
+
+def check_test_epoch(test_epoch, settings):
+    if test_epoch is not None and (test_epoch % settings.save_freq or test_epoch > settings.epochs):
+        raise ToolkitError(f"--test_epoch {test_epoch} will not be saved: pick a multiple of "
+                           f"--save_freq {settings.save_freq} up to --epochs")
 
 
 # ---------------------------------------------------------------- one fold
 
-def train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes=None, progress=True,
-               postprocessing_flags=None, tensorboard_dir=None):
-    """Train the fold that holds out `story` (every seed); returns fit()'s summaries."""
-    device = utils.get_device(cuda)
+def train_fold(pooled, story, out_dir, options):
+    """Train the fold that holds out `story` (every seed, train.RunOptions `options`);
+    returns fit()'s summaries."""
+    device = utils.get_device(options.cuda)
     train_set, val_set = fold_sets(pooled, story)
-    scaler = datasets.FeatureScaler.fit(train_set) if normalize else None
+    scaler = datasets.FeatureScaler.fit(train_set) if options.normalize else None
+    settings = options.settings
     return train.fit_seeds(
         lambda: train.build_model(pooled.input_dims, device, settings.layers, settings.bidirectional),
-        train_set.with_scaler(scaler), val_set.with_scaler(scaler), fold_dir(out_dir, story),
-        settings, device, resumes, progress,
-        utils.Postprocessing.resolve(**(postprocessing_flags or {})), tensorboard_dir)
+        train_set.with_scaler(scaler), val_set.with_scaler(scaler), runs.fold_dir(out_dir, story),
+        options, device)
 
 
 def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=False,
@@ -155,15 +143,17 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=
     write the held-out predictions to <out_dir>/cv_pred/ (and features if asked)."""
     device = utils.get_device(cuda)
     train_set, val_set = fold_sets(pooled, story)
-    trained = train.load_trained(train.run_checkpoints(fold_dir(out_dir, story), checkpoint),
-                                 train_set, normalize, device)
+    folder = runs.fold_dir(out_dir, story)
+    trained = train.load_trained(runs.run_checkpoints(folder, checkpoint), train_set, normalize,
+                                 device)
     postprocessing = train.saved_postprocessing(trained, postprocessing_flags or {}, train_set,
                                                 [val_set])
     train_result = train.evaluate_seeds(trained, train_set, device, postprocessing)
     val_result = train.evaluate_seeds(trained, val_set, device, postprocessing)
-    train.write_predictions(Path(out_dir) / "cv_pred", val_set, val_result["frames"])
+    utils.write_predictions(Path(out_dir) / runs.CV_PREDICTIONS, val_set.videos,
+                            val_result["frames"])
     if features:
-        train.extract_features(trained, train_set, val_set, fold_dir(out_dir, story), device,
+        train.extract_features(trained, train_set, val_set, folder, device,
                                postprocessing.label_delay)
     row = {"story": story, "train_ccc": train_result["ccc"], "val_ccc": val_result["ccc"],
            "epoch": trained[0].checkpoint.get("epoch")}
@@ -173,13 +163,12 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=
     return row
 
 
-def run_fold(pooled, story, out_dir, settings, normalize, cuda, test_only, checkpoint,
-             features, resumes, progress, postprocessing_flags, tensorboard_dir=None):
+def run_fold(pooled, story, out_dir, options, checkpoint, features, test_only):
+    """Train a fold (unless `test_only`), then evaluate its `checkpoint`."""
     if not test_only:
-        train_fold(pooled, story, out_dir, settings, normalize, cuda, resumes, progress,
-                   postprocessing_flags, tensorboard_dir)
-    return evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features,
-                         postprocessing_flags)
+        train_fold(pooled, story, out_dir, options)
+    return evaluate_fold(pooled, story, out_dir, checkpoint, options.normalize, options.cuda,
+                         features, options.postprocessing_flags)
 
 
 # ---------------------------------------------------------------- main
@@ -188,35 +177,30 @@ def main(args):
     mods = datasets.parse_mods(args.mods)
     settings = train.TrainingSettings.from_args(args)
     out_dir = Path(args.out_dir)
-    checkpoint = checkpoint_name(args.test_epoch)
+    checkpoint = runs.checkpoint_name(args.test_epoch)
+    runner = parallel.Runner.from_args(args)
     pooled = load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
-    utils.check_scheduler(args.scheduler)
+    runner.check()
     resumes = {}
     if args.test:
         check_checkpoints(out_dir, pooled.stories, [args.test_epoch])
     else:
         settings.check()
-        if args.test_epoch is not None and (args.test_epoch % settings.save_freq
-                                            or args.test_epoch > settings.epochs):
-            raise ToolkitError(f"--test_epoch {args.test_epoch} will not be saved: pick a "
-                               f"multiple of --save_freq {settings.save_freq} up to --epochs")
+        check_test_epoch(args.test_epoch, settings)
         resumes = check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
-        train.check_tensorboard_dir(args.tensorboard)
-        utils.check_writable(out_dir)
-        utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
+    options = train.RunOptions.from_args(args, settings, resumes, runner)
+    options.check()
+    train.check_tensorboard_dir(args.tensorboard)
+    utils.check_writable(out_dir)
+    if not args.test:
+        runs.write_run_record(args, out_dir)
 
-    common = dict(pooled=pool_for_tasks(pooled, args),
-                  out_dir=utils.task_path(out_dir, args.scheduler), settings=settings,
-                  normalize=args.normalize, cuda=args.cuda, test_only=args.test,
-                  checkpoint=checkpoint, features=args.features,
-                  progress=args.jobs == 1 and not args.scheduler,
-                  postprocessing_flags=train.postprocessing_flags(args),
-                  tensorboard_dir=args.tensorboard and utils.task_path(args.tensorboard,
-                                                                        args.scheduler))
-    resumes = {utils.task_path(folder, args.scheduler): resume for folder, resume in resumes.items()}
-    tasks = [dict(story=story, resumes=resumes, **common) for story in pooled.stories]
-    folds = utils.run_parallel(run_fold, tasks, args.jobs, "folds", args.scheduler)
-    table = utils.crossval_table(folds)
+    pooled_for_tasks = pool_for_tasks(pooled, args, runner)
+    tasks = [dict(pooled=pooled_for_tasks, story=story,
+                  out_dir=runner.path(out_dir), options=options, checkpoint=checkpoint,
+                  features=args.features, test_only=args.test)
+             for story in pooled.stories]
+    table = utils.crossval_table(runner.run(run_fold, tasks, "folds"))
     utils.write_csv(table, out_dir / "crossval.csv")
     print(f"cross-validation of {checkpoint} per held-out story:")
     print(utils.format_table(table))

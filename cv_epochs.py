@@ -17,6 +17,7 @@ import pandas as pd
 
 import crossval
 import datasets
+import parallel
 import runs
 import train
 import utils
@@ -44,7 +45,7 @@ def epochs_to_check(epoch_min, epoch_max, epoch_step):
 def load_fold_epoch(pooled, story, out_dir, epoch, normalize, device):
     """A fold's training and held-out videos, and its models (one per seed) at `epoch`."""
     train_set, val_set = crossval.fold_sets(pooled, story)
-    paths = train.run_checkpoints(crossval.fold_dir(out_dir, story), crossval.checkpoint_name(epoch))
+    paths = runs.run_checkpoints(runs.fold_dir(out_dir, story), runs.checkpoint_name(epoch))
     return train_set, val_set, train.load_trained(paths, train_set, normalize, device)
 
 
@@ -66,14 +67,14 @@ def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda, postpr
     device = utils.get_device(cuda)
     train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
     postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set)
-    train.extract_features(trained, train_set, val_set, crossval.fold_dir(out_dir, story), device,
+    train.extract_features(trained, train_set, val_set, runs.fold_dir(out_dir, story), device,
                            postprocessing.label_delay)
 
 
 def epoch_table(folds, epochs):
     """One row per epoch: mean, std and mean-std of the held-out CCC over folds,
     then each fold's CCC."""
-    per_fold = pd.DataFrame({f"val_on_{fold['story']}": [fold["scores"][e] for e in epochs]
+    per_fold = pd.DataFrame({runs.fold_name(fold["story"]): [fold["scores"][e] for e in epochs]
                              for fold in folds})
     values = per_fold.to_numpy()
     table = pd.DataFrame({"epoch": epochs, "mean_ccc": values.mean(axis=1),
@@ -94,26 +95,27 @@ def main(args):
     mods = datasets.parse_mods(args.mods)
     epochs = epochs_to_check(args.epoch_min, args.epoch_max, args.epoch_step)
     out_dir = Path(args.out_dir)
+    runner = parallel.Runner.from_args(args)
     pooled = crossval.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
     crossval.check_checkpoints(out_dir, pooled.stories, epochs)
-    utils.check_scheduler(args.scheduler)
+    utils.Postprocessing.resolve(**utils.postprocessing_flags(args))  # refuses bad flags
+    runner.check()
     utils.check_writable(out_dir)
+    runs.write_run_record(args, out_dir, runs.CV_EPOCHS_RUN_RECORD)
 
-    common = dict(pooled=crossval.pool_for_tasks(pooled, args),
-                  out_dir=utils.task_path(out_dir, args.scheduler), normalize=args.normalize,
-                  cuda=args.cuda, postprocessing_flags=train.postprocessing_flags(args))
-    folds = utils.run_parallel(evaluate_fold_epochs,
-                               [dict(story=s, epochs=epochs, **common) for s in pooled.stories],
-                               args.jobs, "folds", args.scheduler)
+    common = dict(pooled=crossval.pool_for_tasks(pooled, args, runner),
+                  out_dir=runner.path(out_dir), normalize=args.normalize, cuda=args.cuda,
+                  postprocessing_flags=utils.postprocessing_flags(args))
+    folds = runner.run(evaluate_fold_epochs,
+                       [dict(story=s, epochs=epochs, **common) for s in pooled.stories], "folds")
     table = epoch_table(folds, epochs)
     best_epoch = int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
     utils.write_csv(table, out_dir / "cv_epochs.csv")
     print(utils.format_table(table[["epoch", "mean_ccc", "std_ccc", "mean_minus_std"]]))
     print(f"best epoch: {best_epoch} (mean CCC {table['mean_ccc'].max():.4f})")
 
-    utils.run_parallel(extract_fold_features,
-                       [dict(story=s, epoch=best_epoch, **common) for s in pooled.stories],
-                       args.jobs, "features", args.scheduler)
+    runner.run(extract_fold_features,
+               [dict(story=s, epoch=best_epoch, **common) for s in pooled.stories], "features")
     print(f"features of epoch {best_epoch} written to {out_dir}/val_on_<story>/feat_train "
           "and feat_test")
     return table, best_epoch

@@ -31,6 +31,7 @@ batch is a single gather.
 Parsed CSV features are cached as ``.npy`` (see `cache_dir`), so reading the same
 CSV a second time costs what reading ``.npy`` costs.
 """
+import argparse
 import dataclasses
 import hashlib
 import math
@@ -54,6 +55,17 @@ MODALITY_FOLDERS = {
 ANNOTATION_FOLDER = "Annotations"
 # The suffix may not start with a digit, or Story_12 would read as Story_1 + "2".
 VIDEO_FILE = re.compile(r"^Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?\.(csv|npy)$")
+
+
+def get_split_args_parser():
+    """The split folders, shared by every script that reads data."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("split folders")
+    group.add_argument("--train_dir", default="./data/Training",
+                       help="training split folder (default: %(default)s)")
+    group.add_argument("--test_dir", default="./data/Validation",
+                       help="validation or test split folder (default: %(default)s)")
+    return parser
 
 
 def video_name(subject, story):
@@ -114,6 +126,14 @@ def annotation_files(split_dirs):
     """(subject, story) -> annotation file of several split folders, pooled."""
     return list_pooled([Path(split_dir) / ANNOTATION_FOLDER for split_dir in split_dirs],
                        "annotation")
+
+
+def check_known(kind, requested, available, flag):
+    """Refuse `requested` stories or subjects (`kind`) that are not `available`."""
+    unknown = sorted(set(requested) - set(available))
+    if unknown:
+        raise ToolkitError(f"{flag}: {kind} {', '.join(map(str, unknown))} is not in the data "
+                           f"(it has {', '.join(map(str, available))})")
 
 
 def cache_dir():

@@ -34,17 +34,15 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
-from tqdm import tqdm
-
 import face_features
+import parallel
 from datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, parse_mods,
                       read_annotation, video_name)
 from utils import (FPS, ToolkitError, atomic_path, check_writable, run_cli, save_array,
@@ -62,8 +60,9 @@ REQUIREMENTS = "bash install_extract.sh"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Extract per-second audio, text and face features "
-                                     "from raw recordings", add_help=False)
+    parser = argparse.ArgumentParser(
+        "extract_features.py", parents=[parallel.get_parallel_args_parser("process videos")],
+        description="Extract per-second audio, text and face features from raw recordings.")
     parser.add_argument("--videos", required=True, type=Path,
                         help="folder of recordings named Subject_<s>_Story_<t>.mp4")
     parser.add_argument("--out_dir", required=True, type=Path,
@@ -116,8 +115,6 @@ def get_args_parser():
                              "second that had one (zeros before the first)")
     parser.add_argument("--format", choices=["npy", "csv"], default="npy",
                         help="feature file format (csv has a header row audio_0, audio_1, ...)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="videos processed in parallel (-1: one per CPU core)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing feature and annotation files of these videos")
     parser.add_argument("--skip_existing", action="store_true",
@@ -164,8 +161,6 @@ def check_options(args, mods):
         raise ToolkitError("--embed_per_second must be at least 1 (faces per second)")
     if args.overwrite and args.skip_existing:
         raise ToolkitError("--overwrite and --skip_existing contradict each other: choose one")
-    if args.jobs == 0:
-        raise ToolkitError("--jobs must be a positive number of processes, or -1 for all cores")
     if args.word_vectors is not None and not args.word_vectors.is_file():
         raise ToolkitError(f"word-vector file {args.word_vectors} does not exist: pass a GloVe "
                            "text file (one 'word v1 v2 ...' per line)")
@@ -755,12 +750,16 @@ def process(recording, settings, mods, word_vectors):
 
 # ---------------------------------------------------------------- run
 
-def run_all(recordings, args, mods, word_vectors):
-    """Process the recordings (in --jobs processes), with a progress bar over videos."""
-    tasks = (delayed(process)(recording, args, mods, word_vectors) for recording in recordings)
-    results = Parallel(n_jobs=args.jobs, return_as="generator")(tasks)
-    # The bar stays off when stderr is not a terminal, so logs hold only results.
-    return list(tqdm(results, total=len(recordings), desc="videos", unit="video", disable=None))
+def run_all(recordings, args, mods, word_vectors, runner):
+    """Process the recordings, one task per video, where `runner` (parallel.Runner)
+    runs them; on a cluster with absolute paths."""
+    settings = argparse.Namespace(**{**vars(args), "out_dir": runner.path(args.out_dir)})
+    tasks = [dict(recording=replace(recording, video=runner.path(recording.video),
+                                    transcript=runner.path(recording.transcript),
+                                    annotation=runner.path(recording.annotation)),
+                  settings=settings, mods=mods, word_vectors=word_vectors)
+             for recording in recordings]
+    return runner.run(process, tasks, "videos")
 
 
 def print_summary(reports, mods):
@@ -812,6 +811,8 @@ def raise_failures(reports):
 def main(args):
     mods = choose_mods(args)
     check_options(args, mods)
+    runner = parallel.Runner.from_args(args)
+    runner.check()
     recordings, skipped = plan(args, mods)
     if skipped:
         print(f"skipping {skipped} video(s) whose files exist in {args.out_dir} (--skip_existing)")
@@ -821,7 +822,7 @@ def main(args):
     word_vectors = None
     if "text" in mods and args.word_vectors is not None:
         word_vectors = read_word_vectors(args.word_vectors, transcript_vocabulary(recordings))
-    reports = run_all(recordings, args, mods, word_vectors)
+    reports = run_all(recordings, args, mods, word_vectors, runner)
     for report in reports:
         for warning in report.get("warnings", []):
             print(f"warning: {warning}", file=sys.stderr)
@@ -832,8 +833,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    # Run the importable module's main, not __main__'s: --jobs workers unpickle the
-    # functions they run by module name, and cannot find them in "__main__".
-    import extract_features
-    parser = argparse.ArgumentParser(parents=[extract_features.get_args_parser()])
-    run_cli(extract_features.main, parser)
+    run_cli(main, get_args_parser())

@@ -22,7 +22,6 @@ pass --test only models that you made or that come from someone you trust.
 """
 import argparse
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from sklearn.svm import SVR
 
 import datasets
 import runs
-import train
 import utils
 from utils import ToolkitError
 
@@ -51,7 +49,7 @@ SVR_CACHE_MB = 500  # libsvm kernel cache; 200 to 1000 MB fit 10,000 rows equall
 def get_svr_args_parser():
     """Flags shared by fusion.py and cv_fusion.py."""
     parser = argparse.ArgumentParser(add_help=False, parents=[
-        train.get_split_args_parser(), train.get_postprocessing_args_parser(with_label_delay=False)])
+        datasets.get_split_args_parser(), utils.get_postprocessing_args_parser(with_label_delay=False)])
     group = parser.add_argument_group("fusion model")
     group.add_argument("--in_names", nargs="+", metavar="NAME",
                        help="a name for each input folder, in order, stored with the model "
@@ -104,7 +102,7 @@ class SVRSettings:
     @classmethod
     def from_args(cls, args):
         settings = cls(tuple(args.C), args.epsilon, parse_gamma(args.gamma), args.normalize,
-                       utils.Postprocessing.resolve(**train.postprocessing_flags(args)))
+                       utils.Postprocessing.resolve(**utils.postprocessing_flags(args)))
         if not all(c > 0 for c in settings.c_values):
             raise ToolkitError(f"--C must be positive, got {' '.join(map(str, args.C))}")
         if not settings.epsilon >= 0:
@@ -254,7 +252,7 @@ def load_split(feat_dirs, in_names, train_dir, test_dir, test_stories=None, with
                     find_feature_folder(name, test_dir, "test")] for name in feat_dirs]
         pooled, dims = load_fused_videos(
             folders, datasets.annotation_files([train_dir, test_dir]), in_names)
-        train.check_known("story", test_stories, sorted({v.story for v in pooled}), "--test_set")
+        datasets.check_known("story", test_stories, sorted({v.story for v in pooled}), "--test_set")
         train_videos = [video for video in pooled if video.story not in test_stories]
         test_videos = [video for video in pooled if video.story in test_stories]
     else:
@@ -409,12 +407,6 @@ def check_compatible(record, in_names, dims, source):
 
 # ---------------------------------------------------------------- outputs
 
-def write_predictions(folder, videos, frames):
-    """One 25 fps CSV (header `valence`) per video."""
-    for video, prediction in zip(videos, frames):
-        utils.write_valence(Path(folder) / f"{video.name}.csv", prediction)
-
-
 # ---------------------------------------------------------------- main
 
 def ledger_results(results):
@@ -433,7 +425,7 @@ def main(args):
         with_train=saved is None)
     if saved:
         check_compatible(saved, in_names, dims, args.test)
-        postprocessing = saved_postprocessing(saved, train.postprocessing_flags(args), args.test)
+        postprocessing = saved_postprocessing(saved, utils.postprocessing_flags(args), args.test)
     # Every input has been checked: only now is anything written.
     utils.check_writable(pred_dir)
 
@@ -445,14 +437,13 @@ def main(args):
         model, c = fit_with_c_choice(train_videos, settings)
         postprocessing = fitted_postprocessing(settings, train_videos)
         results["train"] = evaluate(model, train_videos, postprocessing)
-        write_predictions(pred_dir / "pred_train", train_videos, results["train"]["frames"])
+        utils.write_predictions(pred_dir / "pred_train", train_videos, results["train"]["frames"])
         save_model(model_path, model_record(model, c, settings, in_names, dims, train_videos))
-    train.report_unseen_listeners(postprocessing, test_videos)
+    utils.report_unseen_listeners(postprocessing, test_videos)
     results["test"] = evaluate(model, test_videos, postprocessing)
-    write_predictions(pred_dir, test_videos, results["test"]["frames"])
-    utils.write_json({**vars(args), "command": " ".join(sys.argv)},
-                     pred_dir / ("test_args.json" if saved else "args.json"))
-    train.print_results(results)
+    utils.write_predictions(pred_dir, test_videos, results["test"]["frames"])
+    runs.write_run_record(args, pred_dir, runs.TEST_RUN_RECORD if saved else runs.RUN_RECORD)
+    utils.print_results(results)
     print(f"predictions written to {pred_dir}" + ("" if saved else f", model to {model_path}"))
     return results
 

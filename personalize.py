@@ -22,7 +22,6 @@ included) with the best mean held-out CCC is the one the subject's model is then
 fine-tuned for on all of them. subject_<s>/inner_cv.csv holds the curves.
 """
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 import datasets
+import parallel
 import runs
 import train
 import utils
@@ -40,7 +40,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         "personalize.py", description="Fine-tune a trained model for each listener.",
         parents=[train.get_data_args_parser(), train.get_training_args_parser(),
-                 utils.get_parallel_args_parser("fine-tune subjects"),
+                 parallel.get_parallel_args_parser("fine-tune subjects"),
                  runs.get_ledger_args_parser()])
     group = parser.add_argument_group("subjects")
     group.add_argument("--out_dir", default="./personal",
@@ -74,78 +74,79 @@ def subject_sets(train_all, test_all, subject, augment):
     return train_set, test_all.select(subjects=[subject])
 
 
-def inner_folders(subject_dir, stories):
-    return {story: Path(subject_dir) / f"inner_val_on_{story}" for story in stories}
+def inner_folders(subject_folder, stories):
+    return {story: runs.inner_fold_dir(subject_folder, story) for story in stories}
 
 
-def personalize_subject(train_all, test_all, subject, out_dir, settings, normalize, cuda,
-                        augment=None, resumes=None, progress=True, postprocessing_flags=None,
-                        inner_cv=False, tensorboard_dir=None):
-    """Fine-tune init.save for one subject (once per seed; for the number of epochs
-    that `inner_cv` chooses, if asked); returns its CCC before and after (of the
-    seeds' average prediction, with their mean and std)."""
-    device = utils.get_device(cuda)
-    flags = postprocessing_flags or {}
-    init = train.load_trained([init_checkpoint(out_dir)], train_all, normalize, device)[0]
+def personalize_subject(train_all, test_all, subject, out_dir, options, augment=None,
+                        inner_cv=False):
+    """Fine-tune init.save for one subject (once per seed of train.RunOptions
+    `options`; for the number of epochs that `inner_cv` chooses, if asked); returns
+    its CCC before and after (of the seeds' average prediction, with their mean and std)."""
+    device = utils.get_device(options.cuda)
+    flags = options.postprocessing_flags or {}
+    init = train.load_trained([init_checkpoint(out_dir)], train_all, options.normalize, device)[0]
     train_set, test_set = subject_sets(train_all.with_scaler(init.scaler),
                                        test_all.with_scaler(init.scaler), subject, augment)
     postprocessing = train.saved_postprocessing([init], flags, train_all)
     before = train.evaluate(init.network, test_set, device, postprocessing)
-    subject_dir = Path(out_dir) / f"subject_{subject}"
+    subject_folder = runs.subject_dir(out_dir, subject)
 
     def load_init():
-        return train.load_trained([init_checkpoint(out_dir)], train_all, normalize, device)[0].network
+        return train.load_trained([init_checkpoint(out_dir)], train_all, options.normalize,
+                                  device)[0].network
 
-    epochs = settings.epochs
+    epochs = options.settings.epochs
     if inner_cv:
         own_videos = train_all.with_scaler(init.scaler).select(subjects=[subject])
-        epochs = choose_epochs(load_init, init.network, train_set, own_videos, subject_dir,
-                               settings, device, postprocessing, resumes, progress,
-                               tensorboard_dir)
+        epochs = choose_epochs(load_init, init.network, train_set, own_videos, subject_folder,
+                               options, device, postprocessing)
     row = {"subject": subject, "before_ccc": before["ccc"]}
     if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
-        after = {**before, "seed_ccc": [before["ccc"]] * settings.seeds}
+        after = {**before, "seed_ccc": [before["ccc"]] * options.settings.seeds}
     else:
-        train.fit_seeds(load_init, train_set, test_set, subject_dir,
-                        replace(settings, epochs=epochs), device, resumes, progress, postprocessing,
-                        tensorboard_dir)
+        tuning = replace(options, settings=replace(options.settings, epochs=epochs))
+        train.fit_seeds(load_init, train_set, test_set, subject_folder, tuning, device,
+                        postprocessing)
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
-        tuned = train.load_trained(train.run_checkpoints(subject_dir, "last.save"), train_all,
-                                   normalize, device)
+        tuned = train.load_trained(runs.run_checkpoints(subject_folder, runs.LAST), train_all,
+                                   options.normalize, device)
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
         after = train.evaluate_seeds(tuned, test_set, device,
                                      train.saved_postprocessing(tuned, flags, train_set, [test_set]))
-    train.write_predictions(Path(out_dir) / "pred_test", test_set, after["frames"])
+    utils.write_predictions(Path(out_dir) / "pred_test", test_set.videos, after["frames"])
     row["after_ccc"] = after["ccc"]
     if inner_cv:
         row["epochs"] = epochs
-    if settings.seeds > 1:
+    if options.settings.seeds > 1:
         row.update(after_ccc_seed_mean=np.mean(after["seed_ccc"]),
                    after_ccc_seed_std=np.std(after["seed_ccc"]))
     return row
 
 
-def choose_epochs(load_init, init_network, train_set, own_videos, subject_dir, settings, device,
-                  postprocessing, resumes=None, progress=True, tensorboard_dir=None):
-    """The number of fine-tuning epochs (0 to settings.epochs) with the best mean CCC
-    on the subject's own training videos, each held out in turn (see the module's
-    docstring); writes the curves to <subject_dir>/inner_cv.csv."""
+def choose_epochs(load_init, init_network, train_set, own_videos, subject_folder, options,
+                  device, postprocessing):
+    """The number of fine-tuning epochs (0 to --epochs) with the best mean CCC on the
+    subject's own training videos, each held out in turn (see the module's
+    docstring); writes the curves to <subject_folder>/inner_cv.csv."""
     stories = sorted({video.story for video in own_videos.videos})
+    settings = options.settings
     inner_settings = replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
     curves = {}
-    for story, folder in inner_folders(subject_dir, stories).items():
+    for story, folder in inner_folders(subject_folder, stories).items():
         held_out = own_videos.select(stories=[story])
         start = train.evaluate(init_network, held_out, device, postprocessing)["ccc"]
         utils.seed_everything(inner_settings.seed)
         train.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
-                  inner_settings, device, resume=(resumes or {}).get(folder, False),
-                  progress=progress, postprocessing=postprocessing, tensorboard_dir=tensorboard_dir)
-        history = pd.read_csv(folder / "metrics.csv").dropna(subset=["val_ccc"])
-        curves[f"val_on_{story}"] = pd.Series([start, *history["val_ccc"]],
-                                              index=[0, *history["epoch"]])
+                  inner_settings, device, resume=options.resumes_run(folder),
+                  progress=options.progress, postprocessing=postprocessing,
+                  tensorboard_dir=options.tensorboard_dir)
+        history = pd.read_csv(folder / runs.METRICS).dropna(subset=["val_ccc"])
+        curves[runs.fold_name(story)] = pd.Series([start, *history["val_ccc"]],
+                                                  index=[0, *history["epoch"]])
     table = pd.DataFrame(curves).rename_axis("epoch").reset_index()
     table["mean_ccc"] = table[list(curves)].mean(axis=1)
-    utils.write_csv(table, Path(subject_dir) / "inner_cv.csv")
+    utils.write_csv(table, Path(subject_folder) / "inner_cv.csv")
     return int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
 
 
@@ -156,18 +157,14 @@ def inner_cv_folders(train_all, subject, out_dir):
     if len(stories) < 2:
         raise ToolkitError(f"--inner_cv needs two or more training stories of subject {subject}, "
                            f"who has {len(stories)}: leave out --inner_cv or that subject")
-    return inner_folders(Path(out_dir) / f"subject_{subject}", stories)
+    return inner_folders(runs.subject_dir(out_dir, subject), stories)
 
 
-def videos_for_tasks(train_all, test_all, args, mods):
-    """The videos subject tasks get: the loaded ones (local processes memory-map them),
-    or, with --scheduler, what lets each worker load them from the shared data folders."""
-    if not args.scheduler:
-        return train_all, test_all
-    return utils.load_on_workers(
-        train.load_train_test, train_dir=utils.task_path(args.train_dir, args.scheduler),
-        test_dir=utils.task_path(args.test_dir, args.scheduler), mods=mods,
-        test_stories=args.test_set).parts(2)
+def videos_for_tasks(train_all, test_all, args, mods, runner):
+    """The training and test videos as subject tasks get them from `runner`."""
+    return runner.data((train_all, test_all), train.load_train_test, parts=2,
+                       train_dir=Path(args.train_dir), test_dir=Path(args.test_dir), mods=mods,
+                       test_stories=args.test_set)
 
 
 def choose_subjects(train_all, test_all, requested, augment):
@@ -177,7 +174,7 @@ def choose_subjects(train_all, test_all, requested, augment):
         trainable &= set(train_all.subjects)
     if not requested:
         return sorted(trainable)
-    train.check_known("subject", requested, sorted(trainable), "--subjects")
+    datasets.check_known("subject", requested, sorted(trainable), "--subjects")
     return sorted(requested)
 
 
@@ -204,33 +201,29 @@ def main(args):
         raise ToolkitError("--inner_cv chooses how long to fine-tune by itself: leave out "
                            "--patience (which would stop on the test videos)")
     out_dir = Path(args.out_dir)
+    runner = parallel.Runner.from_args(args)
     init_checkpoint(out_dir)
     train_all, test_all = train.load_train_test(args.train_dir, args.test_dir, mods, args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
     folders = [folder for subject in subjects
-               for _, folder in settings.seed_runs(out_dir / f"subject_{subject}")]
+               for _, folder in settings.seed_runs(runs.subject_dir(out_dir, subject))]
     if args.inner_cv:
         folders += [folder for subject in subjects
                     for folder in inner_cv_folders(train_all, subject, out_dir).values()]
-    resumes = train.check_fresh_runs(folders, args.resume, args.overwrite)
-    utils.check_scheduler(args.scheduler)
+    resumes = runs.check_fresh_runs(folders, args.resume, args.overwrite)
+    options = train.RunOptions.from_args(args, settings, resumes, runner)
+    options.check()
+    runner.check()
     train.check_tensorboard_dir(args.tensorboard)
     utils.check_writable(out_dir)
-    utils.write_json({**vars(args), "command": " ".join(sys.argv)}, out_dir / "args.json")
+    runs.write_run_record(args, out_dir)
 
-    train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods)
+    train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
     tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
-                  out_dir=utils.task_path(out_dir, args.scheduler), settings=settings,
-                  normalize=args.normalize, cuda=args.cuda, augment=args.augment,
-                  resumes={utils.task_path(folder, args.scheduler): resume
-                           for folder, resume in resumes.items()},
-                  progress=args.jobs == 1 and not args.scheduler,
-                  postprocessing_flags=train.postprocessing_flags(args), inner_cv=args.inner_cv,
-                  tensorboard_dir=args.tensorboard and utils.task_path(args.tensorboard,
-                                                                        args.scheduler))
+                  out_dir=runner.path(out_dir), options=options, augment=args.augment,
+                  inner_cv=args.inner_cv)
              for subject in subjects]
-    table = subject_table(utils.run_parallel(personalize_subject, tasks, args.jobs, "subjects",
-                                             args.scheduler))
+    table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
     utils.write_csv(table, out_dir / "personalize.csv")
     print("CCC per subject on the test videos, before and after fine-tuning:")
     print(utils.format_table(table))

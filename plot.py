@@ -249,7 +249,7 @@ def plot_epochs(args):
         axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2,
                           label=f"{label}: mean ± std over folds")
         if len(args.csv) == 1:  # one run: its folds fit on the figure too
-            folds = [column for column in table.columns if column.startswith("val_on_")]
+            folds = [column for column in table.columns if column.startswith(runs.FOLD_PREFIX)]
             for index, column in enumerate(folds):
                 axis.plot(epochs, table[column], color=line.get_color(), linewidth=0.6,
                           alpha=0.5, linestyle="--",

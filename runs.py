@@ -13,6 +13,33 @@ the data folders, the results (mean, std and mean-std CCC, training CCC, best ep
 the wall time, and the package versions and git commit of the toolkit. A run that
 fails or is stopped appends nothing. Rows are appended under an exclusive lock
 (fcntl), each in one write, so runs that finish at once lose nothing.
+
+Where results lie. `datasets.py` draws the input tree; this is the output tree of
+the scripts, whose names and patterns only the functions below spell:
+
+    <model_dir>/                 a model folder (train.py --model_dir; a fold; a subject)
+        args.json                the command's flags and command line (write_run_record)
+        best.save                best validation CCC so far          (train.fit)
+        last.save                the newest state, with the optimizer, for --resume
+        epoch_<N>.save           every --save_freq epochs
+        metrics.csv              per epoch: train_loss, val_ccc
+        seed_<s>/                with --seeds N: a model folder per seed, instead
+    <pred_dir>/pred_train/, pred_test/    25 fps predictions, <video name>.csv
+    <feat_dir>/feat_train/, feat_test/    decision-level features, <video name>.npy
+    <out_dir of crossval.py>/
+        args.json  crossval.csv
+        cv_epochs_args.json  cv_epochs.csv      (cv_epochs.py)
+        cv_pred/                 the held-out predictions of every fold
+        val_on_<story>/          the fold that holds out <story>: a model folder,
+                                 with feat_train/ and feat_test/ (--features, cv_epochs.py)
+    <out_dir of personalize.py>/
+        init.save  args.json  personalize.csv  pred_test/
+        subject_<s>/             a model folder per subject; with --inner_cv also
+            inner_val_on_<story>/, inner_cv.csv
+    <pred_dir of fusion.py>/     fusion_model.joblib, pred_train/, pred_test/, args.json
+                                 (test_args.json for --test)
+    <out_dir of cv_fusion.py>/   args.json (test_args.json), crossval.csv, cv_pred/,
+                                 val_on_<story>/fusion_model.joblib and pred_train/
 """
 import argparse
 import csv
@@ -22,6 +49,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +82,108 @@ def get_ledger_args_parser():
     return parser
 
 
-# ---------------------------------------------------------------- writing
+# ---------------------------------------------------------------- the output tree
+
+RUN_RECORD = "args.json"
+TEST_RUN_RECORD = "test_args.json"  # fusion's --test: beside the fitting run's record
+CV_EPOCHS_RUN_RECORD = "cv_epochs_args.json"  # cv_epochs.py: beside crossval.py's record
+BEST, LAST, METRICS = "best.save", "last.save", "metrics.csv"
+EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.save")
+FOLD_PREFIX, INNER_FOLD_PREFIX = "val_on_", "inner_val_on_"
+FOLD_FOLDER = re.compile(rf"{FOLD_PREFIX}(\d+)")
+CV_PREDICTIONS = "cv_pred"
+
+
+def checkpoint_name(epoch=None):
+    """epoch_<epoch>.save, or best.save for None."""
+    return f"epoch_{epoch}.save" if epoch is not None else BEST
+
+
+def seed_dir(run_dir, seed):
+    return Path(run_dir) / f"seed_{seed}"
+
+
+def fold_name(story):
+    """val_on_<story>: a fold's folder, and its column in tables."""
+    return f"{FOLD_PREFIX}{story}"
+
+
+def fold_dir(out_dir, story):
+    return Path(out_dir) / fold_name(story)
+
+
+def inner_fold_dir(subject_folder, story):
+    return Path(subject_folder) / f"{INNER_FOLD_PREFIX}{story}"
+
+
+def subject_dir(out_dir, subject):
+    return Path(out_dir) / f"subject_{subject}"
+
+
+def fold_stories(cv_dir):
+    """The held-out stories of the val_on_<story> folders in `cv_dir`."""
+    return sorted(int(match.group(1)) for path in Path(cv_dir).iterdir()
+                  if path.is_dir() and (match := FOLD_FOLDER.fullmatch(path.name)))
+
+
+def saved_epochs(folder):
+    """The epochs N of the epoch_<N>.save files in `folder`, in order."""
+    return sorted(int(match.group(1)) for path in Path(folder).glob("epoch_*.save")
+                  if (match := EPOCH_CHECKPOINT.fullmatch(path.name)))
+
+
+def run_checkpoints(run_dir, name=BEST):
+    """The checkpoints `name` of the run in `run_dir`: its own, or one per seed_<s>/
+    folder of a --seeds run. A run that --patience stopped before the epoch of
+    `epoch_<N>.save` stands for it with its last.save (training ended there)."""
+    run_dir = Path(run_dir)
+    folders = ([run_dir] if (run_dir / LAST).exists() or (run_dir / name).exists()
+               else sorted((path for path in run_dir.glob("seed_*") if path.is_dir()),
+                           key=lambda path: path.name) or [run_dir])
+    return [_checkpoint_or_stop(folder, name) for folder in folders]
+
+
+def _checkpoint_or_stop(folder, name):
+    path = folder / name
+    epoch = EPOCH_CHECKPOINT.fullmatch(name)
+    if path.is_file() or not epoch or not (folder / LAST).is_file():
+        return path
+    last = utils.load_checkpoint(folder / LAST)
+    if last.get("stopped_early") and last["epoch"] < int(epoch.group(1)):
+        return folder / LAST
+    return path
+
+
+def check_fresh_model_dir(model_dir, resume, overwrite):
+    """Refuse to train over an earlier run unless asked to resume or overwrite it."""
+    model_dir = Path(model_dir)
+    if resume:
+        if not (model_dir / LAST).is_file():
+            raise ToolkitError(f"--resume: {model_dir / LAST} does not exist: train "
+                               "without --resume first")
+    elif (model_dir / LAST).exists() and not overwrite:
+        raise ToolkitError(f"{model_dir} already holds a run: pass --resume to continue it, "
+                           "--overwrite to replace it, or choose another --model_dir")
+
+
+def check_fresh_runs(folders, resume, overwrite):
+    """`check_fresh_model_dir` for the runs of several seeds (or folds); returns
+    {folder: whether it continues from its last.save}. With --resume, runs that had
+    not saved yet (the command stopped before reaching them) start afresh."""
+    saved = {folder: (Path(folder) / LAST).is_file() for folder in folders}
+    if resume and not any(saved.values()):
+        check_fresh_model_dir(folders[0], resume, overwrite)  # nothing to resume: says so
+    for folder in folders:
+        check_fresh_model_dir(folder, resume and saved[folder], overwrite)
+    return {folder: resume and saved[folder] for folder in folders}
+
+
+def write_run_record(args, folder, name=RUN_RECORD):
+    """The flags of this run and its command line, as args.json in its output folder."""
+    utils.write_json({**vars(args), "command": " ".join(sys.argv)}, Path(folder) / name)
+
+
+# ---------------------------------------------------------------- writing the ledger
 
 def ledger_path(args):
     """The ledger a run appends to (None for --ledger none), checked before the run
@@ -194,7 +323,7 @@ def spread_results(values, **extra):
     return {"mean_ccc": mean, "std_ccc": std, "mean_minus_std": mean - std, **extra}
 
 
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- reading the ledger
 
 def read_ledger(path):
     path = Path(path)

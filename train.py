@@ -10,7 +10,6 @@ functions below with explicit arguments.
 import argparse
 import contextlib
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 import datasets
 import models
+import parallel
 import runs
 import utils
 from utils import ToolkitError
@@ -38,21 +38,10 @@ LOSSES = {"mse": mse_loss, "ccc": utils.ccc_loss}
 
 # ---------------------------------------------------------------- flags
 
-def get_split_args_parser():
-    """The split folders, shared by every script that reads data."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("split folders")
-    group.add_argument("--train_dir", default="./data/Training",
-                       help="training split folder (default: %(default)s)")
-    group.add_argument("--test_dir", default="./data/Validation",
-                       help="validation or test split folder (default: %(default)s)")
-    return parser
-
-
 def get_data_args_parser():
     """Flags of every script that loads data and builds models."""
-    parser = argparse.ArgumentParser(add_help=False, parents=[get_split_args_parser(),
-                                                             get_postprocessing_args_parser()])
+    parser = argparse.ArgumentParser(add_help=False, parents=[datasets.get_split_args_parser(),
+                                                             utils.get_postprocessing_args_parser()])
     group = parser.add_argument_group("data and device")
     group.add_argument("--mods", default="audio,text,v_sub,v_act",
                        help="comma-separated modalities from audio,text,v_sub,v_act "
@@ -65,44 +54,6 @@ def get_data_args_parser():
     group.add_argument("--seed", type=int, default=1,
                        help="random seed; with --seeds N, the first of N (default: %(default)s)")
     return parser
-
-
-def get_postprocessing_args_parser(with_label_delay=True):
-    """Flags of the post-processing of predictions (see utils.Postprocessing);
-    fusion.py takes them all but --label_delay, which concerns training targets."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group(
-        "predictions", "Post-processing of predictions, the same in evaluation and in written "
-        "files, in this order: label delay, smoothing or low-pass, calibration. When a saved "
-        "model is evaluated, it defaults to what the model was saved with.")
-    if with_label_delay:
-        group.add_argument("--label_delay", type=float, metavar="SECONDS",
-                           help="train features at t to predict the annotation at t + SECONDS "
-                                "(listeners annotate late); predictions are shifted back when "
-                                "written and scored (default: 0)")
-    group.add_argument("--smooth", type=float, metavar="SECONDS",
-                       help="smooth predictions with a centred window this long (default: 0, none)")
-    group.add_argument("--smooth_window", choices=utils.SMOOTHING_WINDOWS,
-                       help="shape of the --smooth window: moving average or Gaussian "
-                            "(standard deviation a quarter of the window) (default: moving)")
-    group.add_argument("--lowpass", type=float, metavar="HZ",
-                       help="zero-phase Butterworth low-pass filter of the 25 fps predictions "
-                            "with this cutoff, instead of --smooth; e.g. 0.01 (default: 0, none)")
-    group.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
-                       help="give each video's prediction its listener's mean and standard "
-                            "deviation over the model's training annotations (the pooled ones "
-                            "for a listener without training videos); --no-calibrate turns "
-                            "off a saved model's (default: off)")
-    return parser
-
-
-POSTPROCESSING_FLAGS = ("label_delay", "smooth", "smooth_window", "lowpass", "calibrate")
-
-
-def postprocessing_flags(args):
-    """The post-processing flags as given (None where not given or not taken), for
-    `utils.Postprocessing.resolve`."""
-    return {name: getattr(args, name, None) for name in POSTPROCESSING_FLAGS}
 
 
 def get_model_args_parser():
@@ -230,8 +181,42 @@ class TrainingSettings:
         seed, seed_<s>/ inside it for several."""
         if self.seeds == 1:
             return [(self, Path(model_dir))]
-        return [(replace(self, seed=seed), Path(model_dir) / f"seed_{seed}")
+        return [(replace(self, seed=seed), runs.seed_dir(model_dir, seed))
                 for seed in range(self.seed, self.seed + self.seeds)]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the training tasks of one command share besides the hyper-parameters
+    (crossval.py's folds, personalize.py's subjects): `resumes` maps a run folder to
+    whether it continues from its last.save; `progress` shows per-epoch bars."""
+    settings: TrainingSettings
+    normalize: bool = False
+    cuda: bool = False
+    postprocessing_flags: dict = None
+    tensorboard_dir: Path = None
+    resumes: dict = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args, settings, resumes, runner):
+        """From parsed flags, with paths as the tasks of `runner` (parallel.Runner) get them."""
+        return cls(settings, args.normalize, args.cuda, utils.postprocessing_flags(args),
+                   runner.path(args.tensorboard),
+                   {runner.path(folder): resume for folder, resume in resumes.items()},
+                   runner.in_this_process)
+
+    @property
+    def postprocessing(self):
+        return utils.Postprocessing.resolve(**(self.postprocessing_flags or {}))
+
+    def check(self):
+        """Refuse bad training or post-processing flags before anything is written."""
+        self.settings.check()
+        utils.Postprocessing.resolve(**(self.postprocessing_flags or {}))
+
+    def resumes_run(self, folder):
+        return (self.resumes or {}).get(folder, False)
 
 
 # ---------------------------------------------------------------- data
@@ -246,14 +231,14 @@ def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None,
     """
     if test_stories:
         pooled = datasets.load_videos([train_dir, test_dir], mods)
-        check_known("story", test_stories, pooled.stories, "--test_set")
+        datasets.check_known("story", test_stories, pooled.stories, "--test_set")
         train_set = pooled.select(exclude_stories=test_stories)
         test_set = pooled.select(stories=test_stories)
     else:
         train_set = datasets.load_videos(train_dir, mods)
         test_set = datasets.load_videos(test_dir, mods, unlabelled_test, frame_counts)
     if subjects:
-        check_known("subject", subjects, sorted(set(train_set.subjects) | set(test_set.subjects)),
+        datasets.check_known("subject", subjects, sorted(set(train_set.subjects) | set(test_set.subjects)),
                     "--subjects")
         test_set = test_set.select(subjects=subjects)
         train_set = (train_set.repeat_subjects(subjects, augment) if augment
@@ -263,13 +248,6 @@ def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None,
             raise ToolkitError(f"the {name} set is empty after --test_set/--subjects: "
                                "choose stories and subjects that leave videos in both sets")
     return train_set, test_set
-
-
-def check_known(kind, requested, available, flag):
-    unknown = sorted(set(requested) - set(available))
-    if unknown:
-        raise ToolkitError(f"{flag}: {kind} {', '.join(map(str, unknown))} is not in the data "
-                           f"(it has {', '.join(map(str, available))})")
 
 
 def resolve_scaler(checkpoint, normalize, train_set, source):
@@ -390,19 +368,9 @@ def saved_postprocessing(trained, flags, train_set, evaluated=()):
         print(f"note: the model was saved without listener statistics: --calibrate uses "
               f"those of its {len(train_set)} training videos as loaded now", file=sys.stderr)
         postprocessing = postprocessing.with_listener_stats(train_set.videos)
-    report_unseen_listeners(postprocessing, [video for video_set in evaluated
+    utils.report_unseen_listeners(postprocessing, [video for video_set in evaluated
                                              for video in video_set.videos])
     return postprocessing
-
-
-def report_unseen_listeners(postprocessing, videos):
-    """Say which listeners of `videos` calibration maps to the pooled statistics."""
-    unseen = postprocessing.unseen_listeners([video.subject for video in videos])
-    if unseen:
-        mean, std = postprocessing.listener_stats["pooled"]
-        print(f"note: --calibrate: listener(s) {', '.join(map(str, unseen))} had no training "
-              f"videos; their predictions take the pooled statistics (mean {mean:.3f}, "
-              f"sd {std:.3f})", file=sys.stderr)
 
 
 def evaluate_seeds(trained, video_set, device, postprocessing):
@@ -417,14 +385,6 @@ def evaluate_seeds(trained, video_set, device, postprocessing):
     result["seed_ccc"] = [seed_result["ccc"] for seed_result in own]
     result["seed_frames"] = [seed_result["frames"] for seed_result in own]
     return result
-
-
-def seed_summary(result):
-    """'0.6123' or, for several seeds, '0.6123 (seeds: 0.5871 +- 0.0102)'."""
-    text = f"{result['ccc']:.4f}"
-    if len(result.get("seed_ccc", [])) > 1:
-        text += f" (seeds: {np.mean(result['seed_ccc']):.4f} +- {np.std(result['seed_ccc']):.4f})"
-    return text
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -458,51 +418,6 @@ def restore_rng_state(state, generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_fresh_model_dir(model_dir, resume, overwrite):
-    """Refuse to train over an earlier run unless asked to resume or overwrite it."""
-    if resume:
-        if not (model_dir / "last.save").is_file():
-            raise ToolkitError(f"--resume: {model_dir / 'last.save'} does not exist: train "
-                               "without --resume first")
-    elif (model_dir / "last.save").exists() and not overwrite:
-        raise ToolkitError(f"{model_dir} already holds a run: pass --resume to continue it, "
-                           "--overwrite to replace it, or choose another --model_dir")
-
-
-def check_fresh_runs(folders, resume, overwrite):
-    """`check_fresh_model_dir` for the runs of several seeds (or folds); returns
-    {folder: whether it continues from its last.save}. With --resume, runs that had
-    not saved yet (the command stopped before reaching them) start afresh."""
-    saved = {folder: (folder / "last.save").is_file() for folder in folders}
-    if resume and not any(saved.values()):
-        check_fresh_model_dir(folders[0], resume, overwrite)  # nothing to resume: says so
-    for folder in folders:
-        check_fresh_model_dir(folder, resume and saved[folder], overwrite)
-    return {folder: resume and saved[folder] for folder in folders}
-
-
-def run_checkpoints(run_dir, name="best.save"):
-    """The checkpoints `name` of the run in `run_dir`: its own, or one per seed_<s>/
-    folder of a --seeds run. A run that --patience stopped before the epoch of
-    `epoch_<N>.save` stands for it with its last.save (training ended there)."""
-    run_dir = Path(run_dir)
-    folders = ([run_dir] if (run_dir / "last.save").exists() or (run_dir / name).exists()
-               else sorted((path for path in run_dir.glob("seed_*") if path.is_dir()),
-                           key=lambda path: path.name) or [run_dir])
-    return [_checkpoint_or_stop(folder, name) for folder in folders]
-
-
-def _checkpoint_or_stop(folder, name):
-    path = folder / name
-    epoch = re.fullmatch(r"epoch_(\d+)\.save", name)
-    if path.is_file() or not epoch or not (folder / "last.save").is_file():
-        return path
-    last = utils.load_checkpoint(folder / "last.save")
-    if last.get("stopped_early") and last["epoch"] < int(epoch.group(1)):
-        return folder / "last.save"
-    return path
-
-
 # ---------------------------------------------------------------- training
 
 def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
@@ -529,7 +444,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     postprocessing = (postprocessing or utils.Postprocessing()).with_listener_stats(
         train_set.videos)
     if not resume:
-        report_unseen_listeners(postprocessing, val_set.videos)
+        utils.report_unseen_listeners(postprocessing, val_set.videos)
     if postprocessing.delay_frames:
         train_set = train_set.with_label_delay(postprocessing.delay_frames)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
@@ -539,16 +454,16 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     start_epoch, best_ccc, best_epoch, history = 0, -math.inf, 0, []
     stale_evaluations, stopped_early = 0, False  # evaluations since the best, for --patience
     if resume:
-        state = utils.load_checkpoint(model_dir / "last.save", device)
+        state = utils.load_checkpoint(model_dir / runs.LAST, device)
         if "optimizer" not in state:
-            raise ToolkitError(f"{model_dir / 'last.save'} has no optimizer state: it cannot "
+            raise ToolkitError(f"{model_dir / runs.LAST} has no optimizer state: it cannot "
                                "be resumed; train again with --overwrite")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"], generator)
         start_epoch, best_ccc, best_epoch = state["epoch"], state["best_ccc"], state["best_epoch"]
         stopped_early = bool(state.get("stopped_early"))
-        history = _read_history(model_dir / "metrics.csv", start_epoch)
+        history = _read_history(model_dir / runs.METRICS, start_epoch)
         stale_evaluations = sum(1 for row in history
                                 if row["epoch"] > best_epoch and not math.isnan(row["val_ccc"]))
     if stopped_early:
@@ -566,7 +481,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     epoch = start_epoch
     bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=model_dir.name, unit="epoch",
                disable=not progress, leave=False, dynamic_ncols=True)
-    with utils.StopRequests() as stop, utils.reused_heap(), \
+    with parallel.StopRequests() as stop, utils.reused_heap(), \
             curves(tensorboard_dir, model_dir) as log_epoch:
         for epoch in bar:
             stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
@@ -577,13 +492,13 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
                 stale_evaluations += 1
                 if row["val_ccc"] > best_ccc:
                     best_ccc, best_epoch, stale_evaluations = row["val_ccc"], epoch, 0
-                    save("best.save")
+                    save(runs.BEST)
             stopped_early = settings.patience is not None and stale_evaluations >= settings.patience
             if epoch % settings.save_freq == 0:
-                save(f"epoch_{epoch}.save")
-                save("last.save", with_optimizer=True)
+                save(runs.checkpoint_name(epoch))
+                save(runs.LAST, with_optimizer=True)
             history.append(row)
-            utils.write_csv(pd.DataFrame(history), model_dir / "metrics.csv")
+            utils.write_csv(pd.DataFrame(history), model_dir / runs.METRICS)
             log_epoch(row, optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
                             best=f"{best_ccc:.3f}@{best_epoch}")
@@ -592,12 +507,12 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
                            f"improved for {settings.patience} evaluations (--patience)")
                 break
             if stop.requested:
-                save("last.save", with_optimizer=True)
-                print(f"stopped after epoch {epoch}; {model_dir / 'last.save'} holds it: "
+                save(runs.LAST, with_optimizer=True)
+                print(f"stopped after epoch {epoch}; {model_dir / runs.LAST} holds it: "
                       "run the same command with --resume to continue", file=sys.stderr)
                 raise KeyboardInterrupt
     if epoch > start_epoch:
-        save("last.save", with_optimizer=True)
+        save(runs.LAST, with_optimizer=True)
     return {"best_ccc": best_ccc, "best_epoch": best_epoch, "epoch": epoch,
             "stopped_early": stopped_early}
 
@@ -635,17 +550,18 @@ def curves(tensorboard_dir, model_dir):
         writer.close()
 
 
-def fit_seeds(make_model, train_set, val_set, model_dir, settings, device, resumes=None,
-              progress=True, postprocessing=None, tensorboard_dir=None):
-    """`fit` once per seed (see `TrainingSettings.seed_runs`), each seeded before
-    `make_model()` builds its starting model. `resumes` maps a seed's folder to
-    whether it continues from its last.save. Returns fit's summary per seed, with "seed"."""
+def fit_seeds(make_model, train_set, val_set, model_dir, options, device, postprocessing=None):
+    """`fit` once per seed of `options.settings` (see `TrainingSettings.seed_runs`),
+    each seeded before `make_model()` builds its starting model, with the options'
+    post-processing unless `postprocessing` is given. Returns fit's summary per
+    seed, with "seed"."""
     summaries = []
-    for seed_settings, folder in settings.seed_runs(model_dir):
+    for seed_settings, folder in options.settings.seed_runs(model_dir):
         utils.seed_everything(seed_settings.seed)
         summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
-                      resume=(resumes or {}).get(folder, False), progress=progress,
-                      postprocessing=postprocessing, tensorboard_dir=tensorboard_dir)
+                      resume=options.resumes_run(folder), progress=options.progress,
+                      postprocessing=postprocessing or options.postprocessing,
+                      tensorboard_dir=options.tensorboard_dir)
         summaries.append({"seed": seed_settings.seed, **summary})
     return summaries
 
@@ -658,13 +574,6 @@ def _read_history(path, last_epoch):
 
 
 # ---------------------------------------------------------------- outputs
-
-def write_predictions(folder, video_set, frames):
-    """One 25 fps CSV (header `valence`) per video."""
-    utils.remove_interrupted_writes(folder, {f"{video.name}.csv" for video in video_set.videos})
-    for video, prediction in zip(video_set.videos, frames):
-        utils.write_valence(Path(folder) / f"{video.name}.csv", prediction)
-
 
 def write_features(folder, video_set, features):
     """One (seconds, 128) .npy of decision-level features per video."""
@@ -679,12 +588,13 @@ def test(trained, train_set, test_set, pred_dir, device, postprocessing):
     results = {}
     for name, video_set in (("train", train_set), ("test", test_set)):
         results[name] = evaluate_seeds(trained, video_set, device, postprocessing)
-        write_predictions(Path(pred_dir) / f"pred_{name}", video_set, results[name]["frames"])
+        utils.write_predictions(Path(pred_dir) / f"pred_{name}", video_set.videos,
+                                results[name]["frames"])
         if len(trained) > 1:
             for model, frames in zip(trained, results[name]["seed_frames"]):
                 seed = model.checkpoint["training"]["seed"]
-                write_predictions(Path(pred_dir) / f"seed_{seed}" / f"pred_{name}", video_set,
-                                  frames)
+                utils.write_predictions(runs.seed_dir(pred_dir, seed) / f"pred_{name}",
+                                        video_set.videos, frames)
     return results
 
 
@@ -709,18 +619,6 @@ def _delayed_rows(rows, seconds):
     return np.concatenate([np.repeat(rows[:1], seconds, axis=0), rows[:len(rows) - seconds]])
 
 
-def print_results(results):
-    labelled = {name: result for name, result in results.items() if not math.isnan(result["ccc"])}
-    for name, result in labelled.items():
-        print(f"{name} CCC: {seed_summary(result)} over {len(result['records'])} videos")
-    if "test" not in labelled:
-        print("the test videos have no annotations: predictions written, no CCC")
-        return
-    _, by_story, _ = utils.summarize_ccc(results["test"]["records"])
-    print("test CCC per story (mean over subjects):")
-    print(utils.format_table(by_story))
-
-
 # ---------------------------------------------------------------- main
 
 def main(args):
@@ -742,33 +640,43 @@ def main(args):
         raise ToolkitError(f"{Path(args.test_dir) / datasets.ANNOTATION_FOLDER} does not exist: "
                            "training validates on --test_dir, which needs annotations")
 
+    return train_new_model(args, model_dir, train_set, test_set, device)
+
+
+def train_new_model(args, model_dir, train_set, test_set, device):
+    """Training: every check before the first write, then one model per seed."""
     settings = TrainingSettings.from_args(args)
     settings.check()
-    postprocessing = utils.Postprocessing.resolve(**postprocessing_flags(args))
-    resumes = check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
-                               args.resume, args.overwrite)
-    scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
-    train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
+    resumes = runs.check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
+                                    args.resume, args.overwrite)
+    options = RunOptions(settings, args.normalize, args.cuda, utils.postprocessing_flags(args),
+                         args.tensorboard, resumes)
+    options.check()
     check_tensorboard_dir(args.tensorboard)
     utils.check_writable(model_dir)
-    utils.write_json({**vars(args), "command": " ".join(sys.argv)}, model_dir / "args.json")
+    scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
+    train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
+    runs.write_run_record(args, model_dir)
     summaries = fit_seeds(
         lambda: build_model(train_set.input_dims, device, settings.layers, settings.bidirectional),
-        train_set, test_set, model_dir, settings, device, resumes, postprocessing=postprocessing,
-        tensorboard_dir=args.tensorboard)
-    for summary in summaries:
-        stop = " (stopped by --patience)" if summary["stopped_early"] else ""
-        where = model_dir / f"seed_{summary['seed']}" if settings.seeds > 1 else model_dir
-        print(f"best validation CCC {summary['best_ccc']:.4f} at epoch {summary['best_epoch']}"
-              f"{stop} (checkpoints in {where})")
+        train_set, test_set, model_dir, options, device)
+    print_training_summaries(summaries, model_dir)
     if settings.seeds > 1:
-        best = [summary["best_ccc"] for summary in summaries]
-        trained = load_trained(run_checkpoints(model_dir), train_set, args.normalize, device)
+        trained = load_trained(runs.run_checkpoints(model_dir), train_set, args.normalize, device)
         average = evaluate_seeds(trained, test_set, device,
                                  saved_postprocessing(trained, {}, train_set))
+        best = [summary["best_ccc"] for summary in summaries]
         print(f"best validation CCC over {settings.seeds} seeds: {np.mean(best):.4f} +- "
               f"{np.std(best):.4f}; their average prediction: CCC {average['ccc']:.4f}")
     return summaries
+
+
+def print_training_summaries(summaries, model_dir):
+    for summary in summaries:
+        stop = " (stopped by --patience)" if summary["stopped_early"] else ""
+        where = runs.seed_dir(model_dir, summary["seed"]) if len(summaries) > 1 else model_dir
+        print(f"best validation CCC {summary['best_ccc']:.4f} at epoch {summary['best_epoch']}"
+              f"{stop} (checkpoints in {where})")
 
 
 def ledger_results(returned):
@@ -783,15 +691,15 @@ def ledger_results(returned):
 def predict_saved(args, model_dir, train_set, test_set, device):
     """--test and --features: evaluate a saved model (every seed's, for a --seeds run);
     returns the evaluations of --test (None for --features alone)."""
-    paths = [Path(args.load)] if args.load else run_checkpoints(model_dir)
+    paths = [Path(args.load)] if args.load else runs.run_checkpoints(model_dir)
     trained = load_trained(paths, train_set, args.normalize, device)
-    postprocessing = saved_postprocessing(trained, postprocessing_flags(args), train_set,
+    postprocessing = saved_postprocessing(trained, utils.postprocessing_flags(args), train_set,
                                           [test_set])
     results = None
     if args.test:
         utils.check_writable(args.pred_dir)
         results = test(trained, train_set, test_set, args.pred_dir, device, postprocessing)
-        print_results(results)
+        utils.print_results(results)
     if args.features:
         utils.check_writable(args.feat_dir)
         extract_features(trained, train_set, test_set, args.feat_dir, device,

@@ -1,4 +1,5 @@
-"""Shared helpers: the CCC metric, seeding, devices, checkpoints and file writers.
+"""Shared helpers: the CCC metric, post-processing of predictions, seeding, devices,
+checkpoints and file writers.
 
 Every script scores with `ccc` and reads and writes checkpoints with
 `save_checkpoint` / `load_checkpoint`, so these conventions live here only.
@@ -7,24 +8,18 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import functools
-import importlib
 import json
 import math
 import os
 import random
 import re
-import signal
 import sys
 import tempfile
-import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 FPS = 25  # annotation frames per second of video
 
@@ -205,6 +200,54 @@ class Postprocessing:
         return cls(**settings)
 
 
+def get_postprocessing_args_parser(with_label_delay=True):
+    """Flags of the post-processing of predictions (see utils.Postprocessing);
+    fusion.py takes them all but --label_delay, which concerns training targets."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group(
+        "predictions", "Post-processing of predictions, the same in evaluation and in written "
+        "files, in this order: label delay, smoothing or low-pass, calibration. When a saved "
+        "model is evaluated, it defaults to what the model was saved with.")
+    if with_label_delay:
+        group.add_argument("--label_delay", type=float, metavar="SECONDS",
+                           help="train features at t to predict the annotation at t + SECONDS "
+                                "(listeners annotate late); predictions are shifted back when "
+                                "written and scored (default: 0)")
+    group.add_argument("--smooth", type=float, metavar="SECONDS",
+                       help="smooth predictions with a centred window this long (default: 0, none)")
+    group.add_argument("--smooth_window", choices=SMOOTHING_WINDOWS,
+                       help="shape of the --smooth window: moving average or Gaussian "
+                            "(standard deviation a quarter of the window) (default: moving)")
+    group.add_argument("--lowpass", type=float, metavar="HZ",
+                       help="zero-phase Butterworth low-pass filter of the 25 fps predictions "
+                            "with this cutoff, instead of --smooth; e.g. 0.01 (default: 0, none)")
+    group.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                       help="give each video's prediction its listener's mean and standard "
+                            "deviation over the model's training annotations (the pooled ones "
+                            "for a listener without training videos); --no-calibrate turns "
+                            "off a saved model's (default: off)")
+    return parser
+
+
+POSTPROCESSING_FLAGS = ("label_delay", "smooth", "smooth_window", "lowpass", "calibrate")
+
+
+def postprocessing_flags(args):
+    """The post-processing flags as given (None where not given or not taken), for
+    `utils.Postprocessing.resolve`."""
+    return {name: getattr(args, name, None) for name in POSTPROCESSING_FLAGS}
+
+
+def report_unseen_listeners(postprocessing, videos):
+    """Say which listeners of `videos` calibration maps to the pooled statistics."""
+    unseen = postprocessing.unseen_listeners([video.subject for video in videos])
+    if unseen:
+        mean, std = postprocessing.listener_stats["pooled"]
+        print(f"note: --calibrate: listener(s) {', '.join(map(str, unseen))} had no training "
+              f"videos; their predictions take the pooled statistics (mean {mean:.3f}, "
+              f"sd {std:.3f})", file=sys.stderr)
+
+
 def listener_statistics(videos):
     """Mean and standard deviation of the 25 fps annotations of each listener's
     videos (each video once, however often a set repeats it) and of all of them:
@@ -258,6 +301,26 @@ def summarize_ccc(records):
     by_story = per_video.groupby("story", as_index=False)["ccc"].mean()
     by_subject = per_video.groupby("subject", as_index=False)["ccc"].mean()
     return per_video, by_story, by_subject
+
+
+def seed_summary(result):
+    """'0.6123' or, for several seeds, '0.6123 (seeds: 0.5871 +- 0.0102)'."""
+    text = f"{result['ccc']:.4f}"
+    if len(result.get("seed_ccc", [])) > 1:
+        text += f" (seeds: {np.mean(result['seed_ccc']):.4f} +- {np.std(result['seed_ccc']):.4f})"
+    return text
+
+
+def print_results(results):
+    labelled = {name: result for name, result in results.items() if not math.isnan(result["ccc"])}
+    for name, result in labelled.items():
+        print(f"{name} CCC: {seed_summary(result)} over {len(result['records'])} videos")
+    if "test" not in labelled:
+        print("the test videos have no annotations: predictions written, no CCC")
+        return
+    _, by_story, _ = summarize_ccc(results["test"]["records"])
+    print("test CCC per story (mean over subjects):")
+    print(format_table(by_story))
 
 
 SEED_COLUMNS = ("val_ccc_seed_mean", "val_ccc_seed_std")
@@ -343,213 +406,6 @@ def reused_heap():
         malloc_trim(0)
 
 
-def available_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def run_parallel(function, tasks, jobs, description, scheduler=None):
-    """`[function(**task) for task in tasks]`, in `jobs` processes (joblib) with a fair
-    share of the cores each, and a progress bar over finished tasks.
-
-    Each task must seed itself, so that results do not depend on `jobs`. Large
-    arrays in the arguments are memory-mapped (copy-on-write) into the workers
-    rather than copied, so data loaded once is shared by every process.
-
-    With `scheduler` (a Dask scheduler's address, --scheduler) the tasks run on that
-    cluster's workers instead and `jobs` is ignored; see `_run_on_cluster`.
-    """
-    from joblib import Parallel, delayed
-    if scheduler:
-        return _run_on_cluster(function, tasks, scheduler, description)
-    if jobs < 1:
-        raise ToolkitError(f"--jobs must be at least 1, got {jobs}")
-    if jobs == 1 or len(tasks) <= 1:
-        return [_call(function, task) for task in tqdm(tasks, desc=description, unit="task",
-                                                       dynamic_ncols=True)]
-    jobs = min(jobs, len(tasks))
-    threads = max(1, available_cores() // jobs)
-    parallel = Parallel(n_jobs=jobs, mmap_mode="c", return_as="generator")
-    results = parallel(delayed(_call_with_threads)(function, threads, task) for task in tasks)
-    return list(tqdm(results, total=len(tasks), desc=description, unit="task",
-                     dynamic_ncols=True))
-
-
-def _call_with_threads(function, threads, task):
-    torch.set_num_threads(threads)
-    return _call(function, task)
-
-
-def _call(function, task):
-    task = {name: value.load() if isinstance(value, LoadedOnWorkers) else value
-            for name, value in task.items()}
-    return function(**task)
-
-
-def get_parallel_args_parser(what):
-    """--jobs and --scheduler, the flags of `run_parallel`, for a script that can
-    `what` (e.g. "run folds") side by side."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("parallel runs")
-    group.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help=f"{what} in N parallel processes (default: %(default)s)")
-    group.add_argument("--scheduler", metavar="ADDRESS",
-                       help=f"{what} on the workers of the Dask scheduler at ADDRESS (e.g. "
-                            "tcp://host:8786) instead; data and outputs must be in folders "
-                            "the workers share, at the same paths")
-    return parser
-
-
-# ---------------------------------------------------------------- cluster
-
-def task_path(path, scheduler):
-    """A path as tasks get it: absolute on a cluster, whose workers run in other
-    folders (of the same shared file system), as given otherwise."""
-    return Path(path).absolute() if scheduler else Path(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedOnWorkers:
-    """A task argument that each cluster worker loads itself, `loader(**arguments)`,
-    instead of receiving the data through the scheduler (see `load_on_workers`)."""
-    loader: object
-    arguments: tuple
-    run: str
-    part: int = None  # for a loader that returns a tuple: the item this argument is
-
-    def parts(self, count):
-        """One task argument per item of the loader's tuple; they are loaded once."""
-        return [dataclasses.replace(self, part=index) for index in range(count)]
-
-    def load(self):
-        if self.part is None:
-            return _load(self)
-        return _load(dataclasses.replace(self, part=None))[self.part]
-
-
-def load_on_workers(loader, **arguments):
-    """A task argument standing for `loader(**arguments)` (e.g. the pooled videos),
-    for runs on a cluster: workers read the data from paths they share with this
-    machine (make relative paths absolute first), once per worker process and run.
-    A new run reads again, so files changed between runs are never served stale."""
-    arguments = {name: tuple(value) if isinstance(value, list) else value
-                 for name, value in arguments.items()}  # hashable, for the cache
-    return LoadedOnWorkers(_importable(loader), tuple(sorted(arguments.items())),
-                           uuid.uuid4().hex)
-
-
-@functools.lru_cache(maxsize=2)  # the data of this run and of at most one other
-def _load(data):
-    return data.loader(**dict(data.arguments))
-
-
-def _importable(function):
-    """`function` as an attribute of its module. `python crossval.py` defines its
-    functions in __main__, which Dask would ship as copies (so `_load`'s cache would
-    miss every time); workers import the script's module instead."""
-    script = getattr(sys.modules["__main__"], "__file__", None)
-    if getattr(function, "__module__", None) != "__main__" or script is None:
-        return function
-    return getattr(importlib.import_module(Path(script).stem), function.__qualname__)
-
-
-def connect_scheduler(address):
-    """A Dask client of the scheduler at `address`, or a one-line error after Dask's
-    connect timeout (distributed.comm.timeouts.connect, 30 s unless configured)."""
-    try:
-        from distributed import Client
-    except ImportError:
-        raise ToolkitError("--scheduler needs Dask: pip install 'dask[distributed]'") from None
-    try:
-        return Client(address, set_as_default=False)
-    except (OSError, TimeoutError, ValueError, TypeError):
-        raise ToolkitError(f"cannot reach the Dask scheduler at {address}: start one with "
-                           "'dask scheduler' or check the address") from None
-
-
-def check_scheduler(address):
-    """Fail before anything is written if --scheduler names no reachable scheduler."""
-    if address:
-        connect_scheduler(address).close()
-
-
-def _run_on_cluster(function, tasks, scheduler, description):
-    """Each task as a Dask future on the cluster's workers.
-
-    A worker that dies costs only the tasks it was running: the scheduler runs them
-    again on another worker (tasks must therefore be idempotent), and gives up on a
-    task that has taken down `distributed.scheduler.allowed-failures` + 1 workers.
-    The first task that fails stops the run with its error.
-    """
-    from concurrent.futures import CancelledError
-    from distributed import KilledWorker, as_completed
-    function = _importable(function)
-    client = connect_scheduler(scheduler)
-    try:
-        futures = [client.submit(_call, function, task, pure=False) for task in tasks]
-        for future in tqdm(as_completed(futures, loop=client.loop), total=len(futures),
-                           desc=description, unit="task", dynamic_ncols=True):
-            future.result()  # the first error stops the run, not the last task
-        return [future.result() for future in futures]
-    except KilledWorker:
-        raise ToolkitError(f"a {description} task took down every Dask worker that ran it "
-                           "(see the workers' logs, e.g. for running out of memory); what "
-                           "finished is saved: run again, with --resume where the script "
-                           "has it") from None
-    except CancelledError:
-        raise ToolkitError(f"lost the Dask scheduler at {scheduler}, and with it the running "
-                           "tasks; what finished is saved: restart the scheduler and workers "
-                           "and run again, with --resume where the script has it") from None
-    except Exception as error:
-        missing = _missing_module(error)
-        if missing is None:
-            raise
-        raise ToolkitError(f"the Dask scheduler or workers cannot import {missing}: start "
-                           "them with PYTHONPATH set to the toolkit's folder (README: "
-                           "Running on a cluster)") from None
-    finally:
-        client.close()
-
-
-def _missing_module(error):
-    """The module a remote unpickling failed to import, if that is what `error` is
-    (the scheduler wraps it in a RuntimeError)."""
-    while error is not None:
-        if isinstance(error, ModuleNotFoundError):
-            return error.name
-        error = error.__cause__
-    return None
-
-
-class StopRequests:
-    """Turns Ctrl-C and SIGTERM into a request that training honours at the end of
-    the epoch in progress, so that nothing but that epoch is lost. A second signal
-    stops at once. Outside the main thread (where signals cannot be caught) it
-    does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this epoch "
-              "(send it again to stop now)", file=sys.stderr)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def run_cli(main, parser, argv=None):
     """Parse arguments and run `main`, turning a ToolkitError into one line on
     stderr and exit status 1 instead of a traceback."""
@@ -566,12 +422,20 @@ def run_cli(main, parser, argv=None):
 
 # ---------------------------------------------------------------- files
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 # mkstemp's names for atomic_path: "." + the file's name + "." + 8 random characters + ".tmp"
 _TEMPORARY_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _umask():
+    """The process's umask, read without changing it where Linux tells it
+    (os.umask can only read it by setting it, which races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -582,7 +446,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
     try:
         yield Path(temporary)
         os.replace(temporary, path)
@@ -630,6 +494,14 @@ def write_valence(path, frames):
     """One prediction file: header `valence`, one row per 25 fps frame."""
     with atomic_path(path) as temporary:
         np.savetxt(temporary, frames, fmt="%.6f", header="valence", comments="")
+
+
+def write_predictions(folder, videos, frames):
+    """One 25 fps prediction file per video (`write_valence`), <video name>.csv, after
+    clearing what an interrupted write of these files left."""
+    remove_interrupted_writes(folder, {f"{video.name}.csv" for video in videos})
+    for video, prediction in zip(videos, frames):
+        write_valence(Path(folder) / f"{video.name}.csv", prediction)
 
 
 def save_array(path, array):

@@ -4,7 +4,6 @@ The recording lasts 115 frames (4.6 s, so 5 rows): the listener (right half) sho
 face in seconds 0-2, the speaker (left half) in seconds 2-4, the coffee cup otherwise;
 speech runs from 1.0 s to 3.0 s over faint room noise, and the transcript says so.
 """
-import argparse
 import math
 import shutil
 import subprocess
@@ -76,8 +75,7 @@ def arguments(folder, *extra):
 
 def run(argv):
     """Run the command as `python extract_features.py` does, in-process."""
-    parser = argparse.ArgumentParser(parents=[extract_features.get_args_parser()])
-    return run_cli(extract_features.main, parser, argv)
+    return run_cli(extract_features.main, extract_features.get_args_parser(), argv)
 
 
 def run_failing(argv, capsys):

@@ -14,6 +14,7 @@ import cv_epochs
 import datasets
 import models
 import personalize
+import runs
 import score
 import train
 import utils
@@ -257,8 +258,8 @@ def test_patience_stops_training_and_resume_keeps_it_stopped(in_tmp, capsys):
         "--patience", 2, "--save_freq", 1, "--resume")
     assert len(pd.read_csv(in_tmp / "m" / "metrics.csv")) == 3
     # A fold that stopped early counts with its final model at later epochs.
-    assert train.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
-    assert train.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
+    assert runs.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
+    assert runs.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
 
 
 def test_patience_in_crossval_and_cv_epochs(in_tmp):

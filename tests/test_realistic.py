@@ -50,7 +50,7 @@ def test_a_listener_without_training_videos_takes_the_pooled_statistics(capsys):
     np.testing.assert_allclose(calibrated, np.repeat([-1 / np.sqrt(2 / 3), 0, 1 / np.sqrt(2 / 3)], FPS),
                                atol=1e-6)
     assert postprocessing.unseen_listeners([1, 9, 9, 4]) == [4, 9]
-    train.report_unseen_listeners(postprocessing, [video(9, 1, [0]), video(1, 1, [0])])
+    utils.report_unseen_listeners(postprocessing, [video(9, 1, [0]), video(1, 1, [0])])
     assert "listener(s) 9 had no training videos" in capsys.readouterr().err
     # Without --calibrate nobody is mapped, so nothing is said.
     assert utils.Postprocessing(listener_stats=STATS).unseen_listeners([9]) == []

@@ -1,0 +1,326 @@
+"""Where tasks run: in this process, in local worker processes, or on a Dask cluster.
+
+A script that has independent pieces of work (folds, subjects, videos) describes
+each as a task, a dict of keyword arguments of one function, and hands them to a
+`Runner` built from its --jobs and --scheduler flags (`get_parallel_args_parser`):
+
+    runner = parallel.Runner.from_args(args)
+    runner.check()                                      # before anything is written
+    pooled = runner.data(pooled, load_pool, train_dir=Path(args.train_dir), ...)
+    tasks = [dict(pooled=pooled, story=story, out_dir=runner.path(out_dir)) ...]
+    rows = runner.run(run_fold, tasks, "folds")
+
+Locally, data loaded once is memory-mapped into the workers; on a cluster each worker
+loads it itself from the shared folders (`runner.data`), and paths are absolute
+(`runner.path`), since workers run in other folders. Each task must seed itself, so
+that its results do not depend on where it ran.
+
+Stopping: Ctrl-C or SIGTERM (`StopRequests`) asks training to stop at the end of
+the epoch in progress. Sent to the parent alone, the request reaches its local
+workers through a file they look for after every epoch; tasks not yet started are
+left out, and the run ends with KeyboardInterrupt once the running ones have saved.
+"""
+import argparse
+import dataclasses
+import functools
+import importlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils import ToolkitError
+
+
+def get_parallel_args_parser(what):
+    """--jobs and --scheduler for a script that can `what` (e.g. "run folds") side
+    by side."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("parallel runs")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help=f"{what} in N parallel processes (default: %(default)s)")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help=f"{what} on the workers of the Dask scheduler at ADDRESS (e.g. "
+                            "tcp://host:8786) instead; data and outputs must be in folders "
+                            "the workers share, at the same paths")
+    return parser
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# ---------------------------------------------------------------- stopping
+
+_stop_file = None  # in a worker process: where its parent's stop request appears
+
+
+class StopRequests:
+    """Turns Ctrl-C and SIGTERM into a request that training honours at the end of
+    the epoch in progress, so that nothing but that epoch is lost. A second signal
+    stops at once. In a local worker process, the parent's request counts too.
+    Outside the main thread (where signals cannot be caught) only that does."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, until="the end of this epoch", on_request=None):
+        self.signalled = False
+        self._until = until
+        self._on_request = on_request
+        self._previous = {}
+
+    @property
+    def requested(self):
+        return self.signalled or (_stop_file is not None and os.path.exists(_stop_file))
+
+    def _handle(self, signum, frame):
+        if self.signalled:
+            raise KeyboardInterrupt
+        self.signalled = True
+        if self._on_request:
+            self._on_request()
+        print(f"\n{signal.Signals(signum).name}: stopping at {self._until} "
+              "(send it again to stop now)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class _Stopped:
+    """What a task returns from a worker when a stop request skipped or ended it."""
+
+
+# ---------------------------------------------------------------- the runner
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """Where a script's tasks run: `jobs` local processes, or the workers of the Dask
+    scheduler at `scheduler` (--jobs, --scheduler)."""
+    jobs: int = 1
+    scheduler: str = None
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.jobs, args.scheduler)
+
+    def check(self):
+        """Fail before anything is written: --jobs below 1, or no reachable scheduler."""
+        if self.jobs < 1:
+            raise ToolkitError(f"--jobs must be at least 1, got {self.jobs}")
+        if self.scheduler:
+            connect_scheduler(self.scheduler).close()
+
+    @property
+    def in_this_process(self):
+        """Whether tasks run here one after another (and may show progress bars)."""
+        return self.jobs == 1 and not self.scheduler
+
+    def path(self, path):
+        """A path as tasks get it: absolute on a cluster, whose workers run in other
+        folders (of the same shared file system), as given otherwise."""
+        if path is None:
+            return None
+        return Path(path).absolute() if self.scheduler else Path(path)
+
+    def data(self, loaded, loader, parts=None, **arguments):
+        """A task argument for data this process has `loaded` with `loader(**arguments)`:
+        the data itself (local processes memory-map it), or, on a cluster, a stand-in
+        that each worker loads itself (Path arguments made absolute). For a loader
+        that returns a tuple of `parts` items, one task argument per item."""
+        if not self.scheduler:
+            return loaded
+        stand_in = load_on_workers(loader, **{name: self._absolute(value)
+                                              for name, value in arguments.items()})
+        return stand_in.parts(parts) if parts else stand_in
+
+    def _absolute(self, value):
+        if isinstance(value, Path):
+            return self.path(value)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, Path) for v in value):
+            return [self.path(v) for v in value]
+        return value
+
+    def run(self, function, tasks, description):
+        """`[function(**task) for task in tasks]`, with a progress bar over finished
+        tasks. Raises KeyboardInterrupt when a stop request ended the run early."""
+        function = importable(function)  # workers cannot import a script's __main__
+        if self.scheduler:
+            return _run_on_cluster(function, tasks, self.scheduler, description)
+        if self.jobs == 1 or len(tasks) <= 1:
+            return _run_here(function, tasks, description)
+        return _run_in_processes(function, tasks, min(self.jobs, len(tasks)), description)
+
+
+def _progress(results, total, description):
+    # Off where stderr is not a terminal, so that logs hold only results.
+    return tqdm(results, total=total, desc=description, unit="task", dynamic_ncols=True,
+                disable=None)
+
+
+def _run_here(function, tasks, description):
+    results = []
+    with StopRequests("the end of this task") as stop:  # training has its own within a task
+        for task in _progress(tasks, len(tasks), description):
+            if stop.requested:
+                raise KeyboardInterrupt
+            results.append(_call(function, task))
+    return results
+
+
+def _run_in_processes(function, tasks, jobs, description):
+    """joblib processes with a fair share of the cores each. Large arrays in the
+    arguments are memory-mapped (copy-on-write) into the workers, not copied."""
+    from joblib import Parallel, delayed
+    threads = max(1, available_cores() // jobs)
+    with tempfile.TemporaryDirectory(prefix="stop-") as folder:
+        stop_file = Path(folder) / "stop"
+        with StopRequests("the end of the running tasks' epochs", stop_file.touch) as stop:
+            parallel = Parallel(n_jobs=jobs, mmap_mode="c", return_as="generator")
+            results = list(_progress(
+                parallel(delayed(_call_in_worker)(function, threads, str(stop_file), task)
+                         for task in tasks), len(tasks), description))
+    if stop.signalled or any(isinstance(result, _Stopped) for result in results):
+        raise KeyboardInterrupt
+    return results
+
+
+def _call_in_worker(function, threads, stop_file, task):
+    """A task in a joblib worker: on `threads` threads, honouring the parent's stop
+    request (a task that has not started by then does not start)."""
+    global _stop_file
+    _stop_file = stop_file
+    torch.set_num_threads(threads)
+    if os.path.exists(stop_file):
+        return _Stopped()
+    try:
+        return _call(function, task)
+    except KeyboardInterrupt:  # training saved its last.save and stopped
+        return _Stopped()
+
+
+def _call(function, task):
+    task = {name: value.load() if isinstance(value, LoadedOnWorkers) else value
+            for name, value in task.items()}
+    return function(**task)
+
+
+# ---------------------------------------------------------------- cluster
+
+@dataclasses.dataclass(frozen=True)
+class LoadedOnWorkers:
+    """A task argument that each cluster worker loads itself, `loader(**arguments)`,
+    instead of receiving the data through the scheduler (see `load_on_workers`)."""
+    loader: object
+    arguments: tuple
+    run: str
+    part: int = None  # for a loader that returns a tuple: the item this argument is
+
+    def parts(self, count):
+        """One task argument per item of the loader's tuple; they are loaded once."""
+        return [dataclasses.replace(self, part=index) for index in range(count)]
+
+    def load(self):
+        if self.part is None:
+            return _load(self)
+        return _load(dataclasses.replace(self, part=None))[self.part]
+
+
+def load_on_workers(loader, **arguments):
+    """A task argument standing for `loader(**arguments)` (e.g. the pooled videos),
+    for runs on a cluster: workers read the data from paths they share with this
+    machine (make relative paths absolute first), once per worker process and run.
+    A new run reads again, so files changed between runs are never served stale."""
+    arguments = {name: tuple(value) if isinstance(value, list) else value
+                 for name, value in arguments.items()}  # hashable, for the cache
+    return LoadedOnWorkers(importable(loader), tuple(sorted(arguments.items())),
+                           uuid.uuid4().hex)
+
+
+@functools.lru_cache(maxsize=2)  # the data of this run and of at most one other
+def _load(data):
+    return data.loader(**dict(data.arguments))
+
+
+def importable(function):
+    """`function` as an attribute of its module. `python crossval.py` defines its
+    functions in __main__, which worker processes cannot import by that name (Dask
+    would ship copies, so `_load`'s cache would miss every time); they import the
+    script's module instead."""
+    script = getattr(sys.modules["__main__"], "__file__", None)
+    if getattr(function, "__module__", None) != "__main__" or script is None:
+        return function
+    return getattr(importlib.import_module(Path(script).stem), function.__qualname__)
+
+
+def connect_scheduler(address):
+    """A Dask client of the scheduler at `address`, or a one-line error after Dask's
+    connect timeout (distributed.comm.timeouts.connect, 30 s unless configured)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ToolkitError("--scheduler needs Dask: pip install 'dask[distributed]'") from None
+    try:
+        return Client(address, set_as_default=False)
+    except (OSError, TimeoutError, ValueError, TypeError):
+        raise ToolkitError(f"cannot reach the Dask scheduler at {address}: start one with "
+                           "'dask scheduler' or check the address") from None
+
+
+def _run_on_cluster(function, tasks, scheduler, description):
+    """Each task as a Dask future on the cluster's workers.
+
+    A worker that dies costs only the tasks it was running: the scheduler runs them
+    again on another worker (tasks must therefore be idempotent), and gives up on a
+    task that has taken down `distributed.scheduler.allowed-failures` + 1 workers.
+    The first task that fails stops the run with its error.
+    """
+    from concurrent.futures import CancelledError
+    from distributed import KilledWorker, as_completed
+    client = connect_scheduler(scheduler)
+    try:
+        futures = [client.submit(_call, function, task, pure=False) for task in tasks]
+        for future in _progress(as_completed(futures, loop=client.loop), len(futures),
+                                description):
+            future.result()  # the first error stops the run, not the last task
+        return [future.result() for future in futures]
+    except KilledWorker:
+        raise ToolkitError(f"a {description} task took down every Dask worker that ran it "
+                           "(see the workers' logs, e.g. for running out of memory); what "
+                           "finished is saved: run again, with --resume where the script "
+                           "has it") from None
+    except CancelledError:
+        raise ToolkitError(f"lost the Dask scheduler at {scheduler}, and with it the running "
+                           "tasks; what finished is saved: restart the scheduler and workers "
+                           "and run again, with --resume where the script has it") from None
+    except Exception as error:
+        missing = _missing_module(error)
+        if missing is None:
+            raise
+        raise ToolkitError(f"the Dask scheduler or workers cannot import {missing}: start "
+                           "them with PYTHONPATH set to the toolkit's folder (README: "
+                           "Running on a cluster)") from None
+    finally:
+        client.close()
+
+
+def _missing_module(error):
+    """The module a remote unpickling failed to import, if that is what `error` is
+    (the scheduler wraps it in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError):
+            return error.name
+        error = error.__cause__
+    return None
