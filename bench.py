@@ -26,6 +26,7 @@ import torch
 
 import datasets
 import make_data
+import parallel
 import train
 import utils
 
@@ -261,7 +262,7 @@ def epoch_probe(spec, epochs=3):
 def run_benchmark(data_root, epochs, cv_epochs, cuda):
     npy_dir, csv_dir = generate(data_root, "npy"), generate(data_root, "csv")
     threads = torch.get_num_threads()
-    lines = [f"torch {torch.__version__}, {threads} threads, {utils.available_cores()} cores",
+    lines = [f"torch {torch.__version__}, {threads} threads, {parallel.available_cores()} cores",
              "", "| measurement | AT | ATV |", "|---|---|---|"]
 
     loading = {name: time_loading(csv_dir, npy_dir, mods) for name, mods in MODELS.items()}

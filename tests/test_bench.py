@@ -37,4 +37,4 @@ def test_probes_report_memory_and_epoch_times_of_fresh_processes(tiny_data):
     assert features == expected / 2**20
     assert 100 < baseline < peak  # MiB: Python and torch alone take more than 100
     seconds = bench.epoch_seconds(tiny_data, threads=1, processes=2)
-    assert len(seconds) == 2 and all(0 < value < 60 for value in seconds)
+    assert len(seconds) == 2 and all(value > 0 for value in seconds)

@@ -1,7 +1,7 @@
 """--scheduler on a real Dask cluster: a scheduler and two worker processes on
 127.0.0.1, started here, run crossval, cv_epochs, personalize and cv_fusion, whose
 numbers and files must equal those of a local --jobs 1 run; one test kills a worker
-while it trains a fold.
+as soon as it runs a fold.
 
 The cluster runs go through the scripts as a user types them (a subprocess, with a
 time limit, so that a hang fails the test instead of stalling the suite)."""
@@ -13,13 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import dask
 import pandas as pd
 import pytest
 from distributed import LocalCluster
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 import crossval
 import cv_epochs
@@ -29,8 +29,7 @@ import utils
 from conftest import ROOT
 
 RUN_TIMEOUT_S = 120   # one script run on the cluster
-KILL_TIMEOUT_S = 60   # how long the killer waits for a fold to start training
-POLL_S = 0.05         # how often it looks
+KILL_TIMEOUT_S = 60   # how long the killer waits for a fold to start
 FOLDS = ["--mods", "audio", "--stories", "1", "2"]
 
 
@@ -89,33 +88,42 @@ def test_crossval_on_the_cluster_equals_a_local_run(cluster, in_tmp):
     assert "Mean-Std" in printed
 
 
-def kill_a_busy_worker(cluster, out_dir, killed):
-    """Once a fold has written its first epoch, SIGKILL a worker process that is running
-    a task; its pid goes into `killed`."""
-    deadline = time.monotonic() + KILL_TIMEOUT_S
-    while time.monotonic() < deadline:
-        busy = [worker for worker in list(cluster.scheduler.workers.values())
-                if worker.processing]
-        if busy and any(out_dir.glob("val_on_*/metrics.csv")):
-            os.kill(busy[0].pid, signal.SIGKILL)
-            killed.append(busy[0].pid)
-            return
-        time.sleep(POLL_S)
+class TaskStarts(SchedulerPlugin):
+    """Sets `started` when the scheduler hands a task to a worker."""
+
+    def __init__(self):
+        self.started = threading.Event()
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "processing":
+            self.started.set()
+
+
+def kill_a_busy_worker(cluster, starts, killed):
+    """As soon as a worker has a task, SIGKILL it; its pid goes into `killed`."""
+    if not starts.started.wait(KILL_TIMEOUT_S):
+        return
+    busy = [worker for worker in list(cluster.scheduler.workers.values()) if worker.processing]
+    if busy:
+        os.kill(busy[0].pid, signal.SIGKILL)
+        killed.append(busy[0].pid)
 
 
 def test_a_killed_worker_costs_only_its_task(cluster, in_tmp):
     argv = [*FOLDS, "--epochs", "12", "--save_freq", "4"]
     run(crossval, *argv, "--out_dir", "local")
-    killed = []
-    killer = threading.Thread(target=kill_a_busy_worker, args=(cluster, in_tmp / "remote", killed))
+    killed, starts = [], TaskStarts()
+    cluster.scheduler.add_plugin(starts, name="task-starts")
+    killer = threading.Thread(target=kill_a_busy_worker, args=(cluster, starts, killed))
     killer.start()
     try:
         run_on_cluster(cluster, "crossval.py", *argv, "--out_dir", "remote", cwd=in_tmp)
     finally:
         killer.join(KILL_TIMEOUT_S)
+        cluster.scheduler.remove_plugin(name="task-starts")
     assert killed, "no worker was killed: the folds finished before one could be"
 
-    # The killed fold was run again from the start, over its partial files.
+    # The killed fold was run again from the start, on the other worker.
     pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "remote" / "crossval.csv"),
                                   pd.read_csv(in_tmp / "local" / "crossval.csv"))
     assert_same_outputs(in_tmp / "local", in_tmp / "remote", "cv_pred", "val_on_1/metrics.csv",

@@ -1,4 +1,5 @@
-"""plot.py: each kind of plot writes a real PNG; bad input is one error line."""
+"""plot.py: each kind of plot draws the values of its tables (checked on the figure
+before it is saved) and writes a real PNG; bad input is one error line."""
 import struct
 
 import numpy as np
@@ -30,6 +31,21 @@ def assert_sensible_png(path):
 
 def run_plot(*argv):
     return plot.main(plot.get_args_parser().parse_args([str(arg) for arg in argv]))
+
+
+def draw(*argv):
+    """The figure a plot command draws, before it is saved."""
+    args = plot.get_args_parser().parse_args([str(arg) for arg in argv] + ["--out", "x.png"])
+    return plot.PLOTS[args.kind](args)
+
+
+def legend_texts(figure):
+    return [text.get_text() for legend in [*figure.legends, *(axis.get_legend()
+            for axis in figure.axes if axis.get_legend())] for text in legend.get_texts()]
+
+
+def bar_heights(axis):
+    return [patch.get_height() for patch in axis.patches]
 
 
 def plot_error(capsys, *argv):
@@ -83,18 +99,43 @@ def predictions(tiny_data, tmp_path):
 
 
 def test_epochs_plot_marks_the_best_epoch(tables, tmp_path, capsys):
+    table = pd.read_csv(tables["cv_epochs"])
+    axis, = draw("epochs", tables["cv_epochs"]).axes
+    mean, *folds, best = axis.get_lines()[:5]
+    np.testing.assert_allclose(mean.get_ydata(), table["mean_ccc"])
+    np.testing.assert_allclose([line.get_ydata() for line in folds],
+                               [table["val_on_1"], table["val_on_2"], table["val_on_4"]])
+    best_row = table.loc[table["mean_ccc"].idxmax()]
+    assert (best.get_xdata()[0], best.get_ydata()[0]) == (best_row["epoch"], best_row["mean_ccc"])
+    assert f"cv_AT: best epoch {int(best_row['epoch'])} (CCC {best_row['mean_ccc']:.3f})" in \
+        legend_texts(axis.figure)
+    assert axis.get_xlabel() == "epoch"
+
     out = run_plot("epochs", tables["cv_epochs"], "--out", tmp_path / "plots" / "cv_epochs.png")
     assert_sensible_png(out)
     assert f"wrote {out}" in capsys.readouterr().out
 
 
 def test_subjects_plot_draws_one_or_several_runs(tables, tmp_path):
+    axis, = draw("subjects", tables["personal"], tables["personal"], "--labels", "AT", "ATV").axes
+    before, after = [0.1, 0.2, -0.1], [0.3, 0.25, 0.1]
+    assert bar_heights(axis) == pytest.approx(before + after + before + after)
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == ["1", "2", "3"]
+    assert "ATV: after fine-tuning (mean 0.217)" in legend_texts(axis.figure)
     assert_sensible_png(run_plot("subjects", tables["personal"], "--out", tmp_path / "one.png"))
     assert_sensible_png(run_plot("subjects", tables["personal"], tables["personal"],
                                  "--labels", "AT", "ATV", "--out", tmp_path / "two.png"))
 
 
 def test_stories_plot_reads_crossval_and_score_tables(tables, tmp_path):
+    axis, = draw("stories", tables["crossval"], tables["by_story"], "--labels", "AT", "scored").axes
+    nan = float("nan")
+    np.testing.assert_allclose(bar_heights(axis), [0.4, 0.2, nan, 0.3, 0.2, nan, 0.4, nan])
+    assert [tick.get_text() for tick in axis.get_xticklabels()] == ["1", "2", "3", "4"]
+    dashed = [line.get_ydata()[0] for line in axis.get_lines() if line.get_linestyle() == "--"]
+    assert dashed == pytest.approx([0.3, 0.3])  # each run's mean
+    assert legend_texts(axis.figure) == [f"AT (mean 0.300 ± {np.std([0.4, 0.2, 0.3]):.3f})",
+                                         "scored (mean 0.300 ± 0.100)"]
     out = run_plot("stories", tables["crossval"], tables["crossval_atv"], tables["by_story"],
                    "--labels", "AT", "ATV", "scored", "--title", "Per story",
                    "--out", tmp_path / "stories.png")
@@ -103,6 +144,18 @@ def test_stories_plot_reads_crossval_and_score_tables(tables, tmp_path):
 
 def test_predictions_plot_draws_chosen_videos(predictions, tmp_path):
     annotations, folder = predictions
+    figure = draw("predictions", "--pred_dir", folder, "--labels", "AT", "--annotations",
+                  annotations, "--videos", "Subject_1_Story_1", "Subject_3_Story_1")
+    for axis, video in zip(figure.axes, ["Subject_1_Story_1", "Subject_3_Story_1"]):
+        truth = datasets.read_annotation(annotations / f"{video}.csv")
+        prediction = datasets.read_annotation(folder / f"{video}.csv")
+        prediction = np.append(prediction, prediction[-1])  # aligned: the last frame repeated
+        annotation_line, prediction_line = axis.get_lines()[:2]
+        np.testing.assert_allclose(annotation_line.get_ydata(), truth)
+        np.testing.assert_allclose(prediction_line.get_ydata(), prediction)
+        assert axis.get_title() == video
+        assert axis.get_legend().get_texts()[1].get_text() == \
+            f"AT (CCC {utils.ccc(prediction, truth):.2f})"
     out = run_plot("predictions", "--pred_dir", folder, folder, "--labels", "AT", "again",
                    "--annotations", annotations, "--videos", "Subject_1_Story_1",
                    "Subject_3_Story_1", "--out", tmp_path / "predictions.png")
