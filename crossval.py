@@ -190,18 +190,25 @@ def main(args):
         resumes = check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
     options = train.RunOptions.from_args(args, settings, resumes, runner)
     options.check()
+    for story in pooled.stories:
+        for folder, seed_settings in options.resumed_runs(runs.fold_dir(runner.path(out_dir),
+                                                                        story)):
+            train.check_resumable(folder, seed_settings, pooled.mods, pooled.input_dims,
+                                  args.normalize, options.postprocessing)
     train.check_tensorboard_dir(args.tensorboard)
+    runs.check_output_folder(out_dir, "--out_dir")
     utils.check_writable(out_dir)
-    if not args.test:
-        runs.write_run_record(args, out_dir)
-
-    pooled_for_tasks = pool_for_tasks(pooled, args, runner)
-    tasks = [dict(pooled=pooled_for_tasks, story=story,
-                  out_dir=runner.path(out_dir), options=options, checkpoint=checkpoint,
-                  features=args.features, test_only=args.test)
-             for story in pooled.stories]
-    table = utils.crossval_table(runner.run(run_fold, tasks, "folds"))
-    utils.write_csv(table, out_dir / "crossval.csv")
+    with runs.owned(out_dir):
+        if not args.test:
+            check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
+            runs.write_run_record(args, out_dir)
+        pooled_for_tasks = pool_for_tasks(pooled, args, runner)
+        tasks = [dict(pooled=pooled_for_tasks, story=story, out_dir=runner.path(out_dir),
+                      options=options, checkpoint=checkpoint, features=args.features,
+                      test_only=args.test)
+                 for story in pooled.stories]
+        table = utils.crossval_table(runner.run(run_fold, tasks, "folds"))
+        utils.write_csv(table, out_dir / "crossval.csv")
     print(f"cross-validation of {checkpoint} per held-out story:")
     print(utils.format_table(table))
     return table

@@ -101,8 +101,13 @@ def main(args):
     utils.Postprocessing.resolve(**utils.postprocessing_flags(args))  # refuses bad flags
     runner.check()
     utils.check_writable(out_dir)
-    runs.write_run_record(args, out_dir, runs.CV_EPOCHS_RUN_RECORD)
+    with runs.owned(out_dir):
+        runs.write_run_record(args, out_dir, runs.CV_EPOCHS_RUN_RECORD)
+        return evaluate_and_extract(pooled, epochs, out_dir, args, runner)
 
+
+def evaluate_and_extract(pooled, epochs, out_dir, args, runner):
+    """Score every fold at every epoch, then write the best epoch's features."""
     common = dict(pooled=crossval.pool_for_tasks(pooled, args, runner),
                   out_dir=runner.path(out_dir), normalize=args.normalize, cuda=args.cuda,
                   postprocessing_flags=utils.postprocessing_flags(args))

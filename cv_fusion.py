@@ -167,9 +167,16 @@ def main(args):
     saved = (load_fold_models(out_dir, folds, in_names, utils.postprocessing_flags(args))
              if args.test else {})
     runner.check()
+    runs.check_output_folder(out_dir, "--out_dir")
     # Every input has been checked: only now is anything written.
     utils.check_writable(out_dir)
+    with runs.owned(out_dir):
+        return fit_and_score(folds, saved, args, in_names, settings, runner)
 
+
+def fit_and_score(folds, saved, args, in_names, settings, runner):
+    """Every fold's model fitted (or the saved ones), scored, and the table written."""
+    out_dir = Path(args.out_dir)
     rows = runner.run(run_fold, fold_tasks(folds, saved, args, in_names, settings, runner),
                       "folds")
     for row in rows:  # printed here: parallel folds would print out of order, or remotely

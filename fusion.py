@@ -426,14 +426,33 @@ def main(args):
     if saved:
         check_compatible(saved, in_names, dims, args.test)
         postprocessing = saved_postprocessing(saved, utils.postprocessing_flags(args), args.test)
+    runs.check_output_folder(pred_dir, "--pred_dir")
+    if not saved:
+        check_model_path(model_path)
     # Every input has been checked: only now is anything written.
     utils.check_writable(pred_dir)
+    with runs.owned(pred_dir):
+        return fit_and_predict(args, saved, settings, in_names, dims, train_videos, test_videos,
+                               model_path, postprocessing if saved else None)
 
+
+def check_model_path(path):
+    """A fitted model may replace only an earlier fusion model, not another file."""
+    if path.is_dir() or (path.exists() and path.suffix != ".joblib"):
+        raise ToolkitError(f"--model_path {path} exists and is not a fusion model (.joblib): "
+                           "choose a new path ending in .joblib")
+    runs.check_output_folder(path.parent, "--model_path")
+    utils.check_writable(path.parent)
+
+
+def fit_and_predict(args, saved, settings, in_names, dims, train_videos, test_videos,
+                    model_path, postprocessing=None):
+    """Fit the SVR (or take the saved one), predict, and write everything."""
+    pred_dir = Path(args.pred_dir)
     results = {}
     if saved:
         model = saved["model"]
     else:
-        utils.check_writable(model_path.parent)
         model, c = fit_with_c_choice(train_videos, settings)
         postprocessing = fitted_postprocessing(settings, train_videos)
         results["train"] = evaluate(model, train_videos, postprocessing)

@@ -21,6 +21,7 @@ workers through a file they look for after every epoch; tasks not yet started ar
 left out, and the run ends with KeyboardInterrupt once the running ones have saved.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -49,6 +50,11 @@ def get_parallel_args_parser(what):
                        help=f"{what} on the workers of the Dask scheduler at ADDRESS (e.g. "
                             "tcp://host:8786) instead; data and outputs must be in folders "
                             "the workers share, at the same paths")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="intra-op threads of each task (default: the cores shared among "
+                            "--jobs; one on a cluster worker). Float sums depend on how work "
+                            "is split among threads, so tasks give bit-identical numbers "
+                            "whatever --jobs or --scheduler is when --threads is the same")
     return parser
 
 
@@ -111,15 +117,18 @@ class Runner:
     scheduler at `scheduler` (--jobs, --scheduler)."""
     jobs: int = 1
     scheduler: str = None
+    threads: int = None
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.jobs, args.scheduler)
+        return cls(args.jobs, args.scheduler, args.threads)
 
     def check(self):
-        """Fail before anything is written: --jobs below 1, or no reachable scheduler."""
-        if self.jobs < 1:
-            raise ToolkitError(f"--jobs must be at least 1, got {self.jobs}")
+        """Fail before anything is written: --jobs or --threads below 1, or no
+        reachable scheduler."""
+        for flag, value in (("--jobs", self.jobs), ("--threads", self.threads or 1)):
+            if value < 1:
+                raise ToolkitError(f"{flag} must be at least 1, got {value}")
         if self.scheduler:
             connect_scheduler(self.scheduler).close()
 
@@ -158,10 +167,12 @@ class Runner:
         tasks. Raises KeyboardInterrupt when a stop request ended the run early."""
         function = importable(function)  # workers cannot import a script's __main__
         if self.scheduler:
-            return _run_on_cluster(function, tasks, self.scheduler, description)
+            return _run_on_cluster(function, tasks, self.scheduler, description, self.threads)
         if self.jobs == 1 or len(tasks) <= 1:
-            return _run_here(function, tasks, description)
-        return _run_in_processes(function, tasks, min(self.jobs, len(tasks)), description)
+            return _run_here(function, tasks, description, self.threads)
+        jobs = min(self.jobs, len(tasks))
+        threads = self.threads or max(1, available_cores() // jobs)
+        return _run_in_processes(function, tasks, jobs, threads, description)
 
 
 def _progress(results, total, description):
@@ -170,21 +181,32 @@ def _progress(results, total, description):
                 disable=None)
 
 
-def _run_here(function, tasks, description):
+@contextlib.contextmanager
+def _threads(count):
+    """torch on `count` intra-op threads (None: as it is) for the block."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_here(function, tasks, description, threads=None):
     results = []
-    with StopRequests("the end of this task") as stop:  # training has its own within a task
+    with StopRequests("the end of this task") as stop, _threads(threads):
         for task in _progress(tasks, len(tasks), description):
-            if stop.requested:
+            if stop.requested:  # between tasks; training has its own requests within one
                 raise KeyboardInterrupt
             results.append(_call(function, task))
     return results
 
 
-def _run_in_processes(function, tasks, jobs, description):
-    """joblib processes with a fair share of the cores each. Large arrays in the
-    arguments are memory-mapped (copy-on-write) into the workers, not copied."""
+def _run_in_processes(function, tasks, jobs, threads, description):
+    """joblib processes on `threads` threads each. Large arrays in the arguments are
+    memory-mapped (copy-on-write) into the workers, not copied."""
     from joblib import Parallel, delayed
-    threads = max(1, available_cores() // jobs)
     with tempfile.TemporaryDirectory(prefix="stop-") as folder:
         stop_file = Path(folder) / "stop"
         with StopRequests("the end of the running tasks' epochs", stop_file.touch) as stop:
@@ -211,10 +233,11 @@ def _call_in_worker(function, threads, stop_file, task):
         return _Stopped()
 
 
-def _call(function, task):
+def _call(function, task, threads=None):
     task = {name: value.load() if isinstance(value, LoadedOnWorkers) else value
             for name, value in task.items()}
-    return function(**task)
+    with _threads(threads):
+        return function(**task)
 
 
 # ---------------------------------------------------------------- cluster
@@ -279,7 +302,7 @@ def connect_scheduler(address):
                            "'dask scheduler' or check the address") from None
 
 
-def _run_on_cluster(function, tasks, scheduler, description):
+def _run_on_cluster(function, tasks, scheduler, description, threads=None):
     """Each task as a Dask future on the cluster's workers.
 
     A worker that dies costs only the tasks it was running: the scheduler runs them
@@ -291,7 +314,7 @@ def _run_on_cluster(function, tasks, scheduler, description):
     from distributed import KilledWorker, as_completed
     client = connect_scheduler(scheduler)
     try:
-        futures = [client.submit(_call, function, task, pure=False) for task in tasks]
+        futures = [client.submit(_call, function, task, threads, pure=False) for task in tasks]
         for future in _progress(as_completed(futures, loop=client.loop), len(futures),
                                 description):
             future.result()  # the first error stops the run, not the last task

@@ -213,18 +213,26 @@ def main(args):
     resumes = runs.check_fresh_runs(folders, args.resume, args.overwrite)
     options = train.RunOptions.from_args(args, settings, resumes, runner)
     options.check()
+    resumed = [run for subject in subjects
+               for run in options.resumed_runs(runner.path(runs.subject_dir(out_dir, subject)))]
+    resumed += [(folder, settings) for folder in folders  # --inner_cv's folds: one seed each
+                if resumes[folder] and folder.name.startswith(runs.INNER_FOLD_PREFIX)]
+    for folder, run_settings in resumed:
+        train.check_resumable(folder, run_settings, train_all.mods, train_all.input_dims)
     runner.check()
     train.check_tensorboard_dir(args.tensorboard)
+    runs.check_output_folder(out_dir, "--out_dir")
     utils.check_writable(out_dir)
-    runs.write_run_record(args, out_dir)
-
-    train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
-    tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
-                  out_dir=runner.path(out_dir), options=options, augment=args.augment,
-                  inner_cv=args.inner_cv)
-             for subject in subjects]
-    table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
-    utils.write_csv(table, out_dir / "personalize.csv")
+    with runs.owned(out_dir):
+        runs.check_fresh_runs(folders, args.resume, args.overwrite)  # none began meanwhile
+        runs.write_run_record(args, out_dir)
+        train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
+        tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
+                      out_dir=runner.path(out_dir), options=options, augment=args.augment,
+                      inner_cv=args.inner_cv)
+                 for subject in subjects]
+        table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
+        utils.write_csv(table, out_dir / "personalize.csv")
     print("CCC per subject on the test videos, before and after fine-tuning:")
     print(utils.format_table(table))
     return table

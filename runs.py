@@ -42,6 +42,7 @@ the scripts, whose names and patterns only the functions below spell:
                                  val_on_<story>/fusion_model.joblib and pred_train/
 """
 import argparse
+import contextlib
 import csv
 import fcntl
 import io
@@ -57,6 +58,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import datasets
 import utils
 from utils import ToolkitError
 
@@ -176,6 +178,45 @@ def check_fresh_runs(folders, resume, overwrite):
     for folder in folders:
         check_fresh_model_dir(folder, resume and saved[folder], overwrite)
     return {folder: resume and saved[folder] for folder in folders}
+
+
+LOCK = ".lock"  # in an output folder while a run writes there
+
+
+@contextlib.contextmanager
+def owned(folder):
+    """Hold an output folder for as long as this run writes there, so that a second
+    run into it is refused instead of mixing its files with this one's. The lock
+    (flock on <folder>/.lock) ends with the process, however it ends: after a crash
+    the folder is free again, with nothing to clean up."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ToolkitError(f"{folder} is in use by a run in progress ({owner}): wait for it "
+                               "to end, or choose another output folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield folder
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_output_folder(folder, flag):
+    """Refuse an output folder inside a split folder's data (e.g. --pred_dir
+    data/Validation/Annotations), where predictions would replace annotations."""
+    names = {datasets.ANNOTATION_FOLDER, *datasets.MODALITY_FOLDERS.values()}
+    inside = [part for part in Path(folder).absolute().parts if part in names]
+    if inside:
+        raise ToolkitError(f"{flag} {folder} is inside a split folder's {inside[-1]}: outputs "
+                           "there would replace its data; choose a folder outside the data")
 
 
 def write_run_record(args, folder, name=RUN_RECORD):

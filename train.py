@@ -218,6 +218,11 @@ class RunOptions:
     def resumes_run(self, folder):
         return (self.resumes or {}).get(folder, False)
 
+    def resumed_runs(self, run_dir):
+        """(folder, its seed's settings) of the runs under `run_dir` that --resume continues."""
+        return [(folder, settings) for settings, folder in self.settings.seed_runs(run_dir)
+                if self.resumes_run(folder)]
+
 
 # ---------------------------------------------------------------- data
 
@@ -494,11 +499,13 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
                     best_ccc, best_epoch, stale_evaluations = row["val_ccc"], epoch, 0
                     save(runs.BEST)
             stopped_early = settings.patience is not None and stale_evaluations >= settings.patience
+            # metrics.csv first: a kill between the two writes then costs no row for good
+            # (--resume drops the rows after last.save's epoch and trains them again).
+            history.append(row)
+            utils.write_csv(pd.DataFrame(history), model_dir / runs.METRICS)
             if epoch % settings.save_freq == 0:
                 save(runs.checkpoint_name(epoch))
                 save(runs.LAST, with_optimizer=True)
-            history.append(row)
-            utils.write_csv(pd.DataFrame(history), model_dir / runs.METRICS)
             log_epoch(row, optimizer.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{stats['loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
                             best=f"{best_ccc:.3f}@{best_epoch}")
@@ -515,6 +522,41 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
         save(runs.LAST, with_optimizer=True)
     return {"best_ccc": best_ccc, "best_epoch": best_epoch, "epoch": epoch,
             "stopped_early": stopped_early}
+
+
+# Settings that change what a resumed run computes: --resume must keep them. (--epochs
+# and --patience may change: they say how long to go on; --save_freq and --eval_freq
+# only when files are written and the best is checked.)
+RESUME_KEEPS = ("lr", "weight_decay", "batch_size", "split", "loss", "seed", "layers",
+                "bidirectional")
+
+
+def check_resumable(folder, settings, mods, input_dims, normalize=None, postprocessing=None):
+    """Refuse, before anything is written, a --resume whose last.save in `folder`
+    does not fit the data or was trained with other settings than the flags give
+    (the saved optimizer and weights would silently go on with the old ones)."""
+    path = Path(folder) / runs.LAST
+    network, state = models.load_model(path, mods, input_dims)
+    if "optimizer" not in state:
+        raise ToolkitError(f"{path} has no optimizer state: it cannot be resumed; train "
+                           "again with --overwrite")
+    saved = {**state.get("training", {}), "layers": network.lstm.num_layers,
+             "bidirectional": network.lstm.bidirectional}
+    for name in RESUME_KEEPS:
+        if name in saved and saved[name] != getattr(settings, name):
+            raise ToolkitError(f"--resume: {path} was trained with --{name} {saved[name]}, not "
+                               f"{getattr(settings, name)}: resume with the run's own settings "
+                               "(its args.json), or start afresh with --overwrite")
+    if normalize is not None and (state.get("normalization") is not None) != normalize:
+        trained = "with" if state.get("normalization") is not None else "without"
+        raise ToolkitError(f"--resume: {path} was trained {trained} --normalize: resume "
+                           f"{trained} it, or start afresh with --overwrite")
+    saved_delay = state.get("postprocessing", {}).get("label_delay", 0.0)
+    if postprocessing is not None and saved_delay != postprocessing.label_delay:
+        raise ToolkitError(f"--resume: {path} was trained with --label_delay {saved_delay}, "
+                           f"not {postprocessing.label_delay}: resume with the run's own "
+                           "settings, or start afresh with --overwrite")
+    _read_history(Path(folder) / runs.METRICS, state["epoch"])  # refuses a corrupt one
 
 
 def check_tensorboard_dir(tensorboard_dir):
@@ -567,10 +609,19 @@ def fit_seeds(make_model, train_set, val_set, model_dir, options, device, postpr
 
 
 def _read_history(path, last_epoch):
+    """The metrics.csv rows up to `last_epoch` (later ones, written after the last
+    last.save, are trained again)."""
     if not path.is_file():
         return []
-    history = pd.read_csv(path)
-    return history[history["epoch"] <= last_epoch].to_dict("records")
+    try:
+        history = pd.read_csv(path)
+        if not {"epoch", "train_loss", "val_ccc"} <= set(history.columns):
+            raise ValueError("columns epoch,train_loss,val_ccc missing")
+        history = history[history["epoch"] <= last_epoch]
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise ToolkitError(f"--resume: {path} cannot be read ({str(error).splitlines()[0][:120]}): "
+                           "restore it or start afresh with --overwrite") from None
+    return history.to_dict("records")
 
 
 # ---------------------------------------------------------------- outputs
@@ -652,14 +703,22 @@ def train_new_model(args, model_dir, train_set, test_set, device):
     options = RunOptions(settings, args.normalize, args.cuda, utils.postprocessing_flags(args),
                          args.tensorboard, resumes)
     options.check()
+    for folder, seed_settings in options.resumed_runs(model_dir):
+        check_resumable(folder, seed_settings, train_set.mods, train_set.input_dims,
+                        args.normalize, options.postprocessing)
     check_tensorboard_dir(args.tensorboard)
+    runs.check_output_folder(model_dir, "--model_dir")
     utils.check_writable(model_dir)
     scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
     train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
-    runs.write_run_record(args, model_dir)
-    summaries = fit_seeds(
-        lambda: build_model(train_set.input_dims, device, settings.layers, settings.bidirectional),
-        train_set, test_set, model_dir, options, device)
+    with runs.owned(model_dir):
+        # Again, now that no other run can start here: one may have finished meanwhile.
+        runs.check_fresh_runs(list(resumes), args.resume, args.overwrite)
+        runs.write_run_record(args, model_dir)
+        summaries = fit_seeds(
+            lambda: build_model(train_set.input_dims, device, settings.layers,
+                                settings.bidirectional),
+            train_set, test_set, model_dir, options, device)
     print_training_summaries(summaries, model_dir)
     if settings.seeds > 1:
         trained = load_trained(runs.run_checkpoints(model_dir), train_set, args.normalize, device)
@@ -696,6 +755,8 @@ def predict_saved(args, model_dir, train_set, test_set, device):
     postprocessing = saved_postprocessing(trained, utils.postprocessing_flags(args), train_set,
                                           [test_set])
     results = None
+    for flag, folder in (("--pred_dir", args.pred_dir), ("--feat_dir", args.feat_dir)):
+        runs.check_output_folder(folder, flag)
     if args.test:
         utils.check_writable(args.pred_dir)
         results = test(trained, train_set, test_set, args.pred_dir, device, postprocessing)

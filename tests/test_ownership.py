@@ -1,0 +1,121 @@
+"""A run owns its output folder, never writes into the data, resumes only what it
+can continue, loses no metrics row to a kill, and stops its workers on a signal."""
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import runs
+import train
+import utils
+from conftest import ROOT
+from test_reliability import assert_one_line_error, command, files_under, wait_for_epochs  # noqa: F401
+
+TRAIN = ["--mods", "audio", "--epochs", "2", "--save_freq", "1", "--model_dir", "m"]
+
+
+def test_a_folder_in_use_by_another_run_is_refused_and_left_alone(in_tmp, command):
+    (in_tmp / "m").mkdir()
+    with runs.owned(in_tmp / "m"):  # as a run in progress holds it (flock is per open file)
+        result = command("train.py", *TRAIN)
+    assert_one_line_error(result, "m is in use by a run in progress (pid ")
+    assert files_under(in_tmp / "m") == [".lock"]
+    assert command("train.py", *TRAIN).returncode == 0  # released: the folder is free again
+
+
+def test_outputs_never_go_into_the_data(in_tmp, command):
+    annotations = in_tmp / "data" / "Validation" / "Annotations"
+    before = {path.name: path.read_bytes() for path in annotations.iterdir()}
+    command("train.py", "--mods", "audio", "--epochs", "1", "--model_dir", "m")
+    command("train.py", "--mods", "audio", "--model_dir", "m", "--feat_dir", "f", "--features")
+    result = command("fusion.py", "f", "--pred_dir", str(annotations))
+    assert_one_line_error(result, "is inside a split folder's Annotations")
+    result = command("fusion.py", "f", "--pred_dir", "out", "--model_path",
+                     str(annotations / "Subject_1_Story_1.csv"))
+    assert_one_line_error(result, "exists and is not a fusion model (.joblib)")
+    result = command("train.py", "--mods", "audio", "--model_dir", "m", "--test",
+                     "--pred_dir", str(annotations / "p"))
+    assert_one_line_error(result, "--pred_dir")
+    assert {path.name: path.read_bytes() for path in annotations.iterdir()} == before
+    assert not (in_tmp / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0.5"], "was trained with --lr 1e-05, not 0.5"),
+    (["--normalize"], "was trained without --normalize"),
+    (["--label_delay", "2"], "was trained with --label_delay 0.0, not 2.0"),
+    (["--mods", "audio,text"], "was trained on --mods audio, not audio,text"),
+])
+def test_resume_refuses_other_settings_before_writing(in_tmp, command, flags, message):
+    assert command("train.py", *TRAIN).returncode == 0
+    before = {name: (in_tmp / "m" / name).read_bytes() for name in files_under(in_tmp / "m")}
+    result = command("train.py", *TRAIN, "--resume", "--epochs", "4", *flags)
+    assert_one_line_error(result, message)
+    assert {name: (in_tmp / "m" / name).read_bytes() for name in files_under(in_tmp / "m")} == before
+
+
+def test_resume_refuses_a_corrupt_metrics_file(in_tmp, command):
+    assert command("train.py", *TRAIN).returncode == 0
+    (in_tmp / "m" / "metrics.csv").write_bytes(b"\x89PNG\x00\xff garbage")
+    result = command("train.py", *TRAIN, "--resume", "--epochs", "4")
+    assert_one_line_error(result, "m/metrics.csv cannot be read")
+
+
+def test_crossval_resume_refuses_normalize_added_later(in_tmp, command):
+    folds = ["--mods", "audio", "--stories", "1", "2", "--epochs", "1", "--save_freq", "1",
+             "--out_dir", "cv"]
+    assert command("crossval.py", *folds).returncode == 0
+    args_json = (in_tmp / "cv" / "args.json").read_bytes()
+    result = command("crossval.py", *folds, "--resume", "--epochs", "2", "--normalize")
+    assert_one_line_error(result, "val_on_1/last.save was trained without --normalize")
+    assert (in_tmp / "cv" / "args.json").read_bytes() == args_json
+
+
+def test_a_kill_between_metrics_and_checkpoint_loses_no_row(in_tmp, monkeypatch):
+    """metrics.csv is written before the epoch's checkpoints: a kill in between leaves
+    a row that --resume drops and trains again, never a hole."""
+    def run(*extra):
+        train.main(train.get_args_parser().parse_args(
+            ["--mods", "audio", "--epochs", "4", "--save_freq", "1", "--lr", "1e-3", *extra]))
+
+    run("--model_dir", "whole")
+    real_save = utils.save_checkpoint
+
+    def killed_at_epoch_3(path, checkpoint):
+        if checkpoint["epoch"] == 3 and path.name == runs.LAST:
+            raise KeyboardInterrupt  # as SIGKILL would, between the two writes
+        real_save(path, checkpoint)
+    monkeypatch.setattr(utils, "save_checkpoint", killed_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run("--model_dir", "cut")
+    assert pd.read_csv(in_tmp / "cut" / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    monkeypatch.setattr(utils, "save_checkpoint", real_save)
+    run("--model_dir", "cut", "--resume")
+    pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "cut" / "metrics.csv"),
+                                  pd.read_csv(in_tmp / "whole" / "metrics.csv"))
+
+
+def test_sigterm_to_the_parent_stops_every_worker_at_an_epoch_end(in_tmp):
+    base = [sys.executable, str(ROOT / "crossval.py"), "--mods", "audio", "--stories", "1", "2",
+            "--jobs", "2", "--out_dir", "cv"]
+    process = subprocess.Popen([*base, "--epochs", "100000", "--save_freq", "100000"], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        for fold in ("val_on_1", "val_on_2"):
+            wait_for_epochs(in_tmp, f"cv/{fold}", 2, process)
+        process.send_signal(signal.SIGTERM)  # to the parent alone, as `kill PID` does
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.count("run the same command with --resume") == 2
+    for fold in ("val_on_1", "val_on_2"):  # each worker saved the epoch it ended on
+        saved = torch.load(in_tmp / "cv" / fold / "last.save", weights_only=True)["epoch"]
+        assert pd.read_csv(in_tmp / "cv" / fold / "metrics.csv")["epoch"].max() == saved < 100000
+    resumed = subprocess.run([*base, "--epochs", "3", "--save_freq", "100000", "--resume"],
+                             cwd=in_tmp, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (in_tmp / "cv" / "crossval.csv").is_file()
