@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -288,6 +289,10 @@ def importable(function):
     return getattr(importlib.import_module(Path(script).stem), function.__qualname__)
 
 
+_HOST = r"(\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+)"
+SCHEDULER_ADDRESS = re.compile(rf"(tcp|tls|ucx|ws|wss|inproc)://{_HOST}(:\d+)?/?|{_HOST}:\d+")
+
+
 def connect_scheduler(address):
     """A Dask client of the scheduler at `address`, or a one-line error after Dask's
     connect timeout (distributed.comm.timeouts.connect, 30 s unless configured)."""
@@ -295,6 +300,11 @@ def connect_scheduler(address):
         from distributed import Client
     except ImportError:
         raise ToolkitError("--scheduler needs Dask: pip install 'dask[distributed]'") from None
+    # Checked here: a Client given a malformed address fails, then prints a traceback
+    # when Python later collects it.
+    if not SCHEDULER_ADDRESS.fullmatch(address):
+        raise ToolkitError(f"--scheduler {address} is not a scheduler address: give "
+                           "PROTOCOL://HOST:PORT, e.g. tcp://10.0.0.5:8786")
     try:
         return Client(address, set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError):

@@ -119,3 +119,13 @@ def test_sigterm_to_the_parent_stops_every_worker_at_an_epoch_end(in_tmp):
                              cwd=in_tmp, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert (in_tmp / "cv" / "crossval.csv").is_file()
+
+
+def test_a_malformed_scheduler_address_is_one_line(in_tmp):
+    result = subprocess.run([sys.executable, str(ROOT / "crossval.py"), "--mods", "audio",
+                             "--out_dir", "cv", "--scheduler", "garbage"],
+                            cwd=in_tmp, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == ("error: --scheduler garbage is not a scheduler address: give "
+                             "PROTOCOL://HOST:PORT, e.g. tcp://10.0.0.5:8786\n")
+    assert not (in_tmp / "cv").exists()
