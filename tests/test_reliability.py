@@ -132,8 +132,9 @@ def test_bad_checkpoints(trained, command, description, damage, argv, message):
     (["train.py", "--mods", "audio", "--subjects", "8"], "--subjects: subject 8 is not in the data"),
     (["train.py", "--mods", "audio", "--split", "100"], "--split 100 is larger than"),
     (["train.py", "--mods", "audio", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train.py", "--mods", "audio", "--model_dir", "/proc/version/out"], "cannot write to"),
     (["train.py", "--mods", "audio", "--model_dir", "data/Training/Annotations/"
-      "Subject_1_Story_2.csv/out"], "cannot write to"),
+      "Subject_1_Story_2.csv/out"], "is inside a split folder's Annotations"),
     (["crossval.py", "--mods", "audio", "--epochs", "0", "--out_dir", "out"],
      "--epochs must be at least 1"),
     (["personalize.py", "--mods", "audio", "--out_dir", "out"], "out/init.save does not exist"),
@@ -268,9 +269,14 @@ def test_only_the_named_files_temporaries_are_removed(tmp_path):
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):
-    utils.write_json({"a": 1}, tmp_path / "args.json")
-    expected = 0o666 & ~utils._UMASK
-    assert (tmp_path / "args.json").stat().st_mode & 0o777 == expected
+    """As open() would make them: 0666 less the umask in force when they are written."""
+    for umask, expected in ((0o022, 0o644), (0o027, 0o640)):
+        previous = os.umask(umask)
+        try:
+            utils.write_json({"a": 1}, tmp_path / f"args_{umask:o}.json")
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"args_{umask:o}.json").stat().st_mode & 0o777 == expected
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
