@@ -52,13 +52,22 @@ MODALITY_FOLDERS = {
     "v_act": "CombinedVAct",
 }
 ANNOTATION_FOLDER = "Annotations"
-# The suffix may not start with a digit, or Story_12 would read as Story_1 + "2".
-VIDEO_FILE = re.compile(r"^Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?\.(csv|npy)$")
+# A video's name, with an optional suffix that may not start with a digit (or
+# Story_12 would read as Story_1 + "2"): the one pattern of every script's file names.
+VIDEO_NAME = re.compile(r"Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?")
+VIDEO_FILE = re.compile(rf"^{VIDEO_NAME.pattern}\.(csv|npy)$")
 
 
 def video_name(subject, story):
     """The canonical name of a video, used for every file the toolkit writes."""
     return f"Subject_{subject}_Story_{story}"
+
+
+def parse_video_name(text):
+    """(subject, story) of a name such as Subject_1_Story_2 or Subject_1_Story_2_x (no
+    extension), or None."""
+    match = VIDEO_NAME.fullmatch(text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def parse_mods(text):
@@ -468,7 +477,7 @@ def read_frame_counts(path, files):
                            f"(it has {','.join(map(str, table.columns))})")
     counts = {}
     for row, (name, frames) in enumerate(zip(table["video"], table["frames"]), start=2):
-        match = re.match(r"Subject_(\d+)_Story_(\d+)(?![0-9])", str(name))
+        match = VIDEO_NAME.match(str(name))
         frames = pd.to_numeric(frames, errors="coerce")
         if not match or not (frames > 0 and float(frames).is_integer()):
             raise ToolkitError(f"--frame_counts file {path}, line {row}: expected a video name "

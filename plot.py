@@ -17,7 +17,6 @@ Several CSV files (or --pred_dir folders) are drawn side by side, named by --lab
 (default: their folder names).
 """
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,9 @@ from matplotlib.ticker import MaxNLocator
 
 import runs
 import utils
-from datasets import list_videos, read_annotation, video_name
+from datasets import list_videos, parse_video_name, read_annotation, video_name
 from utils import FPS, ToolkitError
 
-VIDEO_NAME = re.compile(r"Subject_(\d+)_Story_(\d+)")
 DEFAULT_VIDEOS = 2
 BEFORE_ALPHA = 0.45  # "before" bars are a lighter shade of their run's colour
 
@@ -155,11 +153,11 @@ def input_label(path):
 
 
 def parse_video(name):
-    match = VIDEO_NAME.fullmatch(Path(name).stem)
-    if not match:
+    key = parse_video_name(Path(name).stem)
+    if not key:
         raise ToolkitError(f"--videos {name} is not a video name: use Subject_<s>_Story_<t>, "
                            "e.g. Subject_1_Story_1")
-    return int(match.group(1)), int(match.group(2))
+    return key
 
 
 def choose_videos(requested, annotations, predictions):
