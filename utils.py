@@ -120,8 +120,8 @@ class Postprocessing:
                 unit = "Hz" if name == "lowpass" else "seconds"
                 raise ToolkitError(f"--{name} must be a number of {unit} >= 0, got {value}")
         if self.smooth > MAX_SMOOTH:
-            raise ToolkitError(f"--smooth {self.smooth:g} s is longer than {MAX_SMOOTH:g} s, "
-                               "longer than any video, where every prediction turns constant: "
+            raise ToolkitError(f"--smooth {self.smooth:g} s is longer than {MAX_SMOOTH:g} s "
+                               "(longer than any video: it would flatten every prediction): "
                                "give a shorter window, e.g. 2 to 10")
         if self.smooth_window not in SMOOTHING_WINDOWS:
             raise ToolkitError(f"--smooth_window must be one of {', '.join(SMOOTHING_WINDOWS)}, "

@@ -53,6 +53,7 @@ def test_csv_and_npy_give_the_same_arrays_and_suffixes_are_accepted(tmp_path):
     ("a,a\n 1, 2\n\"3\",4\n", [[1, 2], [3, 4]]),               # repeated names, spaces, quotes
     ("a,b\n1,\n3,4\n", [[1, np.nan], [3, 4]]),                 # empty cell: NaN, refused later
     ("a,b\n", np.zeros((0, 2))),                               # header only: refused later
+    ("a,b,\n1,2,\n3,4,\n", [[1, 2], [3, 4]]),                  # a comma ending every line
 ])
 def test_csv_parsing_edge_cases(tmp_path, text, expected):
     path = tmp_path / "features.csv"
