@@ -37,6 +37,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,17 @@ MODALITY_FOLDERS = {
     "v_act": "CombinedVAct",
 }
 ANNOTATION_FOLDER = "Annotations"
-# The suffix may not start with a digit, or Story_12 would read as Story_1 + "2".
-VIDEO_FILE = re.compile(r"^Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?\.(csv|npy)$")
+# Feature files may be this many rows (seconds) longer or shorter than their video's
+# annotation (or --frame_counts); more, and they come from other data.
+ROW_TOLERANCE = 2
+# Valence lies in [-1, 1]; annotations that were filtered or resampled may overshoot
+# a little, so values up to this far outside are accepted. Farther ones are on
+# another scale (0..100, -10..10) and would train a model on the wrong targets.
+VALENCE_TOLERANCE = 0.1
+# A video's name, with an optional suffix that may not start with a digit (or
+# Story_12 would read as Story_1 + "2"): the one pattern of every script's file names.
+VIDEO_NAME = re.compile(r"Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?")
+VIDEO_FILE = re.compile(rf"^{VIDEO_NAME.pattern}\.(csv|npy)$")
 
 
 def get_split_args_parser():
@@ -71,6 +81,13 @@ def get_split_args_parser():
 def video_name(subject, story):
     """The canonical name of a video, used for every file the toolkit writes."""
     return f"Subject_{subject}_Story_{story}"
+
+
+def parse_video_name(text):
+    """(subject, story) of a name such as Subject_1_Story_2 or Subject_1_Story_2_x (no
+    extension), or None."""
+    match = VIDEO_NAME.fullmatch(text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def parse_mods(text):
@@ -148,6 +165,31 @@ def _cache_path(path):
     return cache_dir() / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
 
 
+def check_regular_file(path, what):
+    """Refuse anything but a regular file (or a link to one) before it is opened:
+    reading a FIFO or a device named like a data file would block forever, and a
+    folder or a dangling link would end in a traceback. `what` names the file in the
+    fix ("feature", "annotation", ...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ToolkitError(f"{path} is a link to nothing (or was removed): put the {what} "
+                           "file itself there") from None
+    except OSError as error:
+        raise ToolkitError(f"cannot read {path} ({error.strerror}): make the {what} file "
+                           "readable") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise ToolkitError(f"{path} is {kind}, not a file: put the {what} file there, or move "
+                           "it out of the folder")
+
+
+def _not_a_table(path, reason):
+    return ToolkitError(f"{path} is not a table of numbers ({reason}): feature CSVs need a "
+                        "header row, then the same count of numbers in every row")
+
+
 def _parse_csv(path):
     # polars parses in parallel and about 4x faster than pandas' C parser; float32
     # columns are read directly (correctly rounded). The header row is skipped, not
@@ -155,15 +197,18 @@ def _parse_csv(path):
     import polars  # here: only CSV data needs it, and its import takes 0.4 s
     if path.stat().st_size == 0:
         raise ToolkitError(f"{path} is empty: regenerate the feature file")
-    with open(path) as handle:
-        n_columns = handle.readline().count(",") + 1
+    with open(path, "rb") as handle:
+        header = handle.readline().rstrip(b"\r\n")
+    n_columns = header.count(b",") + 1
     try:
         frame = polars.read_csv(path, has_header=False, skip_rows=1,
                                 schema={f"c{i}": polars.Float32 for i in range(n_columns)})
-    except polars.exceptions.ComputeError as error:
-        raise ToolkitError(f"{path} is not a table of numbers ({str(error).splitlines()[0][:120]}): "
-                           "feature CSVs need a header row, then the same count of numbers "
-                           "in every row") from None
+    except polars.exceptions.SchemaError:  # the first row is wider than the header
+        raise _not_a_table(path, "a row has more fields than the header") from None
+    except polars.exceptions.PolarsError as error:
+        raise _not_a_table(path, str(error).splitlines()[0][:120]) from None
+    if header.endswith(b",") and frame.height and frame[:, -1].null_count() == frame.height:
+        frame = frame[:, :-1]  # a comma ending every line (some exporters add one)
     array = frame.to_numpy(order="c")
     if np.isnan(array).any():  # empty cells or blank lines: drop the blank lines, as pandas did
         array = frame.filter(~polars.all_horizontal(polars.all().is_null())).to_numpy(order="c")
@@ -173,12 +218,24 @@ def _parse_csv(path):
 def open_features(path):
     """A feature file as a 2-D float array (memory-mapped where possible)."""
     path = Path(path)
+    check_regular_file(path, "feature")
     if path.suffix == ".npy":
         try:
+            with open(path, "rb") as handle:
+                if handle.read(6) != b"\x93NUMPY":
+                    raise ValueError("empty" if handle.tell() == 0 else "no NumPy header: "
+                                     "another kind of file named .npy")
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise ToolkitError(f"cannot read {path} ({error}): "
+        except (ValueError, OSError, EOFError) as error:
+            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else "empty"
+            raise ToolkitError(f"cannot read {path} ({reason}): "
                                "regenerate it as a numeric .npy array") from None
+        if array.dtype.kind not in "biuf":
+            raise ToolkitError(f"{path} holds {array.dtype} values, not real numbers: "
+                               "regenerate it as a numeric .npy array")
+        if array.ndim == 0:
+            raise ToolkitError(f"{path} holds a single number (a 0-d array), not one row per "
+                               "second: regenerate it as a (seconds, features) array")
     else:
         cached = _cache_path(path)
         try:
@@ -192,7 +249,22 @@ def open_features(path):
         array = array.reshape(array.shape[0], -1)
     if array.shape[0] == 0:
         raise ToolkitError(f"{path} has no rows: regenerate the feature file")
+    if array.shape[1] == 0:
+        raise ToolkitError(f"{path} has {array.shape[0]} rows of 0 columns: regenerate the "
+                           "feature file")
     return array
+
+
+def check_rows(path, rows, n_frames, source):
+    """Refuse a feature file `path` of `rows` rows more than ROW_TOLERANCE seconds off
+    its video's `n_frames` frames (whose length `source` gives: an annotation or
+    --frame_counts). A row or two is usual; more means other data or another rate."""
+    seconds = math.ceil(n_frames / FPS)
+    if abs(rows - seconds) > ROW_TOLERANCE:
+        raise ToolkitError(f"{path} has {rows} rows (seconds) but {source} gives the video "
+                           f"{n_frames} frames ({seconds} s): features and annotation must come "
+                           f"from the same video, one row per second (up to {ROW_TOLERANCE} "
+                           "off); regenerate the wrong one")
 
 
 def _write_cache(cached, array):
@@ -207,23 +279,45 @@ def _write_cache(cached, array):
         pass
 
 
-def read_annotation(path):
-    """The 25 fps valence annotation of one video, as float32."""
+def read_annotation(path, dtype=np.float32):
+    """The 25 fps valence annotation of one video (in [-1, 1], see VALENCE_TOLERANCE).
+    float32 for training; score.py reads float64, as the challenge's scorer does."""
+    values = _read_valence(path, "annotation", dtype)
+    low, high = float(values.min()), float(values.max())
+    if min(low, -high) < -1 - VALENCE_TOLERANCE:
+        raise ToolkitError(f"annotation {path} has values from {low:g} to {high:g}, outside "
+                           f"the valence range [-1, 1] (+-{VALENCE_TOLERANCE:g}): rescale it "
+                           "to [-1, 1]")
+    return values
+
+
+def read_prediction(path, dtype=np.float32):
+    """A 25 fps prediction file (header `valence`), as written by the scripts. Its
+    values may lie outside [-1, 1]: a prediction is scored as it is."""
+    return _read_valence(path, "prediction", dtype)
+
+
+def _read_valence(path, what, dtype):
+    check_regular_file(path, what)
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        raise ToolkitError(f"annotation {path} is empty: it needs a `valence` header and "
+        raise ToolkitError(f"{what} {path} is empty: it needs a `valence` header and "
                            "one row per frame") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
+        reason = str(error).strip().splitlines()[0][:120]
+        raise ToolkitError(f"cannot read {what} {path} as a CSV ({reason}): it needs the "
+                           "header `valence`, then one number per row (per frame)") from None
     if "valence" not in frame.columns:
-        raise ToolkitError(f"annotation {path} has no `valence` column: its first line "
+        raise ToolkitError(f"{what} {path} has no `valence` column: its first line "
                            "must be the header `valence`")
-    values = pd.to_numeric(frame["valence"], errors="coerce").to_numpy(np.float32)
+    values = pd.to_numeric(frame["valence"], errors="coerce").to_numpy(dtype)
     if values.size == 0:
-        raise ToolkitError(f"annotation {path} has no rows: it needs one row per frame")
+        raise ToolkitError(f"{what} {path} has no rows: it needs one row per frame")
     if not np.isfinite(values).all():
         row = int(np.flatnonzero(~np.isfinite(values))[0]) + 2
-        raise ToolkitError(f"annotation {path} has a missing or non-numeric value on line "
-                           f"{row}: fix or regenerate the file")
+        raise ToolkitError(f"{what} {path} has a missing, non-numeric or infinite value on "
+                           f"line {row}: fix or regenerate the file")
     return values
 
 
@@ -467,6 +561,11 @@ def load_videos(split_dirs, mods, unlabelled=False, frame_counts=None):
             target = per_second(annotation)[:length]
             targets[start:start + target.size] = torch.from_numpy(target)
         n_frames = annotation.size if annotation is not None else counts.get(key, length * FPS)
+        if annotation is not None or counts:
+            source = (f"its annotation {paths['annotation']}" if annotation is not None
+                      else f"--frame_counts file {frame_counts}")
+            for mod in mods:
+                check_rows(paths[mod], shapes[key][mod][0], n_frames, source)
         videos.append(Video(key[0], key[1], start, length, annotation, n_frames))
         start += length
     return VideoSet(features, targets, videos)
@@ -475,11 +574,12 @@ def load_videos(split_dirs, mods, unlabelled=False, frame_counts=None):
 def read_frame_counts(path, files):
     """{(subject, story): frames} from a CSV with columns `video` (a video name,
     with or without an extension) and `frames`, for every video in `files`."""
+    if not Path(path).exists():
+        raise ToolkitError(f"--frame_counts file {path} does not exist: pass a CSV with "
+                           "columns video,frames")
+    check_regular_file(path, "--frame_counts")
     try:
         table = pd.read_csv(path)
-    except FileNotFoundError:
-        raise ToolkitError(f"--frame_counts file {path} does not exist: pass a CSV with "
-                           "columns video,frames") from None
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
         raise ToolkitError(f"--frame_counts file {path} is not a CSV with columns "
                            "video,frames: fix it") from None
@@ -488,7 +588,7 @@ def read_frame_counts(path, files):
                            f"(it has {','.join(map(str, table.columns))})")
     counts = {}
     for row, (name, frames) in enumerate(zip(table["video"], table["frames"]), start=2):
-        match = re.match(r"Subject_(\d+)_Story_(\d+)(?![0-9])", str(name))
+        match = VIDEO_NAME.match(str(name))
         frames = pd.to_numeric(frames, errors="coerce")
         if not match or not (frames > 0 and float(frames).is_integer()):
             raise ToolkitError(f"--frame_counts file {path}, line {row}: expected a video name "

@@ -44,13 +44,12 @@ import pandas as pd
 import face_features
 import parallel
 from datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, parse_mods,
-                      read_annotation, video_name)
+                      parse_video_name, read_annotation, video_name)
 from utils import (FPS, ToolkitError, atomic_path, check_writable, run_cli, save_array,
                    write_csv, write_json)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 # Same rule as the loader's names: the suffix may not start with a digit.
-RECORDING_NAME = re.compile(r"^Subject_(\d+)_Story_(\d+)(?:[^0-9][^/]*)?$")
 AUDIO_RATE = 16000  # openSMILE's feature sets are tuned for 16 kHz speech
 AUDIO_FEATURE_SETS = {"emobase": "emobase", "eGeMAPS": "eGeMAPSv02", "ComParE": "ComParE_2016"}
 FACE_SIZE = 64  # faces are resized to FACE_SIZE x FACE_SIZE before they are described
@@ -197,12 +196,11 @@ def find_recordings(video_dir):
     for path in sorted(video_dir.iterdir()):
         if path.suffix.lower() not in VIDEO_EXTENSIONS or not path.is_file():
             continue
-        match = RECORDING_NAME.match(path.stem)
-        if not match:
+        key = parse_video_name(path.stem)
+        if not key:
             problems.append(f"{path}: the name is not Subject_<s>_Story_<t>{path.suffix}; "
                             "rename it, or move it out of the folder")
             continue
-        key = (int(match.group(1)), int(match.group(2)))
         if key in found:
             problems.append(f"{video_dir} holds two recordings of {video_name(*key)} "
                             f"({found[key].name}, {path.name}): keep one")
@@ -223,11 +221,10 @@ def match_side_files(folder, videos, what, fix, extra_is_error=True):
     """
     files, problems = {}, []
     for path in sorted(folder.glob("*.csv")):
-        match = RECORDING_NAME.match(path.stem)
-        if not match:
+        key = parse_video_name(path.stem)
+        if not key:
             problems.append(f"{path}: the name is not Subject_<s>_Story_<t>.csv; rename it")
             continue
-        key = (int(match.group(1)), int(match.group(2)))
         if key not in videos:
             if not extra_is_error:
                 continue

@@ -40,7 +40,6 @@ from utils import ToolkitError
 
 MODEL_KIND = "omg-empathy decision-level fusion SVR"
 MODEL_FILE = "fusion_model.joblib"
-ROW_TOLERANCE = 2   # feature files may be this many seconds off their annotation
 SVR_CACHE_MB = 500  # libsvm kernel cache; 200 to 1000 MB fit 10,000 rows equally fast
 
 
@@ -103,10 +102,10 @@ class SVRSettings:
     def from_args(cls, args):
         settings = cls(tuple(args.C), args.epsilon, parse_gamma(args.gamma), args.normalize,
                        utils.Postprocessing.resolve(**utils.postprocessing_flags(args)))
-        if not all(c > 0 for c in settings.c_values):
-            raise ToolkitError(f"--C must be positive, got {' '.join(map(str, args.C))}")
-        if not settings.epsilon >= 0:
-            raise ToolkitError(f"--epsilon must be zero or more, got {args.epsilon}")
+        if not all(0 < c < math.inf for c in settings.c_values):
+            raise ToolkitError(f"--C must be positive numbers, got {' '.join(map(str, args.C))}")
+        if not 0 <= settings.epsilon < math.inf:
+            raise ToolkitError(f"--epsilon must be a number >= 0, got {args.epsilon}")
         return settings
 
 
@@ -117,7 +116,7 @@ def parse_gamma(text):
         gamma = float(text)
     except ValueError:
         gamma = -1.0
-    if not gamma > 0:
+    if not 0 < gamma < math.inf:
         raise ToolkitError(f"--gamma must be 'auto', 'scale' or a positive number, got {text}")
     return gamma
 
@@ -235,11 +234,7 @@ def _check_same_videos(inputs, described):
 def _read_input(path, n_frames):
     """One feature file as float32, checked against its annotation's length."""
     array = np.asarray(datasets.open_features(path), dtype=np.float32)
-    seconds = math.ceil(n_frames / utils.FPS)
-    if abs(len(array) - seconds) > ROW_TOLERANCE:
-        raise ToolkitError(f"{path} has {len(array)} rows but its annotation lasts {seconds} s: "
-                           "its features come from other data; re-extract them with "
-                           "train.py --features")
+    datasets.check_rows(path, len(array), n_frames, "its annotation")
     if not np.isfinite(array).all():
         raise ToolkitError(f"{path} contains NaN or inf values: re-extract the features")
     return array

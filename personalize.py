@@ -169,6 +169,7 @@ def videos_for_tasks(train_all, test_all, args, mods, runner):
 
 def choose_subjects(train_all, test_all, requested, augment):
     """Subjects with test videos and (unless --augment) training videos."""
+    train.check_augment(augment)
     trainable = set(test_all.subjects)
     if not augment:
         trainable &= set(train_all.subjects)

@@ -17,7 +17,6 @@ Several CSV files (or --pred_dir folders) are drawn side by side, named by --lab
 (default: their folder names).
 """
 import argparse
-import re
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,13 @@ from matplotlib.ticker import MaxNLocator
 
 import runs
 import utils
-from datasets import list_videos, read_annotation, video_name
+from datasets import (list_videos, parse_video_name, read_annotation, read_prediction,
+                      video_name)
 from utils import FPS, ToolkitError
 
-VIDEO_NAME = re.compile(r"Subject_(\d+)_Story_(\d+)")
 DEFAULT_VIDEOS = 2
+# 1000 dpi already makes a 10 x 6 inch figure 60 megapixels; beyond it memory runs out.
+MIN_DPI, MAX_DPI = 10, 1000
 BEFORE_ALPHA = 0.45  # "before" bars are a lighter shade of their run's colour
 
 
@@ -155,11 +156,11 @@ def input_label(path):
 
 
 def parse_video(name):
-    match = VIDEO_NAME.fullmatch(Path(name).stem)
-    if not match:
+    key = parse_video_name(Path(name).stem)
+    if not key:
         raise ToolkitError(f"--videos {name} is not a video name: use Subject_<s>_Story_<t>, "
                            "e.g. Subject_1_Story_1")
-    return int(match.group(1)), int(match.group(2))
+    return key
 
 
 def choose_videos(requested, annotations, predictions):
@@ -197,9 +198,27 @@ def new_figure(width, height):
 
 
 def save_png(figure, out, dpi):
-    with utils.atomic_path(out) as temporary:
-        figure.savefig(temporary, format="png", dpi=dpi)
+    try:
+        with utils.atomic_path(out) as temporary:
+            figure.savefig(temporary, format="png", dpi=dpi)
+    except OSError as error:
+        raise ToolkitError(f"cannot write {out} ({error.strerror}): choose a folder you can "
+                           "write to") from None
     print(f"wrote {out}")
+
+
+def check_out(out):
+    """--out must name a PNG file whose folder is, or can become, a folder: checked
+    before drawing, creating nothing."""
+    if out.suffix.lower() != ".png":
+        raise ToolkitError(f"--out {out} does not end in .png: plots are written as PNG")
+    if out.is_dir():
+        raise ToolkitError(f"--out {out} is a folder: give a file name in it, e.g. "
+                           f"{out / 'plot.png'}")
+    existing = next(folder for folder in out.parents if folder.exists())
+    if not existing.is_dir():
+        raise ToolkitError(f"--out {out}: {existing} is a file, not a folder: choose another "
+                           "path for the plot")
 
 
 def video_files(folder, what, producer):
@@ -223,7 +242,7 @@ def plot_predictions(args):
         seconds = np.arange(annotation.size) / FPS
         axis.plot(seconds, annotation, color="black", linewidth=1.6, label="annotation")
         for (folder, files), label in zip(predictions.items(), labels):
-            prediction = aligned(read_annotation(files[video]), annotation.size)
+            prediction = aligned(read_prediction(files[video]), annotation.size)
             axis.plot(seconds, prediction, linewidth=1.2,
                       label=f"{label} (CCC {utils.ccc(prediction, annotation):.2f})")
         axis.set_title(video_name(*video), fontsize=10)
@@ -376,10 +395,9 @@ PLOTS = {"predictions": plot_predictions, "epochs": plot_epochs,
 
 def main(args):
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ToolkitError(f"--out {out} does not end in .png: plots are written as PNG")
-    if args.dpi < 10:
-        raise ToolkitError(f"--dpi must be at least 10, got {args.dpi}")
+    check_out(out)
+    if not MIN_DPI <= args.dpi <= MAX_DPI:
+        raise ToolkitError(f"--dpi must be from {MIN_DPI} to {MAX_DPI}, got {args.dpi}")
     figure = PLOTS[args.kind](args)
     save_png(figure, out, args.dpi)
     return out

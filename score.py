@@ -6,7 +6,9 @@
 Prints CCC per video, the generalized track (mean per story over subjects) and the
 personalized track (mean per subject over stories); `--out_dir` also writes them as
 per_video.csv, by_story.csv and by_subject.csv. A prediction longer or shorter than
-its annotation is cut or padded with its last value, as the scripts do.
+its annotation is cut or padded with its last value, as the scripts do; one more than
+2 s (50 frames) off is refused. Both are read as float64, as the challenge's scorer
+reads them.
 """
 import argparse
 from pathlib import Path
@@ -14,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 import utils
-from datasets import list_videos, read_annotation, video_name
-from utils import ToolkitError
+from datasets import ROW_TOLERANCE, list_videos, read_annotation, read_prediction, video_name
+from utils import FPS, ToolkitError
 
 
 def get_args_parser():
@@ -37,13 +39,25 @@ def score_folders(annotations_dir, predictions_dir):
                            "annotated video")
     records = []
     for (subject, story), path in sorted(annotations.items()):
-        annotation = read_annotation(path)
-        prediction = read_annotation(predictions[subject, story])
+        # float64, as the challenge's scorer reads them: float32 would move the CCC by ~1e-9
+        annotation = read_annotation(path, np.float64)
+        prediction = read_prediction(predictions[subject, story], np.float64)
+        check_length(predictions[subject, story], prediction.size, path, annotation.size)
         prediction = np.concatenate([prediction, np.full(
             max(0, annotation.size - prediction.size), prediction[-1])])[:annotation.size]
         records.append({"subject": subject, "story": story,
                         "ccc": utils.ccc(prediction, annotation)})
     return records
+
+
+def check_length(path, frames, annotation_path, annotation_frames):
+    """A prediction may be a few frames off its annotation (it is cut or padded), as
+    features may be a row or two off; more means another video, or another rate
+    (one row per second instead of per frame)."""
+    if abs(frames - annotation_frames) > ROW_TOLERANCE * FPS:
+        raise ToolkitError(f"{path} has {frames} rows but its annotation {annotation_path} has "
+                           f"{annotation_frames}: a prediction needs one row per frame at {FPS} "
+                           f"fps (up to {ROW_TOLERANCE} s off); predict this video again")
 
 
 def main(args):

@@ -171,8 +171,13 @@ class TrainingSettings:
                 raise ToolkitError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.patience is not None and self.patience < 1:
             raise ToolkitError(f"--patience must be at least 1, got {self.patience}")
-        if not self.lr > 0:
-            raise ToolkitError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ToolkitError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ToolkitError(f"--weight_decay must be a number >= 0, got {self.weight_decay}")
+        highest = 2 ** 32 - self.seeds  # every seed of --seeds in NumPy's range
+        if not 0 <= self.seed <= highest:
+            raise ToolkitError(f"--seed must be from 0 to {highest}, got {self.seed}")
         if self.loss not in LOSSES:
             raise ToolkitError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss}")
 
@@ -234,6 +239,7 @@ def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None,
     those subjects (with `augment`, training keeps every video and repeats theirs).
     With `unlabelled_test`, `test_dir` may lack annotations (see datasets.load_videos).
     """
+    check_augment(augment)
     if test_stories:
         pooled = datasets.load_videos([train_dir, test_dir], mods)
         datasets.check_known("story", test_stories, pooled.stories, "--test_set")
@@ -255,14 +261,25 @@ def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None,
     return train_set, test_set
 
 
+def check_augment(augment):
+    if augment is not None and augment < 1:
+        raise ToolkitError(f"--augment must be at least 1 (how many times the subjects' videos "
+                           f"appear in training), got {augment}")
+
+
 def resolve_scaler(checkpoint, normalize, train_set, source):
     """The checkpoint's normalization if it has one; else, with --normalize, statistics
-    of the training videos (as the original release did); else none."""
+    of the training videos (as the original release did); else none. A checkpoint of
+    this toolkit records that it was trained without: --normalize would feed its
+    weights inputs they never saw, so it is refused."""
     state = checkpoint.get("normalization") if checkpoint else None
     if state is not None:
         scaler = datasets.FeatureScaler.from_state_dict(state)
         scaler.check_mods(train_set.mods, source)
         return scaler
+    if normalize and checkpoint and "normalization" in checkpoint:
+        raise ToolkitError(f"{source} was trained without --normalize: leave out --normalize "
+                           "(it would rescale the inputs of a model that learnt them as they are)")
     return datasets.FeatureScaler.fit(train_set) if normalize else None
 
 
@@ -491,9 +508,12 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
         for epoch in bar:
             stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
                                     generator, device, settings.loss)
+            check_converging(stats["loss"], "training loss", epoch, model_dir, settings, bar)
             row = {"epoch": epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
             if epoch % settings.eval_freq == 0 or epoch == settings.epochs:
                 row["val_ccc"] = evaluate(model, val_set, device, postprocessing)["ccc"]
+                check_converging(row["val_ccc"], "validation CCC", epoch, model_dir, settings,
+                                 bar)
                 stale_evaluations += 1
                 if row["val_ccc"] > best_ccc:
                     best_ccc, best_epoch, stale_evaluations = row["val_ccc"], epoch, 0
@@ -557,6 +577,16 @@ def check_resumable(folder, settings, mods, input_dims, normalize=None, postproc
                            f"not {postprocessing.label_delay}: resume with the run's own "
                            "settings, or start afresh with --overwrite")
     _read_history(Path(folder) / runs.METRICS, state["epoch"])  # refuses a corrupt one
+
+
+def check_converging(value, what, epoch, model_dir, settings, bar):
+    """Stop a run whose loss (or validation CCC) became NaN or inf: its weights are
+    lost, and every later epoch would only write NaN. Nothing of the epoch is saved."""
+    if not math.isfinite(value):
+        bar.close()
+        raise ToolkitError(f"{model_dir}: training diverged in epoch {epoch} (the {what} is "
+                           f"{value}): lower --lr (now {settings.lr:g}) or pass --normalize "
+                           "if the features are large")
 
 
 def check_tensorboard_dir(tensorboard_dir):

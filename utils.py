@@ -77,6 +77,7 @@ def expand_to_frames(per_second, n_frames):
 
 
 SMOOTHING_WINDOWS = ("moving", "gaussian")
+MAX_SMOOTH = 600  # s: longer than any video; a Gaussian window's cost grows with its width
 MIN_LOWPASS = 1e-4  # Hz: a period of 3 hours; lower cutoffs make Butterworth's design singular
 
 
@@ -113,6 +114,10 @@ class Postprocessing:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 unit = "Hz" if name == "lowpass" else "seconds"
                 raise ToolkitError(f"--{name} must be a number of {unit} >= 0, got {value}")
+        if self.smooth > MAX_SMOOTH:
+            raise ToolkitError(f"--smooth {self.smooth:g} s is longer than {MAX_SMOOTH:g} s "
+                               "(longer than any video: it would flatten every prediction): "
+                               "give a shorter window, e.g. 2 to 10")
         if self.smooth_window not in SMOOTHING_WINDOWS:
             raise ToolkitError(f"--smooth_window must be one of {', '.join(SMOOTHING_WINDOWS)}, "
                                f"got {self.smooth_window}")
@@ -542,4 +547,17 @@ def load_checkpoint(path, device="cpu"):
                            "state_dict: use a checkpoint written by this toolkit")
     if "model" not in checkpoint:
         checkpoint = {"model": checkpoint}
+    _check_finite_weights(checkpoint["model"], path)
     return checkpoint
+
+
+def _check_finite_weights(state_dict, path):
+    """A model whose weights hold NaN or inf predicts NaN: refuse it by name."""
+    if not isinstance(state_dict, dict):
+        return  # not a state_dict: models.load_model says so
+    for name, value in state_dict.items():
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not torch.isfinite(value).all()):
+            raise ToolkitError(f"checkpoint {path} holds NaN or inf weights ({name}): the run "
+                               "that wrote it diverged; use an earlier checkpoint, or retrain "
+                               "with a lower --lr or with --normalize")

@@ -53,6 +53,7 @@ def test_csv_and_npy_give_the_same_arrays_and_suffixes_are_accepted(tmp_path):
     ("a,a\n 1, 2\n\"3\",4\n", [[1, 2], [3, 4]]),               # repeated names, spaces, quotes
     ("a,b\n1,\n3,4\n", [[1, np.nan], [3, 4]]),                 # empty cell: NaN, refused later
     ("a,b\n", np.zeros((0, 2))),                               # header only: refused later
+    ("a,b,\n1,2,\n3,4,\n", [[1, 2], [3, 4]]),                  # a comma ending every line
 ])
 def test_csv_parsing_edge_cases(tmp_path, text, expected):
     path = tmp_path / "features.csv"
@@ -87,10 +88,10 @@ def test_modalities_and_target_are_cut_to_the_shortest(tmp_path):
     video = load_videos(tmp_path, ["audio", "text"]).videos[0]
     assert video.n_seconds == 5            # shortest modality
     assert video.labelled_seconds == 5     # annotation has 5 (partial) seconds
-    features = {"audio": np.ones((7, 2), np.float32)}
+    features = {"audio": np.ones((6, 2), np.float32)}   # 2 rows longer: the most accepted
     write_split(tmp_path / "long", {(1, 1): (25 * 4, features)})
     video = load_videos(tmp_path / "long", ["audio"]).videos[0]
-    assert (video.n_seconds, video.labelled_seconds) == (7, 4)
+    assert (video.n_seconds, video.labelled_seconds) == (6, 4)
 
 
 def test_targets_are_the_annotation_averaged_per_second():

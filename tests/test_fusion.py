@@ -252,7 +252,7 @@ def _fit_a_model():
 
 @pytest.mark.parametrize("damage, argv, message", [
     (_drop_a_video, ["feat_AT", "feat_ATV"], "lacks Subject_2_Story_1"),
-    (_rows_three_seconds_off, ["feat_AT", "feat_ATV"], "rows but its annotation lasts"),
+    (_rows_three_seconds_off, ["feat_AT", "feat_ATV"], "rows (seconds) but its annotation gives"),
     (None, ["feat_AT", "feat_XYZ"], "feature folder feat_XYZ not found"),
     (None, ["feat_AT", "feat_ATV", "--in_names", "AT"], "--in_names has 1 names for 2"),
     (None, ["feat_AT", "--test", "missing.joblib"], "missing.joblib does not exist"),
