@@ -423,7 +423,7 @@ class VideoSet:
         return len(self.videos)
 
     # Pickled as NumPy arrays so that joblib memory-maps the storage into worker
-    # processes (see utils.run_parallel) instead of copying it.
+    # processes (see parallel.py) instead of copying it.
     def __getstate__(self):
         state = dict(self.__dict__)
         state["features"] = {mod: storage.numpy() for mod, storage in self.features.items()}
