@@ -243,6 +243,28 @@ def parse_dims(text):
     return dict(zip(MODALITY_FOLDERS, values))
 
 
+def generate_videos(rng, dims, subjects, stories, seconds, length_spread, realistic):
+    """(subject, story, 25 fps valence, {mod: per-second features}) of every video,
+    story by story, all drawn from `rng` in this order (so a seed gives one dataset)."""
+    projections = Projections(rng, dims)
+    listeners = (make_realistic_listeners if realistic else make_listeners)(rng, subjects)
+    for story in range(1, stories + 1):
+        n_frames = int(seconds * rng.uniform(1 - length_spread, 1 + length_spread) * FPS)
+        if realistic:
+            story_state = make_realistic_story(rng, n_frames)
+        else:
+            trajectory = smooth_noise(rng, n_frames + FPS, 5 * FPS)
+            story_nuisance = smooth_noise(rng, n_frames // FPS + 2, 10)
+        for subject, listener in enumerate(listeners, start=1):
+            if realistic:
+                valence, features = make_realistic_video(rng, projections, story_state, listener,
+                                                         list(dims))
+            else:
+                valence, features = make_video(rng, projections, trajectory, listener,
+                                               story_nuisance, list(dims))
+            yield subject, story, valence, features
+
+
 def main(args):
     dims = parse_dims(args.dims)
     if args.subjects < 1 or args.stories < 2 or args.seconds < 10:
@@ -264,26 +286,11 @@ def main(args):
         shutil.rmtree(folder)
 
     rng = np.random.default_rng(args.seed)
-    projections = Projections(rng, dims)
-    realistic = args.preset == "realistic"
-    listeners = (make_realistic_listeners if realistic else make_listeners)(rng, args.subjects)
-    for story in range(1, args.stories + 1):
-        spread = args.length_spread
-        n_frames = int(args.seconds * rng.uniform(1 - spread, 1 + spread) * FPS)
-        if realistic:
-            story_state = make_realistic_story(rng, n_frames)
-        else:
-            trajectory = smooth_noise(rng, n_frames + FPS, 5 * FPS)
-            story_nuisance = smooth_noise(rng, n_frames // FPS + 2, 10)
-        for subject, listener in enumerate(listeners, start=1):
-            if realistic:
-                valence, features = make_realistic_video(rng, projections, story_state, listener,
-                                                         list(dims))
-            else:
-                valence, features = make_video(rng, projections, trajectory, listener,
-                                               story_nuisance, list(dims))
-            write_video(out_dir / split[story], video_name(subject, story), valence,
-                        features, args.format, dummy=split[story] == "Testing")
+    for subject, story, valence, features in generate_videos(
+            rng, dims, args.subjects, args.stories, args.seconds, args.length_spread,
+            args.preset == "realistic"):
+        write_video(out_dir / split[story], video_name(subject, story), valence, features,
+                    args.format, dummy=split[story] == "Testing")
     print(f"wrote {args.subjects} subjects x {args.stories} stories ({args.preset} preset) to "
           + ", ".join(str(out_dir / split) for split in splits))
 

@@ -183,12 +183,6 @@ def choose_videos(requested, annotations, predictions):
     return videos
 
 
-def aligned(prediction, n_frames):
-    """Cut or pad (with the last value) to the annotation's length, as score.py does."""
-    padding = np.full(max(0, n_frames - prediction.size), prediction[-1])
-    return np.concatenate([prediction, padding])[:n_frames]
-
-
 # ---------------------------------------------------------------- figures
 
 def new_figure(width, height):
@@ -242,7 +236,7 @@ def plot_predictions(args):
         seconds = np.arange(annotation.size) / FPS
         axis.plot(seconds, annotation, color="black", linewidth=1.6, label="annotation")
         for (folder, files), label in zip(predictions.items(), labels):
-            prediction = aligned(read_prediction(files[video]), annotation.size)
+            prediction = utils.to_length(read_prediction(files[video]), annotation.size)
             axis.plot(seconds, prediction, linewidth=1.2,
                       label=f"{label} (CCC {utils.ccc(prediction, annotation):.2f})")
         axis.set_title(video_name(*video), fontsize=10)

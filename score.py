@@ -43,10 +43,9 @@ def score_folders(annotations_dir, predictions_dir):
         annotation = read_annotation(path, np.float64)
         prediction = read_prediction(predictions[subject, story], np.float64)
         check_length(predictions[subject, story], prediction.size, path, annotation.size)
-        prediction = np.concatenate([prediction, np.full(
-            max(0, annotation.size - prediction.size), prediction[-1])])[:annotation.size]
         records.append({"subject": subject, "story": story,
-                        "ccc": utils.ccc(prediction, annotation)})
+                        "ccc": utils.ccc(utils.to_length(prediction, annotation.size),
+                                         annotation)})
     return records
 
 

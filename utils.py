@@ -69,10 +69,15 @@ def _concordance_terms(x, y):
 def expand_to_frames(per_second, n_frames):
     """Repeat each per-second value FPS times, then cut or pad (repeating the last
     value) to the annotation's frame count."""
-    per_second = np.asarray(per_second, dtype=np.float32)
-    frames = np.repeat(per_second, FPS)[:n_frames]
+    return to_length(np.repeat(np.asarray(per_second, dtype=np.float32), FPS), n_frames)
+
+
+def to_length(frames, n_frames):
+    """`frames` cut, or padded by repeating the last value, to `n_frames` (how a
+    prediction a few frames off its annotation is scored)."""
+    frames = np.asarray(frames)[:n_frames]
     if frames.size < n_frames:
-        frames = np.concatenate([frames, np.full(n_frames - frames.size, frames[-1], np.float32)])
+        frames = np.concatenate([frames, np.full(n_frames - frames.size, frames[-1], frames.dtype)])
     return frames
 
 

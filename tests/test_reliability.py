@@ -1,6 +1,7 @@
 """Reliability: the catalogue of bad inputs, each through the real command (one line,
 exit 1, no traceback, nothing half-written), interrupted runs that resume exactly,
 and identical reruns."""
+import contextlib
 import math
 import os
 import signal
@@ -176,10 +177,25 @@ def test_cv_fusion_folds_missing_features(in_tmp, command):
 # ---------------------------------------------------------------- interruption
 
 def start_training(root, model_dir, epochs):
+    """train.py in a process of its own, on one intra-op thread (see one_thread)."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--mods", "audio", "--model_dir", model_dir,
          "--epochs", str(epochs), "--save_freq", "1000", "--lr", "1e-3"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Float sums depend on how a product is split among threads, and a math library
+    may use fewer threads than asked on a busy machine; with one thread nothing can
+    vary, so runs compare bit for bit on any CPU, loaded or quiet."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def wait_for_epochs(root, model_dir, count, process, timeout=60):
@@ -206,10 +222,11 @@ def test_killed_run_resumes_as_if_never_interrupted(in_tmp, signum):
     assert not list((in_tmp / "cut").glob(".*.tmp"))   # no half-written file left
 
     total = stopped_at + 3
-    run_train("--mods", "audio", "--model_dir", "cut", "--epochs", str(total), "--save_freq",
-              "1000", "--lr", "1e-3", "--resume")
-    run_train("--mods", "audio", "--model_dir", "whole", "--epochs", str(total), "--save_freq",
-              "1000", "--lr", "1e-3")
+    with one_thread():
+        run_train("--mods", "audio", "--model_dir", "cut", "--epochs", str(total),
+                  "--save_freq", "1000", "--lr", "1e-3", "--resume")
+        run_train("--mods", "audio", "--model_dir", "whole", "--epochs", str(total),
+                  "--save_freq", "1000", "--lr", "1e-3")
     pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "cut" / "metrics.csv"),
                                   pd.read_csv(in_tmp / "whole" / "metrics.csv"))
     assert_same_checkpoints(in_tmp / "cut", in_tmp / "whole", ["last.save", "best.save"])
