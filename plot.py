@@ -297,6 +297,12 @@ def grouped_bars(axis, keys, series):
                        frameon=False)
 
 
+def set_axis_labels(axis, xlabel, ylabel, title):
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+
+
 def plot_subjects(args):
     labels = labels_for(args.csv, args.labels)
     tables = [per_key_rows(read_table(path, ["before_ccc", "after_ccc"], "personalize.py",
@@ -316,9 +322,8 @@ def plot_subjects(args):
                            f"{prefix}{when} fine-tuning (mean {table[column].mean():.3f})",
                            dict(color=colour, alpha=alpha, edgecolor="black", linewidth=0.5)))
     grouped_bars(axis, subjects, series)
-    axis.set_xlabel("subject (listener)")
-    axis.set_ylabel("CCC on the subject's test videos")
-    axis.set_title(args.title or "CCC per subject before and after personalization")
+    set_axis_labels(axis, "subject (listener)", "CCC on the subject's test videos",
+          args.title or "CCC per subject before and after personalization")
     return figure
 
 
@@ -336,20 +341,19 @@ def story_scores(path):
 
 def plot_stories(args):
     labels = labels_for(args.csv, args.labels)
-    runs = [story_scores(path) for path in args.csv]
-    stories = sorted(set().union(*(scores["story"] for scores, _, _ in runs)))
-    figure = new_figure(max(6, 1 + 0.8 * len(stories) * len(runs)), 4.5)
+    scored = [story_scores(path) for path in args.csv]
+    stories = sorted(set().union(*(scores["story"] for scores, _, _ in scored)))
+    figure = new_figure(max(6, 1 + 0.8 * len(stories) * len(scored)), 4.5)
     axis = figure.subplots()
     series = []
-    for index, ((scores, mean, std), label) in enumerate(zip(runs, labels)):
+    for index, ((scores, mean, std), name) in enumerate(zip(scored, labels)):
         values = scores.set_index("story").reindex(stories)["ccc"].to_numpy()
-        series.append((values, f"{label} (mean {mean:.3f} ± {std:.3f})",
+        series.append((values, f"{name} (mean {mean:.3f} ± {std:.3f})",
                        dict(color=f"C{index}", edgecolor="black", linewidth=0.5)))
         axis.axhline(mean, color=f"C{index}", linestyle="--", linewidth=1)
     grouped_bars(axis, stories, series)
-    axis.set_xlabel("held-out story")
-    axis.set_ylabel("CCC (mean over subjects)")
-    axis.set_title(args.title or "Generalized track: CCC per story (dashed: mean)")
+    set_axis_labels(axis, "held-out story", "CCC (mean over subjects)",
+          args.title or "Generalized track: CCC per story (dashed: mean)")
     return figure
 
 

@@ -337,18 +337,22 @@ def test_missing_video_folder(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_file_name(material, tmp_path, capsys):
+def failing_with(material, tmp_path, capsys, source, destination):
+    """The error lines of a run whose inputs gain `source` as `destination`."""
     folder = make_inputs(material, tmp_path)
-    shutil.copy(material / "silent.mp4", folder / "videos" / "clip_3.mp4")
-    lines = run_failing(arguments(folder), capsys)
+    shutil.copy(material / source, folder / destination)
+    return folder, run_failing(arguments(folder), capsys)
+
+
+def test_bad_file_name(material, tmp_path, capsys):
+    folder, lines = failing_with(material, tmp_path, capsys, "silent.mp4", "videos/clip_3.mp4")
     assert len(lines) == 1 and "clip_3.mp4" in lines[0] and "rename" in lines[0]
     assert not (folder / "out").exists()
 
 
 def test_transcript_without_video_and_video_without_transcript(material, tmp_path, capsys):
-    folder = make_inputs(material, tmp_path)
-    shutil.copy(material / "transcript.csv", folder / "transcripts" / "Subject_9_Story_9.csv")
-    lines = run_failing(arguments(folder), capsys)
+    folder, lines = failing_with(material, tmp_path, capsys, "transcript.csv",
+                                 "transcripts/Subject_9_Story_9.csv")
     assert len(lines) == 1 and "Subject_9_Story_9.csv" in lines[0] and "no recording" in lines[0]
     (folder / "transcripts" / "Subject_9_Story_9.csv").unlink()
     (folder / "transcripts" / "Subject_1_Story_1.csv").unlink()

@@ -93,10 +93,7 @@ def feature_master(tiny_data_master, tmp_path_factory):
 @pytest.fixture
 def workspace(feature_master, tmp_path, monkeypatch):
     """A private copy of feature_master (without checkpoints) as the working folder."""
-    root = Path(shutil.copytree(feature_master, tmp_path / "work",
-                                ignore=shutil.ignore_patterns("models_*")))
-    monkeypatch.chdir(root)
-    return root
+    return working_copy(feature_master, tmp_path, monkeypatch, "models_*")
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +115,12 @@ def crossval_master(tiny_data_master, tmp_path_factory):
 
 @pytest.fixture
 def cv_workspace(crossval_master, tmp_path, monkeypatch):
-    root = Path(shutil.copytree(crossval_master, tmp_path / "work",
-                                ignore=shutil.ignore_patterns("*.save")))
+    return working_copy(crossval_master, tmp_path, monkeypatch, "*.save")
+
+
+def working_copy(master, tmp_path, monkeypatch, leave_out):
+    """A private copy of `master` but the files matching `leave_out`, as the working folder."""
+    root = Path(shutil.copytree(master, tmp_path / "work", ignore=shutil.ignore_patterns(leave_out)))
     monkeypatch.chdir(root)
     return root
 
