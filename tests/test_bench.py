@@ -38,3 +38,11 @@ def test_probes_report_memory_and_epoch_times_of_fresh_processes(tiny_data):
     assert 100 < baseline < peak  # MiB: Python and torch alone take more than 100
     seconds = bench.epoch_seconds(tiny_data, threads=1, processes=2)
     assert len(seconds) == 2 and all(0 < value < 60 for value in seconds)
+
+
+def test_bf16_is_measured_beside_fp32_and_the_cpu_is_named():
+    # The bf16 epoch itself runs in test_precision.py; here, what the table adds.
+    assert list(bench.precisions("cpu", 5)) == ["fp32", "bf16"]
+    assert bench.gemm_throughput("cpu", "bf16", size=64, repeats=1, rounds=1) > 0
+    description = bench.cpu_description()
+    assert torch.backends.cpu.get_cpu_capability() in description and "amx_bf16" in description
