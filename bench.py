@@ -1,6 +1,6 @@
 """Benchmark the toolkit at full OMG-Empathy scale and print one table.
 
-    python bench.py                  # about 5 minutes on 2 cores
+    python bench.py                  # about 5 minutes on 2 cores with fast bfloat16
     python bench.py --cuda           # the same figures on the GPU as well
 
 Generates 10 subjects x 5 stories x 300 s of synthetic data (990/300/4096/4096-d;
@@ -8,9 +8,12 @@ story 1 validates, stories 2-5 train) as .npy and .csv in a temporary folder, th
 measures: loading AT and ATV features from CSV (first and second run) and from
 npy; seconds per epoch of the AT and ATV models, training step and evaluation pass
 separately; the analytic floating-point work of a training epoch against the
-machine's float32 matrix-multiply throughput measured in the same run; wall time of
-a short crossval.py with --jobs 1 and --jobs 2; peak resident memory; and that
-batched evaluation equals per-video evaluation.
+machine's matrix-multiply throughput in the same precision, measured in the same run;
+wall time of a short crossval.py with --jobs 1 and --jobs 2; peak resident memory; and
+that batched evaluation equals per-video evaluation. The model figures are measured in
+float32 and bfloat16 (--precision bf16) side by side, even on a CPU without fast
+bfloat16 (where train.py refuses bf16): there one bf16 epoch is timed, as it takes
+tens of times as long. The first line names the CPU and its bfloat16 hardware.
 """
 import argparse
 import os
@@ -26,12 +29,14 @@ import torch
 
 import datasets
 import make_data
+import models
 import parallel
 import train
 import utils
 
 ROOT = Path(__file__).resolve().parent
 MODELS = {"AT": ["audio", "text"], "ATV": ["audio", "text", "v_sub"]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def get_args_parser():
@@ -44,6 +49,17 @@ def get_args_parser():
     parser.add_argument("--cv_epochs", type=int, default=5,
                         help="epochs per fold of the timed crossval.py (default: %(default)s)")
     parser.add_argument("--cuda", action="store_true", help="also measure on the GPU")
+    parser.add_argument("--slow_bf16", action="store_true",
+                        help="measure bf16 (one epoch) on a CPU without fast bfloat16 too, "
+                             "where train.py refuses it: about 20 minutes more on 2 cores")
+    parser.add_argument("--subjects", type=int, default=10,
+                        help="subjects of the generated data, 5 stories each (default: "
+                             "%(default)s, the challenge's size)")
+    parser.add_argument("--seconds", type=int, default=300,
+                        help="seconds per video of the generated data (default: %(default)s)")
+    parser.add_argument("--in_process_only", action="store_true",
+                        help="leave out what runs in fresh processes (peak memory, crossval.py "
+                             "wall times, fresh-process epochs): a quick look")
     parser.add_argument("--rss_probe", help=argparse.SUPPRESS)  # internal: one model in a clean process
     parser.add_argument("--epoch_probe", help=argparse.SUPPRESS)  # internal: one epoch, given threads
     return parser
@@ -51,12 +67,13 @@ def get_args_parser():
 
 # ---------------------------------------------------------------- measurements
 
-def generate(data_root, file_format):
+def generate(data_root, file_format, subjects=10, seconds=300):
     folder = Path(data_root) / file_format
     if not (folder / "Training").is_dir():
         make_data.main(make_data.get_args_parser().parse_args([
-            "--out_dir", str(folder), "--subjects", "10", "--stories", "5", "--seconds", "300",
-            "--length_spread", "0", "--format", file_format, "--test_stories"]))
+            "--out_dir", str(folder), "--subjects", str(subjects), "--stories", "5",
+            "--seconds", str(seconds), "--length_spread", "0", "--format", file_format,
+            "--test_stories"]))
     return folder
 
 
@@ -103,13 +120,19 @@ def evaluation_flops_per_step(model):
     return sum(forward_flops_per_step(model).values())
 
 
-def gemm_throughput(device, size=2048, repeats=10, rounds=5):
-    """float32 matrix-multiply GFLOP/s of this machine with the current threads: the
-    best of several rounds, so that a busy moment does not flatter the ratio to it."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    for _ in range(3):
-        a @ b
+def gemm_throughput(device, precision="fp32", size=2048, repeats=10, rounds=5):
+    """Matrix-multiply GFLOP/s of this machine in `precision` with the current threads:
+    the best of several rounds, so that a busy moment does not flatter the ratio to it.
+    A product that takes over a second (bfloat16 without hardware support) is timed once."""
+    a = torch.randn(size, size, device=device, dtype=DTYPES[precision])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[precision])
+    start = time.perf_counter()
+    a @ b
+    if time.perf_counter() - start > 1.0:
+        repeats, rounds = 1, 1
+    else:
+        for _ in range(2):
+            a @ b
     best = 0.0
     for _ in range(rounds):
         synchronize(device)
@@ -126,7 +149,32 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def start_training(train_set, device):
+def precisions(device, epochs, slow_bf16=False):
+    """{precision: timed epochs} on `device`: fp32 and bf16; on a CPU without fast
+    bfloat16 (where it takes tens of times as long) bf16 only with `slow_bf16`, for
+    one epoch."""
+    if torch.device(device).type == "cuda":
+        return {"fp32": epochs, **({"bf16": epochs} if torch.cuda.is_bf16_supported() else {})}
+    if models.fast_bf16_cpu():
+        return {"fp32": epochs, "bf16": epochs}
+    return {"fp32": epochs, **({"bf16": 1} if slow_bf16 else {})}
+
+
+def cpu_description():
+    """'AMD EPYC; capability AVX2; amx_bf16 no, avx512_bf16 no; fast bf16 no'."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("model name")]
+    flags = set(text.split())
+    have = {flag: "yes" if flag in flags else "no" for flag in ("amx_bf16", "avx512_bf16")}
+    return (f"{names[0] if names else 'unknown CPU'}; capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; amx_bf16 {have['amx_bf16']}, "
+            f"avx512_bf16 {have['avx512_bf16']}; fast bf16 "
+            f"{'yes' if models.fast_bf16_cpu() else 'no (train.py refuses --precision bf16)'}")
+
+
+def start_training(train_set, device, precision="fp32"):
     """A seeded model with the default settings, and a function that trains it one epoch."""
     utils.seed_everything(1)
     model = train.build_model(train_set.input_dims, device)
@@ -135,26 +183,28 @@ def start_training(train_set, device):
     generator = torch.Generator().manual_seed(1)
 
     def train_epoch():
-        train.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device)
+        train.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device,
+                              precision=precision)
     return model, segments, train_epoch
 
 
-def time_epochs(npy_dir, mods, device, epochs):
+def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
     """Seconds per training step and per evaluation pass, and achieved GFLOP/s."""
     train_set, val_set = train.load_train_test(*split_dirs(npy_dir), mods)
-    model, segments, train_epoch = start_training(train_set, device)
+    model, segments, train_epoch = start_training(train_set, device, precision)
 
     def one_epoch():
         start = time.perf_counter()
         train_epoch()
         synchronize(device)
         middle = time.perf_counter()
-        train.evaluate(model, val_set, device)
+        train.evaluate(model, val_set, device, precision=precision)
         synchronize(device)
         return middle - start, time.perf_counter() - middle
 
     with utils.reused_heap():  # as in train.fit
-        one_epoch()  # warm-up: allocator, kernels
+        if epochs > 1:  # a single timed epoch is one of slow bf16, which a warm-up would double
+            one_epoch()  # warm-up: allocator, kernels
         timings = np.array([one_epoch() for _ in range(epochs)])
     # The median: on a shared machine a few epochs are slowed by other load.
     train_seconds, eval_seconds = np.median(timings, axis=0)
@@ -162,13 +212,13 @@ def time_epochs(npy_dir, mods, device, epochs):
     eval_flops = evaluation_flops_per_step(model) * sum(video.n_seconds for video in val_set.videos)
     return {"train_s": train_seconds, "eval_s": eval_seconds, "gflop": flops / 1e9,
             "gflops": flops / train_seconds / 1e9, "eval_gflop": eval_flops / 1e9,
-            "batched_vs_alone": batched_vs_alone(model, val_set, device)}
+            "batched_vs_alone": batched_vs_alone(model, val_set, device, precision)}
 
 
-def batched_vs_alone(model, video_set, device):
+def batched_vs_alone(model, video_set, device, precision="fp32"):
     """Largest difference between predicting all videos as one batch and one by one."""
-    batched = train.predict(model, video_set, device)
-    alone = [train.predict(model, video_set.subset([video]), device)[0]
+    batched = train.predict(model, video_set, device, precision=precision)
+    alone = [train.predict(model, video_set.subset([video]), device, precision=precision)[0]
              for video in video_set.videos]
     return max(float(np.abs(a - b).max()) for a, b in zip(batched, alone))
 
@@ -184,11 +234,13 @@ def time_crossval(npy_dir, jobs, epochs, out_dir, stories):
     return time.perf_counter() - start
 
 
-def peak_rss(npy_dir, name):
+def peak_rss(npy_dir, name, precision="fp32"):
     """Peak resident memory of a fresh process that loads one model's data, trains
-    an epoch and evaluates; with the memory of Python and torch before loading."""
+    an epoch and evaluates in `precision`; with the memory of Python and torch before
+    loading."""
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--rss_probe",
-                             f"{name}:{npy_dir}"], check=True, capture_output=True, text=True)
+                             f"{name}:{precision}:{npy_dir}"], check=True, capture_output=True,
+                            text=True)
     baseline, peak, feature_bytes = map(int, result.stdout.split())
     return baseline / 2**20, peak / 2**20, feature_bytes / 2**20
 
@@ -213,17 +265,18 @@ def warm_up_torch():
 
 
 def rss_probe(spec):
-    name, folder = spec.split(":", 1)
+    name, precision, folder = spec.split(":", 2)
     warm_up_torch()
     baseline = high_water_rss()
     train_set, val_set = train.load_train_test(*split_dirs(Path(folder)), MODELS[name])
     feature_bytes = sum(storage.numel() * 4 for video_set in (train_set, val_set)
                         for storage in video_set.features.values())
-    model, _, train_epoch = start_training(train_set, "cpu")
+    model, _, train_epoch = start_training(train_set, "cpu", precision)
     with utils.reused_heap():  # as in train.fit
         train_epoch()
-        train.evaluate(model, val_set, "cpu")
-    train.evaluate(model, train_set, "cpu")  # as --test and --features do after training
+        train.evaluate(model, val_set, "cpu", precision=precision)
+    # as --test and --features do after training
+    train.evaluate(model, train_set, "cpu", precision=precision)
     print(baseline, high_water_rss(), feature_bytes)
 
 
@@ -259,54 +312,90 @@ def epoch_probe(spec, epochs=3):
 
 # ---------------------------------------------------------------- report
 
-def run_benchmark(data_root, epochs, cv_epochs, cuda):
-    npy_dir, csv_dir = generate(data_root, "npy"), generate(data_root, "csv")
+def model_rows(npy_dir, device, precision, epochs):
+    """Table rows of both models trained and evaluated in `precision` on `device`, and
+    their seconds per epoch including evaluation."""
+    gemm = gemm_throughput(device, precision)
+    epoch = {name: time_epochs(npy_dir, mods, device, epochs, precision)
+             for name, mods in MODELS.items()}
+    tag = f"[{device} {precision}]"
+    lines = []
+    rows = [
+        (f"training step per epoch (s, median of {epochs})", "train_s", "{:.3f}"),
+        ("evaluation pass, 10 validation videos (s)", "eval_s", "{:.3f}"),
+        ("training work per epoch (GFLOP)", "gflop", "{:.1f}"),
+        ("achieved training GFLOP/s", "gflops", "{:.1f}"),
+        ("batched vs per-video evaluation, max difference", "batched_vs_alone", "{:.1e}"),
+    ]
+    for label, key, fmt in rows:
+        lines.append(f"| {tag} {label} | {fmt.format(epoch['AT'][key])} | "
+                     f"{fmt.format(epoch['ATV'][key])} |")
+    seconds = {name: epoch[name]["train_s"] + epoch[name]["eval_s"] for name in MODELS}
+    lines.append(f"| {tag} epoch incl. evaluation (s) | {seconds['AT']:.3f} | {seconds['ATV']:.3f} |")
+    lines.append(f"| {tag} {precision} GEMM GFLOP/s (2048^3) | {gemm:.1f} | {gemm:.1f} |")
+    lines.append(f"| {tag} training GFLOP/s / GEMM GFLOP/s | "
+                 f"{epoch['AT']['gflops'] / gemm:.0%} | {epoch['ATV']['gflops'] / gemm:.0%} |")
+    # What the arithmetic alone takes if every FLOP ran at the GEMM speed.
+    lines.append(f"| {tag} floor: evaluation pass at GEMM speed (s) | "
+                 f"{epoch['AT']['eval_gflop'] / gemm:.3f} | {epoch['ATV']['eval_gflop'] / gemm:.3f} |")
+    lines.append("| {} floor: epoch incl. evaluation at GEMM speed (s) | {:.3f} | {:.3f} |".format(
+        tag, *((epoch[name]["gflop"] + epoch[name]["eval_gflop"]) / gemm for name in MODELS)))
+    return lines, seconds
+
+
+def run_benchmark(data_root, epochs, cv_epochs, cuda, slow_bf16=False, subjects=10, seconds=300,
+                  in_process_only=False):
+    npy_dir = generate(data_root, "npy", subjects, seconds)
+    csv_dir = generate(data_root, "csv", subjects, seconds)
     threads = torch.get_num_threads()
     lines = [f"torch {torch.__version__}, {threads} threads, {parallel.available_cores()} cores",
-             "", "| measurement | AT | ATV |", "|---|---|---|"]
-
+             f"CPU: {cpu_description()}", "", "| measurement | AT | ATV |", "|---|---|---|"]
     loading = {name: time_loading(csv_dir, npy_dir, mods) for name, mods in MODELS.items()}
     for label in loading["AT"]:
         lines.append(f"| load features, {label} (s) | {loading['AT'][label]:.2f} | "
                      f"{loading['ATV'][label]:.2f} |")
-
     devices = ["cpu"] + (["cuda"] if cuda and torch.cuda.is_available() else [])
     for device in devices:
-        gemm = gemm_throughput(device)
-        epoch = {name: time_epochs(npy_dir, mods, device, epochs) for name, mods in MODELS.items()}
-        rows = [
-            ("training step per epoch (s)", "train_s", "{:.3f}"),
-            ("evaluation pass, 10 validation videos (s)", "eval_s", "{:.3f}"),
-            ("training work per epoch (GFLOP)", "gflop", "{:.1f}"),
-            ("achieved training GFLOP/s", "gflops", "{:.1f}"),
-            ("batched vs per-video evaluation, max difference", "batched_vs_alone", "{:.1e}"),
-        ]
-        for label, key, fmt in rows:
-            lines.append(f"| [{device}] {label} | {fmt.format(epoch['AT'][key])} | "
-                         f"{fmt.format(epoch['ATV'][key])} |")
-        lines.append(f"| [{device}] epoch incl. evaluation (s) | "
-                     f"{epoch['AT']['train_s'] + epoch['AT']['eval_s']:.3f} | "
-                     f"{epoch['ATV']['train_s'] + epoch['ATV']['eval_s']:.3f} |")
-        lines.append(f"| [{device}] float32 GEMM GFLOP/s (2048^3) | {gemm:.1f} | {gemm:.1f} |")
-        lines.append(f"| [{device}] training GFLOP/s / GEMM GFLOP/s | "
-                     f"{epoch['AT']['gflops'] / gemm:.0%} | {epoch['ATV']['gflops'] / gemm:.0%} |")
-        # What the arithmetic alone takes if every FLOP ran at the GEMM speed.
-        lines.append(f"| [{device}] floor: evaluation pass at GEMM speed (s) | "
-                     f"{epoch['AT']['eval_gflop'] / gemm:.3f} | {epoch['ATV']['eval_gflop'] / gemm:.3f} |")
-        lines.append("| [{}] floor: epoch incl. evaluation at GEMM speed (s) | {:.3f} | {:.3f} |".format(
-            device, *((epoch[name]["gflop"] + epoch[name]["eval_gflop"]) / gemm for name in MODELS)))
+        lines += device_rows(npy_dir, device, precisions(device, epochs, slow_bf16))
+    if not in_process_only:
+        lines += memory_rows(npy_dir, precisions("cpu", epochs, slow_bf16))
+        lines += [""] + process_lines(npy_dir, cv_epochs, threads)
+    return "\n".join(lines)
 
-    rss = {name: peak_rss(npy_dir, name) for name in MODELS}
-    lines.append("| features in memory, float32 (MiB) | " +
-                 " | ".join(f"{rss[name][2]:.0f}" for name in MODELS) + " |")
-    lines.append("| peak RSS (MiB) | " + " | ".join(f"{rss[name][1]:.0f}" for name in MODELS) + " |")
-    lines.append("| peak RSS above Python+torch (MiB) | " +
-                 " | ".join(f"{rss[name][1] - rss[name][0]:.0f}" for name in MODELS) + " |")
-    lines.append("| (peak RSS above Python+torch) / features | " +
-                 " | ".join(f"{(rss[name][1] - rss[name][0]) / rss[name][2]:.2f}"
-                            for name in MODELS) + " |")
 
-    lines.append("")
+def device_rows(npy_dir, device, timed_epochs):
+    """The model rows of every precision on `device`, and bf16's speed-up."""
+    lines, epoch_s = [], {}
+    for precision, timed in timed_epochs.items():
+        rows, epoch_s[precision] = model_rows(npy_dir, device, precision, timed)
+        lines += rows
+    if "bf16" in epoch_s:
+        lines.append(f"| [{device}] bf16 speed-up, epoch incl. evaluation (fp32 s / bf16 s) | "
+                     + " | ".join(f"{epoch_s['fp32'][name] / epoch_s['bf16'][name]:.2f}x"
+                                  for name in MODELS) + " |")
+    return lines
+
+
+def memory_rows(npy_dir, precisions_measured):
+    lines = []
+    for precision in precisions_measured:
+        rss = {name: peak_rss(npy_dir, name, precision) for name in MODELS}
+        if precision == "fp32":
+            lines.append("| features in memory, float32 (MiB) | " +
+                         " | ".join(f"{rss[name][2]:.0f}" for name in MODELS) + " |")
+        lines.append(f"| peak RSS, {precision} (MiB) | " +
+                     " | ".join(f"{rss[name][1]:.0f}" for name in MODELS) + " |")
+        lines.append(f"| peak RSS above Python+torch, {precision} (MiB) | " +
+                     " | ".join(f"{rss[name][1] - rss[name][0]:.0f}" for name in MODELS) + " |")
+        lines.append(f"| (peak RSS above Python+torch) / features, {precision} | " +
+                     " | ".join(f"{(rss[name][1] - rss[name][0]) / rss[name][2]:.2f}"
+                                for name in MODELS) + " |")
+    return lines
+
+
+def process_lines(npy_dir, cv_epochs, threads):
+    """crossval.py's wall times with --jobs 1 and 2, and fresh-process epochs."""
+    lines = []
     for stories in ([1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5]):
         with tempfile.TemporaryDirectory() as out:
             one = time_crossval(npy_dir, 1, cv_epochs, Path(out) / "jobs1", stories)
@@ -322,7 +411,7 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda):
                  f"on {half_threads}, {side_by_side:.2f} s on {half_threads} beside a second such "
                  f"process: two folds at once are at most {2 * alone / side_by_side:.2f}x faster "
                  "per epoch")
-    return "\n".join(lines)
+    return lines
 
 
 def main(args):
@@ -330,11 +419,17 @@ def main(args):
         return rss_probe(args.rss_probe)
     if args.epoch_probe:
         return epoch_probe(args.epoch_probe)
+    if args.epochs < 1 or args.cv_epochs < 1 or args.subjects < 1 or args.seconds < 10:
+        raise utils.ToolkitError("bench.py needs --epochs, --cv_epochs and --subjects >= 1 and "
+                                 "--seconds >= 10")
+    options = dict(epochs=args.epochs, cv_epochs=args.cv_epochs, cuda=args.cuda,
+                   slow_bf16=args.slow_bf16, subjects=args.subjects, seconds=args.seconds,
+                   in_process_only=args.in_process_only)
     if args.data_dir:
-        report = run_benchmark(args.data_dir, args.epochs, args.cv_epochs, args.cuda)
+        report = run_benchmark(args.data_dir, **options)
     else:
         with tempfile.TemporaryDirectory() as data_root:
-            report = run_benchmark(data_root, args.epochs, args.cv_epochs, args.cuda)
+            report = run_benchmark(data_root, **options)
     print(report)
     return report
 

@@ -138,7 +138,7 @@ def train_fold(pooled, story, out_dir, options):
 
 
 def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=False,
-                  postprocessing_flags=None):
+                  postprocessing_flags=None, precision="fp32"):
     """Evaluate a fold's checkpoint (every seed's) on its training and held-out videos,
     write the held-out predictions to <out_dir>/cv_pred/ (and features if asked)."""
     device = utils.get_device(cuda)
@@ -148,13 +148,13 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=
                                  device)
     postprocessing = train.saved_postprocessing(trained, postprocessing_flags or {}, train_set,
                                                 [val_set])
-    train_result = train.evaluate_seeds(trained, train_set, device, postprocessing)
-    val_result = train.evaluate_seeds(trained, val_set, device, postprocessing)
+    train_result = train.evaluate_seeds(trained, train_set, device, postprocessing, precision)
+    val_result = train.evaluate_seeds(trained, val_set, device, postprocessing, precision)
     utils.write_predictions(Path(out_dir) / runs.CV_PREDICTIONS, val_set.videos,
                             val_result["frames"])
     if features:
         train.extract_features(trained, train_set, val_set, folder, device,
-                               postprocessing.label_delay)
+                               postprocessing.label_delay, precision)
     row = {"story": story, "train_ccc": train_result["ccc"], "val_ccc": val_result["ccc"],
            "epoch": trained[0].checkpoint.get("epoch")}
     if len(trained) > 1:
@@ -168,7 +168,7 @@ def run_fold(pooled, story, out_dir, options, checkpoint, features, test_only):
     if not test_only:
         train_fold(pooled, story, out_dir, options)
     return evaluate_fold(pooled, story, out_dir, checkpoint, options.normalize, options.cuda,
-                         features, options.postprocessing_flags)
+                         features, options.postprocessing_flags, options.settings.precision)
 
 
 # ---------------------------------------------------------------- main

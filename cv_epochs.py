@@ -17,6 +17,7 @@ import pandas as pd
 
 import crossval
 import datasets
+import models
 import parallel
 import runs
 import train
@@ -49,7 +50,8 @@ def load_fold_epoch(pooled, story, out_dir, epoch, normalize, device):
     return train_set, val_set, train.load_trained(paths, train_set, normalize, device)
 
 
-def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postprocessing_flags):
+def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postprocessing_flags,
+                         precision="fp32"):
     """Held-out CCC of one fold at each epoch (of its seeds' average prediction):
     {"story", "scores": {epoch: ccc}}."""
     device = utils.get_device(cuda)
@@ -59,16 +61,18 @@ def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postpr
                                                       device)
         postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set,
                                                     [val_set] if epoch == epochs[0] else [])
-        scores[epoch] = train.evaluate_seeds(trained, val_set, device, postprocessing)["ccc"]
+        scores[epoch] = train.evaluate_seeds(trained, val_set, device, postprocessing,
+                                             precision)["ccc"]
     return {"story": story, "scores": scores}
 
 
-def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda, postprocessing_flags):
+def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda, postprocessing_flags,
+                          precision="fp32"):
     device = utils.get_device(cuda)
     train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
     postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set)
     train.extract_features(trained, train_set, val_set, runs.fold_dir(out_dir, story), device,
-                           postprocessing.label_delay)
+                           postprocessing.label_delay, precision)
 
 
 def epoch_table(folds, epochs):
@@ -99,6 +103,7 @@ def main(args):
     pooled = crossval.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
     crossval.check_checkpoints(out_dir, pooled.stories, epochs)
     utils.Postprocessing.resolve(**utils.postprocessing_flags(args))  # refuses bad flags
+    models.check_precision(args.precision, utils.get_device(args.cuda))
     runner.check()
     utils.check_writable(out_dir)
     with runs.owned(out_dir):
@@ -110,7 +115,8 @@ def evaluate_and_extract(pooled, epochs, out_dir, args, runner):
     """Score every fold at every epoch, then write the best epoch's features."""
     common = dict(pooled=crossval.pool_for_tasks(pooled, args, runner),
                   out_dir=runner.path(out_dir), normalize=args.normalize, cuda=args.cuda,
-                  postprocessing_flags=utils.postprocessing_flags(args))
+                  postprocessing_flags=utils.postprocessing_flags(args),
+                  precision=args.precision)
     folds = runner.run(evaluate_fold_epochs,
                        [dict(story=s, epochs=epochs, **common) for s in pooled.stories], "folds")
     table = epoch_table(folds, epochs)

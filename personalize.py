@@ -89,7 +89,8 @@ def personalize_subject(train_all, test_all, subject, out_dir, options, augment=
     train_set, test_set = subject_sets(train_all.with_scaler(init.scaler),
                                        test_all.with_scaler(init.scaler), subject, augment)
     postprocessing = train.saved_postprocessing([init], flags, train_all)
-    before = train.evaluate(init.network, test_set, device, postprocessing)
+    precision = options.settings.precision
+    before = train.evaluate(init.network, test_set, device, postprocessing, precision)
     subject_folder = runs.subject_dir(out_dir, subject)
 
     def load_init():
@@ -113,7 +114,8 @@ def personalize_subject(train_all, test_all, subject, out_dir, options, augment=
                                    options.normalize, device)
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
         after = train.evaluate_seeds(tuned, test_set, device,
-                                     train.saved_postprocessing(tuned, flags, train_set, [test_set]))
+                                     train.saved_postprocessing(tuned, flags, train_set, [test_set]),
+                                     precision)
     utils.write_predictions(Path(out_dir) / "pred_test", test_set.videos, after["frames"])
     row["after_ccc"] = after["ccc"]
     if inner_cv:
@@ -135,7 +137,8 @@ def choose_epochs(load_init, init_network, train_set, own_videos, subject_folder
     curves = {}
     for story, folder in inner_folders(subject_folder, stories).items():
         held_out = own_videos.select(stories=[story])
-        start = train.evaluate(init_network, held_out, device, postprocessing)["ccc"]
+        start = train.evaluate(init_network, held_out, device, postprocessing,
+                               settings.precision)["ccc"]
         utils.seed_everything(inner_settings.seed)
         train.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
                   inner_settings, device, resume=options.resumes_run(folder),

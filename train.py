@@ -51,6 +51,11 @@ def get_data_args_parser():
                             "data's min and max (stored in the checkpoint)")
     group.add_argument("--cuda", action="store_true",
                        help="run on the GPU (falls back to the CPU with a warning)")
+    group.add_argument("--precision", choices=models.PRECISIONS, default="fp32",
+                       help="arithmetic of training and prediction: bf16 autocasts on CPUs with "
+                            "AVX512-BF16 or AMX (refused on others, where it is many times "
+                            "slower) and on GPUs; fp16 (with gradient scaling) only with --cuda; "
+                            "weights and checkpoints stay float32 (default: %(default)s)")
     group.add_argument("--seed", type=int, default=1,
                        help="random seed; with --seeds N, the first of N (default: %(default)s)")
     return parser
@@ -157,6 +162,7 @@ class TrainingSettings:
     seeds: int = 1
     layers: int = 1
     bidirectional: bool = False
+    precision: str = "fp32"
 
     @classmethod
     def from_args(cls, args):
@@ -216,8 +222,10 @@ class RunOptions:
         return utils.Postprocessing.resolve(**(self.postprocessing_flags or {}))
 
     def check(self):
-        """Refuse bad training or post-processing flags before anything is written."""
+        """Refuse bad training, precision or post-processing flags before anything is
+        written."""
         self.settings.check()
+        models.check_precision(self.settings.precision, utils.get_device(self.cuda))
         utils.Postprocessing.resolve(**(self.postprocessing_flags or {}))
 
     def resumes_run(self, folder):
@@ -297,10 +305,12 @@ def build_optimizer(model, lr, weight_decay):
 
 
 def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,
-                    loss_name="mse"):
+                    loss_name="mse", precision="fp32", grad_scaler=None):
     """One pass over the training pieces in a fresh random order.
 
-    The loss (`LOSSES[loss_name]`) is computed over each batch's valid steps.
+    The loss (`LOSSES[loss_name]`) is computed in float32 over each batch's valid
+    steps; the forward pass runs in `precision` (see models.autocast), with
+    `grad_scaler` (models.grad_scaler) for fp16.
     Returns {"loss": its mean over batches, weighted by their steps}.
     """
     model.train()
@@ -309,11 +319,18 @@ def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator
     optimizer.zero_grad(set_to_none=True)
     for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size):
         batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
-        embedded = model.embed(batch.inputs)
-        batch.inputs = None  # dropout copied the rows it needs: free the gathered ones early
-        loss = loss_function(model.forward_embedded(embedded, batch.lengths), batch.targets)
-        loss.backward()
-        optimizer.step()
+        with models.autocast(precision, device):
+            embedded = model.embed(batch.inputs)
+            batch.inputs = None  # dropout copied the rows it needs: free the gathered ones early
+            predictions = model.forward_embedded(embedded, batch.lengths)
+        loss = loss_function(predictions.float(), batch.targets)  # .float(): no-op in fp32
+        if grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
         optimizer.zero_grad(set_to_none=True)  # gradients freed before the next batch
         total_loss += loss.item() * batch.targets.numel()
         total_steps += batch.targets.numel()
@@ -321,22 +338,25 @@ def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator
 
 
 @torch.no_grad()
-def predict(model, video_set, device, with_features=False):
-    """Per-second predictions (and features) of every video, as NumPy arrays.
+def predict(model, video_set, device, with_features=False, precision="fp32"):
+    """Per-second predictions (and features) of every video, as float32 NumPy arrays;
+    the model runs in `precision` (see models.autocast).
 
     All videos run through the LSTM as one padded batch; only the per-step
     embeddings are computed in chunks, which bounds memory on large splits.
     """
     model.eval()
     segments = video_set.video_segments()
-    embedded = [model.embed(video_set.gather(chunk, device, with_targets=False).inputs)
-                for chunk in _chunks(segments, EMBED_CHUNK_ROWS)]
     lengths = torch.tensor([length for _, length in segments])
-    predictions, features = model.forward_embedded(torch.cat(embedded), lengths, with_features=True)
+    with models.autocast(precision, device):
+        embedded = [model.embed(video_set.gather(chunk, device, with_targets=False).inputs)
+                    for chunk in _chunks(segments, EMBED_CHUNK_ROWS)]
+        predictions, features = model.forward_embedded(torch.cat(embedded), lengths,
+                                                       with_features=True)
     sizes = lengths.tolist()
-    predictions = [p.cpu().numpy() for p in predictions.split(sizes)]
+    predictions = [p.cpu().numpy() for p in predictions.float().split(sizes)]
     if with_features:
-        return predictions, [f.cpu().numpy() for f in features.split(sizes)]
+        return predictions, [f.cpu().numpy() for f in features.float().split(sizes)]
     return predictions
 
 
@@ -351,13 +371,15 @@ def _chunks(segments, max_rows):
     yield chunk
 
 
-def evaluate(model, video_set, device, postprocessing=None):
+def evaluate(model, video_set, device, postprocessing=None, precision="fp32"):
     """CCC of every video at 25 fps, and their mean.
 
     Returns {"ccc": mean CCC, "records": [{subject, story, ccc}], "frames": [25 fps
     predictions per video]}; see `utils.score_videos` and `utils.Postprocessing`.
     """
-    return utils.score_videos(video_set.videos, predict(model, video_set, device), postprocessing)
+    return utils.score_videos(video_set.videos,
+                              predict(model, video_set, device, precision=precision),
+                              postprocessing)
 
 
 @dataclass
@@ -395,11 +417,12 @@ def saved_postprocessing(trained, flags, train_set, evaluated=()):
     return postprocessing
 
 
-def evaluate_seeds(trained, video_set, device, postprocessing):
+def evaluate_seeds(trained, video_set, device, postprocessing, precision="fp32"):
     """`evaluate` for the models of several seeds: the videos are scored on the
     average of their per-second predictions; "seed_ccc" lists each model's own CCC
     and "seed_frames" its 25 fps predictions."""
-    per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device) for t in trained]
+    per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device, precision=precision)
+                for t in trained]
     average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]
     result = utils.score_videos(video_set.videos, average, postprocessing)
     own = ([utils.score_videos(video_set.videos, predictions, postprocessing)
@@ -461,6 +484,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     # A run killed mid-write (a lost cluster worker) left temporaries; this run owns the folder.
     utils.remove_interrupted_writes(model_dir)
     settings.check()
+    models.check_precision(settings.precision, device)
     # Calibration maps predictions to the statistics of the training videos: saved in
     # every checkpoint, so that a model evaluated later calibrates as it was trained.
     postprocessing = (postprocessing or utils.Postprocessing()).with_listener_stats(
@@ -470,6 +494,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     if postprocessing.delay_frames:
         train_set = train_set.with_label_delay(postprocessing.delay_frames)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+    grad_scaler = models.grad_scaler(settings.precision, device)
     generator = torch.Generator().manual_seed(settings.seed)
     segments = train_set.training_segments(settings.split)
     scaler = train_set.scaler
@@ -483,6 +508,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"], generator)
+        if grad_scaler is not None and "grad_scaler" in state:
+            grad_scaler.load_state_dict(state["grad_scaler"])
         start_epoch, best_ccc, best_epoch = state["epoch"], state["best_ccc"], state["best_epoch"]
         stopped_early = bool(state.get("stopped_early"))
         history = _read_history(model_dir / runs.METRICS, start_epoch)
@@ -495,6 +522,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     def save(name, with_optimizer=False):
         record = {"training": asdict(settings), "postprocessing": asdict(postprocessing),
                   "stopped_early": stopped_early}
+        if with_optimizer and grad_scaler is not None:  # fp16: its loss scale, for --resume
+            record["grad_scaler"] = grad_scaler.state_dict()
         utils.save_checkpoint(model_dir / name, make_checkpoint(
             model, scaler, epoch, best_ccc, best_epoch,
             optimizer if with_optimizer else None,
@@ -507,11 +536,13 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
             curves(tensorboard_dir, model_dir) as log_epoch:
         for epoch in bar:
             stats = train_one_epoch(model, optimizer, train_set, segments, settings.batch_size,
-                                    generator, device, settings.loss)
+                                    generator, device, settings.loss, settings.precision,
+                                    grad_scaler)
             check_converging(stats["loss"], "training loss", epoch, model_dir, settings, bar)
             row = {"epoch": epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
             if epoch % settings.eval_freq == 0 or epoch == settings.epochs:
-                row["val_ccc"] = evaluate(model, val_set, device, postprocessing)["ccc"]
+                row["val_ccc"] = evaluate(model, val_set, device, postprocessing,
+                                          settings.precision)["ccc"]
                 check_converging(row["val_ccc"], "validation CCC", epoch, model_dir, settings,
                                  bar)
                 stale_evaluations += 1
@@ -663,12 +694,12 @@ def write_features(folder, video_set, features):
         utils.save_array(Path(folder) / f"{video.name}.npy", rows.astype(np.float32))
 
 
-def test(trained, train_set, test_set, pred_dir, device, postprocessing):
+def test(trained, train_set, test_set, pred_dir, device, postprocessing, precision="fp32"):
     """Write the predictions for both sets (of the seed average, and of each seed
     under seed_<s>/ when there are several) and return their evaluations."""
     results = {}
     for name, video_set in (("train", train_set), ("test", test_set)):
-        results[name] = evaluate_seeds(trained, video_set, device, postprocessing)
+        results[name] = evaluate_seeds(trained, video_set, device, postprocessing, precision)
         utils.write_predictions(Path(pred_dir) / f"pred_{name}", video_set.videos,
                                 results[name]["frames"])
         if len(trained) > 1:
@@ -679,14 +710,15 @@ def test(trained, train_set, test_set, pred_dir, device, postprocessing):
     return results
 
 
-def extract_features(trained, train_set, test_set, feat_dir, device, label_delay=0.0):
+def extract_features(trained, train_set, test_set, feat_dir, device, label_delay=0.0,
+                     precision="fp32"):
     """Decision-level features of both sets; several seeds' side by side (N x 128
     columns). A --label_delay run's features are shifted back by the delay in whole
     seconds, like its predictions, so that row t stays second t of the video."""
     shift = round(label_delay)
     for name, video_set in (("train", train_set), ("test", test_set)):
         per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device,
-                            with_features=True)[1] for t in trained]
+                            with_features=True, precision=precision)[1] for t in trained]
         features = [np.concatenate(video_features, axis=1) for video_features in zip(*per_seed)]
         write_features(Path(feat_dir) / f"feat_{name}", video_set,
                        [_delayed_rows(rows, shift) for rows in features])
@@ -711,6 +743,7 @@ def main(args):
         raise ToolkitError("--frame_counts is for --test/--features on a --test_dir without "
                            "Annotations: leave it out when training")
     device = utils.get_device(args.cuda)
+    models.check_precision(args.precision, device)
     model_dir = Path(args.model_dir)
     train_set, test_set = load_train_test(args.train_dir, args.test_dir, mods, args.test_set,
                                           args.subjects, args.augment, unlabelled_test=predicting,
@@ -753,7 +786,7 @@ def train_new_model(args, model_dir, train_set, test_set, device):
     if settings.seeds > 1:
         trained = load_trained(runs.run_checkpoints(model_dir), train_set, args.normalize, device)
         average = evaluate_seeds(trained, test_set, device,
-                                 saved_postprocessing(trained, {}, train_set))
+                                 saved_postprocessing(trained, {}, train_set), settings.precision)
         best = [summary["best_ccc"] for summary in summaries]
         print(f"best validation CCC over {settings.seeds} seeds: {np.mean(best):.4f} +- "
               f"{np.std(best):.4f}; their average prediction: CCC {average['ccc']:.4f}")
@@ -789,12 +822,13 @@ def predict_saved(args, model_dir, train_set, test_set, device):
         runs.check_output_folder(folder, flag)
     if args.test:
         utils.check_writable(args.pred_dir)
-        results = test(trained, train_set, test_set, args.pred_dir, device, postprocessing)
+        results = test(trained, train_set, test_set, args.pred_dir, device, postprocessing,
+                       args.precision)
         utils.print_results(results)
     if args.features:
         utils.check_writable(args.feat_dir)
         extract_features(trained, train_set, test_set, args.feat_dir, device,
-                         postprocessing.label_delay)
+                         postprocessing.label_delay, args.precision)
         print(f"features written to {Path(args.feat_dir) / 'feat_train'} and "
               f"{Path(args.feat_dir) / 'feat_test'}")
     return results

@@ -38,3 +38,40 @@ def test_probes_report_memory_and_epoch_times_of_fresh_processes(tiny_data):
     assert 100 < baseline < peak  # MiB: Python and torch alone take more than 100
     seconds = bench.epoch_seconds(tiny_data, threads=1, processes=2)
     assert len(seconds) == 2 and all(value > 0 for value in seconds)
+
+
+def test_bf16_is_measured_beside_fp32_and_the_cpu_is_named():
+    # The bf16 epoch itself runs in test_precision.py; here, what the table adds.
+    assert bench.precisions("cpu", 5, slow_bf16=True) in ({"fp32": 5, "bf16": 5},
+                                                           {"fp32": 5, "bf16": 1})
+    assert bench.gemm_throughput("cpu", "bf16", size=64, repeats=1, rounds=1) > 0
+    description = bench.cpu_description()
+    assert torch.backends.cpu.get_cpu_capability() in description and "amx_bf16" in description
+
+
+@pytest.mark.parametrize("fast_bf16, measured", [(False, ["fp32"]), (True, ["fp32", "bf16"])])
+def test_bf16_is_left_out_where_train_py_refuses_it(monkeypatch, fast_bf16, measured):
+    monkeypatch.setattr(bench.models, "fast_bf16_cpu", lambda: fast_bf16)
+    assert list(bench.precisions("cpu", 5)) == measured
+
+
+def test_a_quick_benchmark_on_tiny_data_prints_every_row(tmp_path, capsys, monkeypatch):
+    real_gemm = bench.gemm_throughput  # its 2048^3 products take most of a tiny run
+    monkeypatch.setattr(bench, "gemm_throughput",
+                        lambda device, precision="fp32": real_gemm(device, precision, size=128,
+                                                                   repeats=1, rounds=1))
+    report = bench.main(bench.get_args_parser().parse_args(
+        ["--data_dir", str(tmp_path), "--subjects", "2", "--seconds", "12", "--epochs", "1",
+         "--in_process_only"]))
+    assert capsys.readouterr().out.strip().endswith(report)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+            for line in report.splitlines() if line.startswith("| ") and "---" not in line}
+    for label in ("load features, npy (s)", "[cpu fp32] training work per epoch (GFLOP)",
+                  "[cpu fp32] epoch incl. evaluation (s)", "[cpu fp32] fp32 GEMM GFLOP/s (2048^3)"):
+        at, atv = (float(value.strip(" |")) for value in rows[label])
+        assert at > 0 and atv > 0, label
+    # ATV has more inputs than AT: more work per epoch, on the same videos.
+    at, atv = (float(v.strip(" |")) for v in rows["[cpu fp32] training work per epoch (GFLOP)"])
+    assert atv > at
+    assert report.splitlines()[1].startswith("CPU: ")
+    assert "peak RSS" not in report and "crossval.py" not in report  # in fresh processes
