@@ -152,10 +152,10 @@ class Postprocessing:
         return self._calibrated(frames, subject) if self.calibrate else frames
 
     def _smoothed(self, frames):
-        from scipy.ndimage import gaussian_filter1d, uniform_filter1d
         width = self.smooth * FPS
         if width < 1:
             return frames
+        from scipy.ndimage import gaussian_filter1d, uniform_filter1d  # only when asked: slow
         if self.smooth_window == "moving":
             odd_width = 2 * round(width / 2) + 1  # an odd width keeps the window centred
             return uniform_filter1d(frames.astype(np.float64), odd_width, mode="nearest").astype(np.float32)
@@ -163,9 +163,9 @@ class Postprocessing:
                                  truncate=2.0).astype(np.float32)
 
     def _low_passed(self, frames):
-        from scipy.signal import butter, sosfiltfilt
         if not self.lowpass or frames.size < 2:
             return frames
+        from scipy.signal import butter, sosfiltfilt  # only when asked: 1.5 s to import
         sections = butter(2, self.lowpass, fs=FPS, output="sos")
         # Constant padding starts the filter in its steady state at the edge value, so
         # even a cutoff whose response outlasts the video adds no edge transient.

@@ -57,8 +57,66 @@ def assert_same_checkpoints(first_dir, second_dir, names):
             torch.testing.assert_close(first["model"][key], second["model"][key], rtol=0, atol=0)
 
 
+def run_in_process(*argv, cwd=None):
+    """`run_script`'s result without a new Python (seconds of starting torch): the
+    script's main run in this process as its __main__ runs it (utils.run_cli), from
+    `cwd`, with its stdout, stderr and exit status captured."""
+    import contextlib
+    import importlib
+    import io
+    import os
+    import subprocess
+    import utils
+    module = importlib.import_module(Path(argv[0]).stem)
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    previous = os.getcwd()
+    try:
+        os.chdir(cwd or previous)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                utils.run_cli(module.main, module.get_args_parser(), list(argv[1:]))
+            except SystemExit as exit_info:
+                status = exit_info.code if isinstance(exit_info.code, int) else int(
+                    exit_info.code is not None)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(argv, status, stdout.getvalue(), stderr.getvalue())
+
+
 def run_script(*argv, cwd=None):
     """Run a top-level script as a user would; returns the CompletedProcess."""
     import subprocess
     return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=cwd,
                           capture_output=True, text=True)
+
+
+# inotify(7) events: a file or folder appeared, was renamed into place, or was written.
+_IN_CREATE, _IN_MOVED_TO, _IN_CLOSE_WRITE = 0x100, 0x80, 0x8
+
+
+def wait_until(condition, root, timeout=120):
+    """Block until `condition()` holds, checking it again whenever a file under `root`
+    is created or written (Linux inotify): no polling, no sleeping. Fails after
+    `timeout` seconds without it."""
+    import ctypes
+    import os
+    import select
+    libc = ctypes.CDLL(None, use_errno=True)
+    handle = libc.inotify_init1(os.O_NONBLOCK)
+    assert handle >= 0, "inotify is not available"
+    watched = set()
+    try:
+        while True:
+            # Watch every folder, new ones included (inotify does not recurse).
+            for folder in [Path(root), *(path for path in Path(root).rglob("*") if path.is_dir())]:
+                if folder not in watched:
+                    libc.inotify_add_watch(handle, bytes(folder),
+                                           _IN_CREATE | _IN_MOVED_TO | _IN_CLOSE_WRITE)
+                    watched.add(folder)
+            if condition():
+                return
+            ready, _, _ = select.select([handle], [], [], timeout)
+            assert ready, f"nothing changed under {root} for {timeout} s"
+            os.read(handle, 1 << 16)  # the events themselves do not matter: look again
+    finally:
+        os.close(handle)

@@ -12,7 +12,7 @@ import cv_epochs
 import datasets
 import personalize
 import utils
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 
 def run(module, command, *extra):
@@ -143,7 +143,7 @@ def test_unsaved_test_epoch_names_the_file_and_lists_saved_epochs(in_tmp):
     run(crossval, "python crossval.py --mods audio --epochs 4 --save_freq 2 --out_dir cv "
                   "--stories 1 2")
     (in_tmp / "cv" / "crossval.csv").unlink()
-    result = run_script("crossval.py", "--mods", "audio", "--out_dir", "cv", "--stories", "1", "2",
+    result = run_in_process("crossval.py", "--mods", "audio", "--out_dir", "cv", "--stories", "1", "2",
                         "--test", "--test_epoch", "3", cwd=in_tmp)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: cv/val_on_1/epoch_3.save does not exist "
@@ -155,7 +155,7 @@ def test_cv_epochs_checks_every_fold_before_starting(in_tmp):
     run(crossval, "python crossval.py --mods audio --epochs 4 --save_freq 2 --out_dir cv "
                   "--stories 1 2")
     (in_tmp / "cv" / "val_on_2" / "epoch_4.save").unlink()
-    result = run_script("cv_epochs.py", "--mods", "audio", "--out_dir", "cv", "--stories", "1", "2",
+    result = run_in_process("cv_epochs.py", "--mods", "audio", "--out_dir", "cv", "--stories", "1", "2",
                         "--epoch_min", "2", "--epoch_max", "4", "--epoch_step", "2", cwd=in_tmp)
     assert result.returncode == 1
     assert "cv/val_on_2/epoch_4.save does not exist (saved epochs: 2)" in result.stderr
@@ -164,7 +164,7 @@ def test_cv_epochs_checks_every_fold_before_starting(in_tmp):
 
 
 def test_missing_init_save_says_how_to_make_it(in_tmp):
-    result = run_script("personalize.py", "--mods", "audio", "--out_dir", "personal_AT",
+    result = run_in_process("personalize.py", "--mods", "audio", "--out_dir", "personal_AT",
                         cwd=in_tmp)
     assert result.returncode == 1
     assert "personal_AT/init.save does not exist: copy the model to start from there" in result.stderr

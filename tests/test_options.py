@@ -18,7 +18,7 @@ import runs
 import score
 import train
 import utils
-from conftest import run_script
+from conftest import run_in_process
 from utils import FPS, ToolkitError
 
 
@@ -329,7 +329,7 @@ def test_frame_count_errors(unlabelled, problem, message):
     test_dir = "data/Validation" if problem == "labelled folder" else "data/Test"
     command = ["train.py", "--mods", "audio,text", "--model_dir", "m", "--test_dir", test_dir,
                "--frame_counts", "frames.csv", "--pred_dir", "p"]
-    result = run_script(*command, *([] if problem == "training" else ["--test"]), cwd=unlabelled)
+    result = run_in_process(*command, *([] if problem == "training" else ["--test"]), cwd=unlabelled)
     assert result.returncode == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (unlabelled / "p").exists()

@@ -9,7 +9,7 @@ import pytest
 import datasets
 import plot
 import utils
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -179,7 +179,7 @@ def test_command_line_writes_a_png(tables, tmp_path):
 
 
 def test_missing_file_is_one_error_line(tmp_path):
-    result = run_script("plot.py", "epochs", str(tmp_path / "cv_AT" / "cv_epochs.csv"),
+    result = run_in_process("plot.py", "epochs", str(tmp_path / "cv_AT" / "cv_epochs.csv"),
                         "--out", str(tmp_path / "x.png"))
     assert result.returncode == 1
     assert result.stderr == (f"error: {tmp_path / 'cv_AT' / 'cv_epochs.csv'} does not exist: "

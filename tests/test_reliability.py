@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 import train
 import utils
-from conftest import ROOT, assert_same_checkpoints, run_script
+from conftest import ROOT, assert_same_checkpoints, run_script, wait_until
 from test_datasets import bad_input_cases
 
 
@@ -198,14 +197,14 @@ def one_thread():
         torch.set_num_threads(previous)
 
 
-def wait_for_epochs(root, model_dir, count, process, timeout=60):
-    deadline = time.monotonic() + timeout
+def wait_for_epochs(root, model_dir, count, process):
+    """Until `process` has written more than `count` epochs to <model_dir>/metrics.csv."""
     metrics = root / model_dir / "metrics.csv"
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"training did not reach {count} epochs")
+
+    def reached():
+        assert process.poll() is None, f"training ended early: {process.communicate()[1][-2000:]}"
+        return metrics.is_file() and len(metrics.read_text().splitlines()) > count
+    wait_until(reached, root)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -5,7 +5,7 @@ import pytest
 import datasets
 import score
 import utils
-from conftest import run_script, write_tiny_data
+from conftest import run_in_process, write_tiny_data
 
 
 def test_scorer_prints_tracks_and_writes_tables(tiny_data, tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_scorer_prints_tracks_and_writes_tables(tiny_data, tmp_path, capsys):
 def test_scorer_refuses_missing_predictions(tiny_data, tmp_path):
     (tmp_path / "pred").mkdir()
     utils.write_valence(tmp_path / "pred" / "Subject_1_Story_1.csv", np.zeros(10))
-    result = run_script("score.py", str(tiny_data / "Validation" / "Annotations"),
+    result = run_in_process("score.py", str(tiny_data / "Validation" / "Annotations"),
                         str(tmp_path / "pred"))
     assert result.returncode == 1
     assert "has no prediction for Subject_2_Story_1 (2 of 3 missing)" in result.stderr
@@ -79,6 +79,6 @@ def test_generator_listeners_differ_and_share_the_story(tmp_path):
 
 
 def test_generator_refuses_to_overwrite(tiny_data):
-    result = run_script("make_data.py", "--out_dir", str(tiny_data), "--subjects", "1",
+    result = run_in_process("make_data.py", "--out_dir", str(tiny_data), "--subjects", "1",
                         "--stories", "2", "--seconds", "10")
     assert result.returncode == 1 and "pass --overwrite" in result.stderr

@@ -7,7 +7,7 @@ import torch
 
 import datasets
 import train
-from conftest import assert_same_checkpoints, run_script
+from conftest import assert_same_checkpoints, run_in_process, run_script
 
 
 def run_train(*argv):
@@ -168,7 +168,7 @@ def test_subjects_augment_and_test_set(in_tmp):
     (["--test"], "models/best.save does not exist"),
 ])
 def test_bad_flags_give_one_line_and_exit_1(in_tmp, argv, message):
-    result = run_script("train.py", "--mods", "audio", *argv, cwd=in_tmp)
+    result = run_in_process("train.py", "--mods", "audio", *argv, cwd=in_tmp)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -177,7 +177,7 @@ def test_bad_flags_give_one_line_and_exit_1(in_tmp, argv, message):
 
 def test_checkpoint_of_other_modalities_is_refused(in_tmp):
     run_train("--epochs", "1", "--mods", "audio", "--model_dir", "m")
-    result = run_script("train.py", "--mods", "audio,text", "--model_dir", "m", "--test",
+    result = run_in_process("train.py", "--mods", "audio,text", "--model_dir", "m", "--test",
                         "--pred_dir", "p", cwd=in_tmp)
     assert result.returncode == 1 and "run with --mods audio" in result.stderr
     assert not (in_tmp / "p").exists()
@@ -186,7 +186,7 @@ def test_checkpoint_of_other_modalities_is_refused(in_tmp):
 def test_an_earlier_run_is_not_overwritten(in_tmp):
     run_train("--epochs", "1", "--mods", "audio", "--model_dir", "m")
     before = (in_tmp / "m" / "best.save").read_bytes()
-    result = run_script("train.py", "--mods", "audio", "--model_dir", "m", "--epochs", "1",
+    result = run_in_process("train.py", "--mods", "audio", "--model_dir", "m", "--epochs", "1",
                         cwd=in_tmp)
     assert result.returncode == 1 and "already holds a run: pass --resume" in result.stderr
     assert (in_tmp / "m" / "best.save").read_bytes() == before
