@@ -190,6 +190,8 @@ def main(args):
         resumes = check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
     options = train.RunOptions.from_args(args, settings, resumes, runner)
     options.check()
+    if not args.test:
+        options.check_trainable(pooled)  # every fold trains on some of these videos
     for story in pooled.stories:
         for folder, seed_settings in options.resumed_runs(runs.fold_dir(runner.path(out_dir),
                                                                         story)):

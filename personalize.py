@@ -68,6 +68,16 @@ def init_checkpoint(out_dir):
     return path
 
 
+def check_init(out_dir, train_all, options):
+    """init.save must load for this data, and its post-processing with these flags,
+    and fine-tuning must fit the videos: checked before anything is written."""
+    init = train.load_trained([init_checkpoint(out_dir)], train_all, options.normalize,
+                              utils.get_device(options.cuda))
+    utils.Postprocessing.resolve(init[0].checkpoint.get("postprocessing"),
+                                 **(options.postprocessing_flags or {}))
+    options.check_trainable(train_all)
+
+
 def subject_sets(train_all, test_all, subject, augment):
     train_set = (train_all.repeat_subjects([subject], augment) if augment
                  else train_all.select(subjects=[subject]))
@@ -217,6 +227,7 @@ def main(args):
     resumes = runs.check_fresh_runs(folders, args.resume, args.overwrite)
     options = train.RunOptions.from_args(args, settings, resumes, runner)
     options.check()
+    check_init(out_dir, train_all, options)
     resumed = [run for subject in subjects
                for run in options.resumed_runs(runner.path(runs.subject_dir(out_dir, subject)))]
     resumed += [(folder, settings) for folder in folders  # --inner_cv's folds: one seed each

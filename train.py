@@ -228,6 +228,13 @@ class RunOptions:
         models.check_precision(self.settings.precision, utils.get_device(self.cuda))
         utils.Postprocessing.resolve(**(self.postprocessing_flags or {}))
 
+    def check_trainable(self, train_set):
+        """Refuse, before anything is written, a --split or --label_delay that some
+        training video is too short for (fit would stop on it after args.json)."""
+        delay_frames = self.postprocessing.delay_frames
+        delayed = train_set.with_label_delay(delay_frames) if delay_frames else train_set
+        delayed.training_segments(self.settings.split)
+
     def resumes_run(self, folder):
         return (self.resumes or {}).get(folder, False)
 
@@ -766,6 +773,7 @@ def train_new_model(args, model_dir, train_set, test_set, device):
     options = RunOptions(settings, args.normalize, args.cuda, utils.postprocessing_flags(args),
                          args.tensorboard, resumes)
     options.check()
+    options.check_trainable(train_set)
     for folder, seed_settings in options.resumed_runs(model_dir):
         check_resumable(folder, seed_settings, train_set.mods, train_set.input_dims,
                         args.normalize, options.postprocessing)

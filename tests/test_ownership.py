@@ -1,5 +1,6 @@
 """A run owns its output folder, never writes into the data, resumes only what it
 can continue, loses no metrics row to a kill, and stops its workers on a signal."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,3 +131,31 @@ def test_a_malformed_scheduler_address_is_one_line(in_tmp):
     assert result.stderr == ("error: --scheduler garbage is not a scheduler address: give "
                              "PROTOCOL://HOST:PORT, e.g. tcp://10.0.0.5:8786\n")
     assert not (in_tmp / "cv").exists()
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train.py", ["--split", "500", "--model_dir", "out"], "--split 500 is larger than"),
+    ("train.py", ["--label_delay", "400", "--model_dir", "out"], "--label_delay of 400 s"),
+    ("crossval.py", ["--split", "500", "--out_dir", "out"], "--split 500 is larger than"),
+    ("crossval.py", ["--jobs", "0", "--out_dir", "out"], "--jobs must be at least 1"),
+    ("crossval.py", ["--smooth", "nan", "--out_dir", "out"], "--smooth must be a number"),
+    ("personalize.py", ["--split", "500", "--out_dir", "out"], "--split 500 is larger than"),
+    ("personalize.py", ["--out_dir", "out"], "was trained on --mods audio,text, not audio"),
+])
+def test_checks_that_need_the_data_run_before_anything_is_written(in_tmp, command, script,
+                                                                   flags, message):
+    (in_tmp / "out").mkdir()
+    if script == "personalize.py":
+        shutil.copy(make_init(in_tmp, "audio,text" if "--split" not in flags else "audio"),
+                    in_tmp / "out" / "init.save")
+    before = files_under(in_tmp / "out")
+    result = command(script, "--mods", "audio", "--epochs", "1", *flags)
+    assert_one_line_error(result, message)
+    assert files_under(in_tmp / "out") == before
+
+
+def make_init(root, mods):
+    folder = root / f"init_{mods.replace(',', '_')}"
+    train.main(train.get_args_parser().parse_args(
+        ["--mods", mods, "--epochs", "1", "--model_dir", str(folder), "--ledger", "none"]))
+    return folder / "best.save"

@@ -142,9 +142,10 @@ def test_bad_checkpoints(trained, command, description, damage, argv, message):
     (["score.py", "data/Validation/Annotations", "nowhere"], "folder nowhere does not exist"),
 ])
 def test_bad_flags(in_tmp, command, argv, message):
+    before = files_under(in_tmp)
     result = command(*argv)
     assert_one_line_error(result, message)
-    assert not (in_tmp / "out").exists()
+    assert files_under(in_tmp) == before  # no output folder, no args.json, nothing
 
 
 def test_unsaved_test_epoch(in_tmp, command):
