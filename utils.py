@@ -8,6 +8,8 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
@@ -428,6 +430,21 @@ def run_cli(main, parser, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:
+        if error.errno not in _FULL:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(f"error: cannot write{where}: {_full_disk_advice(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over quota, file too large
+
+
+def _full_disk_advice(error):
+    # Atomic writes leave the earlier file (or none) and no temporary behind.
+    return (f"{error.strerror} (the disk or your quota is full, or a file size limit "
+            "applies): free space and run again, with --resume where the script has it")
 
 
 # ---------------------------------------------------------------- files
@@ -460,9 +477,11 @@ def atomic_path(path):
     try:
         yield Path(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.errno in _FULL:
+            raise ToolkitError(f"cannot write {path}: {_full_disk_advice(error)}") from None
         raise
 
 
@@ -525,8 +544,11 @@ def save_array(path, array):
 def save_checkpoint(path, checkpoint):
     """Write a checkpoint dict (tensors and plain values only, so that it loads with
     `torch.load(weights_only=True)`) under a temporary name, then rename it."""
+    serialized = io.BytesIO()
+    torch.save(checkpoint, serialized)
+    # Written by Python, not by torch: a full disk is then an OSError that names itself.
     with atomic_path(path) as temporary:
-        torch.save(checkpoint, temporary)
+        temporary.write_bytes(serialized.getbuffer())
 
 
 def load_checkpoint(path, device="cpu"):

@@ -159,3 +159,22 @@ def make_init(root, mods):
     train.main(train.get_args_parser().parse_args(
         ["--mods", mods, "--epochs", "1", "--model_dir", str(folder), "--ledger", "none"]))
     return folder / "best.save"
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("make_data.py", ["--out_dir", "small"]),
+    ("train.py", ["--mods", "audio", "--epochs", "1", "--model_dir", "m", "--ledger", "none"]),
+])
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(in_tmp, script, argv):
+    """As `ulimit -f` makes it: every write past 64 KiB fails (EFBIG), as on a full disk."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    result = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=in_tmp,
+                            capture_output=True, text=True, timeout=120,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write ")
+    assert "Traceback" not in result.stderr and "free space" in result.stderr
+    assert not list(in_tmp.rglob("*.tmp"))  # the atomic writes cleaned up after themselves
