@@ -163,7 +163,9 @@ def check_fresh_model_dir(model_dir, resume, overwrite):
         if not (model_dir / LAST).is_file():
             raise ToolkitError(f"--resume: {model_dir / LAST} does not exist: train "
                                "without --resume first")
-    elif (model_dir / LAST).exists() and not overwrite:
+    elif any((model_dir / name).exists() for name in (LAST, BEST, METRICS)) and not overwrite:
+        # best.save and metrics.csv count too: a run that died before its first
+        # last.save (--save_freq epochs) still holds epochs of work.
         raise ToolkitError(f"{model_dir} already holds a run: pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --model_dir")
 
@@ -175,8 +177,8 @@ def check_fresh_runs(folders, resume, overwrite):
     saved = {folder: (Path(folder) / LAST).is_file() for folder in folders}
     if resume and not any(saved.values()):
         check_fresh_model_dir(folders[0], resume, overwrite)  # nothing to resume: says so
-    for folder in folders:
-        check_fresh_model_dir(folder, resume and saved[folder], overwrite)
+    for folder in folders:  # with --resume, an unsaved run starts afresh, as documented
+        check_fresh_model_dir(folder, resume and saved[folder], overwrite or resume)
     return {folder: resume and saved[folder] for folder in folders}
 
 

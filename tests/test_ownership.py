@@ -178,3 +178,15 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(in_tmp, script, argv
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write ")
     assert "Traceback" not in result.stderr and "free space" in result.stderr
     assert not list(in_tmp.rglob("*.tmp"))  # the atomic writes cleaned up after themselves
+
+
+def test_a_run_that_died_before_its_first_last_save_is_not_trained_over(in_tmp, command):
+    assert command("train.py", "--mods", "audio", "--epochs", "2", "--model_dir", "m").returncode == 0
+    (in_tmp / "m" / "last.save").unlink()  # as when killed before --save_freq epochs
+    result = command("train.py", "--mods", "audio", "--epochs", "2", "--model_dir", "m")
+    assert_one_line_error(result, "m already holds a run")
+    result = command("train.py", "--mods", "audio", "--epochs", "2", "--model_dir", "m",
+                     "--resume")
+    assert_one_line_error(result, "--resume: m/last.save does not exist")
+    assert command("train.py", "--mods", "audio", "--epochs", "2", "--model_dir", "m",
+                   "--overwrite").returncode == 0
