@@ -137,17 +137,16 @@ def train_fold(pooled, story, out_dir, options):
         options, device)
 
 
-def evaluate_fold(pooled, story, out_dir, checkpoint, normalize, cuda, features=False,
-                  postprocessing_flags=None, precision="fp32"):
+def evaluate_fold(pooled, story, out_dir, checkpoint, options, features=False):
     """Evaluate a fold's checkpoint (every seed's) on its training and held-out videos,
     write the held-out predictions to <out_dir>/cv_pred/ (and features if asked)."""
-    device = utils.get_device(cuda)
+    device, precision = utils.get_device(options.cuda), options.settings.precision
     train_set, val_set = fold_sets(pooled, story)
     folder = runs.fold_dir(out_dir, story)
-    trained = train.load_trained(runs.run_checkpoints(folder, checkpoint), train_set, normalize,
-                                 device)
-    postprocessing = train.saved_postprocessing(trained, postprocessing_flags or {}, train_set,
-                                                [val_set])
+    trained = train.load_trained(runs.run_checkpoints(folder, checkpoint), train_set,
+                                 options.normalize, device)
+    postprocessing = train.saved_postprocessing(trained, options.postprocessing_flags or {},
+                                                train_set, [val_set])
     train_result = train.evaluate_seeds(trained, train_set, device, postprocessing, precision)
     val_result = train.evaluate_seeds(trained, val_set, device, postprocessing, precision)
     utils.write_predictions(Path(out_dir) / runs.CV_PREDICTIONS, val_set.videos,
@@ -167,8 +166,7 @@ def run_fold(pooled, story, out_dir, options, checkpoint, features, test_only):
     """Train a fold (unless `test_only`), then evaluate its `checkpoint`."""
     if not test_only:
         train_fold(pooled, story, out_dir, options)
-    return evaluate_fold(pooled, story, out_dir, checkpoint, options.normalize, options.cuda,
-                         features, options.postprocessing_flags, options.settings.precision)
+    return evaluate_fold(pooled, story, out_dir, checkpoint, options, features)
 
 
 # ---------------------------------------------------------------- main
