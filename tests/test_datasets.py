@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -227,6 +229,11 @@ def bad_input_cases():
         array[0, 0] = np.inf
         return array
 
+    def with_huge(array):
+        array = array.astype(np.float64)
+        array[0, 0] = 1e300  # finite in the file, inf once read as float32
+        return array
+
     return [
         ("missing modality folder", remove("CombinedAudio"), "CombinedAudio does not exist"),
         ("missing annotation folder", remove("Annotations"), "Annotations does not exist"),
@@ -237,6 +244,7 @@ def bad_input_cases():
          "has Subject_1_Story_2, which has no annotation"),
         ("NaN in features", write_audio(with_nan), "Subject_1_Story_2.npy contains NaN"),
         ("inf in features", write_audio(with_inf), "Subject_1_Story_2.npy contains NaN or inf"),
+        ("float64 beyond float32", write_audio(with_huge), "Subject_1_Story_2.npy contains NaN or inf"),
         ("different width", write_audio(lambda a: a[:, :5]), "has 5 columns but"),
         ("non-numeric cell", csv_with_text, "Subject_1_Story_2.csv is not a table of numbers"),
         ("annotation without header", write_annotation("0.1\n0.2\n"), "has no `valence` column"),
@@ -250,8 +258,10 @@ def bad_input_cases():
                          ids=[case[0] for case in bad_input_cases()])
 def test_bad_input_names_the_file(tiny_data, description, damage, message):
     damage(tiny_data / "Training")
-    with pytest.raises(ToolkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_videos(tiny_data / "Training", ["audio", "text"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error line is all the user sees
+        with pytest.raises(ToolkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_videos(tiny_data / "Training", ["audio", "text"])
 
 
 def test_missing_split_folder(tmp_path):
