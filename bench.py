@@ -29,10 +29,11 @@ import torch
 
 import datasets
 import make_data
+import engine
 import models
 import parallel
-import train
 import utils
+from precision import fast_bf16_cpu
 
 ROOT = Path(__file__).resolve().parent
 MODELS = {"AT": ["audio", "text"], "ATV": ["audio", "text", "v_sub"]}
@@ -155,7 +156,7 @@ def precisions(device, epochs, slow_bf16=False):
     one epoch."""
     if torch.device(device).type == "cuda":
         return {"fp32": epochs, **({"bf16": epochs} if torch.cuda.is_bf16_supported() else {})}
-    if models.fast_bf16_cpu():
+    if fast_bf16_cpu():
         return {"fp32": epochs, "bf16": epochs}
     return {"fp32": epochs, **({"bf16": 1} if slow_bf16 else {})}
 
@@ -171,26 +172,26 @@ def cpu_description():
     return (f"{names[0] if names else 'unknown CPU'}; capability "
             f"{torch.backends.cpu.get_cpu_capability()}; amx_bf16 {have['amx_bf16']}, "
             f"avx512_bf16 {have['avx512_bf16']}; fast bf16 "
-            f"{'yes' if models.fast_bf16_cpu() else 'no (train.py refuses --precision bf16)'}")
+            f"{'yes' if fast_bf16_cpu() else 'no (train.py refuses --precision bf16)'}")
 
 
 def start_training(train_set, device, precision="fp32"):
     """A seeded model with the default settings, and a function that trains it one epoch."""
-    utils.seed_everything(1)
-    model = train.build_model(train_set.input_dims, device)
-    optimizer = train.build_optimizer(model, 1e-5, 5e-4)
+    engine.seed_everything(1)
+    model = models.create(models.DEFAULT_MODEL, train_set.input_dims).to(device)
+    optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
     segments = train_set.training_segments(5)
     generator = torch.Generator().manual_seed(1)
 
     def train_epoch():
-        train.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device,
+        engine.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device,
                               precision=precision)
     return model, segments, train_epoch
 
 
 def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
     """Seconds per training step and per evaluation pass, and achieved GFLOP/s."""
-    train_set, val_set = train.load_train_test(*split_dirs(npy_dir), mods)
+    train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), mods)
     model, segments, train_epoch = start_training(train_set, device, precision)
 
     def one_epoch():
@@ -198,11 +199,11 @@ def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
         train_epoch()
         synchronize(device)
         middle = time.perf_counter()
-        train.evaluate(model, val_set, device, precision=precision)
+        engine.evaluate(model, val_set, device, precision=precision)
         synchronize(device)
         return middle - start, time.perf_counter() - middle
 
-    with utils.reused_heap():  # as in train.fit
+    with engine.reused_heap():  # as in engine.fit
         if epochs > 1:  # a single timed epoch is one of slow bf16, which a warm-up would double
             one_epoch()  # warm-up: allocator, kernels
         timings = np.array([one_epoch() for _ in range(epochs)])
@@ -217,8 +218,8 @@ def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
 
 def batched_vs_alone(model, video_set, device, precision="fp32"):
     """Largest difference between predicting all videos as one batch and one by one."""
-    batched = train.predict(model, video_set, device, precision=precision)
-    alone = [train.predict(model, video_set.subset([video]), device, precision=precision)[0]
+    batched = engine.predict(model, video_set, device, precision=precision)
+    alone = [engine.predict(model, video_set.subset([video]), device, precision=precision)[0]
              for video in video_set.videos]
     return max(float(np.abs(a - b).max()) for a, b in zip(batched, alone))
 
@@ -258,8 +259,8 @@ def warm_up_torch():
     """One optimizer step of a tiny model: loads what every run loads whatever its data
     (the optimizer's first step imports torch._dynamo, about 70 MiB; oneDNN's LSTM
     and GEMM set up), so that the baseline holds Python and torch, not our data."""
-    model = train.build_model({"audio": 4}, "cpu")
-    optimizer = train.build_optimizer(model, 1e-5, 5e-4)
+    model = models.create(models.DEFAULT_MODEL, {"audio": 4})
+    optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
     model(({"audio": torch.zeros(6, 4)}), torch.tensor([4, 2])).sum().backward()
     optimizer.step()
 
@@ -268,15 +269,15 @@ def rss_probe(spec):
     name, precision, folder = spec.split(":", 2)
     warm_up_torch()
     baseline = high_water_rss()
-    train_set, val_set = train.load_train_test(*split_dirs(Path(folder)), MODELS[name])
+    train_set, val_set = datasets.load_train_test(*split_dirs(Path(folder)), MODELS[name])
     feature_bytes = sum(storage.numel() * 4 for video_set in (train_set, val_set)
                         for storage in video_set.features.values())
     model, _, train_epoch = start_training(train_set, "cpu", precision)
-    with utils.reused_heap():  # as in train.fit
+    with engine.reused_heap():  # as in engine.fit
         train_epoch()
-        train.evaluate(model, val_set, "cpu", precision=precision)
+        engine.evaluate(model, val_set, "cpu", precision=precision)
     # as --test and --features do after training
-    train.evaluate(model, train_set, "cpu", precision=precision)
+    engine.evaluate(model, train_set, "cpu", precision=precision)
     print(baseline, high_water_rss(), feature_bytes)
 
 
@@ -298,10 +299,10 @@ def epoch_probe(spec, epochs=3):
     machine can do on 1 and 2 threads, so moments slowed by other load are left out."""
     threads, folder = spec.split(":", 1)
     torch.set_num_threads(int(threads))
-    train_set, _ = train.load_train_test(*split_dirs(Path(folder)), MODELS["AT"])
+    train_set, _ = datasets.load_train_test(*split_dirs(Path(folder)), MODELS["AT"])
     _, _, train_epoch = start_training(train_set, "cpu")
     seconds = []
-    with utils.reused_heap():  # as in train.fit
+    with engine.reused_heap():  # as in engine.fit
         train_epoch()  # warm-up
         for _ in range(epochs):
             start = time.perf_counter()

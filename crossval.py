@@ -18,32 +18,19 @@ from pathlib import Path
 import numpy as np
 
 import datasets
+import engine
+import options
 import parallel
 import runs
-import train
 import utils
 from utils import ToolkitError
-
-
-def get_fold_args_parser():
-    """Flags of every script that works on cross-validation folds."""
-    parser = argparse.ArgumentParser(add_help=False,
-                                     parents=[parallel.get_parallel_args_parser("run folds")])
-    group = parser.add_argument_group("folds")
-    group.add_argument("--out_dir", default="./cv_out",
-                       help="folder of the folds val_on_<story>/ (default: %(default)s)")
-    group.add_argument("--stories", type=int, nargs="+", metavar="STORY",
-                       help="keep only these stories (default: all in both folders)")
-    group.add_argument("--subjects", type=int, nargs="+", metavar="S",
-                       help="keep only these subjects (default: all)")
-    return parser
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "crossval.py", description="Cross-validate the fusion LSTM across stories.",
-        parents=[train.get_data_args_parser(), train.get_training_args_parser(),
-                 train.get_model_args_parser(), get_fold_args_parser(),
+        parents=[options.get_data_args_parser(), options.get_training_args_parser(),
+                 options.get_model_args_parser(), options.get_fold_args_parser(),
                  runs.get_ledger_args_parser()])
     group = parser.add_argument_group("what to run")
     group.add_argument("--test", action="store_true",
@@ -58,64 +45,6 @@ def get_args_parser():
     return parser
 
 
-# ---------------------------------------------------------------- folds
-
-def load_pool(train_dir, test_dir, mods, stories=None, subjects=None):
-    """Training and validation videos pooled, restricted to `stories`/`subjects`."""
-    pooled = datasets.load_videos([train_dir, test_dir], mods)
-    if stories:
-        datasets.check_known("story", stories, pooled.stories, "--stories")
-    if subjects:
-        datasets.check_known("subject", subjects, pooled.subjects, "--subjects")
-    pooled = pooled.select(stories=stories, subjects=subjects)
-    if len(pooled.stories) < 2:
-        raise ToolkitError("cross-validation needs at least two stories: widen --stories")
-    return pooled
-
-
-def pool_for_tasks(pooled, args, runner):
-    """The pooled videos as fold tasks get them from `runner` (parallel.Runner)."""
-    return runner.data(pooled, load_pool, train_dir=Path(args.train_dir),
-                       test_dir=Path(args.test_dir), mods=pooled.mods, stories=args.stories,
-                       subjects=args.subjects)
-
-
-def fold_sets(pooled, story):
-    """(training videos, held-out videos) of the fold that holds out `story`."""
-    return pooled.select(exclude_stories=[story]), pooled.select(stories=[story])
-
-
-def check_checkpoints(out_dir, stories, epochs=(None,)):
-    """Every fold must hold every checkpoint asked for, before any work starts."""
-    for story in stories:
-        for epoch in epochs:
-            for path in runs.run_checkpoints(runs.fold_dir(out_dir, story),
-                                             runs.checkpoint_name(epoch)):
-                if not path.is_file():
-                    saved = runs.saved_epochs(path.parent)
-                    listing = (f"saved epochs: {_ranges(saved)}" if saved
-                               else "run crossval.py without --test first")
-                    raise ToolkitError(f"{path} does not exist ({listing})")
-
-
-def _ranges(epochs):
-    """[10, 20, 30, 50] -> '10-30 every 10, 50' (short lists of saved epochs)."""
-    if len(epochs) < 3:
-        return ", ".join(map(str, epochs))
-    step = epochs[1] - epochs[0]
-    if all(b - a == step for a, b in zip(epochs, epochs[1:])):
-        return f"{epochs[0]}-{epochs[-1]} every {step}"
-    return ", ".join(map(str, epochs[:20])) + (" ..." if len(epochs) > 20 else "")
-
-
-def check_fresh_folds(out_dir, stories, settings, resume, overwrite):
-    """Refuse to train over earlier folds unless asked to; returns {folder: whether the
-    run continues from its last.save} for every fold (and seed)."""
-    folders = [folder for story in stories
-               for _, folder in settings.seed_runs(runs.fold_dir(out_dir, story))]
-    return runs.check_fresh_runs(folders, resume, overwrite)
-
-
 def check_test_epoch(test_epoch, settings):
     if test_epoch is not None and (test_epoch % settings.save_freq or test_epoch > settings.epochs):
         raise ToolkitError(f"--test_epoch {test_epoch} will not be saved: pick a multiple of "
@@ -124,36 +53,33 @@ def check_test_epoch(test_epoch, settings):
 
 # ---------------------------------------------------------------- one fold
 
-def train_fold(pooled, story, out_dir, options):
-    """Train the fold that holds out `story` (every seed, train.RunOptions `options`);
+def train_fold(pooled, story, out_dir, run):
+    """Train the fold that holds out `story` (every seed, options.RunOptions `run`);
     returns fit()'s summaries."""
-    device = utils.get_device(options.cuda)
-    train_set, val_set = fold_sets(pooled, story)
-    scaler = datasets.FeatureScaler.fit(train_set) if options.normalize else None
-    settings = options.settings
-    return train.fit_seeds(
-        lambda: train.build_model(pooled.input_dims, device, settings.layers, settings.bidirectional),
-        train_set.with_scaler(scaler), val_set.with_scaler(scaler), runs.fold_dir(out_dir, story),
-        options, device)
+    device = run.device
+    train_set, val_set = datasets.fold_sets(pooled, story)
+    scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
+    return engine.fit_seeds(lambda: run.settings.new_model(pooled.input_dims, device),
+                            train_set.with_scaler(scaler), val_set.with_scaler(scaler),
+                            runs.fold_dir(out_dir, story), run, device)
 
 
-def evaluate_fold(pooled, story, out_dir, checkpoint, options, features=False):
+def evaluate_fold(pooled, story, out_dir, checkpoint, run, features=False):
     """Evaluate a fold's checkpoint (every seed's) on its training and held-out videos,
     write the held-out predictions to <out_dir>/cv_pred/ (and features if asked)."""
-    device, precision = utils.get_device(options.cuda), options.settings.precision
-    train_set, val_set = fold_sets(pooled, story)
+    device, precision = run.device, run.settings.precision
+    train_set, val_set = datasets.fold_sets(pooled, story)
     folder = runs.fold_dir(out_dir, story)
-    trained = train.load_trained(runs.run_checkpoints(folder, checkpoint), train_set,
-                                 options.normalize, device)
-    postprocessing = train.saved_postprocessing(trained, options.postprocessing_flags or {},
-                                                train_set, [val_set])
-    train_result = train.evaluate_seeds(trained, train_set, device, postprocessing, precision)
-    val_result = train.evaluate_seeds(trained, val_set, device, postprocessing, precision)
+    trained, saved = engine.load_for_evaluation(runs.run_checkpoints(folder, checkpoint),
+                                                train_set, run.normalize,
+                                                run.postprocessing_flags, device, [val_set])
+    train_result = engine.evaluate_seeds(trained, train_set, device, saved, precision)
+    val_result = engine.evaluate_seeds(trained, val_set, device, saved, precision)
     utils.write_predictions(Path(out_dir) / runs.CV_PREDICTIONS, val_set.videos,
                             val_result["frames"])
     if features:
-        train.extract_features(trained, train_set, val_set, folder, device,
-                               postprocessing.label_delay, precision)
+        engine.extract_features(trained, train_set, val_set, folder, device, saved.label_delay,
+                                precision)
     row = {"story": story, "train_ccc": train_result["ccc"], "val_ccc": val_result["ccc"],
            "epoch": trained[0].checkpoint.get("epoch")}
     if len(trained) > 1:
@@ -162,53 +88,50 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, options, features=False):
     return row
 
 
-def run_fold(pooled, story, out_dir, options, checkpoint, features, test_only):
+def run_fold(pooled, story, out_dir, run, checkpoint, features, test_only):
     """Train a fold (unless `test_only`), then evaluate its `checkpoint`."""
     if not test_only:
-        train_fold(pooled, story, out_dir, options)
-    return evaluate_fold(pooled, story, out_dir, checkpoint, options, features)
+        train_fold(pooled, story, out_dir, run)
+    return evaluate_fold(pooled, story, out_dir, checkpoint, run, features)
 
 
 # ---------------------------------------------------------------- main
 
 def main(args):
     mods = datasets.parse_mods(args.mods)
-    settings = train.TrainingSettings.from_args(args)
+    settings = options.TrainingSettings.from_args(args)
     out_dir = Path(args.out_dir)
     checkpoint = runs.checkpoint_name(args.test_epoch)
     runner = parallel.Runner.from_args(args)
-    pooled = load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
-    runner.check()
-    resumes = {}
+    pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
+    folders = [folder for story in pooled.stories
+               for _, folder in settings.seed_runs(runs.fold_dir(out_dir, story))]
+    evaluated = []
     if args.test:
-        check_checkpoints(out_dir, pooled.stories, [args.test_epoch])
+        runs.check_fold_checkpoints(out_dir, pooled.stories, [args.test_epoch])
+        evaluated = [paths[0] for story in pooled.stories
+                     if (paths := runs.run_checkpoints(runs.fold_dir(out_dir, story), checkpoint))]
+        resumes = {}
     else:
-        settings.check()
         check_test_epoch(args.test_epoch, settings)
-        resumes = check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
-    options = train.RunOptions.from_args(args, settings, resumes, runner)
-    options.check()
-    if not args.test:
-        options.check_trainable(pooled)  # every fold trains on some of these videos
-    for story in pooled.stories:
-        for folder, seed_settings in options.resumed_runs(runs.fold_dir(runner.path(out_dir),
-                                                                        story)):
-            train.check_resumable(folder, seed_settings, pooled.mods, pooled.input_dims,
-                                  args.normalize, options.postprocessing)
-    train.check_tensorboard_dir(args.tensorboard)
-    runs.check_output_folder(out_dir, "--out_dir")
-    utils.check_writable(out_dir)
+        resumes = runs.check_fresh_runs(folders, args.resume, args.overwrite)
+    run = options.RunOptions.from_args(args, settings, resumes, runner)
+    resumed = [resumed_run for story in pooled.stories  # every fold trains on some of pooled
+               for resumed_run in run.resumed_runs(runs.fold_dir(runner.path(out_dir), story))]
+    options.check_before_writing(options.Plan(
+        outputs=[(out_dir, "--out_dir")], options=run, data=pooled, trains=not args.test,
+        resumed=resumed, evaluated=evaluated, runner=runner))
     with runs.owned(out_dir):
         if not args.test:
-            check_fresh_folds(out_dir, pooled.stories, settings, args.resume, args.overwrite)
+            runs.check_fresh_runs(folders, args.resume, args.overwrite)  # none began meanwhile
             runs.write_run_record(args, out_dir)
-        pooled_for_tasks = pool_for_tasks(pooled, args, runner)
-        tasks = [dict(pooled=pooled_for_tasks, story=story, out_dir=runner.path(out_dir),
-                      options=options, checkpoint=checkpoint, features=args.features,
-                      test_only=args.test)
+        pooled_for_tasks = datasets.pool_for_tasks(pooled, runner, args.train_dir, args.test_dir,
+                                                   args.stories, args.subjects)
+        tasks = [dict(pooled=pooled_for_tasks, story=story, out_dir=runner.path(out_dir), run=run,
+                      checkpoint=checkpoint, features=args.features, test_only=args.test)
                  for story in pooled.stories]
-        table = utils.crossval_table(runner.run(run_fold, tasks, "folds"))
-        utils.write_csv(table, out_dir / "crossval.csv")
+        table = runs.crossval_table(runner.run(run_fold, tasks, "folds"))
+        utils.write_csv(table, out_dir / runs.CROSSVAL_TABLE)
     print(f"cross-validation of {checkpoint} per held-out story:")
     print(utils.format_table(table))
     return table

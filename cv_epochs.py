@@ -15,19 +15,18 @@ from pathlib import Path
 
 import pandas as pd
 
-import crossval
 import datasets
-import models
+import engine
+import options
 import parallel
 import runs
-import train
 import utils
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "cv_epochs.py", description="Find the epoch that is best across all folds.",
-        parents=[train.get_data_args_parser(), crossval.get_fold_args_parser(),
+        parents=[options.get_data_args_parser(), options.get_fold_args_parser(),
                  runs.get_ledger_args_parser()])
     group = parser.add_argument_group("epochs")
     group.add_argument("--epoch_min", type=int, default=100, help="first epoch (default: %(default)s)")
@@ -43,36 +42,33 @@ def epochs_to_check(epoch_min, epoch_max, epoch_step):
     return list(range(epoch_min, epoch_max + 1, epoch_step))
 
 
-def load_fold_epoch(pooled, story, out_dir, epoch, normalize, device):
-    """A fold's training and held-out videos, and its models (one per seed) at `epoch`."""
-    train_set, val_set = crossval.fold_sets(pooled, story)
+def load_fold_epoch(pooled, story, out_dir, epoch, run, evaluated=()):
+    """A fold's training and held-out videos, its models (one per seed) at `epoch` and
+    the post-processing to score them with."""
+    train_set, val_set = datasets.fold_sets(pooled, story)
     paths = runs.run_checkpoints(runs.fold_dir(out_dir, story), runs.checkpoint_name(epoch))
-    return train_set, val_set, train.load_trained(paths, train_set, normalize, device)
+    trained, saved = engine.load_for_evaluation(paths, train_set, run.normalize,
+                                                run.postprocessing_flags, run.device,
+                                                [val_set] if evaluated else [])
+    return train_set, val_set, trained, saved
 
 
-def evaluate_fold_epochs(pooled, story, out_dir, epochs, normalize, cuda, postprocessing_flags,
-                         precision="fp32"):
+def evaluate_fold_epochs(pooled, story, out_dir, epochs, run):
     """Held-out CCC of one fold at each epoch (of its seeds' average prediction):
     {"story", "scores": {epoch: ccc}}."""
-    device = utils.get_device(cuda)
     scores = {}
     for epoch in epochs:
-        train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize,
-                                                      device)
-        postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set,
-                                                    [val_set] if epoch == epochs[0] else [])
-        scores[epoch] = train.evaluate_seeds(trained, val_set, device, postprocessing,
-                                             precision)["ccc"]
+        _, val_set, trained, saved = load_fold_epoch(pooled, story, out_dir, epoch, run,
+                                                     evaluated=epoch == epochs[0])
+        scores[epoch] = engine.evaluate_seeds(trained, val_set, run.device, saved,
+                                              run.settings.precision)["ccc"]
     return {"story": story, "scores": scores}
 
 
-def extract_fold_features(pooled, story, out_dir, epoch, normalize, cuda, postprocessing_flags,
-                          precision="fp32"):
-    device = utils.get_device(cuda)
-    train_set, val_set, trained = load_fold_epoch(pooled, story, out_dir, epoch, normalize, device)
-    postprocessing = train.saved_postprocessing(trained, postprocessing_flags, train_set)
-    train.extract_features(trained, train_set, val_set, runs.fold_dir(out_dir, story), device,
-                           postprocessing.label_delay, precision)
+def extract_fold_features(pooled, story, out_dir, epoch, run):
+    train_set, val_set, trained, saved = load_fold_epoch(pooled, story, out_dir, epoch, run)
+    engine.extract_features(trained, train_set, val_set, runs.fold_dir(out_dir, story),
+                            run.device, saved.label_delay, run.settings.precision)
 
 
 def epoch_table(folds, epochs):
@@ -100,28 +96,30 @@ def main(args):
     epochs = epochs_to_check(args.epoch_min, args.epoch_max, args.epoch_step)
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
-    pooled = crossval.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
-    crossval.check_checkpoints(out_dir, pooled.stories, epochs)
-    utils.Postprocessing.resolve(**utils.postprocessing_flags(args))  # refuses bad flags
-    models.check_precision(args.precision, utils.get_device(args.cuda))
-    runner.check()
-    utils.check_writable(out_dir)
+    pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
+    runs.check_fold_checkpoints(out_dir, pooled.stories, epochs)
+    run = options.RunOptions.from_args(args, options.TrainingSettings.from_args(args), {},
+                                       runner)
+    first_epoch = [path for story in pooled.stories for path in runs.run_checkpoints(
+        runs.fold_dir(out_dir, story), runs.checkpoint_name(epochs[0]))]
+    options.check_before_writing(options.Plan(
+        outputs=[(out_dir, "--out_dir")], options=run, data=pooled, evaluated=first_epoch,
+        runner=runner))
     with runs.owned(out_dir):
         runs.write_run_record(args, out_dir, runs.CV_EPOCHS_RUN_RECORD)
-        return evaluate_and_extract(pooled, epochs, out_dir, args, runner)
+        return evaluate_and_extract(pooled, epochs, out_dir, args, run, runner)
 
 
-def evaluate_and_extract(pooled, epochs, out_dir, args, runner):
+def evaluate_and_extract(pooled, epochs, out_dir, args, run, runner):
     """Score every fold at every epoch, then write the best epoch's features."""
-    common = dict(pooled=crossval.pool_for_tasks(pooled, args, runner),
-                  out_dir=runner.path(out_dir), normalize=args.normalize, cuda=args.cuda,
-                  postprocessing_flags=utils.postprocessing_flags(args),
-                  precision=args.precision)
+    common = dict(pooled=datasets.pool_for_tasks(pooled, runner, args.train_dir, args.test_dir,
+                                                 args.stories, args.subjects),
+                  out_dir=runner.path(out_dir), run=run)
     folds = runner.run(evaluate_fold_epochs,
                        [dict(story=s, epochs=epochs, **common) for s in pooled.stories], "folds")
     table = epoch_table(folds, epochs)
     best_epoch = int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
-    utils.write_csv(table, out_dir / "cv_epochs.csv")
+    utils.write_csv(table, out_dir / runs.CV_EPOCHS_TABLE)
     print(utils.format_table(table[["epoch", "mean_ccc", "std_ccc", "mean_minus_std"]]))
     print(f"best epoch: {best_epoch} (mean CCC {table['mean_ccc'].max():.4f})")
 

@@ -652,3 +652,66 @@ def _check_widths(files, shapes, mods):
                 raise ToolkitError(f"{files[key][mod]} has {width} columns but the other {mod} "
                                    f"files have {dims[mod]}: all {mod} files need the same width")
     return dims
+
+
+# ---------------------------------------------------------------- what a run uses
+
+def load_train_test(train_dir, test_dir, mods, test_stories=None, subjects=None, augment=None,
+                    unlabelled_test=False, frame_counts=None):
+    """The training and test videos a run uses.
+
+    `test_stories` pools both folders and tests on those stories; `subjects` keeps
+    those subjects (with `augment`, training keeps every video and repeats theirs).
+    With `unlabelled_test`, `test_dir` may lack annotations (see datasets.load_videos).
+    """
+    check_augment(augment)
+    if test_stories:
+        pooled = load_videos([train_dir, test_dir], mods)
+        check_known("story", test_stories, pooled.stories, "--test_set")
+        train_set = pooled.select(exclude_stories=test_stories)
+        test_set = pooled.select(stories=test_stories)
+    else:
+        train_set = load_videos(train_dir, mods)
+        test_set = load_videos(test_dir, mods, unlabelled_test, frame_counts)
+    if subjects:
+        check_known("subject", subjects, sorted(set(train_set.subjects) | set(test_set.subjects)),
+                    "--subjects")
+        test_set = test_set.select(subjects=subjects)
+        train_set = (train_set.repeat_subjects(subjects, augment) if augment
+                     else train_set.select(subjects=subjects))
+    for name, video_set in (("training", train_set), ("test", test_set)):
+        if not len(video_set):
+            raise ToolkitError(f"the {name} set is empty after --test_set/--subjects: "
+                               "choose stories and subjects that leave videos in both sets")
+    return train_set, test_set
+
+
+def check_augment(augment):
+    if augment is not None and augment < 1:
+        raise ToolkitError(f"--augment must be at least 1 (how many times the subjects' videos "
+                           f"appear in training), got {augment}")
+
+
+def load_pool(train_dir, test_dir, mods, stories=None, subjects=None):
+    """Training and validation videos pooled, restricted to `stories`/`subjects`."""
+    pooled = load_videos([train_dir, test_dir], mods)
+    if stories:
+        check_known("story", stories, pooled.stories, "--stories")
+    if subjects:
+        check_known("subject", subjects, pooled.subjects, "--subjects")
+    pooled = pooled.select(stories=stories, subjects=subjects)
+    if len(pooled.stories) < 2:
+        raise ToolkitError("cross-validation needs at least two stories: widen --stories")
+    return pooled
+
+
+def pool_for_tasks(pooled, runner, train_dir, test_dir, stories=None, subjects=None):
+    """The pooled videos of `load_pool` as the tasks of `runner` (parallel.Runner) get
+    them: these, or a stand-in that each cluster worker loads itself."""
+    return runner.data(pooled, load_pool, train_dir=Path(train_dir), test_dir=Path(test_dir),
+                       mods=pooled.mods, stories=stories, subjects=subjects)
+
+
+def fold_sets(pooled, story):
+    """(training videos, held-out videos) of the fold that holds out `story`."""
+    return pooled.select(exclude_stories=[story]), pooled.select(stories=[story])

@@ -1,4 +1,12 @@
-"""The feature-level fusion LSTM with local attention, and loading it from checkpoints.
+"""Model families, one class each, and the registry that names them (`--model`).
+
+A family is a class that predicts one valence per second from the modalities'
+per-second features (see `FusionLSTM` for the interface: `embed`,
+`forward_embedded`, `config`, `FLAGS`, `from_config`) plus one entry in `MODELS`.
+Its checkpoints name the family in their configuration, so every script rebuilds
+the right model from the file alone (checkpoints.load_model).
+
+The guide's family, `lstm`, is the feature-level fusion LSTM with local attention.
 
 Per second, each modality goes through dropout -> linear -> ReLU into a 128-d
 embedding; the embeddings are concatenated. An attention head turns the
@@ -11,85 +19,18 @@ decoder then takes the concatenated directions (1024 wide).
 Module names match the original release (`embed_<mod>.1.weight`, `attn.0.weight`,
 `lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain state_dicts load as is.
 """
-import contextlib
+import argparse
 import re
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import utils
 from utils import ToolkitError
 
 VISUAL_MODS = ("v_sub", "v_act")
-PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---------------------------------------------------------------- precision
-
-def fast_bf16_cpu():
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without
-    either, PyTorch's bfloat16 matrix products run ~50x slower than float32 (measured on
-    an AMD EPYC with AVX2 only: 1.3 against 60-100 GFLOP/s)."""
-    checks = [getattr(torch.cpu, name, None)
-              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if all(checks):
-        return any(check() for check in checks)
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def check_precision(precision, device):
-    """Refuse, in one line, a --precision this device cannot run well."""
-    device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ToolkitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ToolkitError("--precision fp16 needs a GPU (--cuda); on the CPU use bf16 "
-                           "(on CPUs with AVX512-BF16 or AMX) or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ToolkitError("--precision bf16: this GPU has no bfloat16; use fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not fast_bf16_cpu():
-        raise ToolkitError(f"--precision bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}, "
-                           "no AVX512-BF16 or AMX) runs bfloat16 many times slower than "
-                           "float32; use fp32")
-
-
-def autocast(precision, device):
-    """The context that runs a forward pass in `precision`: none at all for fp32, so
-    float32 runs exactly as they did before the flag; weights stay float32 throughout."""
-    device = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        # oneDNN cannot build a bfloat16 LSTM for such a CPU: PyTorch's own LSTM runs
-        # instead. Reached only where check_precision was bypassed (tests, bench.py).
-        stack.enter_context(_onednn_disabled())
-    stack.enter_context(torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision]))
-    return stack
-
-
-@contextlib.contextmanager
-def _onednn_disabled():
-    # Not torch.backends.mkldnn.flags(): it also sets TF32, which warns on every use.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
-def grad_scaler(precision, device):
-    """A gradient scaler for fp16 (its small range underflows gradients); None otherwise."""
-    if precision != "fp16":
-        return None
-    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def input_dropout(mod):
@@ -120,6 +61,20 @@ class InputDropout(nn.Dropout):
         return torch.where(drop, 0.0, inputs).mul_(65536 / (65536 - threshold))
 
 
+@dataclass(frozen=True)
+class ModelFlag:
+    """A command-line flag that sizes a model family: `flag` sets the constructor
+    argument `option`; `minimum` bounds an integer."""
+    flag: str
+    option: str
+    arguments: dict = field(default_factory=dict)
+    minimum: int = None
+
+    @property
+    def dest(self):
+        return self.flag.lstrip("-")
+
+
 class FusionLSTM(nn.Module):
     """Feature-level fusion of modalities, one valence prediction per second.
 
@@ -127,7 +82,19 @@ class FusionLSTM(nn.Module):
     (total_steps, dim) tensor, plus the length of each sequence. The model pads
     them internally; outputs come back in the same back-to-back order, so padded
     steps never reach a loss or a metric.
+
+    The interface every family offers: `embed` (per-step embeddings, computed on
+    unpadded rows), `forward_embedded` (predictions and, if asked, the 128-d
+    decision-level features), `config` (plain values that rebuild the model with
+    `from_config`), and `FLAGS` (the flags that size it).
     """
+    FLAGS = (
+        ModelFlag("--layers", "num_layers", dict(type=int, default=1, metavar="N",
+                  help="stacked LSTM layers (default: %(default)s)"), minimum=1),
+        ModelFlag("--bidirectional", "bidirectional", dict(
+            action="store_true", help="run the LSTM forwards and backwards; the attention "
+                                      "and the decoder take both directions' states")),
+    )
 
     def __init__(self, input_dims, embed_dim=128, attn_dim=128, attn_len=3,
                  hidden_dim=512, decoder_dim=128, num_layers=1, bidirectional=False):
@@ -146,7 +113,7 @@ class FusionLSTM(nn.Module):
         state_dim = hidden_dim * (2 if bidirectional else 1)
         self.dec_target = nn.Sequential(nn.Linear(state_dim, decoder_dim), nn.ReLU(),
                                         nn.Linear(decoder_dim, 1))
-        self.config = {"mods": self.mods, "input_dims": self.input_dims,
+        self.config = {"family": "lstm", "mods": self.mods, "input_dims": self.input_dims,
                        "embed_dim": embed_dim, "attn_dim": attn_dim, "attn_len": attn_len,
                        "hidden_dim": hidden_dim, "decoder_dim": decoder_dim,
                        "num_layers": num_layers, "bidirectional": bidirectional}
@@ -193,56 +160,105 @@ class FusionLSTM(nn.Module):
         return padded.view(valid.shape + rows.shape[1:])
 
 
+
+    @classmethod
+    def from_config(cls, config):
+        dims = {mod: int(config["input_dims"][mod]) for mod in config["mods"]}
+        sizes = {key: int(config[key]) for key in
+                 ("embed_dim", "attn_dim", "attn_len", "hidden_dim", "decoder_dim")}
+        # Checkpoints from before --layers and --bidirectional have neither key.
+        return cls(dims, **sizes, num_layers=int(config.get("num_layers", 1)),
+                   bidirectional=bool(config.get("bidirectional", False)))
+
+    @staticmethod
+    def config_from_state_dict(state_dict):
+        """The configuration, rebuilt from the shapes in a plain state_dict (the
+        original release saved nothing else)."""
+        mods = [match.group(1) for key in state_dict
+                if (match := re.fullmatch(r"embed_(\w+)\.1\.weight", key))]
+        return {
+            "family": "lstm",
+            "mods": mods,
+            "input_dims": {mod: state_dict[f"embed_{mod}.1.weight"].shape[1] for mod in mods},
+            "embed_dim": state_dict[f"embed_{mods[0]}.1.weight"].shape[0],
+            "attn_dim": state_dict["attn.0.weight"].shape[0],
+            "attn_len": state_dict["attn.2.weight"].shape[0],
+            "hidden_dim": state_dict["lstm.weight_hh_l0"].shape[1],
+            "decoder_dim": state_dict["dec_target.0.weight"].shape[0],
+            "num_layers": sum(1 for key in state_dict
+                              if re.fullmatch(r"lstm\.weight_hh_l\d+", key)),
+            "bidirectional": "lstm.weight_hh_l0_reverse" in state_dict,
+        }
+
+
+# ---------------------------------------------------------------- the registry
+
+MODELS = {"lstm": FusionLSTM}
+DEFAULT_MODEL = "lstm"  # the guide's model; checkpoints that name no family hold one
+
+
+def family(name):
+    if name not in MODELS:
+        raise ToolkitError(f"--model must be one of {', '.join(MODELS)}, got {name}")
+    return MODELS[name]
+
+
+def create(name, input_dims, **options):
+    """A new model of family `name` for inputs of `input_dims` ({mod: dim})."""
+    return family(name)(input_dims, **options)
+
+
+def from_config(config):
+    """The model a checkpoint's configuration describes (its family's own keys)."""
+    name = config.get("family", DEFAULT_MODEL)
+    if name not in MODELS:
+        raise ToolkitError(f"model family {name!r} is not one this toolkit knows "
+                           f"({', '.join(MODELS)}): update the toolkit")
+    return MODELS[name].from_config(config)
+
+
 def config_from_state_dict(state_dict):
-    """Rebuild the model's configuration from the shapes in a plain state_dict
-    (the original release saved nothing else)."""
-    mods = [match.group(1) for key in state_dict
-            if (match := re.fullmatch(r"embed_(\w+)\.1\.weight", key))]
-    return {
-        "mods": mods,
-        "input_dims": {mod: state_dict[f"embed_{mod}.1.weight"].shape[1] for mod in mods},
-        "embed_dim": state_dict[f"embed_{mods[0]}.1.weight"].shape[0],
-        "attn_dim": state_dict["attn.0.weight"].shape[0],
-        "attn_len": state_dict["attn.2.weight"].shape[0],
-        "hidden_dim": state_dict["lstm.weight_hh_l0"].shape[1],
-        "decoder_dim": state_dict["dec_target.0.weight"].shape[0],
-        "num_layers": sum(1 for key in state_dict if re.fullmatch(r"lstm\.weight_hh_l\d+", key)),
-        "bidirectional": "lstm.weight_hh_l0_reverse" in state_dict,
-    }
+    """The configuration of a plain state_dict: the original release's LSTM."""
+    return MODELS[DEFAULT_MODEL].config_from_state_dict(state_dict)
 
 
-def model_from_config(config):
-    dims = {mod: int(config["input_dims"][mod]) for mod in config["mods"]}
-    sizes = {key: int(config[key]) for key in
-             ("embed_dim", "attn_dim", "attn_len", "hidden_dim", "decoder_dim")}
-    # Checkpoints from before --layers and --bidirectional have neither key.
-    return FusionLSTM(dims, **sizes, num_layers=int(config.get("num_layers", 1)),
-                      bidirectional=bool(config.get("bidirectional", False)))
+def get_args_parser():
+    """--model and the flags that size each family (a flag shared by several
+    families is declared once)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL,
+                       help="model family (default: %(default)s, the guide's fusion LSTM)")
+    declared = set()
+    for model_class in MODELS.values():
+        for flag in model_class.FLAGS:
+            if flag.flag not in declared:
+                group.add_argument(flag.flag, **flag.arguments)
+                declared.add(flag.flag)
+    return parser
 
 
-def load_model(path, mods, input_dims, device="cpu"):
-    """The model saved at `path`, checked against the data it is about to see.
+def options_from_args(name, args):
+    """The constructor options of family `name` that the parsed flags give (a
+    script without a family's flags keeps the defaults)."""
+    options = {}
+    for flag in family(name).FLAGS:
+        if hasattr(args, flag.dest):
+            options[flag.option] = getattr(args, flag.dest)
+    return options
 
-    Returns (model, checkpoint). The checkpoint's own modality order wins (it fixes
-    the layout of the fused layers); the set of modalities and every input
-    dimension must match `mods` and `input_dims`.
-    """
-    checkpoint = utils.load_checkpoint(path, device)
-    state_dict = checkpoint["model"]
-    try:
-        config = checkpoint.get("config") or config_from_state_dict(state_dict)
-        model = model_from_config(config)
-        model.load_state_dict(state_dict)
-    except (KeyError, IndexError, RuntimeError, TypeError, ValueError):
-        raise ToolkitError(f"checkpoint {path} is not a fusion-LSTM checkpoint (its "
-                           "parameters do not match the model): use a checkpoint written "
-                           "by train.py or by the original release") from None
-    if set(model.mods) != set(mods):
-        raise ToolkitError(f"checkpoint {path} was trained on --mods {','.join(model.mods)}, "
-                           f"not {','.join(mods)}: run with --mods {','.join(model.mods)}")
-    for mod in model.mods:
-        if model.input_dims[mod] != input_dims[mod]:
-            raise ToolkitError(f"checkpoint {path} expects {model.input_dims[mod]}-d {mod} "
-                               f"features but the data has {input_dims[mod]}: use the data "
-                               "it was trained on, or retrain")
-    return model.to(device), checkpoint
+
+def check_options(name, options):
+    """Refuse, in one line, an option below its flag's minimum."""
+    for flag in family(name).FLAGS:
+        value = options.get(flag.option)
+        if flag.minimum is not None and value is not None and value < flag.minimum:
+            raise ToolkitError(f"{flag.flag} must be at least {flag.minimum}, got {value}")
+
+
+def option_flag(name, option):
+    """The flag that sets constructor option `option` of family `name` (for messages)."""
+    for flag in MODELS.get(name, MODELS[DEFAULT_MODEL]).FLAGS:
+        if flag.option == option:
+            return flag.flag
+    return option

@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import checkpoints
 import datasets
+import engine
+import options
 import parallel
 import runs
-import train
 import utils
 from utils import ToolkitError
 
@@ -39,7 +41,7 @@ from utils import ToolkitError
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "personalize.py", description="Fine-tune a trained model for each listener.",
-        parents=[train.get_data_args_parser(), train.get_training_args_parser(),
+        parents=[options.get_data_args_parser(), options.get_training_args_parser(),
                  parallel.get_parallel_args_parser("fine-tune subjects"),
                  runs.get_ledger_args_parser()])
     group = parser.add_argument_group("subjects")
@@ -61,21 +63,11 @@ def get_args_parser():
 
 
 def init_checkpoint(out_dir):
-    path = Path(out_dir) / "init.save"
+    path = Path(out_dir) / runs.INIT_CHECKPOINT
     if not path.is_file():
         raise ToolkitError(f"{path} does not exist: copy the model to start from there, e.g. "
                            f"mkdir -p {out_dir} && cp cv_AT/val_on_1/best.save {path}")
     return path
-
-
-def check_init(out_dir, train_all, options):
-    """init.save must load for this data, and its post-processing with these flags,
-    and fine-tuning must fit the videos: checked before anything is written."""
-    init = train.load_trained([init_checkpoint(out_dir)], train_all, options.normalize,
-                              utils.get_device(options.cuda))
-    utils.Postprocessing.resolve(init[0].checkpoint.get("postprocessing"),
-                                 **(options.postprocessing_flags or {}))
-    options.check_trainable(train_all)
 
 
 def subject_sets(train_all, test_all, subject, augment):
@@ -88,78 +80,78 @@ def inner_folders(subject_folder, stories):
     return {story: runs.inner_fold_dir(subject_folder, story) for story in stories}
 
 
-def personalize_subject(train_all, test_all, subject, out_dir, options, augment=None,
+def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None,
                         inner_cv=False):
-    """Fine-tune init.save for one subject (once per seed of train.RunOptions
-    `options`; for the number of epochs that `inner_cv` chooses, if asked); returns
+    """Fine-tune init.save for one subject (once per seed of options.RunOptions
+    `run`; for the number of epochs that `inner_cv` chooses, if asked); returns
     its CCC before and after (of the seeds' average prediction, with their mean and std)."""
-    device = utils.get_device(options.cuda)
-    flags = options.postprocessing_flags or {}
-    init = train.load_trained([init_checkpoint(out_dir)], train_all, options.normalize, device)[0]
+    device = run.device
+    flags = run.postprocessing_flags or {}
+    init = checkpoints.load_trained([init_checkpoint(out_dir)], train_all, run.normalize, device)[0]
     train_set, test_set = subject_sets(train_all.with_scaler(init.scaler),
                                        test_all.with_scaler(init.scaler), subject, augment)
-    postprocessing = train.saved_postprocessing([init], flags, train_all)
-    precision = options.settings.precision
-    before = train.evaluate(init.network, test_set, device, postprocessing, precision)
+    postprocessing = engine.saved_postprocessing([init], flags, train_all)
+    precision = run.settings.precision
+    before = engine.evaluate(init.network, test_set, device, postprocessing, precision)
     subject_folder = runs.subject_dir(out_dir, subject)
 
     def load_init():
-        return train.load_trained([init_checkpoint(out_dir)], train_all, options.normalize,
-                                  device)[0].network
+        return checkpoints.load_trained([init_checkpoint(out_dir)], train_all, run.normalize,
+                                        device)[0].network
 
-    epochs = options.settings.epochs
+    epochs = run.settings.epochs
     if inner_cv:
         own_videos = train_all.with_scaler(init.scaler).select(subjects=[subject])
         epochs = choose_epochs(load_init, init.network, train_set, own_videos, subject_folder,
-                               options, device, postprocessing)
+                               run, device, postprocessing)
     row = {"subject": subject, "before_ccc": before["ccc"]}
     if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
-        after = {**before, "seed_ccc": [before["ccc"]] * options.settings.seeds}
+        after = {**before, "seed_ccc": [before["ccc"]] * run.settings.seeds}
     else:
-        tuning = replace(options, settings=replace(options.settings, epochs=epochs))
-        train.fit_seeds(load_init, train_set, test_set, subject_folder, tuning, device,
-                        postprocessing)
+        tuning = replace(run, settings=replace(run.settings, epochs=epochs))
+        engine.fit_seeds(load_init, train_set, test_set, subject_folder, tuning, device,
+                         postprocessing)
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
-        tuned = train.load_trained(runs.run_checkpoints(subject_folder, runs.LAST), train_all,
-                                   options.normalize, device)
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
-        after = train.evaluate_seeds(tuned, test_set, device,
-                                     train.saved_postprocessing(tuned, flags, train_set, [test_set]),
-                                     precision)
-    utils.write_predictions(Path(out_dir) / "pred_test", test_set.videos, after["frames"])
+        tuned, tuned_postprocessing = engine.load_for_evaluation(
+            runs.run_checkpoints(subject_folder, runs.LAST), train_set, run.normalize, flags,
+            device, [test_set])
+        after = engine.evaluate_seeds(tuned, test_set, device, tuned_postprocessing, precision)
+    utils.write_predictions(runs.predictions_dir(out_dir, "test"), test_set.videos,
+                            after["frames"])
     row["after_ccc"] = after["ccc"]
     if inner_cv:
         row["epochs"] = epochs
-    if options.settings.seeds > 1:
+    if run.settings.seeds > 1:
         row.update(after_ccc_seed_mean=np.mean(after["seed_ccc"]),
                    after_ccc_seed_std=np.std(after["seed_ccc"]))
     return row
 
 
-def choose_epochs(load_init, init_network, train_set, own_videos, subject_folder, options,
+def choose_epochs(load_init, init_network, train_set, own_videos, subject_folder, run,
                   device, postprocessing):
     """The number of fine-tuning epochs (0 to --epochs) with the best mean CCC on the
     subject's own training videos, each held out in turn (see the module's
     docstring); writes the curves to <subject_folder>/inner_cv.csv."""
     stories = sorted({video.story for video in own_videos.videos})
-    settings = options.settings
+    settings = run.settings
     inner_settings = replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
     curves = {}
     for story, folder in inner_folders(subject_folder, stories).items():
         held_out = own_videos.select(stories=[story])
-        start = train.evaluate(init_network, held_out, device, postprocessing,
+        start = engine.evaluate(init_network, held_out, device, postprocessing,
                                settings.precision)["ccc"]
-        utils.seed_everything(inner_settings.seed)
-        train.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
-                  inner_settings, device, resume=options.resumes_run(folder),
-                  progress=options.progress, postprocessing=postprocessing,
-                  tensorboard_dir=options.tensorboard_dir)
+        engine.seed_everything(inner_settings.seed)
+        engine.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
+                  inner_settings, device, resume=run.resumes_run(folder),
+                  progress=run.progress, postprocessing=postprocessing,
+                  tensorboard_dir=run.tensorboard_dir)
         history = pd.read_csv(folder / runs.METRICS).dropna(subset=["val_ccc"])
         curves[runs.fold_name(story)] = pd.Series([start, *history["val_ccc"]],
                                                   index=[0, *history["epoch"]])
     table = pd.DataFrame(curves).rename_axis("epoch").reset_index()
     table["mean_ccc"] = table[list(curves)].mean(axis=1)
-    utils.write_csv(table, Path(subject_folder) / "inner_cv.csv")
+    utils.write_csv(table, Path(subject_folder) / runs.INNER_CV_TABLE)
     return int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
 
 
@@ -175,14 +167,14 @@ def inner_cv_folders(train_all, subject, out_dir):
 
 def videos_for_tasks(train_all, test_all, args, mods, runner):
     """The training and test videos as subject tasks get them from `runner`."""
-    return runner.data((train_all, test_all), train.load_train_test, parts=2,
+    return runner.data((train_all, test_all), datasets.load_train_test, parts=2,
                        train_dir=Path(args.train_dir), test_dir=Path(args.test_dir), mods=mods,
                        test_stories=args.test_set)
 
 
 def choose_subjects(train_all, test_all, requested, augment):
     """Subjects with test videos and (unless --augment) training videos."""
-    train.check_augment(augment)
+    datasets.check_augment(augment)
     trainable = set(test_all.subjects)
     if not augment:
         trainable &= set(train_all.subjects)
@@ -209,48 +201,48 @@ def ledger_results(table):
 
 def main(args):
     mods = datasets.parse_mods(args.mods)
-    settings = train.TrainingSettings.from_args(args)
-    settings.check()
+    settings = options.TrainingSettings.from_args(args)
     if args.inner_cv and settings.patience is not None:
         raise ToolkitError("--inner_cv chooses how long to fine-tune by itself: leave out "
                            "--patience (which would stop on the test videos)")
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
-    init_checkpoint(out_dir)
-    train_all, test_all = train.load_train_test(args.train_dir, args.test_dir, mods, args.test_set)
+    init = init_checkpoint(out_dir)
+    train_all, test_all = datasets.load_train_test(args.train_dir, args.test_dir, mods,
+                                                   args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
-    folders = [folder for subject in subjects
-               for _, folder in settings.seed_runs(runs.subject_dir(out_dir, subject))]
-    if args.inner_cv:
-        folders += [folder for subject in subjects
-                    for folder in inner_cv_folders(train_all, subject, out_dir).values()]
-    resumes = runs.check_fresh_runs(folders, args.resume, args.overwrite)
-    options = train.RunOptions.from_args(args, settings, resumes, runner)
-    options.check()
-    check_init(out_dir, train_all, options)
-    resumed = [run for subject in subjects
-               for run in options.resumed_runs(runner.path(runs.subject_dir(out_dir, subject)))]
-    resumed += [(folder, settings) for folder in folders  # --inner_cv's folds: one seed each
-                if resumes[folder] and folder.name.startswith(runs.INNER_FOLD_PREFIX)]
-    for folder, run_settings in resumed:
-        train.check_resumable(folder, run_settings, train_all.mods, train_all.input_dims)
-    runner.check()
-    train.check_tensorboard_dir(args.tensorboard)
-    runs.check_output_folder(out_dir, "--out_dir")
-    utils.check_writable(out_dir)
+    folders, inner = subject_folders(train_all, subjects, out_dir, settings, args.inner_cv)
+    resumes = runs.check_fresh_runs(folders + inner, args.resume, args.overwrite)
+    run = options.RunOptions.from_args(args, settings, resumes, runner)
+    resumed = [(folder, seed_settings) for subject in subjects for folder, seed_settings
+               in run.resumed_runs(runner.path(runs.subject_dir(out_dir, subject)))]
+    resumed += [(folder, settings) for folder in inner if resumes[folder]]  # one seed each
+    options.check_before_writing(options.Plan(
+        outputs=[(out_dir, "--out_dir")], options=run, data=train_all, trains=True, base=init,
+        resumed=resumed, runner=runner))
     with runs.owned(out_dir):
-        runs.check_fresh_runs(folders, args.resume, args.overwrite)  # none began meanwhile
+        runs.check_fresh_runs(folders + inner, args.resume, args.overwrite)  # none began meanwhile
         runs.write_run_record(args, out_dir)
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
-                      out_dir=runner.path(out_dir), options=options, augment=args.augment,
+                      out_dir=runner.path(out_dir), run=run, augment=args.augment,
                       inner_cv=args.inner_cv)
                  for subject in subjects]
         table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
-        utils.write_csv(table, out_dir / "personalize.csv")
+        utils.write_csv(table, out_dir / runs.PERSONALIZE_TABLE)
     print("CCC per subject on the test videos, before and after fine-tuning:")
     print(utils.format_table(table))
     return table
+
+
+def subject_folders(train_all, subjects, out_dir, settings, inner_cv):
+    """The run folders of the subjects (one per seed) and of their inner
+    cross-validation folds (with --inner_cv)."""
+    folders = [folder for subject in subjects
+               for _, folder in settings.seed_runs(runs.subject_dir(out_dir, subject))]
+    inner = [folder for subject in subjects if inner_cv
+             for folder in inner_cv_folders(train_all, subject, out_dir).values()]
+    return folders, inner
 
 
 if __name__ == "__main__":

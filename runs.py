@@ -94,6 +94,20 @@ EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.save")
 FOLD_PREFIX, INNER_FOLD_PREFIX = "val_on_", "inner_val_on_"
 FOLD_FOLDER = re.compile(rf"{FOLD_PREFIX}(\d+)")
 CV_PREDICTIONS = "cv_pred"
+INIT_CHECKPOINT = "init.save"  # personalize.py's starting model
+CROSSVAL_TABLE, CV_EPOCHS_TABLE = "crossval.csv", "cv_epochs.csv"
+PERSONALIZE_TABLE, INNER_CV_TABLE = "personalize.csv", "inner_cv.csv"
+FUSION_MODEL = "fusion_model.joblib"
+
+
+def predictions_dir(pred_dir, side):
+    """<pred_dir>/pred_<side>: the 25 fps predictions of the "train" or "test" videos."""
+    return Path(pred_dir) / f"pred_{side}"
+
+
+def features_dir(feat_dir, side):
+    """<feat_dir>/feat_<side>: the decision-level features of the "train" or "test" videos."""
+    return Path(feat_dir) / f"feat_{side}"
 
 
 def checkpoint_name(epoch=None):
@@ -150,10 +164,33 @@ def _checkpoint_or_stop(folder, name):
     epoch = EPOCH_CHECKPOINT.fullmatch(name)
     if path.is_file() or not epoch or not (folder / LAST).is_file():
         return path
-    last = utils.load_checkpoint(folder / LAST)
+    import checkpoints  # torch, only when a checkpoint must be read
+    last = checkpoints.load_checkpoint(folder / LAST)
     if last.get("stopped_early") and last["epoch"] < int(epoch.group(1)):
         return folder / LAST
     return path
+
+
+def check_fold_checkpoints(out_dir, stories, epochs=(None,)):
+    """Every fold must hold every checkpoint asked for, before any work starts."""
+    for story in stories:
+        for epoch in epochs:
+            for path in run_checkpoints(fold_dir(out_dir, story), checkpoint_name(epoch)):
+                if not path.is_file():
+                    saved = saved_epochs(path.parent)
+                    listing = (f"saved epochs: {_ranges(saved)}" if saved
+                               else "run crossval.py without --test first")
+                    raise ToolkitError(f"{path} does not exist ({listing})")
+
+
+def _ranges(epochs):
+    """[10, 20, 30, 50] -> '10-30 every 10, 50' (short lists of saved epochs)."""
+    if len(epochs) < 3:
+        return ", ".join(map(str, epochs))
+    step = epochs[1] - epochs[0]
+    if all(b - a == step for a, b in zip(epochs, epochs[1:])):
+        return f"{epochs[0]}-{epochs[-1]} every {step}"
+    return ", ".join(map(str, epochs[:20])) + (" ..." if len(epochs) > 20 else "")
 
 
 def check_fresh_model_dir(model_dir, resume, overwrite):
@@ -349,6 +386,26 @@ def run_cli(main, parser, results_of, argv=None):
 
 
 # ---------------------------------------------------------------- what each script reports
+
+SEED_COLUMNS = ("val_ccc_seed_mean", "val_ccc_seed_std")
+
+
+def crossval_table(folds):
+    """crossval.csv: the cross-validation table of crossval.py and cv_fusion.py.
+
+    `folds` holds one dict per held-out story: {"story", "train_ccc", "val_ccc"},
+    and for --seeds runs "val_ccc_seed_mean" and "val_ccc_seed_std" (of the seeds'
+    own CCC). Rows follow for Mean, Std (population, as numpy's default) and
+    Mean-Std, a conservative score that favours settings that do well on every story.
+    """
+    scores = ["train_ccc", "val_ccc"] + [name for name in SEED_COLUMNS if name in folds[0]]
+    table = pd.DataFrame(folds, columns=["story", *scores])
+    values = table[scores].astype(float)
+    mean, std = values.mean(), values.std(ddof=0)
+    summary = pd.DataFrame([mean, std, mean - std])
+    summary.insert(0, "story", ["Mean", "Std", "Mean-Std"])
+    return pd.concat([table.astype({"story": object}), summary], ignore_index=True)
+
 
 def crossval_results(table):
     """A crossval.csv-shaped table (crossval.py, cv_fusion.py)."""

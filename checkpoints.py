@@ -1,0 +1,241 @@
+"""Checkpoints: writing and reading them, the models and normalization they hold,
+and the checks that a --resume may continue one.
+
+A checkpoint describes itself: the weights, the model's configuration (its family,
+modalities, input dimensions and sizes; see models.py), the normalization
+statistics, the epoch and best score, the training settings and post-processing,
+and, for resuming, the optimizer and random-generator states. Only tensors and
+plain values, so that it loads with `torch.load(weights_only=True)`. The original
+release's plain state_dicts load too.
+"""
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import datasets
+import models
+import runs
+import utils
+from utils import ToolkitError
+
+
+# ---------------------------------------------------------------- files
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict (tensors and plain values only, so that it loads with
+    `torch.load(weights_only=True)`) under a temporary name, then rename it."""
+    serialized = io.BytesIO()
+    torch.save(checkpoint, serialized)
+    # Written by Python, not by torch: a full disk is then an OSError that names itself.
+    with utils.atomic_path(path) as temporary:
+        temporary.write_bytes(serialized.getbuffer())
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint as a dict with at least `model` (a state_dict).
+
+    Accepts the toolkit's own self-describing checkpoints and the original
+    release's plain state_dicts, which are wrapped as {"model": state_dict}.
+    Loading is weights-only: a file that would run pickled code is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"checkpoint {path} does not exist: train a model first "
+                           "or point --load at a saved .save file")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or unsafe files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ToolkitError(f"cannot read checkpoint {path} ({reason[:200]}): it is corrupt, "
+                           "truncated or not a weights-only PyTorch file; retrain or "
+                           "use another checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise ToolkitError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a "
+                           "state_dict: use a checkpoint written by this toolkit")
+    if "model" not in checkpoint:
+        checkpoint = {"model": checkpoint}
+    _check_finite_weights(checkpoint["model"], path)
+    return checkpoint
+
+
+def _check_finite_weights(state_dict, path):
+    """A model whose weights hold NaN or inf predicts NaN: refuse it by name."""
+    if not isinstance(state_dict, dict):
+        return  # not a state_dict: load_model says so
+    for name, value in state_dict.items():
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not torch.isfinite(value).all()):
+            raise ToolkitError(f"checkpoint {path} holds NaN or inf weights ({name}): the run "
+                               "that wrote it diverged; use an earlier checkpoint, or retrain "
+                               "with a lower --lr or with --normalize")
+
+
+def load_model(path, mods, input_dims, device="cpu"):
+    """The model saved at `path`, checked against the data it is about to see.
+
+    Returns (model, checkpoint). The checkpoint's own modality order wins (it fixes
+    the layout of the fused layers); the set of modalities and every input
+    dimension must match `mods` and `input_dims`.
+    """
+    checkpoint = load_checkpoint(path, device)
+    state_dict = checkpoint["model"]
+    try:
+        config = checkpoint.get("config") or models.config_from_state_dict(state_dict)
+        model = models.from_config(config)
+        model.load_state_dict(state_dict)
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError):
+        raise ToolkitError(f"checkpoint {path} is not a fusion-LSTM checkpoint (its "
+                           "parameters do not match the model it describes): use a checkpoint written "
+                           "by train.py or by the original release") from None
+    if set(model.mods) != set(mods):
+        raise ToolkitError(f"checkpoint {path} was trained on --mods {','.join(model.mods)}, "
+                           f"not {','.join(mods)}: run with --mods {','.join(model.mods)}")
+    for mod in model.mods:
+        if model.input_dims[mod] != input_dims[mod]:
+            raise ToolkitError(f"checkpoint {path} expects {model.input_dims[mod]}-d {mod} "
+                               f"features but the data has {input_dims[mod]}: use the data "
+                               "it was trained on, or retrain")
+    return model.to(device), checkpoint
+
+
+# ---------------------------------------------------------------- contents
+
+def make_checkpoint(model, scaler, epoch, best_ccc, best_epoch, optimizer=None, rng=None,
+                    run_record=None):
+    """A self-describing checkpoint: weights, the model's configuration and
+    normalization, `run_record` (training settings, post-processing, whether
+    --patience stopped the run), and (only for resuming) optimizer and
+    random-generator state."""
+    checkpoint = {"model": model.state_dict(), "config": model.config, "epoch": epoch,
+                  "best_ccc": best_ccc, "best_epoch": best_epoch,
+                  "normalization": scaler.state_dict() if scaler else None, **(run_record or {})}
+    if optimizer is not None:
+        checkpoint["optimizer"] = optimizer.state_dict()
+        checkpoint["rng"] = rng
+    return checkpoint
+
+
+def rng_state(generator):
+    state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- trained models
+
+@dataclass
+class TrainedModel:
+    """A saved model ready to predict: the network, the normalization of its
+    inputs, and its checkpoint (epoch, post-processing, ...)."""
+    network: torch.nn.Module  # a model of one of the families in models.MODELS
+    scaler: datasets.FeatureScaler
+    checkpoint: dict
+
+
+def load_trained(paths, train_set, normalize, device):
+    """The models saved at `paths` (one per seed), for data shaped like `train_set`."""
+    trained = []
+    for path in paths:
+        network, checkpoint = load_model(path, train_set.mods, train_set.input_dims, device)
+        trained.append(TrainedModel(network, resolve_scaler(checkpoint, normalize, train_set, path),
+                                    checkpoint))
+    return trained
+
+
+
+def resolve_scaler(checkpoint, normalize, train_set, source):
+    """The checkpoint's normalization if it has one; else, with --normalize, statistics
+    of the training videos (as the original release did); else none. A checkpoint of
+    this toolkit records that it was trained without: --normalize would feed its
+    weights inputs they never saw, so it is refused."""
+    state = checkpoint.get("normalization") if checkpoint else None
+    if state is not None:
+        scaler = datasets.FeatureScaler.from_state_dict(state)
+        scaler.check_mods(train_set.mods, source)
+        return scaler
+    if normalize and checkpoint and "normalization" in checkpoint:
+        raise ToolkitError(f"{source} was trained without --normalize: leave out --normalize "
+                           "(it would rescale the inputs of a model that learnt them as they are)")
+    return datasets.FeatureScaler.fit(train_set) if normalize else None
+
+
+# ---------------------------------------------------------------- resuming
+
+# Training settings that change what a resumed run computes: --resume must keep them.
+# (--epochs and --patience may change: they say how long to go on; --save_freq and
+# --eval_freq only when files are written and the best is checked.) The model's own
+# sizes are compared through its saved configuration.
+RESUME_KEEPS = ("lr", "weight_decay", "batch_size", "split", "loss", "seed")
+
+
+def check_resumable(folder, settings, mods, input_dims, normalize, postprocessing):
+    """Refuse, before anything is written, a --resume whose last.save in `folder`
+    does not fit the data or was trained with other settings than the flags give
+    (the saved optimizer and weights would silently go on with the old ones):
+    `settings` (options.TrainingSettings), `normalize` and the label delay of
+    `postprocessing`."""
+    path = Path(folder) / runs.LAST
+    network, state = load_model(path, mods, input_dims)
+    if "optimizer" not in state:
+        raise ToolkitError(f"{path} has no optimizer state: it cannot be resumed; train "
+                           "again with --overwrite")
+    if settings.model_options is not None:  # None: fine-tuning, whose model is init.save's
+        _check_same_model(path, network.config, settings)
+    saved = state.get("training", {})
+    for name in RESUME_KEEPS:
+        if name in saved and saved[name] != getattr(settings, name):
+            _refuse_resume(path, f"--{name} {saved[name]}", getattr(settings, name))
+    if (state.get("normalization") is not None) != normalize:
+        trained = "with" if state.get("normalization") is not None else "without"
+        raise ToolkitError(f"--resume: {path} was trained {trained} --normalize: resume "
+                           f"{trained} it, or start afresh with --overwrite")
+    saved_delay = state.get("postprocessing", {}).get("label_delay", 0.0)
+    if saved_delay != postprocessing.label_delay:
+        _refuse_resume(path, f"--label_delay {saved_delay}", postprocessing.label_delay)
+    read_history(Path(folder) / runs.METRICS, state["epoch"])  # refuses a corrupt one
+
+
+def _check_same_model(path, saved_config, settings):
+    """The saved model is of the family and sizes that the flags build."""
+    saved_family = saved_config.get("family", models.DEFAULT_MODEL)
+    if saved_family != settings.model:
+        _refuse_resume(path, f"--model {saved_family}", settings.model)
+    wanted = models.create(settings.model, saved_config["input_dims"],
+                           **settings.model_options).config
+    for key, value in wanted.items():
+        if saved_config.get(key) != value:
+            flag = models.option_flag(settings.model, key)
+            _refuse_resume(path, f"{flag} {saved_config.get(key)}", value)
+
+
+def _refuse_resume(path, saved, given):
+    raise ToolkitError(f"--resume: {path} was trained with {saved}, not {given}: resume "
+                       "with the run's own settings (its args.json), or start afresh with "
+                       "--overwrite")
+
+
+def read_history(path, last_epoch):
+    """The metrics.csv rows up to `last_epoch` (later ones, written after the last
+    last.save, are trained again)."""
+    if not path.is_file():
+        return []
+    try:
+        history = pd.read_csv(path)
+        if not {"epoch", "train_loss", "val_ccc"} <= set(history.columns):
+            raise ValueError("columns epoch,train_loss,val_ccc missing")
+        history = history[history["epoch"] <= last_epoch]
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise ToolkitError(f"--resume: {path} cannot be read ({str(error).splitlines()[0][:120]}): "
+                           "restore it or start afresh with --overwrite") from None
+    return history.to_dict("records")

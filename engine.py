@@ -1,0 +1,462 @@
+"""The training engine: training, evaluation, prediction, seeds and devices.
+
+Scripts call it with explicit settings (options.TrainingSettings, options.RunOptions)
+and data (datasets.VideoSet); it reads and writes checkpoints through
+checkpoints.py and output names through runs.py. One `train_one_epoch`, one
+`evaluate`, one `fit`.
+"""
+import contextlib
+import ctypes
+import math
+import random
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import checkpoints
+import parallel
+import runs
+import utils
+from postprocessing import Postprocessing, report_unseen_listeners, score_videos
+from precision import autocast, check_precision, grad_scaler
+from utils import ToolkitError
+
+EMBED_CHUNK_ROWS = 2048  # rows embedded at once in evaluation: bounds memory, not speed
+
+
+# ---------------------------------------------------------------- runtime
+
+def seed_everything(seed):
+    """Seed every generator a run draws from (Python, NumPy, torch CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_warned_no_cuda = False
+
+
+def get_device(cuda):
+    """The device a script runs on: the GPU when `--cuda` is given and one exists.
+    Asking for one without having it warns once and falls back to the CPU."""
+    global _warned_no_cuda
+    if not cuda:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not _warned_no_cuda:
+        print("warning: --cuda given but no GPU is available; running on the CPU",
+              file=sys.stderr)
+        _warned_no_cuda = True
+    return torch.device("cpu")
+
+
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults
+
+
+@contextlib.contextmanager
+def reused_heap():
+    """Serve every allocation from glibc's heap, and keep the heap, while training.
+
+    By default glibc maps blocks over 32 MiB (oneDNN's LSTM workspace) fresh from the
+    kernel each time and hands the top of its heap back early, so every batch page-
+    faults the same memory in again: 0.2 s of system time per ATV epoch on 2 cores,
+    5-10% of its wall time on bench.py's data. Peak memory changes little (within 30
+    MiB there): each batch reuses what the last one freed. On leaving, the heap's free
+    memory goes back to the system. Without glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+        malloc_trim(0)
+
+
+# ---------------------------------------------------------------- steps
+
+
+
+def mse_loss(predictions, targets):
+    return torch.mean((predictions - targets) ** 2)
+
+
+LOSSES = {"mse": mse_loss, "ccc": utils.ccc_loss}
+
+
+def build_optimizer(model, lr, weight_decay):
+    # foreach: one kernel launch per operation for all parameters, 2x faster than the
+    # CPU default's loop over parameters, with bit-identical results.
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,
+                    loss_name="mse", precision="fp32", grad_scaler=None):
+    """One pass over the training pieces in a fresh random order.
+
+    The loss (`LOSSES[loss_name]`) is computed in float32 over each batch's valid
+    steps; the forward pass runs in `precision` (see precision.autocast), with
+    `grad_scaler` (precision.grad_scaler) for fp16.
+    Returns {"loss": its mean over batches, weighted by their steps}.
+    """
+    model.train()
+    loss_function = LOSSES[loss_name]
+    total_loss, total_steps = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size):
+        batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
+        with autocast(precision, device):
+            embedded = model.embed(batch.inputs)
+            batch.inputs = None  # dropout copied the rows it needs: free the gathered ones early
+            predictions = model.forward_embedded(embedded, batch.lengths)
+        loss = loss_function(predictions.float(), batch.targets)  # .float(): no-op in fp32
+        if grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        optimizer.zero_grad(set_to_none=True)  # gradients freed before the next batch
+        total_loss += loss.item() * batch.targets.numel()
+        total_steps += batch.targets.numel()
+    return {"loss": total_loss / total_steps}
+
+
+@torch.no_grad()
+def predict(model, video_set, device, with_features=False, precision="fp32"):
+    """Per-second predictions (and features) of every video, as float32 NumPy arrays;
+    the model runs in `precision` (see precision.autocast).
+
+    All videos run through the LSTM as one padded batch; only the per-step
+    embeddings are computed in chunks, which bounds memory on large splits.
+    """
+    model.eval()
+    segments = video_set.video_segments()
+    lengths = torch.tensor([length for _, length in segments])
+    with autocast(precision, device):
+        embedded = [model.embed(video_set.gather(chunk, device, with_targets=False).inputs)
+                    for chunk in _chunks(segments, EMBED_CHUNK_ROWS)]
+        predictions, features = model.forward_embedded(torch.cat(embedded), lengths,
+                                                       with_features=True)
+    sizes = lengths.tolist()
+    predictions = [p.cpu().numpy() for p in predictions.float().split(sizes)]
+    if with_features:
+        return predictions, [f.cpu().numpy() for f in features.float().split(sizes)]
+    return predictions
+
+
+def _chunks(segments, max_rows):
+    chunk, rows = [], 0
+    for segment in segments:
+        if chunk and rows + segment[1] > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(segment)
+        rows += segment[1]
+    yield chunk
+
+
+def evaluate(model, video_set, device, postprocessing=None, precision="fp32"):
+    """CCC of every video at 25 fps, and their mean.
+
+    Returns {"ccc": mean CCC, "records": [{subject, story, ccc}], "frames": [25 fps
+    predictions per video]}; see postprocessing.score_videos.
+    """
+    return score_videos(video_set.videos, predict(model, video_set, device, precision=precision),
+                        postprocessing)
+
+
+# ---------------------------------------------------------------- saved models
+
+def load_for_evaluation(paths, train_set, normalize, flags, device, evaluated=()):
+    """The models saved at `paths` (one per seed) and the post-processing to evaluate
+    them with (see `saved_postprocessing`): (trained, postprocessing)."""
+    trained = checkpoints.load_trained(paths, train_set, normalize, device)
+    return trained, saved_postprocessing(trained, flags or {}, train_set, evaluated)
+
+
+def saved_postprocessing(trained, flags, train_set, evaluated=()):
+    """The post-processing the models were trained with, overridden by `flags`. A
+    model saved without listener statistics calibrates with those of `train_set`
+    (its training videos, as the caller knows them), and says so; so does
+    calibration of listeners in the `evaluated` sets that training never saw."""
+    postprocessing = Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"),
+                                                  **flags)
+    if postprocessing.calibrate and postprocessing.listener_stats is None:
+        print(f"note: the model was saved without listener statistics: --calibrate uses "
+              f"those of its {len(train_set)} training videos as loaded now", file=sys.stderr)
+        postprocessing = postprocessing.with_listener_stats(train_set.videos)
+    report_unseen_listeners(postprocessing, [video for video_set in evaluated
+                                       for video in video_set.videos])
+    return postprocessing
+
+
+def evaluate_seeds(trained, video_set, device, postprocessing, precision="fp32"):
+    """`evaluate` for the models of several seeds: the videos are scored on the
+    average of their per-second predictions; "seed_ccc" lists each model's own CCC
+    and "seed_frames" its 25 fps predictions."""
+    per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device, precision=precision)
+                for t in trained]
+    average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]
+    result = score_videos(video_set.videos, average, postprocessing)
+    own = ([score_videos(video_set.videos, predictions, postprocessing)
+            for predictions in per_seed] if len(per_seed) > 1 else [result])
+    result["seed_ccc"] = [seed_result["ccc"] for seed_result in own]
+    result["seed_frames"] = [seed_result["frames"] for seed_result in own]
+    return result
+
+
+# ---------------------------------------------------------------- training
+
+class TrainingRun:
+    """One model's training in one folder: the model with its optimizer, gradient
+    scaler and shuffling generator, and the progress that checkpoints save and
+    --resume restores (epoch, best score, metrics history, --patience count)."""
+
+    def __init__(self, model, train_set, model_dir, settings, device, postprocessing):
+        self.model, self.train_set, self.model_dir = model, train_set, Path(model_dir)
+        self.settings, self.device, self.postprocessing = settings, device, postprocessing
+        self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+        self.grad_scaler = grad_scaler(settings.precision, device)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.segments = train_set.training_segments(settings.split)
+        self.epoch, self.best_ccc, self.best_epoch, self.history = 0, -math.inf, 0, []
+        self.stale_evaluations, self.stopped_early = 0, False  # evaluations since the best
+
+    def resume(self):
+        """Continue from last.save: weights, optimizer, generators and progress."""
+        state = checkpoints.load_checkpoint(self.model_dir / runs.LAST, self.device)
+        if "optimizer" not in state:
+            raise ToolkitError(f"{self.model_dir / runs.LAST} has no optimizer state: it cannot "
+                               "be resumed; train again with --overwrite")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore_rng_state(state["rng"], self.generator)
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.epoch, self.best_ccc, self.best_epoch = (state["epoch"], state["best_ccc"],
+                                                      state["best_epoch"])
+        self.stopped_early = bool(state.get("stopped_early"))
+        self.history = checkpoints.read_history(self.model_dir / runs.METRICS, self.epoch)
+        self.stale_evaluations = sum(1 for row in self.history if row["epoch"] > self.best_epoch
+                                     and not math.isnan(row["val_ccc"]))
+
+    def save(self, name, with_optimizer=False):
+        record = {"training": asdict(self.settings),
+                  "postprocessing": asdict(self.postprocessing),
+                  "stopped_early": self.stopped_early}
+        if with_optimizer and self.grad_scaler is not None:  # fp16: its loss scale, for --resume
+            record["grad_scaler"] = self.grad_scaler.state_dict()
+        checkpoints.save_checkpoint(self.model_dir / name, checkpoints.make_checkpoint(
+            self.model, self.train_set.scaler, self.epoch, self.best_ccc, self.best_epoch,
+            self.optimizer if with_optimizer else None,
+            checkpoints.rng_state(self.generator) if with_optimizer else None, record))
+
+    def train_epoch(self, val_set):
+        """Train one epoch, evaluate if it is time, save best.save on a new best;
+        returns the epoch's metrics row."""
+        self.epoch += 1
+        settings = self.settings
+        stats = train_one_epoch(self.model, self.optimizer, self.train_set, self.segments,
+                                settings.batch_size, self.generator, self.device, settings.loss,
+                                settings.precision, self.grad_scaler)
+        self.check_converging(stats["loss"], "training loss")
+        row = {"epoch": self.epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
+        if self.epoch % settings.eval_freq == 0 or self.epoch == settings.epochs:
+            row["val_ccc"] = evaluate(self.model, val_set, self.device, self.postprocessing,
+                                      settings.precision)["ccc"]
+            self.check_converging(row["val_ccc"], "validation CCC")
+            self.stale_evaluations += 1
+            if row["val_ccc"] > self.best_ccc:
+                self.best_ccc, self.best_epoch, self.stale_evaluations = row["val_ccc"], self.epoch, 0
+                self.save(runs.BEST)
+        self.stopped_early = (settings.patience is not None
+                              and self.stale_evaluations >= settings.patience)
+        return row
+
+    def record(self, row):
+        """Log the epoch: metrics.csv, then (every --save_freq) its checkpoints. In this
+        order: a kill between the two writes then costs no row for good (--resume
+        drops the rows after last.save's epoch and trains them again)."""
+        self.history.append(row)
+        utils.write_csv(pd.DataFrame(self.history), self.model_dir / runs.METRICS)
+        if self.epoch % self.settings.save_freq == 0:
+            self.save(runs.checkpoint_name(self.epoch))
+            self.save(runs.LAST, with_optimizer=True)
+
+    def check_converging(self, value, what):
+        """Stop a run whose loss (or validation CCC) became NaN or inf: its weights are
+        lost, and every later epoch would only write NaN. Nothing of the epoch is saved."""
+        if not math.isfinite(value):
+            raise ToolkitError(f"{self.model_dir}: training diverged in epoch {self.epoch} (the "
+                               f"{what} is {value}): lower --lr (now {self.settings.lr:g}) or "
+                               "pass --normalize if the features are large")
+
+    def summary(self):
+        return {"best_ccc": self.best_ccc, "best_epoch": self.best_epoch, "epoch": self.epoch,
+                "stopped_early": self.stopped_early}
+
+
+def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
+        postprocessing=None, tensorboard_dir=None):
+    """Train `model` on `train_set`, checking `val_set` every `eval_freq` epochs.
+
+    Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
+    `save_freq` epochs, last.save (with optimizer state, for --resume) every
+    `save_freq` epochs, at the end, and when Ctrl-C or SIGTERM stops the run at the
+    end of the epoch in progress; and metrics.csv after every epoch. With
+    `settings.patience`, training ends once that many evaluations in a row have not
+    beaten the best. `postprocessing` (see postprocessing.Postprocessing) sets the
+    label delay of the training targets and how validation predictions are scored.
+    With `tensorboard_dir`, every epoch's scalars also go to TensorBoard (see
+    `curves`). Returns {"best_ccc", "best_epoch", "epoch", "stopped_early"}.
+    """
+    model_dir = Path(model_dir)
+    utils.check_writable(model_dir)
+    # A run killed mid-write (a lost cluster worker) left temporaries; this run owns the folder.
+    utils.remove_interrupted_writes(model_dir)
+    settings.check()
+    check_precision(settings.precision, device)
+    # Calibration maps predictions to the statistics of the training videos: saved in
+    # every checkpoint, so that a model evaluated later calibrates as it was trained.
+    postprocessing = (postprocessing or Postprocessing()).with_listener_stats(train_set.videos)
+    if not resume:
+        report_unseen_listeners(postprocessing, val_set.videos)
+    if postprocessing.delay_frames:
+        train_set = train_set.with_label_delay(postprocessing.delay_frames)
+    run = TrainingRun(model, train_set, model_dir, settings, device, postprocessing)
+    if resume:
+        run.resume()
+    if not run.stopped_early:
+        _train_epochs(run, val_set, progress, tensorboard_dir)
+    return run.summary()
+
+
+def _train_epochs(run, val_set, progress, tensorboard_dir):
+    """Train from the run's epoch to --epochs, or until --patience or a stop request."""
+    start_epoch, settings = run.epoch, run.settings
+    with tqdm(range(start_epoch + 1, settings.epochs + 1), desc=run.model_dir.name, unit="epoch",
+              disable=not progress, leave=False, dynamic_ncols=True) as bar, \
+            parallel.StopRequests() as stop, reused_heap(), \
+            curves(tensorboard_dir, run.model_dir) as log_epoch:
+        for _ in bar:
+            row = run.train_epoch(val_set)
+            run.record(row)
+            log_epoch(row, run.optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
+                            best=f"{run.best_ccc:.3f}@{run.best_epoch}")
+            if run.stopped_early:
+                tqdm.write(f"{run.model_dir}: stopped at epoch {run.epoch}, the validation CCC "
+                           f"has not improved for {settings.patience} evaluations (--patience)")
+                break
+            if stop.requested:
+                run.save(runs.LAST, with_optimizer=True)
+                print(f"stopped after epoch {run.epoch}; {run.model_dir / runs.LAST} holds it: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+                raise KeyboardInterrupt
+    if run.epoch > start_epoch:
+        run.save(runs.LAST, with_optimizer=True)
+
+
+@contextlib.contextmanager
+def curves(tensorboard_dir, model_dir):
+    """A function that logs an epoch's metrics row (and the learning rate) to
+    TensorBoard under <tensorboard_dir>/<model_dir> (its path without a leading
+    root, so that folds, seeds and subjects are separate runs); one that does
+    nothing without `tensorboard_dir`."""
+    if not tensorboard_dir:
+        yield lambda row, lr: None
+        return
+    from torch.utils.tensorboard import SummaryWriter  # imported only when asked for
+    run_name = Path(model_dir).relative_to(Path(model_dir).anchor)
+    writer = SummaryWriter(log_dir=str(Path(tensorboard_dir) / run_name))
+
+    def log_epoch(row, lr):
+        writer.add_scalar("loss/train", row["train_loss"], row["epoch"])
+        writer.add_scalar("learning_rate", lr, row["epoch"])
+        if not math.isnan(row["val_ccc"]):
+            writer.add_scalar("ccc/validation", row["val_ccc"], row["epoch"])
+    try:
+        yield log_epoch
+    finally:
+        writer.close()
+
+
+def fit_seeds(make_model, train_set, val_set, model_dir, options, device, postprocessing=None):
+    """`fit` once per seed of `options.settings` (see `TrainingSettings.seed_runs`),
+    each seeded before `make_model()` builds its starting model, with the options'
+    post-processing unless `postprocessing` is given. Returns fit's summary per
+    seed, with "seed"."""
+    summaries = []
+    for seed_settings, folder in options.settings.seed_runs(model_dir):
+        seed_everything(seed_settings.seed)
+        summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
+                      resume=options.resumes_run(folder), progress=options.progress,
+                      postprocessing=postprocessing or options.postprocessing,
+                      tensorboard_dir=options.tensorboard_dir)
+        summaries.append({"seed": seed_settings.seed, **summary})
+    return summaries
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_features(folder, video_set, features):
+    """One (seconds, 128) .npy of decision-level features per video."""
+    utils.remove_interrupted_writes(folder, {f"{video.name}.npy" for video in video_set.videos})
+    for video, rows in zip(video_set.videos, features):
+        utils.save_array(Path(folder) / f"{video.name}.npy", rows.astype(np.float32))
+
+
+def write_test_predictions(trained, train_set, test_set, pred_dir, device, postprocessing,
+                           precision="fp32"):
+    """Write the predictions for both sets (of the seed average, and of each seed
+    under seed_<s>/ when there are several) and return their evaluations."""
+    results = {}
+    for name, video_set in (("train", train_set), ("test", test_set)):
+        results[name] = evaluate_seeds(trained, video_set, device, postprocessing, precision)
+        utils.write_predictions(runs.predictions_dir(pred_dir, name), video_set.videos,
+                                results[name]["frames"])
+        if len(trained) > 1:
+            for model, frames in zip(trained, results[name]["seed_frames"]):
+                seed = model.checkpoint["training"]["seed"]
+                utils.write_predictions(runs.predictions_dir(runs.seed_dir(pred_dir, seed), name),
+                                        video_set.videos, frames)
+    return results
+
+
+def extract_features(trained, train_set, test_set, feat_dir, device, label_delay=0.0,
+                     precision="fp32"):
+    """Decision-level features of both sets; several seeds' side by side (N x 128
+    columns). A --label_delay run's features are shifted back by the delay in whole
+    seconds, like its predictions, so that row t stays second t of the video."""
+    shift = round(label_delay)
+    for name, video_set in (("train", train_set), ("test", test_set)):
+        per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device,
+                            with_features=True, precision=precision)[1] for t in trained]
+        features = [np.concatenate(video_features, axis=1) for video_features in zip(*per_seed)]
+        write_features(runs.features_dir(feat_dir, name), video_set,
+                       [_delayed_rows(rows, shift) for rows in features])
+
+
+def _delayed_rows(rows, seconds):
+    """Rows shifted `seconds` later, the first row repeated in front."""
+    if seconds <= 0:
+        return rows
+    seconds = min(seconds, len(rows) - 1)
+    return np.concatenate([np.repeat(rows[:1], seconds, axis=0), rows[:len(rows) - seconds]])

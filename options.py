@@ -1,0 +1,282 @@
+"""The options of the training scripts: their shared flag groups, the settings they
+become, and the one check that runs before anything is written.
+
+train.py, crossval.py, cv_epochs.py and personalize.py join the flag groups below
+with `parents=[...]`, turn the parsed flags into `TrainingSettings` and
+`RunOptions`, describe what they are about to do as a `Plan`, and call
+`check_before_writing(plan)` once: every check, in one order, before the first
+file is written.
+"""
+import argparse
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import checkpoints
+import datasets
+import engine
+import models
+import parallel
+import postprocessing
+import precision
+import runs
+import utils
+from postprocessing import Postprocessing
+from utils import ToolkitError
+
+
+# ---------------------------------------------------------------- flags
+
+def get_data_args_parser():
+    """Flags of every script that loads data and builds models."""
+    parser = argparse.ArgumentParser(add_help=False, parents=[datasets.get_split_args_parser(),
+                                                             postprocessing.get_args_parser()])
+    group = parser.add_argument_group("data and device")
+    group.add_argument("--mods", default="audio,text,v_sub,v_act",
+                       help="comma-separated modalities from audio,text,v_sub,v_act "
+                            "(default: %(default)s)")
+    group.add_argument("--normalize", action="store_true",
+                       help="rescale every feature dimension to [-1, 1] by the training "
+                            "data's min and max (stored in the checkpoint)")
+    group.add_argument("--cuda", action="store_true",
+                       help="run on the GPU (falls back to the CPU with a warning)")
+    group.add_argument("--precision", choices=precision.PRECISIONS, default="fp32",
+                       help="arithmetic of training and prediction: bf16 autocasts on CPUs with "
+                            "AVX512-BF16 or AMX (refused on others, where it is many times "
+                            "slower) and on GPUs; fp16 (with gradient scaling) only with --cuda; "
+                            "weights and checkpoints stay float32 (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=1,
+                       help="random seed; with --seeds N, the first of N (default: %(default)s)")
+    return parser
+
+
+def get_training_args_parser():
+    """Flags of every script that trains."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=1000, help="epochs (default: %(default)s)")
+    group.add_argument("--batch_size", type=int, default=25,
+                       help="video pieces per batch (default: %(default)s)")
+    group.add_argument("--split", type=int, default=5,
+                       help="contiguous pieces each training video is cut into "
+                            "(default: %(default)s)")
+    group.add_argument("--lr", type=float, default=1e-5,
+                       help="Adam learning rate (default: %(default)s)")
+    group.add_argument("--weight_decay", type=float, default=5e-4,
+                       help="Adam weight decay (default: %(default)s)")
+    group.add_argument("--eval_freq", type=int, default=1,
+                       help="evaluate on the validation set every N epochs; the best "
+                            "is saved as best.save (default: %(default)s)")
+    group.add_argument("--save_freq", type=int, default=100,
+                       help="save epoch_<N>.save every N epochs (default: %(default)s)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in the model folder from its last.save")
+    group.add_argument("--loss", choices=engine.LOSSES, default="mse",
+                       help="mse: squared error over a batch's valid steps; ccc: 1 - CCC over "
+                            "them (default: %(default)s)")
+    group.add_argument("--patience", type=int, metavar="N",
+                       help="stop when the validation CCC has not improved for N evaluations "
+                            "(default: train all --epochs)")
+    group.add_argument("--tensorboard", metavar="DIR",
+                       help="write each run's per-epoch training loss, validation CCC and "
+                            "learning rate as TensorBoard events under DIR/<model folder> "
+                            "(per fold, seed and subject); view with tensorboard --logdir DIR "
+                            "(default: none)")
+    group.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="train N models, seeds --seed to --seed+N-1, in seed_<s>/ folders; "
+                            "report mean +- std of their CCC and score and write the average "
+                            "of their predictions (default: %(default)s)")
+    return parser
+
+
+def get_fold_args_parser():
+    """Flags of every script that works on cross-validation folds."""
+    parser = argparse.ArgumentParser(add_help=False,
+                                     parents=[parallel.get_parallel_args_parser("run folds")])
+    group = parser.add_argument_group("folds")
+    group.add_argument("--out_dir", default="./cv_out",
+                       help="folder of the folds val_on_<story>/ (default: %(default)s)")
+    group.add_argument("--stories", type=int, nargs="+", metavar="STORY",
+                       help="keep only these stories (default: all in both folders)")
+    group.add_argument("--subjects", type=int, nargs="+", metavar="S",
+                       help="keep only these subjects (default: all)")
+    return parser
+
+
+def get_model_args_parser():
+    """Flags of the scripts that build new models: --model and each family's sizes."""
+    return models.get_args_parser()
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The hyper-parameters of one training run (one seed's, with `seed`)."""
+    epochs: int = 1000
+    batch_size: int = 25
+    split: int = 5
+    lr: float = 1e-5
+    weight_decay: float = 5e-4
+    eval_freq: int = 1
+    save_freq: int = 100
+    seed: int = 1
+    loss: str = "mse"
+    patience: int = None
+    seeds: int = 1
+    precision: str = "fp32"
+    model: str = models.DEFAULT_MODEL
+    model_options: dict = None  # the family's constructor options; None: fine-tuning
+
+    @classmethod
+    def from_args(cls, args):
+        """From parsed flags; a script without some flag keeps that default, and one
+        without --model (personalize.py fine-tunes init.save's model) has no
+        model options."""
+        settings = {name: getattr(args, name) for name in cls.__dataclass_fields__
+                    if hasattr(args, name) and name != "model_options"}
+        if hasattr(args, "model"):
+            settings["model_options"] = models.options_from_args(args.model, args)
+        return cls(**settings)
+
+    def check(self):
+        for name in ("epochs", "batch_size", "split", "eval_freq", "save_freq", "seeds"):
+            if getattr(self, name) < 1:
+                raise ToolkitError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.patience is not None and self.patience < 1:
+            raise ToolkitError(f"--patience must be at least 1, got {self.patience}")
+        if not 0 < self.lr < math.inf:
+            raise ToolkitError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ToolkitError(f"--weight_decay must be a number >= 0, got {self.weight_decay}")
+        highest = 2 ** 32 - self.seeds  # every seed of --seeds in NumPy's range
+        if not 0 <= self.seed <= highest:
+            raise ToolkitError(f"--seed must be from 0 to {highest}, got {self.seed}")
+        if self.loss not in engine.LOSSES:
+            raise ToolkitError(f"--loss must be one of {', '.join(engine.LOSSES)}, got {self.loss}")
+        models.family(self.model)
+        if self.model_options is not None:
+            models.check_options(self.model, self.model_options)
+
+    def new_model(self, input_dims, device):
+        """A freshly initialized model of the --model family and sizes."""
+        return models.create(self.model, input_dims, **self.model_options).to(device)
+
+    def seed_runs(self, model_dir):
+        """(settings of one seed, its folder) per seed: the folder itself for one
+        seed, seed_<s>/ inside it for several."""
+        if self.seeds == 1:
+            return [(self, Path(model_dir))]
+        return [(replace(self, seed=seed), runs.seed_dir(model_dir, seed))
+                for seed in range(self.seed, self.seed + self.seeds)]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the training tasks of one command share besides the hyper-parameters
+    (crossval.py's folds, personalize.py's subjects): `resumes` maps a run folder to
+    whether it continues from its last.save; `progress` shows per-epoch bars."""
+    settings: TrainingSettings
+    normalize: bool = False
+    cuda: bool = False
+    postprocessing_flags: dict = None
+    tensorboard_dir: Path = None
+    resumes: dict = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args, settings, resumes, runner):
+        """From parsed flags, with paths as the tasks of `runner` (parallel.Runner) get them."""
+        return cls(settings, args.normalize, args.cuda, postprocessing.flags_given(args),
+                   runner.path(args.tensorboard),
+                   {runner.path(folder): resume for folder, resume in resumes.items()},
+                   runner.in_this_process)
+
+    @property
+    def postprocessing(self):
+        return Postprocessing.resolve(**(self.postprocessing_flags or {}))
+
+    @property
+    def device(self):
+        return engine.get_device(self.cuda)
+
+    def check_trainable(self, train_set, postprocessing=None):
+        """Refuse, before anything is written, a --split or --label_delay (that of
+        `postprocessing`, else the flags') that some training video is too short for
+        (fit would stop on it after args.json)."""
+        delay_frames = (postprocessing or self.postprocessing).delay_frames
+        delayed = train_set.with_label_delay(delay_frames) if delay_frames else train_set
+        delayed.training_segments(self.settings.split)
+
+    def resumes_run(self, folder):
+        return (self.resumes or {}).get(folder, False)
+
+    def resumed_runs(self, run_dir):
+        """(folder, its seed's settings) of the runs under `run_dir` that --resume continues."""
+        return [(folder, settings) for settings, folder in self.settings.seed_runs(run_dir)
+                if self.resumes_run(folder)]
+
+
+# ---------------------------------------------------------------- the check before writing
+
+@dataclass
+class Plan:
+    """What a command is about to do, for `check_before_writing`.
+
+    `outputs`: (folder, flag) of every folder it will write into. `options`: the run's
+    RunOptions (training settings, normalization, device, post-processing flags).
+    `data`: the videos it trains or evaluates on (their modalities and dimensions
+    must fit every checkpoint); `trains` whether it trains on them (so each must
+    fit --split and --label_delay). `base`: the checkpoint that fine-tuning starts
+    from (its post-processing and normalization carry over to the runs). `resumed`:
+    (folder, its seed's settings) of the runs that --resume continues. `evaluated`:
+    checkpoints it will load for `data`. `runner`: where tasks run.
+    """
+    outputs: list
+    options: "RunOptions"
+    data: datasets.VideoSet = None
+    trains: bool = False
+    base: Path = None
+    resumed: list = field(default_factory=list)
+    evaluated: list = field(default_factory=list)
+    runner: parallel.Runner = None
+
+
+def check_before_writing(plan):
+    """Every check of a command that must pass before its first write, in one order:
+    the flags, where tasks run, the data against the flags, every checkpoint to be
+    started from, resumed or evaluated against the data and flags, then the output
+    folders."""
+    run = plan.options
+    run.settings.check()
+    precision.check_precision(run.settings.precision, run.device)
+    trained_with, normalize = run.postprocessing, run.normalize  # refuses bad flags
+    check_tensorboard_dir(run.tensorboard_dir)
+    if plan.runner is not None:
+        plan.runner.check()
+    if plan.base is not None:  # fine-tuning: what the base model was trained with carries over
+        base = checkpoints.load_trained([plan.base], plan.data, run.normalize, "cpu")[0]
+        trained_with = Postprocessing.resolve(base.checkpoint.get("postprocessing"),
+                                              **(run.postprocessing_flags or {}))
+        normalize = base.scaler is not None
+    if plan.trains:
+        run.check_trainable(plan.data, trained_with)
+    for folder, settings in plan.resumed:
+        checkpoints.check_resumable(folder, settings, plan.data.mods, plan.data.input_dims,
+                                    normalize, trained_with)
+    for path in plan.evaluated:
+        saved = checkpoints.load_trained([path], plan.data, run.normalize, "cpu")[0]
+        Postprocessing.resolve(saved.checkpoint.get("postprocessing"),
+                               **(run.postprocessing_flags or {}))
+    for folder, flag in plan.outputs:
+        runs.check_output_folder(folder, flag)
+        utils.check_writable(folder)
+
+
+def check_tensorboard_dir(tensorboard_dir):
+    """--tensorboard must name a folder that can be written, checked before training."""
+    if tensorboard_dir:
+        if Path(tensorboard_dir).exists() and not Path(tensorboard_dir).is_dir():
+            raise ToolkitError(f"--tensorboard {tensorboard_dir} is a file: give a folder for the "
+                               "event files, e.g. tb")
+        utils.check_writable(tensorboard_dir)

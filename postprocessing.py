@@ -1,0 +1,243 @@
+"""Post-processing: how per-second predictions become the 25 fps predictions that are
+written and scored (label delay, smoothing or low-pass, calibration), its flags, and
+scoring a set of videos with it.
+
+The same `Postprocessing` serves evaluation during training, written prediction
+files and fusion; checkpoints store it, so a saved model is evaluated as it was
+trained. Imports no torch.
+"""
+import argparse
+import dataclasses
+import math
+import sys
+
+import numpy as np
+
+from utils import FPS, ToolkitError, ccc, to_length
+
+def expand_to_frames(per_second, n_frames):
+    """Repeat each per-second value FPS times, then cut or pad (repeating the last
+    value) to the annotation's frame count."""
+    return to_length(np.repeat(np.asarray(per_second, dtype=np.float32), FPS), n_frames)
+
+
+SMOOTHING_WINDOWS = ("moving", "gaussian")
+MAX_SMOOTH = 600  # s: longer than any video; a Gaussian window's cost grows with its width
+MIN_LOWPASS = 1e-4  # Hz: a period of 3 hours; lower cutoffs make Butterworth's design singular
+
+
+@dataclasses.dataclass(frozen=True)
+class Postprocessing:
+    """How per-second predictions become the 25 fps predictions that are written and
+    scored; the same for evaluation during training and for written files. The steps
+    run in this order:
+
+    `label_delay` (seconds, --label_delay): the model was trained so that features at
+    second t predict the annotation at t + delay, so its 25 fps predictions are
+    shifted that much later, the first frames repeating the first prediction.
+    `smooth` (seconds, --smooth): a centred window of that length smooths the 25 fps
+    predictions, flat (`moving` average) or Gaussian (standard deviation a quarter of
+    the window, so the window spans +-2 sigma); edges repeat the end values.
+    `lowpass` (Hz, --lowpass), instead of `smooth`: a zero-phase (forward and
+    backward) second-order Butterworth low-pass filter; edges repeat the end values.
+    `calibrate` (--calibrate): each video's prediction is standardized over the video,
+    then given its listener's mean and standard deviation in `listener_stats` (see
+    `listener_statistics`: the annotations of the model's training videos), or the
+    pooled ones for a listener without training videos. A constant prediction
+    becomes the listener's mean.
+    """
+    label_delay: float = 0.0
+    smooth: float = 0.0
+    smooth_window: str = "moving"
+    lowpass: float = 0.0
+    calibrate: bool = False
+    listener_stats: dict = None
+
+    def __post_init__(self):
+        for name in ("label_delay", "smooth", "lowpass"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                unit = "Hz" if name == "lowpass" else "seconds"
+                raise ToolkitError(f"--{name} must be a number of {unit} >= 0, got {value}")
+        if self.smooth > MAX_SMOOTH:
+            raise ToolkitError(f"--smooth {self.smooth:g} s is longer than {MAX_SMOOTH:g} s "
+                               "(longer than any video: it would flatten every prediction): "
+                               "give a shorter window, e.g. 2 to 10")
+        if self.smooth_window not in SMOOTHING_WINDOWS:
+            raise ToolkitError(f"--smooth_window must be one of {', '.join(SMOOTHING_WINDOWS)}, "
+                               f"got {self.smooth_window}")
+        if 0 < self.lowpass < MIN_LOWPASS:
+            raise ToolkitError(f"--lowpass {self.lowpass:g} Hz is below {MIN_LOWPASS:g} Hz, where "
+                               "the filter turns any video into a constant (and cannot be "
+                               "designed): give 0 for no filter, or e.g. 0.004 to 0.01")
+        if self.lowpass >= FPS / 2:
+            raise ToolkitError(f"--lowpass {self.lowpass:g} Hz is not below the Nyquist "
+                               f"frequency of 25 fps predictions ({FPS / 2:g} Hz): give a lower "
+                               "cutoff, e.g. 0.01")
+        if self.lowpass and self.smooth:
+            raise ToolkitError("--lowpass and --smooth both filter the predictions: give one "
+                               "(--smooth 0 or --lowpass 0 turns off the one a model was "
+                               "saved with)")
+
+    @property
+    def delay_frames(self):
+        return round(self.label_delay * FPS)
+
+    def frames(self, per_second, n_frames, subject=None):
+        """25 fps predictions of a video of `n_frames` frames, by listener `subject`."""
+        delay = min(self.delay_frames, n_frames - 1)
+        frames = expand_to_frames(per_second, n_frames - delay)
+        frames = self._low_passed(self._smoothed(frames))
+        frames = np.concatenate([np.full(delay, frames[0], np.float32), frames])
+        return self._calibrated(frames, subject) if self.calibrate else frames
+
+    def _smoothed(self, frames):
+        width = self.smooth * FPS
+        if width < 1:
+            return frames
+        from scipy.ndimage import gaussian_filter1d, uniform_filter1d  # only when asked: slow
+        if self.smooth_window == "moving":
+            odd_width = 2 * round(width / 2) + 1  # an odd width keeps the window centred
+            return uniform_filter1d(frames.astype(np.float64), odd_width, mode="nearest").astype(np.float32)
+        return gaussian_filter1d(frames.astype(np.float64), width / 4, mode="nearest",
+                                 truncate=2.0).astype(np.float32)
+
+    def _low_passed(self, frames):
+        if not self.lowpass or frames.size < 2:
+            return frames
+        from scipy.signal import butter, sosfiltfilt  # only when asked: 1.5 s to import
+        sections = butter(2, self.lowpass, fs=FPS, output="sos")
+        # Constant padding starts the filter in its steady state at the edge value, so
+        # even a cutoff whose response outlasts the video adds no edge transient.
+        padding = min(frames.size - 1, math.ceil(FPS / self.lowpass))
+        return sosfiltfilt(sections, frames.astype(np.float64), padtype="constant",
+                           padlen=padding).astype(np.float32)
+
+    def _calibrated(self, frames, subject):
+        if self.listener_stats is None:
+            raise ToolkitError("--calibrate needs the listeners' statistics of the model's "
+                               "training videos, and none were given")
+        mean, std = self.listener_stats["subjects"].get(str(subject),
+                                                        self.listener_stats["pooled"])
+        frames = frames.astype(np.float64)
+        spread = frames.std()
+        standardized = (frames - frames.mean()) / spread if spread > 0 else np.zeros_like(frames)
+        return (mean + std * standardized).astype(np.float32)
+
+    def with_listener_stats(self, videos):
+        """This post-processing with the listener statistics of `videos` (the
+        training videos of the model it serves)."""
+        return dataclasses.replace(self, listener_stats=listener_statistics(videos))
+
+    def unseen_listeners(self, subjects):
+        """The listeners among `subjects` whom calibration maps to the pooled
+        statistics (none unless --calibrate)."""
+        if not self.calibrate or self.listener_stats is None:
+            return []
+        return sorted({s for s in subjects if str(s) not in self.listener_stats["subjects"]})
+
+    @classmethod
+    def resolve(cls, saved=None, **overrides):
+        """The post-processing `saved` in a checkpoint (defaults if none), with the
+        flags given on the command line (not None) taking precedence."""
+        settings = dict(saved or {})
+        unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ToolkitError(f"the model's post-processing has unknown setting "
+                               f"{', '.join(unknown)}: it was saved by a newer version of this "
+                               "toolkit; update the toolkit")
+        settings.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**settings)
+
+
+def get_args_parser(with_label_delay=True):
+    """Flags of the post-processing of predictions (see Postprocessing);
+    fusion.py takes them all but --label_delay, which concerns training targets."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group(
+        "predictions", "Post-processing of predictions, the same in evaluation and in written "
+        "files, in this order: label delay, smoothing or low-pass, calibration. When a saved "
+        "model is evaluated, it defaults to what the model was saved with.")
+    if with_label_delay:
+        group.add_argument("--label_delay", type=float, metavar="SECONDS",
+                           help="train features at t to predict the annotation at t + SECONDS "
+                                "(listeners annotate late); predictions are shifted back when "
+                                "written and scored (default: 0)")
+    group.add_argument("--smooth", type=float, metavar="SECONDS",
+                       help="smooth predictions with a centred window this long (default: 0, none)")
+    group.add_argument("--smooth_window", choices=SMOOTHING_WINDOWS,
+                       help="shape of the --smooth window: moving average or Gaussian "
+                            "(standard deviation a quarter of the window) (default: moving)")
+    group.add_argument("--lowpass", type=float, metavar="HZ",
+                       help="zero-phase Butterworth low-pass filter of the 25 fps predictions "
+                            "with this cutoff, instead of --smooth; e.g. 0.01 (default: 0, none)")
+    group.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                       help="give each video's prediction its listener's mean and standard "
+                            "deviation over the model's training annotations (the pooled ones "
+                            "for a listener without training videos); --no-calibrate turns "
+                            "off a saved model's (default: off)")
+    return parser
+
+
+
+# The flags of the fields a user sets; listener_stats comes from training videos.
+FLAGS = tuple(field.name for field in dataclasses.fields(Postprocessing)
+              if field.name != "listener_stats")
+
+
+def flags_given(args):
+    """The post-processing flags as given (None where not given or not taken), for
+    `Postprocessing.resolve`."""
+    return {name: getattr(args, name, None) for name in FLAGS}
+
+
+def report_unseen_listeners(postprocessing, videos):
+    """Say which listeners of `videos` calibration maps to the pooled statistics."""
+    unseen = postprocessing.unseen_listeners([video.subject for video in videos])
+    if unseen:
+        mean, std = postprocessing.listener_stats["pooled"]
+        print(f"note: --calibrate: listener(s) {', '.join(map(str, unseen))} had no training "
+              f"videos; their predictions take the pooled statistics (mean {mean:.3f}, "
+              f"sd {std:.3f})", file=sys.stderr)
+
+
+def listener_statistics(videos):
+    """Mean and standard deviation of the 25 fps annotations of each listener's
+    videos (each video once, however often a set repeats it) and of all of them:
+    {"pooled": [mean, std], "subjects": {"<subject>": [mean, std]}}, plain values
+    so that a checkpoint holding them loads with weights_only=True."""
+    unique = {(video.subject, video.story): video.annotation for video in videos
+              if video.annotation is not None}
+    if not unique:
+        raise ToolkitError("--calibrate needs annotated training videos")
+
+    def moments(annotations):
+        values = np.concatenate(annotations).astype(np.float64)
+        return [float(values.mean()), float(values.std())]
+
+    per_subject = {}
+    for (subject, _), annotation in sorted(unique.items()):
+        per_subject.setdefault(subject, []).append(annotation)
+    return {"pooled": moments(list(unique.values())),
+            "subjects": {str(subject): moments(own) for subject, own in per_subject.items()}}
+
+
+def score_videos(videos, per_second_predictions, postprocessing=None):
+    """Turn each video's per-second predictions into 25 fps predictions (see
+    `Postprocessing`) and score them against its annotation.
+
+    `videos` need `subject`, `story`, `n_frames` and `annotation` (25 fps, or None
+    for a video without one, which is predicted but scores NaN). Returns {"ccc":
+    mean CCC over videos, "records": [{subject, story, ccc}], "frames": [25 fps
+    predictions per video]}.
+    """
+    postprocessing = postprocessing or Postprocessing()
+    frames, records = [], []
+    for video, per_second in zip(videos, per_second_predictions):
+        prediction = postprocessing.frames(per_second, video.n_frames, video.subject)
+        frames.append(prediction)
+        score = ccc(prediction, video.annotation) if video.annotation is not None else math.nan
+        records.append({"subject": video.subject, "story": video.story, "ccc": score})
+    return {"ccc": float(np.mean([r["ccc"] for r in records])), "records": records,
+            "frames": frames}
+
