@@ -112,7 +112,7 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
     folder = variant_folder(out_dir, name)
     if reevaluate:
         default = variant_folder(out_dir, "default")
-        if not (default / "crossval.csv").is_file():
+        if not (default / runs.CROSSVAL_TABLE).is_file():
             raise utils.ToolkitError(f"{name} re-evaluates the default run, but {default} has "
                                      "none: include default in --only")
         copy_best_checkpoints(default, folder)
@@ -136,7 +136,7 @@ def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
                                  "include default in --only, on data whose story 1 validates")
     folder = Path(out_dir) / f"personal_{variant_folder(out_dir, name).name}"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(init, folder / "init.save")
+    shutil.copyfile(init, folder / runs.INIT_CHECKPOINT)
     argv = [*common, "--out_dir", str(folder), "--epochs", str(epochs), "--overwrite",
             "--save_freq", str(epochs), *flags]
     start = time.perf_counter()
@@ -181,7 +181,7 @@ def main(args):
     rows = [run_variant(name, flags, reevaluate, common, args.out_dir, ledger)
             for name, flags, reevaluate in VARIANTS if name in chosen]
     table = pd.DataFrame(rows)
-    utils.write_csv(table, Path(args.out_dir) / "compare.csv")
+    utils.write_csv(table, Path(args.out_dir) / runs.COMPARE_TABLE)
     personal = None
     if args.personal_epochs and "default" in chosen:
         personal_common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir,
@@ -189,7 +189,7 @@ def main(args):
         personal = pd.DataFrame([run_personalization(name, flags, personal_common, args.out_dir,
                                                      args.personal_epochs, ledger)
                                  for name, flags in PERSONAL_VARIANTS])
-        utils.write_csv(personal, Path(args.out_dir) / "personalize.csv")
+        utils.write_csv(personal, Path(args.out_dir) / runs.PERSONALIZE_TABLE)
     print(f"\nheld-out CCC of crossval.py --mods {args.mods} --epochs {args.epochs} --lr {args.lr}:")
     print(markdown(table))
     if personal is not None:

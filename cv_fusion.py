@@ -7,10 +7,10 @@ Each CV_DIR is a crossval.py output folder with features per fold:
 `CV_DIR/val_on_<story>/feat_train` (the fold's training videos) and `feat_test`
 (the held-out story), as `crossval.py --features` and `cv_epochs.py` write them.
 The folds are the val_on_<story> folders of the first CV_DIR; every CV_DIR needs
-the same ones. For each fold the fusion SVR of fusion.py is fitted on the fold's
-training features (a --C grid is searched within those stories only) and scored on
-the held-out story. Annotations are read from --train_dir and --test_dir (pooled);
-nothing is written there.
+the same ones. For each fold the fusion SVR of fusion.py (svr_fusion.py) is fitted on
+the fold's training features (a --C grid is searched within those stories only) and
+scored on the held-out story. Annotations are read from --train_dir and --test_dir
+(pooled); nothing is written there.
 
 Writes to --out_dir (default ./cv_fusion_out): val_on_<story>/fusion_model.joblib
 and val_on_<story>/pred_train/ per fold, cv_pred/ (every held-out prediction, 25
@@ -22,15 +22,17 @@ import argparse
 from pathlib import Path
 
 import datasets
-import fusion
 import parallel
+import postprocessing
 import runs
+import svr_fusion
 import utils
 from utils import ToolkitError
 
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "cv_fusion.py", parents=[fusion.get_svr_args_parser(),
+        "cv_fusion.py", parents=[svr_fusion.get_args_parser(),
                                  parallel.get_parallel_args_parser("fit folds"),
                                  runs.get_ledger_args_parser()],
         description="Cross-validate decision-level fusion across stories.")
@@ -68,7 +70,7 @@ def list_folds(cv_dirs):
 
 
 def fold_folder(cv_dir, story, side):
-    folder = runs.fold_dir(cv_dir, story) / f"feat_{side}"
+    folder = runs.features_dir(runs.fold_dir(cv_dir, story), side)
     if not folder.is_dir():
         raise ToolkitError(f"{folder} does not exist: extract the fold's features with "
                            "crossval.py --features (or cv_epochs.py)")
@@ -80,15 +82,16 @@ def load_fold(cv_dirs, story, annotations, in_names):
     sets, dims = {}, {}
     for side in ("train", "test"):
         folders = [[fold_folder(cv_dir, story, side)] for cv_dir in cv_dirs]
-        sets[side], dims[side] = fusion.load_fused_videos(folders, annotations, in_names)
-    fusion.check_same_dims(dims["train"], dims["test"], in_names)
+        sets[side], dims[side] = svr_fusion.load_fused_videos(folders, annotations, in_names)
+    svr_fusion.check_same_dims(dims["train"], dims["test"], in_names)
     where = runs.fold_dir(cv_dirs[0], story)
     if any(video.story != story for video in sets["test"]):
-        raise ToolkitError(f"{where / 'feat_test'} holds videos of other stories than {story}: "
-                           "it is not this fold's held-out story; re-run crossval.py --features")
+        raise ToolkitError(f"{runs.features_dir(where, 'test')} holds videos of other stories "
+                           f"than {story}: it is not this fold's held-out story; re-run "
+                           "crossval.py --features")
     if any(video.story == story for video in sets["train"]):
-        raise ToolkitError(f"{where / 'feat_train'} holds videos of the held-out story {story}: "
-                           "re-run crossval.py --features")
+        raise ToolkitError(f"{runs.features_dir(where, 'train')} holds videos of the held-out "
+                           f"story {story}: re-run crossval.py --features")
     return sets["train"], sets["test"], dims["train"]
 
 
@@ -109,18 +112,18 @@ def fold_tasks(folds, saved, args, in_names, settings, runner):
     tasks of `runner` (parallel.Runner) get them."""
     out_dir = runner.path(args.out_dir)
     return [dict(story=story, out_dir=out_dir, settings=settings, in_names=in_names,
-                 postprocessing_flags=utils.postprocessing_flags(args),
+                 postprocessing_flags=postprocessing.flags_given(args),
                  fold=runner.data(fold, read_fold, cv_dirs=[Path(d) for d in args.cv_dirs],
                                   story=story, in_names=in_names,
                                   train_dir=Path(args.train_dir), test_dir=Path(args.test_dir)),
-                 saved=(runner.data(saved[story], fusion.load_model,
+                 saved=(runner.data(saved[story], svr_fusion.load_model,
                                     path=model_path(args.out_dir, story))
                         if story in saved else None))
             for story, fold in folds.items()]
 
 
 def model_path(out_dir, story):
-    return runs.fold_dir(out_dir, story) / fusion.MODEL_FILE
+    return runs.fold_dir(out_dir, story) / runs.FUSION_MODEL
 
 
 def load_fold_models(out_dir, folds, in_names, flags):
@@ -129,9 +132,9 @@ def load_fold_models(out_dir, folds, in_names, flags):
     models = {}
     for story, (_, _, dims) in folds.items():
         path = model_path(out_dir, story)
-        models[story] = fusion.load_model(path)
-        fusion.check_compatible(models[story], in_names, dims, path)
-        fusion.saved_postprocessing(models[story], flags, path)  # refuses before any write
+        models[story] = svr_fusion.load_model(path)
+        svr_fusion.check_compatible(models[story], in_names, dims, path)
+        svr_fusion.saved_postprocessing(models[story], flags, path)  # refuses before any write
     return models
 
 
@@ -143,28 +146,26 @@ def run_fold(story, fold, out_dir, settings, in_names, saved=None, postprocessin
     fold_dir = runs.fold_dir(out_dir, story)
     if saved:
         model, c = saved["model"], saved["C"]
-        postprocessing = fusion.saved_postprocessing(saved, postprocessing_flags or {},
-                                                     model_path(out_dir, story))
+        postprocessing = svr_fusion.saved_postprocessing(saved, postprocessing_flags or {},
+                                                         model_path(out_dir, story))
     else:
-        model, c = fusion.fit_with_c_choice(train_videos, settings, verbose=False)
-        postprocessing = fusion.fitted_postprocessing(settings, train_videos)
-        fusion.save_model(model_path(out_dir, story), fusion.model_record(
-            model, c, settings, in_names, dims, train_videos))
-    train_result = fusion.evaluate(model, train_videos, postprocessing)
-    test_result = fusion.evaluate(model, test_videos, postprocessing)
-    utils.write_predictions(fold_dir / "pred_train", train_videos, train_result["frames"])
-    utils.write_predictions(out_dir / runs.CV_PREDICTIONS, test_videos, test_result["frames"])
+        model, c, postprocessing = svr_fusion.fit_and_save(
+            train_videos, settings, in_names, dims, model_path(out_dir, story), verbose=False)
+    train_result = svr_fusion.predict_and_write(model, train_videos, postprocessing,
+                                                runs.predictions_dir(fold_dir, "train"))
+    test_result = svr_fusion.predict_and_write(model, test_videos, postprocessing,
+                                               out_dir / runs.CV_PREDICTIONS)
     return {"story": story, "train_ccc": train_result["ccc"], "val_ccc": test_result["ccc"],
             "C": c}
 
 
 def main(args):
-    in_names = fusion.input_names(args.cv_dirs, args.in_names)
-    settings = fusion.SVRSettings.from_args(args)
+    in_names = svr_fusion.input_names(args.cv_dirs, args.in_names)
+    settings = svr_fusion.SVRSettings.from_args(args)
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
     folds = load_folds(args.cv_dirs, in_names, args.train_dir, args.test_dir)
-    saved = (load_fold_models(out_dir, folds, in_names, utils.postprocessing_flags(args))
+    saved = (load_fold_models(out_dir, folds, in_names, postprocessing.flags_given(args))
              if args.test else {})
     runner.check()
     runs.check_output_folder(out_dir, "--out_dir")
@@ -182,11 +183,11 @@ def fit_and_score(folds, saved, args, in_names, settings, runner):
     for row in rows:  # printed here: parallel folds would print out of order, or remotely
         print(f"{runs.fold_name(row['story'])}: C {row['C']:g}, train CCC "
               f"{row['train_ccc']:.4f}, val CCC {row['val_ccc']:.4f}")
-    table = utils.crossval_table(rows)
-    utils.write_csv(table, out_dir / "crossval.csv")
+    table = runs.crossval_table(rows)
+    utils.write_csv(table, out_dir / runs.CROSSVAL_TABLE)
     runs.write_run_record(args, out_dir, runs.TEST_RUN_RECORD if args.test else runs.RUN_RECORD)
     print(utils.format_table(table))
-    print(f"results in {out_dir / 'crossval.csv'}, held-out predictions in "
+    print(f"results in {out_dir / runs.CROSSVAL_TABLE}, held-out predictions in "
           f"{out_dir / runs.CV_PREDICTIONS}")
     return table
 

@@ -378,11 +378,19 @@ class FeatureScaler:
 
     @classmethod
     def fit(cls, video_set):
-        minimum, maximum = {}, {}
-        for mod, storage in video_set.features.items():
-            rows = [storage[video.start:video.start + video.n_seconds] for video in video_set.videos]
-            minimum[mod] = torch.stack([chunk.amin(0) for chunk in rows]).amin(0)
-            maximum[mod] = torch.stack([chunk.amax(0) for chunk in rows]).amax(0)
+        """The scaler of the rows of every video in `video_set`."""
+        return cls.fit_rows({mod: [storage[video.start:video.start + video.n_seconds]
+                                   for video in video_set.videos]
+                             for mod, storage in video_set.features.items()})
+
+    @classmethod
+    def fit_rows(cls, rows):
+        """The scaler of {mod: [(steps, dim) tensors]}: each dimension's minimum and
+        maximum over all of them (fusion's SVR fits it on one modality of all inputs)."""
+        minimum = {mod: torch.stack([chunk.amin(0) for chunk in chunks]).amin(0)
+                   for mod, chunks in rows.items()}
+        maximum = {mod: torch.stack([chunk.amax(0) for chunk in chunks]).amax(0)
+                   for mod, chunks in rows.items()}
         return cls(minimum, maximum)
 
     def scale_(self, mod, rows):

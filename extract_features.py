@@ -58,9 +58,46 @@ SENTIMENT_SCORES = ("neg", "neu", "pos", "compound")  # VADER's, in its order
 REQUIREMENTS = "bash install_extract.sh"
 
 
+def get_feature_args_parser():
+    """The flags that choose and tune each modality's features."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("features")
+    group.add_argument("--text_features", choices=["embedding+vader", "embedding"],
+                       default="embedding+vader",
+                       help="per second: the words' embedding followed by VADER's negative, "
+                            "neutral, positive and compound sentiment scores (4 more "
+                            "columns), or the embedding alone")
+    group.add_argument("--audio_features", choices=list(AUDIO_FEATURE_SETS), default="emobase",
+                       help="openSMILE functionals: emobase (988-d), eGeMAPS (88-d) or "
+                            "ComParE (6373-d)")
+    group.add_argument("--face_features", choices=["deep", "hog"], default="deep",
+                       help="deep: dlib face embedding, 68 landmarks, FER2013 expression "
+                            "probabilities and box (274-d); hog: HOG, LBP histograms and "
+                            "box (1927-d)")
+    group.add_argument("--visual_fps", type=int, default=None,
+                       help="frames per second searched for faces (every k-th frame; "
+                            "25 uses every frame; default: 2 for deep, 5 for hog)")
+    group.add_argument("--embed_per_second", type=int, default=1,
+                       help="(deep) faces per second passed through the face embedding, "
+                            "the costly step; the other searched frames add landmarks, "
+                            "expression and box")
+    group.add_argument("--frame_height", type=int, default=240,
+                       help="(hog) frames are scaled down to this height before face "
+                            "detection; deep scales them so that a --min_face face is "
+                            f"{face_features.DETECTOR_FACE} pixels high")
+    group.add_argument("--min_face", type=float, default=0.15,
+                       help="smallest face searched for, as a fraction of the frame height "
+                            "(smaller is slower and finds more false faces)")
+    group.add_argument("--no_face", choices=["zeros", "previous"], default="zeros",
+                       help="fill of a second without a face: zeros, or the previous "
+                            "second that had one (zeros before the first)")
+    return parser
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "extract_features.py", parents=[parallel.get_parallel_args_parser("process videos")],
+        "extract_features.py", parents=[parallel.get_parallel_args_parser("process videos"),
+                                        get_feature_args_parser()],
         description="Extract per-second audio, text and face features from raw recordings.")
     parser.add_argument("--videos", required=True, type=Path,
                         help="folder of recordings named Subject_<s>_Story_<t>.mp4")
@@ -83,35 +120,6 @@ def get_args_parser():
     parser.add_argument("--listener_side", choices=["left", "right"], default="right",
                         help="half of the frame that shows the listener (v_sub); the other "
                              "half shows the speaker (v_act)")
-    parser.add_argument("--text_features", choices=["embedding+vader", "embedding"],
-                        default="embedding+vader",
-                        help="per second: the words' embedding followed by VADER's negative, "
-                             "neutral, positive and compound sentiment scores (4 more "
-                             "columns), or the embedding alone")
-    parser.add_argument("--audio_features", choices=list(AUDIO_FEATURE_SETS), default="emobase",
-                        help="openSMILE functionals: emobase (988-d), eGeMAPS (88-d) or "
-                             "ComParE (6373-d)")
-    parser.add_argument("--face_features", choices=["deep", "hog"], default="deep",
-                        help="deep: dlib face embedding, 68 landmarks, FER2013 expression "
-                             "probabilities and box (274-d); hog: HOG, LBP histograms and "
-                             "box (1927-d)")
-    parser.add_argument("--visual_fps", type=int, default=None,
-                        help="frames per second searched for faces (every k-th frame; "
-                             "25 uses every frame; default: 2 for deep, 5 for hog)")
-    parser.add_argument("--embed_per_second", type=int, default=1,
-                        help="(deep) faces per second passed through the face embedding, "
-                             "the costly step; the other searched frames add landmarks, "
-                             "expression and box")
-    parser.add_argument("--frame_height", type=int, default=240,
-                        help="(hog) frames are scaled down to this height before face "
-                             "detection; deep scales them so that a --min_face face is "
-                             f"{face_features.DETECTOR_FACE} pixels high")
-    parser.add_argument("--min_face", type=float, default=0.15,
-                        help="smallest face searched for, as a fraction of the frame height "
-                             "(smaller is slower and finds more false faces)")
-    parser.add_argument("--no_face", choices=["zeros", "previous"], default="zeros",
-                        help="fill of a second without a face: zeros, or the previous "
-                             "second that had one (zeros before the first)")
     parser.add_argument("--format", choices=["npy", "csv"], default="npy",
                         help="feature file format (csv has a header row audio_0, audio_1, ...)")
     parser.add_argument("--overwrite", action="store_true",

@@ -188,7 +188,7 @@ class RunOptions:
     def from_args(cls, args, settings, resumes, runner):
         """From parsed flags, with paths as the tasks of `runner` (parallel.Runner) get them."""
         return cls(settings, args.normalize, args.cuda, postprocessing.flags_given(args),
-                   runner.path(args.tensorboard),
+                   runner.path(getattr(args, "tensorboard", None)),
                    {runner.path(folder): resume for folder, resume in resumes.items()},
                    runner.in_this_process)
 
@@ -274,8 +274,10 @@ def check_before_writing(plan):
 
 
 def check_tensorboard_dir(tensorboard_dir):
-    """--tensorboard must name a folder that can be written, checked before training."""
+    """--tensorboard must name a folder outside the data that can be written, checked
+    before training."""
     if tensorboard_dir:
+        runs.check_output_folder(tensorboard_dir, "--tensorboard")
         if Path(tensorboard_dir).exists() and not Path(tensorboard_dir).is_dir():
             raise ToolkitError(f"--tensorboard {tensorboard_dir} is a file: give a folder for the "
                                "event files, e.g. tb")

@@ -19,7 +19,7 @@ the scripts, whose names and patterns only the functions below spell:
 
     <model_dir>/                 a model folder (train.py --model_dir; a fold; a subject)
         args.json                the command's flags and command line (write_run_record)
-        best.save                best validation CCC so far          (train.fit)
+        best.save                best validation CCC so far          (engine.fit)
         last.save                the newest state, with the optimizer, for --resume
         epoch_<N>.save           every --save_freq epochs
         metrics.csv              per epoch: train_loss, val_ccc
@@ -40,6 +40,8 @@ the scripts, whose names and patterns only the functions below spell:
                                  (test_args.json for --test)
     <out_dir of cv_fusion.py>/   args.json (test_args.json), crossval.csv, cv_pred/,
                                  val_on_<story>/fusion_model.joblib and pred_train/
+    <out_dir of compare_options.py>/  args.json, compare.csv, personalize.csv, a
+                                 crossval.py folder per option, personal_<option>/
 """
 import argparse
 import contextlib
@@ -98,6 +100,7 @@ INIT_CHECKPOINT = "init.save"  # personalize.py's starting model
 CROSSVAL_TABLE, CV_EPOCHS_TABLE = "crossval.csv", "cv_epochs.csv"
 PERSONALIZE_TABLE, INNER_CV_TABLE = "personalize.csv", "inner_cv.csv"
 FUSION_MODEL = "fusion_model.joblib"
+COMPARE_TABLE = "compare.csv"  # compare_options.py
 
 
 def predictions_dir(pred_dir, side):

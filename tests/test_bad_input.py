@@ -21,10 +21,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import checkpoints
 import datasets
 import models
+import postprocessing
 import runs
-import train
 import utils
 from conftest import write_tiny_data
 
@@ -268,7 +269,7 @@ TRAIN_FLAGS = st.one_of(
     flag("lr", st.one_of(NOT_FINITE, NEGATIVE, st.just(0.0))),
     flag("weight_decay", st.one_of(NOT_FINITE, NEGATIVE)),
     flag("seed", st.one_of(st.integers(max_value=-1), st.integers(min_value=2 ** 32))),
-    flag("smooth", st.one_of(NOT_FINITE, NEGATIVE, st.floats(utils.MAX_SMOOTH * 1.001, 1e300))),
+    flag("smooth", st.one_of(NOT_FINITE, NEGATIVE, st.floats(postprocessing.MAX_SMOOTH * 1.001, 1e300))),
 )
 PLOT = ["stories", "scores.csv"]
 FLAGS = {   # flag: (script, other arguments, bad values)
@@ -276,7 +277,7 @@ FLAGS = {   # flag: (script, other arguments, bad values)
     "weight_decay": ("train", TRAIN, st.one_of(NOT_FINITE, NEGATIVE)),
     "seed": ("train", TRAIN, st.one_of(st.integers(max_value=-1), st.integers(min_value=2 ** 32))),
     "smooth": ("train", TRAIN, st.one_of(NOT_FINITE, NEGATIVE,
-                                         st.floats(utils.MAX_SMOOTH * 1.001, 1e300))),
+                                         st.floats(postprocessing.MAX_SMOOTH * 1.001, 1e300))),
     "augment": ("train", TRAIN + ["--subjects", "1"], st.integers(max_value=0)),
     "gamma": ("fusion", ["feat_A"], st.one_of(NOT_FINITE, NEGATIVE, st.just(0.0))),
     "epsilon": ("fusion", ["feat_A"], st.one_of(NOT_FINITE, NEGATIVE)),
@@ -328,7 +329,7 @@ def untrained_checkpoint(path, normalization=None, poison=False):
     if poison:
         with torch.no_grad():
             model.lstm.weight_hh_l0[3, 5] = float("nan")
-    utils.save_checkpoint(path, train.make_checkpoint(model, normalization, 1, 0.0, 1))
+    checkpoints.save_checkpoint(path, checkpoints.make_checkpoint(model, normalization, 1, 0.0, 1))
 
 
 @pytest.mark.parametrize("poison, flags, named", [

@@ -7,7 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import train
+import datasets
+import models
 
 
 @pytest.mark.parametrize("dims", [{"audio": 7, "text": 5}, {"audio": 7, "text": 5, "v_sub": 11}])
@@ -15,7 +16,7 @@ def test_analytic_flops_equal_the_counted_matrix_products(dims):
     # Without oneDNN the LSTM runs as matrix products that FlopCounterMode sees.
     # Equal lengths: the model runs its LSTM over padding, which the count leaves out.
     torch.manual_seed(0)
-    model = train.build_model(dims, "cpu")
+    model = models.create("lstm", dims)
     lengths = [5, 5, 5]
     inputs = {mod: torch.randn(sum(lengths), dim) for mod, dim in dims.items()}
     with warnings.catch_warnings():
@@ -31,7 +32,7 @@ def test_analytic_flops_equal_the_counted_matrix_products(dims):
 
 def test_probes_report_memory_and_epoch_times_of_fresh_processes(tiny_data):
     baseline, peak, features = bench.peak_rss(tiny_data, "AT")
-    train_set, val_set = train.load_train_test(*bench.split_dirs(tiny_data), ["audio", "text"])
+    train_set, val_set = datasets.load_train_test(*bench.split_dirs(tiny_data), ["audio", "text"])
     expected = sum(storage.numel() * 4 for video_set in (train_set, val_set)
                    for storage in video_set.features.values())
     assert features == expected / 2**20
@@ -51,7 +52,7 @@ def test_bf16_is_measured_beside_fp32_and_the_cpu_is_named():
 
 @pytest.mark.parametrize("fast_bf16, measured", [(False, ["fp32"]), (True, ["fp32", "bf16"])])
 def test_bf16_is_left_out_where_train_py_refuses_it(monkeypatch, fast_bf16, measured):
-    monkeypatch.setattr(bench.models, "fast_bf16_cpu", lambda: fast_bf16)
+    monkeypatch.setattr(bench, "fast_bf16_cpu", lambda: fast_bf16)
     assert list(bench.precisions("cpu", 5)) == measured
 
 

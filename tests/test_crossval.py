@@ -7,9 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import checkpoints
 import crossval
 import cv_epochs
 import datasets
+import engine
 import personalize
 import utils
 from conftest import run_in_process, run_script
@@ -104,12 +106,10 @@ def test_personalization_starts_from_init_and_learns_each_listener(in_tmp):
     shutil.copy(in_tmp / "cv" / "val_on_1" / "best.save", in_tmp / "p" / "init.save")
     table = run(personalize, "python personalize.py --mods audio,text --out_dir p",
                 "--epochs", "30", "--lr", "1e-3", "--eval_freq", "30")
-    import models
-    import train
-    model, _ = models.load_model(in_tmp / "p" / "init.save", ["audio", "text"],
-                                 {"audio": 24, "text": 16})
+    model, _ = checkpoints.load_model(in_tmp / "p" / "init.save", ["audio", "text"],
+                                      {"audio": 24, "text": 16})
     validation = datasets.load_videos(in_tmp / "data" / "Validation", ["audio", "text"])
-    shared = train.evaluate(model, validation, "cpu")
+    shared = engine.evaluate(model, validation, "cpu")
     assert table["before_ccc"][0] == pytest.approx(shared["records"][0]["ccc"])
     bias_before, bias_after = [], []
     for video, frames in zip(validation.videos, shared["frames"]):

@@ -9,11 +9,17 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import run_script
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import MinMaxScaler
+from sklearn.svm import SVR
 
 import cv_fusion
 import datasets
 import fusion
+import runs
+import svr_fusion
 import train
 import utils
 
@@ -132,10 +138,12 @@ def test_guide_fusion_command(workspace, capsys):
     printed = capsys.readouterr().out
 
     out = workspace / "fusion_preds"
-    test_files = sorted(out.glob("*.csv"))
+    # Test predictions in pred_test/, as runs.py's map of the output tree says.
+    test_files = sorted((out / "pred_test").glob("*.csv"))
     assert [path.name for path in test_files] == [f"Subject_{s}_Story_1.csv" for s in (1, 2, 3)]
+    assert not list(out.glob("*.csv"))
     assert len(list((out / "pred_train").glob("*.csv"))) == 9
-    assert (out / "fusion_model.joblib").is_file() and (out / "args.json").is_file()
+    assert (out / runs.FUSION_MODEL).is_file() and (out / "args.json").is_file()
     for path in test_files:
         prediction = pd.read_csv(path)
         assert list(prediction.columns) == ["valence"]
@@ -148,18 +156,20 @@ def test_guide_fusion_command(workspace, capsys):
     assert results["train"]["ccc"] == pytest.approx(
         recomputed_ccc(workspace, sorted((out / "pred_train").glob("*.csv"))), abs=1e-5)
 
-    record = joblib.load(out / "fusion_model.joblib")
+    record = joblib.load(out / runs.FUSION_MODEL)
     assert record["in_names"] == ["feat_AT", "feat_ATV"] and record["input_dims"] == [128, 128]
     assert record["C"] == 0.01 and record["normalize"] and record["gamma"] == "auto"
     assert [name for name, _ in record["model"].steps] == ["scale", "svr"]
+    assert isinstance(record["model"].steps[0][1], svr_fusion.FeatureScaling)
 
     # A saved model used with --test predicts the same, without fitting or saving.
     tested = run_fusion("feat_AT", "feat_ATV", "--test", "fusion_preds/fusion_model.joblib",
                         "--pred_dir", "tested")
     assert "train" not in tested and tested["test"]["ccc"] == results["test"]["ccc"]
+    assert {path.name for path in (workspace / "tested").iterdir()} - {runs.LOCK} == \
+        {"pred_test", "test_args.json"}
     for path in test_files:
-        assert (workspace / "tested" / path.name).read_bytes() == path.read_bytes()
-    assert not (workspace / "tested" / "fusion_model.joblib").exists()
+        assert (workspace / "tested" / "pred_test" / path.name).read_bytes() == path.read_bytes()
 
 
 def test_fusion_script_runs_as_the_guide_shows(workspace):
@@ -167,8 +177,11 @@ def test_fusion_script_runs_as_the_guide_shows(workspace):
     assert finished.returncode == 0, finished.stderr
     assert "test CCC" in finished.stdout
     run_fusion("feat_AT", "feat_ATV", "--normalize", "--pred_dir", "in_process")
-    for path in (workspace / "fusion_preds").glob("*.csv"):
-        assert (workspace / "in_process" / path.name).read_bytes() == path.read_bytes()
+    written = sorted((workspace / "fusion_preds" / "pred_test").glob("*.csv"))
+    assert len(written) == 3
+    for path in written:
+        assert (workspace / "in_process" / "pred_test" / path.name).read_bytes() == \
+            path.read_bytes()
 
 
 def test_copy_step_is_optional_and_nested_copies_are_found(workspace, capsys):
@@ -185,8 +198,8 @@ def test_copy_step_is_optional_and_nested_copies_are_found(workspace, capsys):
     printed = capsys.readouterr().out
     assert "feat_AT: features from feat_AT/feat_train, feat_AT/feat_test" in printed
     assert "data/Training/feat_ATV/feat_train" in printed
-    for path in (workspace / "copied").glob("*.csv"):
-        assert (workspace / "found" / path.name).read_bytes() == path.read_bytes()
+    for path in (workspace / "copied" / "pred_test").glob("*.csv"):
+        assert (workspace / "found" / "pred_test" / path.name).read_bytes() == path.read_bytes()
 
 
 def test_feature_files_a_row_or_two_off_are_accepted(workspace):
@@ -196,19 +209,19 @@ def test_feature_files_a_row_or_two_off_are_accepted(workspace):
     rows = np.load(longer)
     np.save(longer, np.concatenate([rows, rows[-2:]]))
     run_fusion("feat_AT", "feat_ATV", "--normalize")
-    prediction = pd.read_csv(workspace / "fusion_preds/Subject_1_Story_1.csv")
+    prediction = pd.read_csv(workspace / "fusion_preds/pred_test/Subject_1_Story_1.csv")
     assert len(prediction) == annotation_of(workspace, "Subject_1_Story_1").size
 
 
 def test_c_grid_is_chosen_on_training_stories_only(workspace, monkeypatch, capsys):
     fitted_on = []
-    fit_model = fusion.fit_model
+    fit_model = svr_fusion.fit_model
 
     def spy(videos, c, settings):
         fitted_on.append({video.story for video in videos})
         return fit_model(videos, c, settings)
 
-    monkeypatch.setattr(fusion, "fit_model", spy)
+    monkeypatch.setattr(svr_fusion, "fit_model", spy)
     for argv, held_out, training in ((["--test_set", "4"], 4, {1, 2, 5}), ([], 1, {2, 4, 5})):
         fitted_on.clear()
         run_fusion("feat_AT", "feat_ATV", "--normalize", "--C", "0.01", "1", *argv)
@@ -218,16 +231,66 @@ def test_c_grid_is_chosen_on_training_stories_only(workspace, monkeypatch, capsy
         assert fitted_on[-1] == training
         assert all(len(stories) == 2 and stories < training for stories in fitted_on[:-1])
 
-    videos, _, _ = fusion.load_split(["feat_AT", "feat_ATV"], ["AT", "ATV"],
-                                     "data/Training", "data/Validation")
-    settings = fusion.SVRSettings(c_values=(0.01, 1.0), normalize=True)
-    best, table = fusion.choose_c(videos, settings)
+    videos, _, _ = svr_fusion.load_split(["feat_AT", "feat_ATV"], ["AT", "ATV"],
+                                         "data/Training", "data/Validation")
+    settings = svr_fusion.SVRSettings(c_values=(0.01, 1.0), normalize=True)
+    best, table = svr_fusion.choose_c(videos, settings)
     assert [column for column in table.columns if column.startswith("story")] == \
         ["story 2", "story 4", "story 5"]
     assert best == table.loc[table["mean"].idxmax(), "C"]
-    assert joblib.load(workspace / "fusion_preds/fusion_model.joblib")["C"] == best
+    assert joblib.load(workspace / "fusion_preds" / runs.FUSION_MODEL)["C"] == best
     assert "chosen C" in capsys.readouterr().out
 
+
+
+def test_a_model_saved_with_scikit_learns_min_max_scaler_predicts_as_it_did(workspace):
+    """Models fitted before --normalize became datasets.FeatureScaler hold a
+    Pipeline(MinMaxScaler(-1, 1), SVR), pickled as fusion.py saved it then: --test
+    loads them and writes the very predictions that pipeline gives."""
+    train_videos, test_videos, dims = svr_fusion.load_split(
+        ["feat_AT", "feat_ATV"], ["feat_AT", "feat_ATV"], "data/Training", "data/Validation")
+    rows, targets = zip(*(video.training_rows() for video in train_videos))
+    old_model = Pipeline([("scale", MinMaxScaler(feature_range=(-1, 1))),
+                          ("svr", SVR(kernel="rbf", C=0.01, epsilon=0.1, gamma="auto",
+                                      cache_size=500))]).fit(np.concatenate(rows),
+                                                             np.concatenate(targets))
+    settings = svr_fusion.SVRSettings(normalize=True)
+    joblib.dump(svr_fusion.model_record(old_model, 0.01, settings, ["feat_AT", "feat_ATV"], dims,
+                                        train_videos), "old.joblib")
+
+    tested = run_fusion("feat_AT", "feat_ATV", "--test", "old.joblib", "--pred_dir", "tested")
+    expected = svr_fusion.evaluate(old_model, test_videos,
+                                   svr_fusion.fitted_postprocessing(settings, train_videos))
+    assert tested["test"]["ccc"] == expected["ccc"]
+    utils.write_predictions("expected", test_videos, expected["frames"])
+    for video in test_videos:
+        name = f"{video.name}.csv"
+        assert (workspace / "tested" / "pred_test" / name).read_bytes() == \
+            (workspace / "expected" / name).read_bytes()
+
+
+def test_normalize_is_the_lstm_feature_scaler_as_a_pipeline_step():
+    rng = np.random.default_rng(0)
+    rows = (rng.normal(size=(40, 5)) * [1, 10, 100, 1e-3, 1]
+            + [0, 5, -300, 0, 0]).astype(np.float32)
+    rows[:, 4] = 2.5  # constant in training
+    step = svr_fusion.FeatureScaling().fit(rows)
+    before = rows.copy()
+    scaled = step.transform(rows)
+    assert np.array_equal(rows, before)  # the caller's rows are left alone
+    # FeatureScaler's own arithmetic, from the state a checkpoint would hold.
+    scaler = datasets.FeatureScaler.from_state_dict(step.state_)
+    assert np.array_equal(scaled, scaler.scale_(step.MOD, torch.tensor(rows)).numpy())
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled[:, :4].min(0), -1, atol=1e-6)
+    np.testing.assert_allclose(scaled[:, :4].max(0), 1, atol=1e-6)
+    # Within a float32 rounding of scikit-learn's MinMaxScaler(-1, 1), which fusion used
+    # before; a dimension constant in training is 0 for any value, as in the LSTM.
+    reference = MinMaxScaler(feature_range=(-1, 1)).fit(rows)
+    test_rows = rows + rng.normal(size=rows.shape).astype(np.float32)
+    np.testing.assert_allclose(step.transform(test_rows)[:, :4],
+                               reference.transform(test_rows)[:, :4], rtol=1e-6, atol=1e-6)
+    assert not step.transform(test_rows)[:, 4].any()
 
 def _drop_a_video():
     Path("data/Validation/feat_ATV/Subject_2_Story_1.npy").unlink()
@@ -296,7 +359,7 @@ def test_guide_cv_fusion_command(cv_workspace, capsys):
         assert np.allclose(written[column][4:], [np.mean(values), np.std(values),
                                                  np.mean(values) - np.std(values)], atol=1e-5)
     for story in POOLED_STORIES:
-        record = joblib.load(out / f"val_on_{story}/fusion_model.joblib")
+        record = joblib.load(runs.fold_dir(out, story) / runs.FUSION_MODEL)
         assert record["in_names"] == ["AT", "ATV"] and record["normalize"]
         assert not any(f"Story_{story}" in name for name in record["train_videos"])
 
@@ -315,8 +378,8 @@ def test_cv_fusion_script_and_its_c_grid(cv_workspace, monkeypatch):
     assert (cv_workspace / "cv_fusion_out/crossval.csv").is_file()
 
     fitted_on = []
-    fit_model = fusion.fit_model
-    monkeypatch.setattr(fusion, "fit_model", lambda videos, c, settings: (
+    fit_model = svr_fusion.fit_model
+    monkeypatch.setattr(svr_fusion, "fit_model", lambda videos, c, settings: (
         fitted_on.append({video.story for video in videos}) or fit_model(videos, c, settings)))
     run_cv_fusion("cv_AT", "cv_ATV", "--C", "0.01", "1", "--out_dir", "grid")
     # Per fold: two C values x three inner folds, then the fold's final fit.

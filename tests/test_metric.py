@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from utils import ccc, expand_to_frames, summarize_ccc
+from postprocessing import expand_to_frames
+from utils import ccc, summarize_ccc
 
 
 def test_ccc_matches_hand_computed_value():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import checkpoints
 import models
 from models import FusionLSTM
 from utils import ToolkitError
@@ -79,7 +80,7 @@ def test_original_plain_state_dict_loads_and_predicts_identically(tmp_path):
     original = FusionLSTM(DIMS).eval()
     path = tmp_path / "best.save"
     torch.save(original.state_dict(), path)   # what the original release wrote
-    loaded, checkpoint = models.load_model(path, list(DIMS), DIMS)
+    loaded, checkpoint = checkpoints.load_model(path, list(DIMS), DIMS)
     assert loaded.mods == list(DIMS) and checkpoint.get("config") is None
     inputs = random_inputs([5, 8])
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_original_plain_state_dict_loads_and_predicts_identically(tmp_path):
 def test_checkpoint_modality_order_is_kept(tmp_path):
     dims = {"text": 5, "audio": 7}
     torch.save(FusionLSTM(dims).state_dict(), tmp_path / "m.save")
-    loaded, _ = models.load_model(tmp_path / "m.save", ["audio", "text"], {"audio": 7, "text": 5})
+    loaded, _ = checkpoints.load_model(tmp_path / "m.save", ["audio", "text"], {"audio": 7, "text": 5})
     assert loaded.mods == ["text", "audio"]
 
 
@@ -98,9 +99,9 @@ def test_mismatched_checkpoints_are_refused_with_the_fix(tmp_path):
     torch.save(FusionLSTM(DIMS).state_dict(), tmp_path / "m.save")
     with pytest.raises(ToolkitError, match="trained on --mods audio,text,v_sub, not audio,text: "
                                            "run with --mods audio,text,v_sub"):
-        models.load_model(tmp_path / "m.save", ["audio", "text"], {"audio": 7, "text": 5})
+        checkpoints.load_model(tmp_path / "m.save", ["audio", "text"], {"audio": 7, "text": 5})
     with pytest.raises(ToolkitError, match="expects 7-d audio features but the data has 8"):
-        models.load_model(tmp_path / "m.save", list(DIMS), {**DIMS, "audio": 8})
+        checkpoints.load_model(tmp_path / "m.save", list(DIMS), {**DIMS, "audio": 8})
 
 
 def test_corrupt_unsafe_and_foreign_checkpoints_are_refused(tmp_path):
@@ -108,15 +109,15 @@ def test_corrupt_unsafe_and_foreign_checkpoints_are_refused(tmp_path):
     torch.save(state, tmp_path / "good.save")
     (tmp_path / "cut.save").write_bytes((tmp_path / "good.save").read_bytes()[:1000])
     with pytest.raises(ToolkitError, match="cut.save .*corrupt, truncated"):
-        models.load_model(tmp_path / "cut.save", list(DIMS), DIMS)
+        checkpoints.load_model(tmp_path / "cut.save", list(DIMS), DIMS)
     torch.save({"model": FusionLSTM}, tmp_path / "code.save")  # a pickled class: code
     with pytest.raises(ToolkitError, match="cannot read checkpoint .*code.save"):
-        models.load_model(tmp_path / "code.save", list(DIMS), DIMS)
+        checkpoints.load_model(tmp_path / "code.save", list(DIMS), DIMS)
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.save")
     with pytest.raises(ToolkitError, match="other.save is not a fusion-LSTM checkpoint"):
-        models.load_model(tmp_path / "other.save", list(DIMS), DIMS)
+        checkpoints.load_model(tmp_path / "other.save", list(DIMS), DIMS)
     with pytest.raises(ToolkitError, match="missing.save does not exist"):
-        models.load_model(tmp_path / "missing.save", list(DIMS), DIMS)
+        checkpoints.load_model(tmp_path / "missing.save", list(DIMS), DIMS)
 
 
 def test_input_dropout_drops_at_the_rate_and_keeps_the_expectation():

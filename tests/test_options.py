@@ -9,11 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoints
 import crossval
 import cv_epochs
 import datasets
+import engine
 import models
 import personalize
+import postprocessing
 import runs
 import score
 import train
@@ -51,7 +54,7 @@ def test_ccc_loss_is_one_minus_the_metric():
 def test_training_with_ccc_loss_minimises_one_minus_batch_ccc(tiny_data):
     train_set = datasets.load_videos(tiny_data / "Training", ["audio", "text"])
     torch.manual_seed(0)
-    model = train.build_model(train_set.input_dims, "cpu")
+    model = models.create("lstm", train_set.input_dims)
     segments = train_set.training_segments(1)
     batch = train_set.gather(segments)
     model.eval()  # the loss of the one batch, without dropout, before the step
@@ -61,12 +64,12 @@ def test_training_with_ccc_loss_minimises_one_minus_batch_ccc(tiny_data):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    optimizer = train.build_optimizer(model, 1e-3, 0)
+    optimizer = engine.build_optimizer(model, 1e-3, 0)
     generator = torch.Generator().manual_seed(0)
-    first = train.train_one_epoch(model, optimizer, train_set, segments, len(segments), generator,
+    first = engine.train_one_epoch(model, optimizer, train_set, segments, len(segments), generator,
                                   "cpu", "ccc")
     assert first["loss"] == pytest.approx(expected, abs=1e-5)
-    losses = [train.train_one_epoch(model, optimizer, train_set, segments, len(segments),
+    losses = [engine.train_one_epoch(model, optimizer, train_set, segments, len(segments),
                                     generator, "cpu", "ccc")["loss"] for _ in range(30)]
     assert losses[-1] < first["loss"] - 0.2
 
@@ -92,7 +95,7 @@ def test_label_delay_shifts_targets_and_predictions_back(tiny_data):
         assert torch.equal(delayed.targets[late.start:late.start + length],
                            torch.from_numpy(expected[:length]))
     per_second = np.arange(10, dtype=np.float32)
-    frames = utils.Postprocessing(label_delay=2).frames(per_second, 10 * FPS)
+    frames = postprocessing.Postprocessing(label_delay=2).frames(per_second, 10 * FPS)
     assert frames.size == 10 * FPS
     assert (frames[:2 * FPS] == 0).all()                  # before any prediction: the first
     assert np.array_equal(frames[2 * FPS:], np.repeat(per_second[:8], FPS))
@@ -121,17 +124,17 @@ def test_label_delay_end_to_end(in_tmp, capsys):
 
 def test_smoothing_windows():
     step = np.array([0, 0, 1, 1], np.float32)     # per second: 0 until frame 50, then 1
-    moving = utils.Postprocessing(smooth=1.0).frames(step, 4 * FPS)
+    moving = postprocessing.Postprocessing(smooth=1.0).frames(step, 4 * FPS)
     assert moving[2 * FPS - 1] == pytest.approx(12 / 25)   # frames 37..61: twelve are 1
     assert moving[0] == 0 and moving[-1] == 1 and (np.diff(moving) >= 0).all()
     assert moving.mean() == pytest.approx(0.5, abs=1e-6)   # symmetric: mass is kept
-    gaussian = utils.Postprocessing(smooth=2.0, smooth_window="gaussian").frames(step, 4 * FPS)
+    gaussian = postprocessing.Postprocessing(smooth=2.0, smooth_window="gaussian").frames(step, 4 * FPS)
     assert 0 < gaussian[2 * FPS - 1] < 1 and (np.diff(gaussian) >= 0).all()
-    constant = utils.Postprocessing(smooth=3.0, smooth_window="gaussian").frames(
+    constant = postprocessing.Postprocessing(smooth=3.0, smooth_window="gaussian").frames(
         np.full(5, 0.25, np.float32), 5 * FPS)
     assert np.allclose(constant, 0.25)
     with pytest.raises(ToolkitError, match="--smooth must be"):
-        utils.Postprocessing(smooth=-1)
+        postprocessing.Postprocessing(smooth=-1)
 
 
 def test_smoothing_is_the_same_in_evaluation_and_written_predictions(in_tmp, capsys):
@@ -158,7 +161,7 @@ def test_bidirectional_stacked_model_shapes_and_loading(tmp_path):
     assert state["dec_target.0.weight"].shape == (128, 16)
     assert models.config_from_state_dict(state) == model.config
     torch.save(state, tmp_path / "plain.save")     # a plain state_dict rebuilds too
-    loaded, _ = models.load_model(tmp_path / "plain.save", ["audio", "text"],
+    loaded, _ = checkpoints.load_model(tmp_path / "plain.save", ["audio", "text"],
                                   {"audio": 6, "text": 4})
     assert loaded.config["num_layers"] == 2 and loaded.config["bidirectional"]
 

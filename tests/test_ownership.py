@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoints
 import crossval
 import runs
 import train
-import utils
 from conftest import ROOT
 from test_reliability import assert_one_line_error, command, files_under, wait_for_epochs  # noqa: F401
 
@@ -84,17 +84,17 @@ def test_a_kill_between_metrics_and_checkpoint_loses_no_row(in_tmp, monkeypatch)
             ["--mods", "audio", "--epochs", "4", "--save_freq", "1", "--lr", "1e-3", *extra]))
 
     run("--model_dir", "whole")
-    real_save = utils.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def killed_at_epoch_3(path, checkpoint):
         if checkpoint["epoch"] == 3 and path.name == runs.LAST:
             raise KeyboardInterrupt  # as SIGKILL would, between the two writes
         real_save(path, checkpoint)
-    monkeypatch.setattr(utils, "save_checkpoint", killed_at_epoch_3)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         run("--model_dir", "cut")
     assert pd.read_csv(in_tmp / "cut" / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
-    monkeypatch.setattr(utils, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     run("--model_dir", "cut", "--resume")
     pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "cut" / "metrics.csv"),
                                   pd.read_csv(in_tmp / "whole" / "metrics.csv"))

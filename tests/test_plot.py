@@ -8,6 +8,7 @@ import pytest
 
 import datasets
 import plot
+import runs
 import utils
 from conftest import run_in_process, run_script
 
@@ -79,8 +80,8 @@ def tables(tmp_path):
              "by_story": tmp_path / "scores_AT" / "by_story.csv"}
     utils.write_csv(cv_epochs, paths["cv_epochs"])
     utils.write_csv(personal, paths["personal"])
-    utils.write_csv(utils.crossval_table(folds), paths["crossval"])
-    utils.write_csv(utils.crossval_table([{**f, "val_ccc": f["val_ccc"] + 0.05} for f in folds]),
+    utils.write_csv(runs.crossval_table(folds), paths["crossval"])
+    utils.write_csv(runs.crossval_table([{**f, "val_ccc": f["val_ccc"] + 0.05} for f in folds]),
                     paths["crossval_atv"])
     utils.write_csv(pd.DataFrame({"story": [1, 3], "ccc": [0.2, 0.4]}), paths["by_story"])
     return paths

@@ -1,7 +1,8 @@
 """--precision: fp32 exactly as before, bf16 autocast with float32 weights, fp16 only
 on a GPU. This CPU may lack fast bfloat16, where the flag refuses bf16; the tests that
-train in bf16 stand in a CPU that has it (models.fast_bf16_cpu), and run slowly but
-correctly on any CPU (see models.autocast)."""
+train in bf16 stand in a CPU that has it (precision.fast_bf16_cpu), and run slowly but
+correctly on any CPU (see precision.autocast)."""
+import contextlib
 import json
 from pathlib import Path
 
@@ -11,10 +12,13 @@ import torch
 
 import crossval
 import cv_epochs
+import datasets
+import engine
 import models
+import options
 import personalize
+import precision
 import train
-import utils
 from utils import ToolkitError
 
 # bf16 keeps 8 bits of mantissa (relative error up to 2^-9 per rounding). Through the
@@ -29,32 +33,32 @@ def run_train(*argv):
 
 @pytest.fixture
 def fast_bf16(monkeypatch):
-    monkeypatch.setattr(models, "fast_bf16_cpu", lambda: True)
+    monkeypatch.setattr(precision, "fast_bf16_cpu", lambda: True)
 
 
 def old_train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device):
-    """train.train_one_epoch as it was before --precision, for the bit-for-bit check."""
+    """engine.train_one_epoch as it was before --precision, for the bit-for-bit check."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size):
         batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
         embedded = model.embed(batch.inputs)
         batch.inputs = None
-        loss = train.mse_loss(model.forward_embedded(embedded, batch.lengths), batch.targets)
+        loss = engine.mse_loss(model.forward_embedded(embedded, batch.lengths), batch.targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 def test_fp32_trains_and_predicts_bit_for_bit_as_before(tiny_data):
-    train_set, val_set = train.load_train_test(tiny_data / "Training", tiny_data / "Validation",
+    train_set, val_set = datasets.load_train_test(tiny_data / "Training", tiny_data / "Validation",
                                                ["audio", "text"])
     segments = train_set.training_segments(5)
     weights = []
-    for epoch in (old_train_one_epoch, train.train_one_epoch):
-        utils.seed_everything(1)
-        model = train.build_model(train_set.input_dims, "cpu")
-        optimizer = train.build_optimizer(model, 1e-3, 5e-4)
+    for epoch in (old_train_one_epoch, engine.train_one_epoch):
+        engine.seed_everything(1)
+        model = models.create("lstm", train_set.input_dims)
+        optimizer = engine.build_optimizer(model, 1e-3, 5e-4)
         epoch(model, optimizer, train_set, segments, 25, torch.Generator().manual_seed(1), "cpu")
         weights.append(model.state_dict())
     for key in weights[0]:
@@ -65,9 +69,9 @@ def test_fp32_trains_and_predicts_bit_for_bit_as_before(tiny_data):
         lengths = torch.tensor([video.n_seconds for video in val_set.videos])
         inputs = val_set.gather(val_set.video_segments(), "cpu", with_targets=False).inputs
         before = model.forward_embedded(model.embed(inputs), lengths).numpy()
-    now = np.concatenate(train.predict(model, val_set, "cpu", precision="fp32"))
+    now = np.concatenate(engine.predict(model, val_set, "cpu", precision="fp32"))
     np.testing.assert_array_equal(before, now)
-    assert isinstance(models.autocast("fp32", "cpu"), type(models.contextlib.nullcontext()))
+    assert isinstance(precision.autocast("fp32", "cpu"), type(contextlib.nullcontext()))
 
 
 def test_bf16_run_records_its_precision_and_its_float32_checkpoint_predicts_in_fp32(
@@ -81,12 +85,12 @@ def test_bf16_run_records_its_precision_and_its_float32_checkpoint_predicts_in_f
     assert all(value.dtype == torch.float32 for state in last["optimizer"]["state"].values()
                for name, value in state.items() if name != "step")
 
-    for precision in ("fp32", "bf16"):
-        run_train("--mods", "audio,text", "--model_dir", "m", "--test", "--pred_dir", precision,
-                  "--precision", precision)
-    written = {precision: np.concatenate([np.loadtxt(path, skiprows=1) for path in
-                                          sorted(Path(precision, "pred_test").iterdir())])
-               for precision in ("fp32", "bf16")}
+    for name in ("fp32", "bf16"):
+        run_train("--mods", "audio,text", "--model_dir", "m", "--test", "--pred_dir", name,
+                  "--precision", name)
+    written = {name: np.concatenate([np.loadtxt(path, skiprows=1) for path in
+                                     sorted(Path(name, "pred_test").iterdir())])
+               for name in ("fp32", "bf16")}
     assert not np.array_equal(written["fp32"], written["bf16"])  # bf16 did run in bf16
     np.testing.assert_allclose(written["bf16"], written["fp32"], rtol=0, atol=BF16_ATOL)
 
@@ -102,13 +106,13 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(in_tmp, capsys):
 
 
 def test_bf16_is_refused_in_one_line_on_a_cpu_without_fast_bfloat16(monkeypatch):
-    monkeypatch.setattr(models, "fast_bf16_cpu", lambda: False)
+    monkeypatch.setattr(precision, "fast_bf16_cpu", lambda: False)
     with pytest.raises(ToolkitError) as refusal:
-        models.check_precision("bf16", "cpu")
+        precision.check_precision("bf16", "cpu")
     assert "\n" not in str(refusal.value) and "AVX512-BF16 or AMX" in str(refusal.value)
-    models.check_precision("fp32", "cpu")
-    monkeypatch.setattr(models, "fast_bf16_cpu", lambda: True)
-    models.check_precision("bf16", "cpu")
+    precision.check_precision("fp32", "cpu")
+    monkeypatch.setattr(precision, "fast_bf16_cpu", lambda: True)
+    precision.check_precision("bf16", "cpu")
 
 
 def test_fast_bfloat16_is_read_from_the_cpu_flags():
@@ -116,7 +120,7 @@ def test_fast_bfloat16_is_read_from_the_cpu_flags():
     if not cpuinfo.is_file():
         pytest.skip("no /proc/cpuinfo")
     flags = set(cpuinfo.read_text().split())
-    assert models.fast_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert precision.fast_bf16_cpu() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.mark.parametrize("script", [crossval, cv_epochs, personalize])
@@ -124,4 +128,4 @@ def test_every_training_script_takes_the_flag_into_its_settings(script):
     parser = script.get_args_parser()
     assert parser.get_default("precision") == "fp32"
     args, _ = parser.parse_known_args(["--precision", "bf16"])
-    assert train.TrainingSettings.from_args(args).precision == "bf16"
+    assert options.TrainingSettings.from_args(args).precision == "bf16"

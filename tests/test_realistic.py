@@ -12,7 +12,9 @@ import data_stats
 import datasets
 import fusion
 import personalize
+import postprocessing
 import runs
+import svr_fusion
 import train
 import utils
 from conftest import write_tiny_data
@@ -35,7 +37,7 @@ STATS = {"pooled": [0.0, 1.0], "subjects": {"1": [0.5, 0.2]}}
 def test_calibration_of_a_hand_computed_video():
     # Per second 1, 2, 3 -> 25 frames each: mean 2, population sd sqrt(2/3), so the
     # standardized seconds are -1.2247, 0, 1.2247; listener 1 has mean 0.5, sd 0.2.
-    calibrated = utils.Postprocessing(calibrate=True, listener_stats=STATS).frames(
+    calibrated = postprocessing.Postprocessing(calibrate=True, listener_stats=STATS).frames(
         np.array([1, 2, 3], np.float32), 3 * FPS, subject=1)
     z = 1 / np.sqrt(2 / 3)
     expected = np.repeat([0.5 - 0.2 * z, 0.5, 0.5 + 0.2 * z], FPS)
@@ -45,19 +47,19 @@ def test_calibration_of_a_hand_computed_video():
 
 
 def test_a_listener_without_training_videos_takes_the_pooled_statistics(capsys):
-    postprocessing = utils.Postprocessing(calibrate=True, listener_stats=STATS)
-    calibrated = postprocessing.frames(np.array([1, 2, 3], np.float32), 3 * FPS, subject=9)
+    calibration = postprocessing.Postprocessing(calibrate=True, listener_stats=STATS)
+    calibrated = calibration.frames(np.array([1, 2, 3], np.float32), 3 * FPS, subject=9)
     np.testing.assert_allclose(calibrated, np.repeat([-1 / np.sqrt(2 / 3), 0, 1 / np.sqrt(2 / 3)], FPS),
                                atol=1e-6)
-    assert postprocessing.unseen_listeners([1, 9, 9, 4]) == [4, 9]
-    utils.report_unseen_listeners(postprocessing, [video(9, 1, [0]), video(1, 1, [0])])
+    assert calibration.unseen_listeners([1, 9, 9, 4]) == [4, 9]
+    postprocessing.report_unseen_listeners(calibration, [video(9, 1, [0]), video(1, 1, [0])])
     assert "listener(s) 9 had no training videos" in capsys.readouterr().err
     # Without --calibrate nobody is mapped, so nothing is said.
-    assert utils.Postprocessing(listener_stats=STATS).unseen_listeners([9]) == []
+    assert postprocessing.Postprocessing(listener_stats=STATS).unseen_listeners([9]) == []
 
 
 def test_a_constant_prediction_becomes_the_listeners_mean():
-    calibrated = utils.Postprocessing(calibrate=True, listener_stats=STATS).frames(
+    calibrated = postprocessing.Postprocessing(calibrate=True, listener_stats=STATS).frames(
         np.full(4, 0.3, np.float32), 4 * FPS, subject=1)
     np.testing.assert_allclose(calibrated, 0.5)
 
@@ -65,7 +67,7 @@ def test_a_constant_prediction_becomes_the_listeners_mean():
 def test_listener_statistics_count_each_video_once():
     first, second = video(1, 2, [0.0, 1.0]), video(1, 4, [1.0, 1.0])
     other = video(2, 2, [-1.0, -1.0, -1.0, -1.0])
-    stats = utils.listener_statistics([first, second, second, second, other])  # --augment repeats
+    stats = postprocessing.listener_statistics([first, second, second, second, other])  # --augment repeats
     assert stats["subjects"]["1"] == pytest.approx([0.75, np.sqrt(0.1875)])
     assert stats["subjects"]["2"] == pytest.approx([-1.0, 0.0])
     assert stats["pooled"] == pytest.approx([-0.125, np.std([0, 1, 1, 1, -1, -1, -1, -1])])
@@ -73,7 +75,7 @@ def test_listener_statistics_count_each_video_once():
 
 def test_calibration_without_statistics_is_refused():
     with pytest.raises(ToolkitError, match="--calibrate needs"):
-        utils.Postprocessing(calibrate=True).frames(np.zeros(2, np.float32), 2 * FPS, 1)
+        postprocessing.Postprocessing(calibrate=True).frames(np.zeros(2, np.float32), 2 * FPS, 1)
 
 
 # ---------------------------------------------------------------- low-pass
@@ -82,21 +84,21 @@ def test_lowpass_keeps_slow_changes_and_removes_fast_ones():
     t = np.arange(120 * FPS) / FPS
     slow, fast = np.sin(2 * np.pi * 0.01 * t), 0.5 * np.sin(2 * np.pi * 2 * t)
     frames = (slow + fast).astype(np.float32)
-    filtered = utils.Postprocessing(lowpass=0.1)._low_passed(frames)
+    filtered = postprocessing.Postprocessing(lowpass=0.1)._low_passed(frames)
     assert np.std(filtered - slow) < 0.05 < np.std(frames - slow)
     assert utils.ccc(filtered, slow) > 0.99
     # Zero phase: filtering a time-reversed series gives the reversed result.
-    reversed_filtered = utils.Postprocessing(lowpass=0.1)._low_passed(frames[::-1].copy())
+    reversed_filtered = postprocessing.Postprocessing(lowpass=0.1)._low_passed(frames[::-1].copy())
     np.testing.assert_allclose(reversed_filtered[::-1], filtered, atol=1e-4)
     # A constant stays exactly constant, even with a cutoff far below 1 / length.
-    constant = utils.Postprocessing(lowpass=0.004).frames(np.full(30, 0.35, np.float32), 30 * FPS)
+    constant = postprocessing.Postprocessing(lowpass=0.004).frames(np.full(30, 0.35, np.float32), 30 * FPS)
     np.testing.assert_allclose(constant, 0.35, atol=1e-6)
 
 
 def test_lowpass_runs_before_calibration():
-    postprocessing = utils.Postprocessing(lowpass=0.05, calibrate=True, listener_stats=STATS)
+    steps = postprocessing.Postprocessing(lowpass=0.05, calibrate=True, listener_stats=STATS)
     per_second = np.random.default_rng(0).standard_normal(200).astype(np.float32)
-    result = postprocessing.frames(per_second, 200 * FPS, subject=1)
+    result = steps.frames(per_second, 200 * FPS, subject=1)
     assert result.mean() == pytest.approx(0.5, abs=1e-5) and result.std() == pytest.approx(0.2, abs=1e-5)
 
 
@@ -109,18 +111,18 @@ def test_lowpass_runs_before_calibration():
 ])
 def test_bad_lowpass_values_are_refused(options, message):
     with pytest.raises(ToolkitError, match=message):
-        utils.Postprocessing(**options)
+        postprocessing.Postprocessing(**options)
 
 
 def test_the_lowest_lowpass_cutoff_still_filters():
-    frames = utils.Postprocessing(lowpass=utils.MIN_LOWPASS).frames(
+    frames = postprocessing.Postprocessing(lowpass=postprocessing.MIN_LOWPASS).frames(
         np.random.default_rng(0).standard_normal(300).astype(np.float32), 300 * FPS)
     assert np.isfinite(frames).all()
 
 
 def test_a_checkpoint_from_a_newer_version_is_refused_by_name():
     with pytest.raises(ToolkitError, match="unknown setting warp_factor: it was saved by a newer"):
-        utils.Postprocessing.resolve({"smooth": 1.0, "warp_factor": 9})
+        postprocessing.Postprocessing.resolve({"smooth": 1.0, "warp_factor": 9})
 
 
 def test_a_bad_lowpass_flag_writes_nothing(in_tmp, capsys):
@@ -143,7 +145,7 @@ def test_calibration_statistics_travel_with_the_model(in_tmp, capsys):
     train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio", "text"])
     saved = checkpoint["postprocessing"]
     assert saved["calibrate"] and saved["lowpass"] == 0.05
-    assert saved["listener_stats"] == utils.listener_statistics(train_set.videos)
+    assert saved["listener_stats"] == postprocessing.listener_statistics(train_set.videos)
     # --test scores exactly what training selected the best epoch on ...
     capsys.readouterr()
     run(train, "--mods", "audio,text", "--model_dir", "m", "--pred_dir", "p", "--test")
@@ -165,11 +167,11 @@ def test_calibration_statistics_travel_with_the_model(in_tmp, capsys):
 def test_crossval_calibrates_each_fold_with_its_own_training_videos(in_tmp):
     run(crossval, "--mods", "audio,text", "--epochs", 1, "--out_dir", "cv", "--calibrate",
         "--stories", 1, 2, 4)
-    pooled = crossval.load_pool("data/Training", "data/Validation", ["audio", "text"], [1, 2, 4], None)
+    pooled = datasets.load_pool("data/Training", "data/Validation", ["audio", "text"], [1, 2, 4], None)
     for story in (1, 2, 4):
-        train_set, _ = crossval.fold_sets(pooled, story)
+        train_set, _ = datasets.fold_sets(pooled, story)
         saved = torch.load(in_tmp / "cv" / f"val_on_{story}" / "best.save", weights_only=True)
-        assert saved["postprocessing"]["listener_stats"] == utils.listener_statistics(train_set.videos)
+        assert saved["postprocessing"]["listener_stats"] == postprocessing.listener_statistics(train_set.videos)
     table = pd.read_csv(in_tmp / "cv" / "crossval.csv")
     run(crossval, "--mods", "audio,text", "--out_dir", "cv", "--test", "--stories", 1, 2, 4,
         "--no-calibrate")
@@ -184,13 +186,13 @@ def test_fusion_saves_its_calibration_and_test_uses_it(in_tmp, capsys):
     run(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m")
     run(train, "--mods", "audio,text", "--model_dir", "m", "--feat_dir", "f", "--features")
     fitted = run(fusion, "f", "--calibrate", "--pred_dir", "fused")
-    record = fusion.load_model(in_tmp / "fused" / fusion.MODEL_FILE)
+    record = svr_fusion.load_model(in_tmp / "fused" / runs.FUSION_MODEL)
     train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio"])
     assert record["postprocessing"]["calibrate"]
-    assert record["postprocessing"]["listener_stats"] == utils.listener_statistics(train_set.videos)
-    tested = run(fusion, "f", "--test", in_tmp / "fused" / fusion.MODEL_FILE, "--pred_dir", "again")
+    assert record["postprocessing"]["listener_stats"] == postprocessing.listener_statistics(train_set.videos)
+    tested = run(fusion, "f", "--test", in_tmp / "fused" / runs.FUSION_MODEL, "--pred_dir", "again")
     assert tested["test"]["ccc"] == pytest.approx(fitted["test"]["ccc"], abs=1e-12)
-    plain = run(fusion, "f", "--test", in_tmp / "fused" / fusion.MODEL_FILE, "--pred_dir", "raw",
+    plain = run(fusion, "f", "--test", in_tmp / "fused" / runs.FUSION_MODEL, "--pred_dir", "raw",
                 "--no-calibrate")
     assert plain["test"]["ccc"] != pytest.approx(fitted["test"]["ccc"], abs=1e-6)
 

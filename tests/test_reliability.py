@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import engine
 import train
 import utils
 from conftest import ROOT, assert_same_checkpoints, run_script, wait_until
@@ -313,7 +314,7 @@ def test_reused_heap_stops_page_faults_and_gives_memory_back():
 
     pages = 48 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     assert all(faults > 0.9 * pages for faults in faults_per_big_block())  # mapped afresh each time
-    with utils.reused_heap():
+    with engine.reused_heap():
         reused = [faults < 0.1 * pages for faults in faults_per_big_block()]
         held = resident_mib()
     assert sum(reused) >= 10  # mostly served again from the heap, no page faults

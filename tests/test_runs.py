@@ -9,6 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import crossval
+import engine
 import plot
 import runs
 import train
@@ -94,7 +95,7 @@ def test_a_failed_or_stopped_run_appends_nothing(in_tmp, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "fit_seeds", interrupted)
+    monkeypatch.setattr(engine, "fit_seeds", interrupted)
     with pytest.raises(SystemExit) as stopped:
         run_recorded(train, "--mods", "audio,text", "--model_dir", "m", "--ledger", "ledger.csv")
     assert stopped.value.code == 130 and not (in_tmp / "ledger.csv").exists()

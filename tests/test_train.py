@@ -5,7 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoints
 import datasets
+import engine
+import models
 import train
 from conftest import assert_same_checkpoints, run_in_process, run_script
 
@@ -85,7 +88,7 @@ def test_training_learns(in_tmp):
     train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio", "text"])
     val_set = datasets.load_videos(in_tmp / "data" / "Validation", ["audio", "text"])
     torch.manual_seed(1)
-    untrained = train.evaluate(train.build_model(train_set.input_dims, "cpu"), val_set, "cpu")
+    untrained = engine.evaluate(models.create("lstm", train_set.input_dims), val_set, "cpu")
     assert summary["best_ccc"] > untrained["ccc"] + 0.3
     assert summary["best_ccc"] > 0.4
 
@@ -105,14 +108,14 @@ def test_optimizer_matches_plain_adam_bit_for_bit(tiny_data):
     train_set = datasets.load_videos(tiny_data / "Training", ["audio", "text", "v_sub"])
     segments = train_set.training_segments(5)
     state_dicts = []
-    for make_optimizer in (train.build_optimizer,
+    for make_optimizer in (engine.build_optimizer,
                            lambda model, lr, decay: torch.optim.Adam(model.parameters(), lr=lr,
                                                                      weight_decay=decay)):
         torch.manual_seed(1)
-        model = train.build_model(train_set.input_dims, "cpu")
+        model = models.create("lstm", train_set.input_dims)
         optimizer = make_optimizer(model, 1e-3, 5e-4)
         for _ in range(3):
-            train.train_one_epoch(model, optimizer, train_set, segments, 4,
+            engine.train_one_epoch(model, optimizer, train_set, segments, 4,
                                   torch.Generator().manual_seed(1), "cpu")
         state_dicts.append(model.state_dict())
     for key, value in state_dicts[0].items():
@@ -138,18 +141,18 @@ def test_normalization_travels_with_the_checkpoint(in_tmp):
     expected = datasets.FeatureScaler.fit(train_set)
     torch.testing.assert_close(checkpoint["normalization"]["min"]["audio"], expected.minimum["audio"])
     # testing with other training data still scales with the stored statistics
-    scaler = train.resolve_scaler(checkpoint, False, train_set.select(subjects=[1]), "m")
+    scaler = checkpoints.resolve_scaler(checkpoint, False, train_set.select(subjects=[1]), "m")
     torch.testing.assert_close(scaler.maximum["audio"], expected.maximum["audio"])
 
 
 def test_subjects_augment_and_test_set(in_tmp):
-    train_set, test_set = train.load_train_test("data/Training", "data/Validation", ["audio"],
+    train_set, test_set = datasets.load_train_test("data/Training", "data/Validation", ["audio"],
                                                 subjects=[2])
     assert train_set.subjects == [2] and test_set.subjects == [2]
-    train_set, test_set = train.load_train_test("data/Training", "data/Validation", ["audio"],
+    train_set, test_set = datasets.load_train_test("data/Training", "data/Validation", ["audio"],
                                                 subjects=[2], augment=3)
     assert len(train_set) == 6 + 3 * 3 and test_set.subjects == [2]
-    train_set, test_set = train.load_train_test("data/Training", "data/Validation", ["audio"],
+    train_set, test_set = datasets.load_train_test("data/Training", "data/Validation", ["audio"],
                                                 test_stories=[4, 1])
     assert train_set.stories == [2, 5] and test_set.stories == [1, 4]
     run_train("--epochs", "1", "--mods", "audio", "--model_dir", "m", "--test_set", "2",
