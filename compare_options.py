@@ -122,9 +122,9 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
     start = time.perf_counter()
     table = run_recorded(crossval, argv, ledger, runs.crossval_results)
     seconds = time.perf_counter() - start
-    summary = table.set_index("story")["val_ccc"]
-    return {"option": name, "mean_ccc": summary["Mean"], "std_ccc": summary["Std"],
-            "mean_minus_std": summary["Mean-Std"], "seconds": seconds}
+    summary = runs.crossval_results(table)
+    return {"option": name, "mean_ccc": summary["mean_ccc"], "std_ccc": summary["std_ccc"],
+            "mean_minus_std": summary["mean_minus_std"], "seconds": seconds}
 
 
 def run_personalization(name, flags, common, out_dir, epochs, ledger=None):

@@ -196,14 +196,13 @@ def saved_postprocessing(trained, flags, train_set, evaluated=()):
     model saved without listener statistics calibrates with those of `train_set`
     (its training videos, as the caller knows them), and says so; so does
     calibration of listeners in the `evaluated` sets that training never saw."""
-    postprocessing = Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"),
-                                                  **flags)
+    postprocessing = Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"), **flags)
     if postprocessing.calibrate and postprocessing.listener_stats is None:
         print(f"note: the model was saved without listener statistics: --calibrate uses "
               f"those of its {len(train_set)} training videos as loaded now", file=sys.stderr)
         postprocessing = postprocessing.with_listener_stats(train_set.videos)
     report_unseen_listeners(postprocessing, [video for video_set in evaluated
-                                       for video in video_set.videos])
+                                             for video in video_set.videos])
     return postprocessing
 
 
@@ -398,18 +397,18 @@ def curves(tensorboard_dir, model_dir):
         writer.close()
 
 
-def fit_seeds(make_model, train_set, val_set, model_dir, options, device, postprocessing=None):
-    """`fit` once per seed of `options.settings` (see `TrainingSettings.seed_runs`),
-    each seeded before `make_model()` builds its starting model, with the options'
-    post-processing unless `postprocessing` is given. Returns fit's summary per
-    seed, with "seed"."""
+def fit_seeds(make_model, train_set, val_set, model_dir, run, device, postprocessing=None):
+    """`fit` once per seed of `run.settings` (options.RunOptions; see
+    `TrainingSettings.seed_runs`), each seeded before `make_model()` builds its
+    starting model, with the run's post-processing unless `postprocessing` is given.
+    Returns fit's summary per seed, with "seed"."""
     summaries = []
-    for seed_settings, folder in options.settings.seed_runs(model_dir):
+    for seed_settings, folder in run.settings.seed_runs(model_dir):
         seed_everything(seed_settings.seed)
         summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
-                      resume=options.resumes_run(folder), progress=options.progress,
-                      postprocessing=postprocessing or options.postprocessing,
-                      tensorboard_dir=options.tensorboard_dir)
+                      resume=run.resumes_run(folder), progress=run.progress,
+                      postprocessing=postprocessing or run.postprocessing,
+                      tensorboard_dir=run.tensorboard_dir)
         summaries.append({"seed": seed_settings.seed, **summary})
     return summaries
 
