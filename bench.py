@@ -1,4 +1,4 @@
-"""Benchmark the toolkit at full OMG-Empathy scale and print one table.
+"""Benchmark the toolkit at full OMG-Empathy scale and print the figures as tables.
 
     python bench.py                  # about 5 minutes on 2 cores with fast bfloat16
     python bench.py --cuda           # the same figures on the GPU as well
@@ -9,11 +9,13 @@ measures: loading AT and ATV features from CSV (first and second run) and from
 npy; seconds per epoch of the AT and ATV models, training step and evaluation pass
 separately; the analytic floating-point work of a training epoch against the
 machine's matrix-multiply throughput in the same precision, measured in the same run;
-wall time of a short crossval.py with --jobs 1 and --jobs 2; peak resident memory; and
-that batched evaluation equals per-video evaluation. The model figures are measured in
-float32 and bfloat16 (--precision bf16) side by side, even on a CPU without fast
-bfloat16 (where train.py refuses bf16): there one bf16 epoch is timed, as it takes
-tens of times as long. The first line names the CPU and its bfloat16 hardware.
+wall time of a short crossval.py with --jobs 1 and --jobs 2; peak resident memory;
+and that batched evaluation equals per-video evaluation. The model figures are
+measured in float32 and bfloat16 (--precision bf16) side by side, even on a CPU
+without fast bfloat16 (where train.py refuses bf16): there one bf16 epoch is timed,
+as it takes tens of times as long. The first line names the CPU and its bfloat16
+hardware. A second table times every model family (--model) on the AT data in
+float32.
 """
 import argparse
 import os
@@ -175,10 +177,11 @@ def cpu_description():
             f"{'yes' if fast_bf16_cpu() else 'no (train.py refuses --precision bf16)'}")
 
 
-def start_training(train_set, device, precision="fp32"):
-    """A seeded model with the default settings, and a function that trains it one epoch."""
+def start_training(train_set, device, precision="fp32", family=models.DEFAULT_MODEL):
+    """A seeded model of `family` with its default sizes and the default training
+    settings, and a function that trains it one epoch."""
     engine.seed_everything(1)
-    model = models.create(models.DEFAULT_MODEL, train_set.input_dims).to(device)
+    model = models.create(family, train_set.input_dims).to(device)
     optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
     segments = train_set.training_segments(5)
     generator = torch.Generator().manual_seed(1)
@@ -189,10 +192,12 @@ def start_training(train_set, device, precision="fp32"):
     return model, segments, train_epoch
 
 
-def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
-    """Seconds per training step and per evaluation pass, and achieved GFLOP/s."""
+def time_training(npy_dir, mods, device, epochs, precision="fp32", family=models.DEFAULT_MODEL):
+    """Median seconds of a training step and of an evaluation pass of `family`, and the
+    largest difference between batched and per-video evaluation; with the trained
+    model, its training pieces and the validation set."""
     train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), mods)
-    model, segments, train_epoch = start_training(train_set, device, precision)
+    model, segments, train_epoch = start_training(train_set, device, precision, family)
 
     def one_epoch():
         start = time.perf_counter()
@@ -209,11 +214,19 @@ def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
         timings = np.array([one_epoch() for _ in range(epochs)])
     # The median: on a shared machine a few epochs are slowed by other load.
     train_seconds, eval_seconds = np.median(timings, axis=0)
+    measured = {"train_s": train_seconds, "eval_s": eval_seconds,
+                "batched_vs_alone": batched_vs_alone(model, val_set, device, precision)}
+    return measured, model, segments, val_set
+
+
+def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
+    """The guide's model: seconds per training step and per evaluation pass, and
+    achieved GFLOP/s."""
+    measured, model, segments, val_set = time_training(npy_dir, mods, device, epochs, precision)
     flops = training_flops(model, [length for _, length in segments])
     eval_flops = evaluation_flops_per_step(model) * sum(video.n_seconds for video in val_set.videos)
-    return {"train_s": train_seconds, "eval_s": eval_seconds, "gflop": flops / 1e9,
-            "gflops": flops / train_seconds / 1e9, "eval_gflop": eval_flops / 1e9,
-            "batched_vs_alone": batched_vs_alone(model, val_set, device, precision)}
+    return {**measured, "gflop": flops / 1e9, "gflops": flops / measured["train_s"] / 1e9,
+            "eval_gflop": eval_flops / 1e9}
 
 
 def batched_vs_alone(model, video_set, device, precision="fp32"):
@@ -361,6 +374,8 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda, slow_bf16=False, subjects=
     if not in_process_only:
         lines += memory_rows(npy_dir, precisions("cpu", epochs, slow_bf16))
         lines += [""] + process_lines(npy_dir, cv_epochs, threads)
+    for device in devices:
+        lines += family_rows(npy_dir, device, epochs)
     return "\n".join(lines)
 
 
@@ -374,6 +389,21 @@ def device_rows(npy_dir, device, timed_epochs):
         lines.append(f"| [{device}] bf16 speed-up, epoch incl. evaluation (fp32 s / bf16 s) | "
                      + " | ".join(f"{epoch_s['fp32'][name] / epoch_s['bf16'][name]:.2f}x"
                                   for name in MODELS) + " |")
+    return lines
+
+
+def family_rows(npy_dir, device, epochs):
+    """A table of one row per model family (--model) with its default sizes, trained
+    and evaluated on the AT data in float32 on `device`."""
+    lines = ["", f"| --model, AT, [{device} fp32] | parameters | training step per epoch (s, "
+                 f"median of {epochs}) | evaluation pass (s) | epoch incl. evaluation (s) | "
+                 "batched vs per-video evaluation, max difference |", "|---|---|---|---|---|---|"]
+    for family in models.MODELS:
+        measured, model, _, _ = time_training(npy_dir, MODELS["AT"], device, epochs, "fp32", family)
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        lines.append(f"| {family} | {parameters / 1e6:.2f} M | {measured['train_s']:.3f} | "
+                     f"{measured['eval_s']:.3f} | {measured['train_s'] + measured['eval_s']:.3f} | "
+                     f"{measured['batched_vs_alone']:.1e} |")
     return lines
 
 

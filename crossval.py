@@ -1,4 +1,4 @@
-"""Cross-validate the fusion LSTM across stories.
+"""Cross-validate a fusion model (--model) across stories.
 
     python crossval.py --epochs 2000 --mods audio,text --out_dir cv_AT --save_freq 10
     python crossval.py --mods audio,text --out_dir cv_AT --test --test_epoch 1360
@@ -28,7 +28,7 @@ from utils import ToolkitError
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "crossval.py", description="Cross-validate the fusion LSTM across stories.",
+        "crossval.py", description="Cross-validate a fusion model across stories.",
         parents=[options.get_data_args_parser(), options.get_training_args_parser(),
                  options.get_model_args_parser(), options.get_fold_args_parser(),
                  runs.get_ledger_args_parser()])

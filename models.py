@@ -1,25 +1,32 @@
 """Model families, one class each, and the registry that names them (`--model`).
 
 A family is a class that predicts one valence per second from the modalities'
-per-second features (see `FusionLSTM` for the interface: `embed`,
+per-second features (see `FusionModel` for the interface: `embed`,
 `forward_embedded`, `config`, `FLAGS`, `from_config`) plus one entry in `MODELS`.
 Its checkpoints name the family in their configuration, so every script rebuilds
 the right model from the file alone (checkpoints.load_model).
 
-The guide's family, `lstm`, is the feature-level fusion LSTM with local attention.
+Every family starts alike: per second, each modality goes through dropout ->
+linear -> ReLU into a 128-d embedding, and the embeddings are concatenated; and
+ends alike: a decoder (states -> 128 -> ReLU -> 1) gives the valence, its first
+layer the 128-d decision-level features. Between them:
 
-Per second, each modality goes through dropout -> linear -> ReLU into a 128-d
-embedding; the embeddings are concatenated. An attention head turns the
-concatenation into 3 weights per step; a one-layer LSTM (hidden 512) runs over it;
-the context at step t is the weighted sum of the LSTM states at t, t-1 and t-2
-(zero before the start); a decoder (512 -> 128 -> ReLU -> 1) gives the valence.
-Optionally (--layers, --bidirectional) the LSTM is stacked or runs both ways; the
-decoder then takes the concatenated directions (1024 wide).
+- `lstm`, the guide's model: an attention head turns the concatenation into 3
+  weights per step; a one-layer LSTM (hidden 512) runs over it; the context at step
+  t is the weighted sum of the LSTM states at t, t-1 and t-2 (zero before the
+  start). Optionally (--layers, --bidirectional) the LSTM is stacked or runs both
+  ways; the decoder then takes the concatenated directions (1024 wide).
+- `gru`: the same with a GRU.
+- `tcn`: residual blocks of centred dilated 1-D convolutions (TemporalConvNet).
+- `transformer`: a Transformer encoder with sinusoidal positions and an optional
+  local attention window (FusionTransformer).
 
-Module names match the original release (`embed_<mod>.1.weight`, `attn.0.weight`,
-`lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain state_dicts load as is.
+The LSTM's module names match the original release (`embed_<mod>.1.weight`,
+`attn.0.weight`, `lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain
+state_dicts load as is.
 """
 import argparse
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -75,48 +82,59 @@ class ModelFlag:
         return self.flag.lstrip("-")
 
 
-class FusionLSTM(nn.Module):
-    """Feature-level fusion of modalities, one valence prediction per second.
+def size_flag(flag, option, default, text, minimum=1, metavar="N"):
+    """A ModelFlag for an integer size; `text` is its help, to which the default is added."""
+    return ModelFlag(flag, option, dict(type=int, default=default, metavar=metavar,
+                                        help=f"{text} (default: %(default)s)"), minimum=minimum)
+
+
+class FusionModel(nn.Module):
+    """What every family shares: the per-modality embeddings, the padding of
+    back-to-back rows, and the decoder whose first layer gives the decision-level
+    features. A family builds its sequence model between them (`sequence_states`).
 
     Inputs are sequences stored back to back (see `datasets.Batch`): per modality a
     (total_steps, dim) tensor, plus the length of each sequence. The model pads
     them internally; outputs come back in the same back-to-back order, so padded
-    steps never reach a loss or a metric.
+    steps never reach a loss or a metric, and no family lets a padded step change a
+    valid one (a video predicts the same alone and in a batch).
 
     The interface every family offers: `embed` (per-step embeddings, computed on
     unpadded rows), `forward_embedded` (predictions and, if asked, the 128-d
     decision-level features), `config` (plain values that rebuild the model with
     `from_config`), and `FLAGS` (the flags that size it).
     """
-    FLAGS = (
-        ModelFlag("--layers", "num_layers", dict(type=int, default=1, metavar="N",
-                  help="stacked LSTM layers (default: %(default)s)"), minimum=1),
-        ModelFlag("--bidirectional", "bidirectional", dict(
-            action="store_true", help="run the LSTM forwards and backwards; the attention "
-                                      "and the decoder take both directions' states")),
-    )
+    FAMILY = None
+    FLAGS = ()
 
-    def __init__(self, input_dims, embed_dim=128, attn_dim=128, attn_len=3,
-                 hidden_dim=512, decoder_dim=128, num_layers=1, bidirectional=False):
-        super().__init__()
+    def _add_embeddings(self, input_dims, embed_dim):
+        """Per modality: dropout -> linear -> ReLU into `embed_dim`; returns the width
+        of their concatenation."""
         self.input_dims = dict(input_dims)
         self.mods = list(self.input_dims)
-        self.attn_len = attn_len
         for mod, dim in self.input_dims.items():
             self.add_module(f"embed_{mod}", nn.Sequential(
                 InputDropout(input_dropout(mod)), nn.Linear(dim, embed_dim), nn.ReLU()))
-        fused_dim = embed_dim * len(self.mods)
-        self.attn = nn.Sequential(nn.Linear(fused_dim, attn_dim), nn.ReLU(),
-                                  nn.Linear(attn_dim, attn_len), nn.Softmax(dim=-1))
-        self.lstm = nn.LSTM(fused_dim, hidden_dim, num_layers=num_layers, batch_first=True,
-                            bidirectional=bidirectional)
-        state_dim = hidden_dim * (2 if bidirectional else 1)
+        return embed_dim * len(self.mods)
+
+    def _add_decoder(self, state_dim, decoder_dim):
         self.dec_target = nn.Sequential(nn.Linear(state_dim, decoder_dim), nn.ReLU(),
                                         nn.Linear(decoder_dim, 1))
-        self.config = {"family": "lstm", "mods": self.mods, "input_dims": self.input_dims,
-                       "embed_dim": embed_dim, "attn_dim": attn_dim, "attn_len": attn_len,
-                       "hidden_dim": hidden_dim, "decoder_dim": decoder_dim,
-                       "num_layers": num_layers, "bidirectional": bidirectional}
+
+    def _describe(self, **sizes):
+        """The configuration: family, modalities, input dimensions and the sizes."""
+        return {"family": self.FAMILY, "mods": self.mods, "input_dims": self.input_dims,
+                **sizes}
+
+    @classmethod
+    def from_config(cls, config):
+        dims = {mod: int(config["input_dims"][mod]) for mod in config["mods"]}
+        return cls(dims, **{key: value for key, value in config.items()
+                            if key not in ("family", "mods", "input_dims")})
+
+    @classmethod
+    def check_sizes(cls, options):
+        """Refuse, in one line, sizes that do not fit together (beyond each flag's minimum)."""
 
     def embed(self, inputs):
         """Per-step embeddings of every modality, concatenated: (total_steps, fused_dim).
@@ -128,27 +146,17 @@ class FusionLSTM(nn.Module):
         decision-level features: the decoder's first layer before its ReLU."""
         lengths = lengths.cpu()
         valid = torch.arange(int(lengths.max())) < lengths[:, None]       # (B, T)
-        weights = self._pad(self.attn(embedded), valid)                 # (B, T, attn_len)
-        states = self._run_lstm(self._pad(embedded, valid), lengths)    # (B, T, states)
-        context = weights[..., :1] * states
-        for lag in range(1, self.attn_len):
-            context = context + weights[..., lag:lag + 1] * F.pad(states, (0, 0, lag, 0))[:, :-lag]
-        hidden = self.dec_target[0](context[valid.to(context.device)])
+        states = self.sequence_states(embedded, valid, lengths)          # (B, T, states)
+        hidden = self.dec_target[0](states[valid.to(states.device)])
         predictions = self.dec_target[2](self.dec_target[1](hidden)).squeeze(-1)
         return (predictions, hidden) if with_features else predictions
 
     def forward(self, inputs, lengths):
         return self.forward_embedded(self.embed(inputs), lengths)
 
-    def _run_lstm(self, padded, lengths):
-        if not self.lstm.bidirectional:
-            # Forwards only, with padding at the end: padded steps cannot influence
-            # valid ones, and the unpacked LSTM is the faster one.
-            return self.lstm(padded)[0]
-        # Backwards, the padding would come first: pack so each sequence starts at its end.
-        packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
-        return pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
-                                   total_length=padded.shape[1])[0]
+    def sequence_states(self, embedded, valid, lengths):
+        """(B, T, state_dim) states of the padded batch; the decoder reads the valid ones."""
+        raise NotImplementedError
 
     @staticmethod
     def _pad(rows, valid):
@@ -160,6 +168,60 @@ class FusionLSTM(nn.Module):
         return padded.view(valid.shape + rows.shape[1:])
 
 
+RECURRENT_FLAGS = (  # shared by the lstm and gru families, so declared once
+    size_flag("--layers", "num_layers", 1, "stacked recurrent layers of --model lstm or gru"),
+    ModelFlag("--bidirectional", "bidirectional", dict(
+        action="store_true", help="--model lstm or gru: run the recurrent layers forwards and "
+                                  "backwards; the attention and the decoder take both "
+                                  "directions' states")),
+)
+
+
+class RecurrentFusion(FusionModel):
+    """The guide's model with the recurrent layer of the family (`RECURRENT`), stored
+    under the family's name (`lstm.weight_ih_l0`, `gru.weight_ih_l0`, ...): local
+    attention over the states at t, t-1 and t-2, then the decoder."""
+    FLAGS = RECURRENT_FLAGS
+    RECURRENT = None
+
+    def __init__(self, input_dims, embed_dim=128, attn_dim=128, attn_len=3,
+                 hidden_dim=512, decoder_dim=128, num_layers=1, bidirectional=False):
+        super().__init__()
+        fused_dim = self._add_embeddings(input_dims, embed_dim)
+        self.attn_len = attn_len
+        self.attn = nn.Sequential(nn.Linear(fused_dim, attn_dim), nn.ReLU(),
+                                  nn.Linear(attn_dim, attn_len), nn.Softmax(dim=-1))
+        self.add_module(self.FAMILY, self.RECURRENT(
+            fused_dim, hidden_dim, num_layers=num_layers, batch_first=True,
+            bidirectional=bidirectional))
+        self._add_decoder(hidden_dim * (2 if bidirectional else 1), decoder_dim)
+        self.config = self._describe(
+            embed_dim=embed_dim, attn_dim=attn_dim, attn_len=attn_len, hidden_dim=hidden_dim,
+            decoder_dim=decoder_dim, num_layers=num_layers, bidirectional=bidirectional)
+
+    @property
+    def recurrent(self):
+        return getattr(self, self.FAMILY)
+
+    def sequence_states(self, embedded, valid, lengths):
+        """The context at each step: the attention's weighted sum of the recurrent
+        states at t, t-1 and t-2 (zero before the start)."""
+        weights = self._pad(self.attn(embedded), valid)                  # (B, T, attn_len)
+        states = self._run_recurrent(self._pad(embedded, valid), lengths)  # (B, T, states)
+        context = weights[..., :1] * states
+        for lag in range(1, self.attn_len):
+            context = context + weights[..., lag:lag + 1] * F.pad(states, (0, 0, lag, 0))[:, :-lag]
+        return context
+
+    def _run_recurrent(self, padded, lengths):
+        if not self.recurrent.bidirectional:
+            # Forwards only, with padding at the end: padded steps cannot influence
+            # valid ones, and the unpacked layer is the faster one.
+            return self.recurrent(padded)[0]
+        # Backwards, the padding would come first: pack so each sequence starts at its end.
+        packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(self.recurrent(packed)[0], batch_first=True,
+                                   total_length=padded.shape[1])[0]
 
     @classmethod
     def from_config(cls, config):
@@ -170,30 +232,185 @@ class FusionLSTM(nn.Module):
         return cls(dims, **sizes, num_layers=int(config.get("num_layers", 1)),
                    bidirectional=bool(config.get("bidirectional", False)))
 
-    @staticmethod
-    def config_from_state_dict(state_dict):
+    @classmethod
+    def config_from_state_dict(cls, state_dict):
         """The configuration, rebuilt from the shapes in a plain state_dict (the
         original release saved nothing else)."""
         mods = [match.group(1) for key in state_dict
                 if (match := re.fullmatch(r"embed_(\w+)\.1\.weight", key))]
         return {
-            "family": "lstm",
+            "family": cls.FAMILY,
             "mods": mods,
             "input_dims": {mod: state_dict[f"embed_{mod}.1.weight"].shape[1] for mod in mods},
             "embed_dim": state_dict[f"embed_{mods[0]}.1.weight"].shape[0],
             "attn_dim": state_dict["attn.0.weight"].shape[0],
             "attn_len": state_dict["attn.2.weight"].shape[0],
-            "hidden_dim": state_dict["lstm.weight_hh_l0"].shape[1],
+            "hidden_dim": state_dict[f"{cls.FAMILY}.weight_hh_l0"].shape[1],
             "decoder_dim": state_dict["dec_target.0.weight"].shape[0],
             "num_layers": sum(1 for key in state_dict
-                              if re.fullmatch(r"lstm\.weight_hh_l\d+", key)),
-            "bidirectional": "lstm.weight_hh_l0_reverse" in state_dict,
+                              if re.fullmatch(rf"{cls.FAMILY}\.weight_hh_l\d+", key)),
+            "bidirectional": f"{cls.FAMILY}.weight_hh_l0_reverse" in state_dict,
         }
+
+
+class FusionLSTM(RecurrentFusion):
+    """The guide's model (`--model lstm`): feature-level fusion of modalities, one
+    valence prediction per second, through an LSTM with local attention."""
+    FAMILY = "lstm"
+    RECURRENT = nn.LSTM
+
+
+class FusionGRU(RecurrentFusion):
+    """`--model gru`: the guide's model with a GRU (as in the MuSe and AVEC
+    baselines) in place of the LSTM: three gates to its four, no cell state."""
+    FAMILY = "gru"
+    RECURRENT = nn.GRU
+
+
+class TemporalBlock(nn.Module):
+    """A residual block of two dilated 1-D convolutions, centred on each step.
+    Steps outside a sequence (`mask` 0) are zeroed after each convolution, so that
+    to the next one the padding is exactly the zeros beyond a sequence's ends."""
+
+    def __init__(self, channels, kernel, dilation):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(channels, channels, kernel, dilation=dilation)
+                                   for _ in range(2))
+        span = dilation * (kernel - 1)
+        self.padding = (span // 2, span - span // 2)  # an even kernel looks one step further ahead
+
+    def forward(self, inputs, mask):
+        hidden = inputs
+        for conv in self.convs:
+            hidden = torch.relu(conv(F.pad(hidden, self.padding))) * mask
+        return torch.relu(inputs + hidden)  # zero at padded steps: both terms are
+
+
+class TemporalConvNet(FusionModel):
+    """`--model tcn`: a temporal convolutional network over the fused embeddings.
+
+    The embeddings are projected to `channels`, then go through `num_blocks`
+    residual blocks whose dilation doubles (1, 2, 4, ...), each of two convolutions
+    of `kernel` steps. The convolutions are centred, not causal: the task is offline
+    (a whole video is known before any of it is scored), and listeners react to what
+    they are about to hear as much as to what they heard. A step sees
+    `receptive_field` steps around it: 61 (30 s each side) with the defaults.
+    The decoder (channels -> 128 -> ReLU -> 1) is the LSTM's.
+    """
+    FAMILY = "tcn"
+    FLAGS = (
+        size_flag("--tcn_channels", "channels", 128, "--model tcn: channels of every convolution"),
+        size_flag("--tcn_kernel", "kernel", 3, "--model tcn: kernel size of the convolutions",
+                  minimum=2, metavar="STEPS"),
+        size_flag("--tcn_blocks", "num_blocks", 4, "--model tcn: residual blocks, dilations 1, "
+                  "2, 4, ...; a step sees 1 + 2 (kernel - 1) (2^blocks - 1) steps around it "
+                  "(61 s with 4 blocks of kernel 3)"),
+    )
+
+    def __init__(self, input_dims, embed_dim=128, channels=128, kernel=3, num_blocks=4,
+                 decoder_dim=128):
+        super().__init__()
+        fused_dim = self._add_embeddings(input_dims, embed_dim)
+        self.project = nn.Linear(fused_dim, channels)
+        self.blocks = nn.ModuleList(TemporalBlock(channels, kernel, 2 ** block)
+                                    for block in range(num_blocks))
+        self._add_decoder(channels, decoder_dim)
+        self.config = self._describe(embed_dim=embed_dim, channels=channels, kernel=kernel,
+                                     num_blocks=num_blocks, decoder_dim=decoder_dim)
+
+    @property
+    def receptive_field(self):
+        """Steps that can change one step's prediction, itself included."""
+        config = self.config
+        return 1 + 2 * (config["kernel"] - 1) * (2 ** config["num_blocks"] - 1)
+
+    def sequence_states(self, embedded, valid, lengths):
+        # Projected on the unpadded rows, so padded steps start at exactly zero.
+        hidden = self._pad(self.project(embedded), valid).transpose(1, 2)   # (B, C, T)
+        mask = valid.to(hidden.device)[:, None, :].to(hidden.dtype)
+        for block in self.blocks:
+            hidden = block(hidden, mask)
+        return hidden.transpose(1, 2)
+
+
+def sinusoidal_positions(steps, width, device=None):
+    """(steps, width) sinusoidal position encoding (Vaswani et al. 2017): sines in
+    even columns, cosines in odd ones, wavelengths from 2 pi to 10000 * 2 pi steps."""
+    positions = torch.arange(steps, dtype=torch.float32, device=device)[:, None]
+    rates = torch.exp(torch.arange(0, width, 2, dtype=torch.float32, device=device)
+                      * (-math.log(10000.0) / width))
+    angles = positions * rates                                          # (steps, ceil(w/2))
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :width]
+
+
+class FusionTransformer(FusionModel):
+    """`--model transformer`: a Transformer encoder over the fused embeddings.
+
+    The embeddings are projected to `model_dim`, sinusoidal positions are added
+    (from 0 at each sequence's start), and `num_layers` pre-norm encoder layers
+    run over them. With `attn_window` W > 0 a step attends only to the steps within
+    W seconds of it: training pieces are short (60 s with --split 5 of 300-s videos),
+    so a window keeps what a step attends to in evaluation on whole videos like what
+    it attended to in training. Padded steps are hidden from every valid one; each attends
+    only to itself, so that no row of the attention is empty. The decoder
+    (model_dim -> 128 -> ReLU -> 1) is the LSTM's.
+    """
+    FAMILY = "transformer"
+    FLAGS = (
+        size_flag("--transformer_layers", "num_layers", 2, "--model transformer: encoder layers"),
+        size_flag("--transformer_heads", "num_heads", 4, "--model transformer: attention heads; "
+                  "they divide --transformer_dim"),
+        size_flag("--transformer_dim", "model_dim", 128, "--model transformer: width of the "
+                  "encoder"),
+        size_flag("--transformer_ff", "ff_dim", 256, "--model transformer: width of each "
+                  "layer's feed-forward block"),
+        size_flag("--attn_window", "attn_window", 30, "--model transformer: each step attends "
+                  "only to the steps within this many seconds of it; 0: to the whole sequence",
+                  minimum=0, metavar="SECONDS"),
+    )
+
+    def __init__(self, input_dims, embed_dim=128, model_dim=128, num_layers=2, num_heads=4,
+                 ff_dim=256, attn_window=30, dropout=0.1, decoder_dim=128):
+        super().__init__()
+        fused_dim = self._add_embeddings(input_dims, embed_dim)
+        self.project = nn.Linear(fused_dim, model_dim)
+        layer = nn.TransformerEncoderLayer(model_dim, num_heads, ff_dim, dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(model_dim),
+                                             enable_nested_tensor=False)
+        self._add_decoder(model_dim, decoder_dim)
+        self.num_heads, self.attn_window = num_heads, attn_window
+        self.config = self._describe(
+            embed_dim=embed_dim, model_dim=model_dim, num_layers=num_layers,
+            num_heads=num_heads, ff_dim=ff_dim, attn_window=attn_window, dropout=dropout,
+            decoder_dim=decoder_dim)
+
+    @classmethod
+    def check_sizes(cls, options):
+        width, heads = options.get("model_dim", 128), options.get("num_heads", 4)
+        if width % heads:
+            raise ToolkitError(f"--transformer_dim ({width}) must be a multiple of "
+                               f"--transformer_heads ({heads})")
+
+    def sequence_states(self, embedded, valid, lengths):
+        hidden = self._pad(self.project(embedded), valid)                 # (B, T, model_dim)
+        hidden = hidden + sinusoidal_positions(valid.shape[1], hidden.shape[-1], hidden.device)
+        return self.encoder(hidden, mask=self._attention_mask(valid.to(hidden.device)))
+
+    def _attention_mask(self, valid):
+        """(B * heads, T, T), True where query step i may not attend to key step j."""
+        steps = torch.arange(valid.shape[1], device=valid.device)
+        allowed = valid[:, None, :]                                       # keys in the sequence
+        if self.attn_window:
+            allowed = allowed & ((steps[:, None] - steps[None, :]).abs() <= self.attn_window)
+        allowed = allowed | (steps[:, None] == steps[None, :])            # no empty row
+        return ~allowed.repeat_interleave(self.num_heads, dim=0)
 
 
 # ---------------------------------------------------------------- the registry
 
-MODELS = {"lstm": FusionLSTM}
+MODELS = {"lstm": FusionLSTM, "gru": FusionGRU, "tcn": TemporalConvNet,
+          "transformer": FusionTransformer}
 DEFAULT_MODEL = "lstm"  # the guide's model; checkpoints that name no family hold one
 
 
@@ -228,7 +445,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("model")
     group.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL,
-                       help="model family (default: %(default)s, the guide's fusion LSTM)")
+                       help="model family: lstm (the guide's fusion LSTM), gru (the same with "
+                            "a GRU), tcn (temporal convolutions) or transformer (default: "
+                            "%(default)s)")
     declared = set()
     for model_class in MODELS.values():
         for flag in model_class.FLAGS:
@@ -254,6 +473,9 @@ def check_options(name, options):
         value = options.get(flag.option)
         if flag.minimum is not None and value is not None and value < flag.minimum:
             raise ToolkitError(f"{flag.flag} must be at least {flag.minimum}, got {value}")
+    check_sizes = getattr(family(name), "check_sizes", None)  # a family's own constraints
+    if check_sizes is not None:
+        check_sizes(options)
 
 
 def option_flag(name, option):

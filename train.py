@@ -1,4 +1,4 @@
-"""Train, test, or extract decision-level features from the fusion LSTM.
+"""Train, test, or extract decision-level features from a fusion model (--model).
 
     python train.py --epochs 2000 --mods audio,text --model_dir models_AT
     python train.py --mods audio,text --model_dir models_AT --pred_dir preds_AT --test
@@ -25,7 +25,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         "train.py", parents=[options.get_data_args_parser(), options.get_training_args_parser(),
                              options.get_model_args_parser(), runs.get_ledger_args_parser()],
-        description="Train, test, or extract features from the fusion LSTM.")
+        description="Train, test, or extract features from a fusion model (--model).")
     group = parser.add_argument_group("what to run")
     group.add_argument("--model_dir", default="./models",
                        help="folder of checkpoints and run records (default: %(default)s)")

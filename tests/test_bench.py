@@ -74,5 +74,7 @@ def test_a_quick_benchmark_on_tiny_data_prints_every_row(tmp_path, capsys, monke
     # ATV has more inputs than AT: more work per epoch, on the same videos.
     at, atv = (float(v.strip(" |")) for v in rows["[cpu fp32] training work per epoch (GFLOP)"])
     assert atv > at
+    for family in models.MODELS:  # the table of model families: train and evaluation seconds
+        assert all(float(value.strip(" |")) > 0 for value in rows[family][1:3]), family
     assert report.splitlines()[1].startswith("CPU: ")
     assert "peak RSS" not in report and "crossval.py" not in report  # in fresh processes
