@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 import datasets
+import runs
 import utils
 from utils import FPS, ToolkitError
 
@@ -192,6 +193,7 @@ def _pearson_columns(features, target):
 def main(args):
     mods = datasets.parse_mods(args.mods) if args.mods.strip() else []
     out = Path(args.out)
+    runs.check_output_folder(out, "--out")  # never over an annotation or feature file
     if out.is_dir():
         raise ToolkitError(f"--out {out} is a folder: give the CSV file to write, e.g. "
                            f"{out / 'data_stats.csv'}")

@@ -16,8 +16,9 @@ scoring, taking each video's frame count from a ``--frame_counts`` CSV (columns
 ``video,frames``) or, without one, from its feature rows at 25 frames per second.
 With no annotations, the modality folders must hold the same videos.
 
-Feature files have one row per second of video, as ``.csv`` with a header row or
-as ``.npy`` (arrays of more than 2 dimensions are flattened per row). A file name
+Feature files have one row per second of video, as ``.csv`` with a header row (a
+first line of numbers is refused: it would be skipped as the header) or as ``.npy``
+(arrays of more than 2 dimensions are flattened per row). A file name
 may carry a suffix after the story id (``Subject_1_Story_2_x.csv``). Every modality
 folder must hold the same videos as ``Annotations``. Feature files may be a row or
 two shorter or longer than the annotation in seconds: a video's input is cut to its
@@ -190,6 +191,32 @@ def _not_a_table(path, reason):
                         "header row, then the same count of numbers in every row")
 
 
+def _header_fields(path):
+    """The fields of a CSV's first line (bytes), without the empty one after a comma
+    ending the line (some exporters add one)."""
+    with open(path, "rb") as handle:
+        fields = handle.readline(1 << 24).rstrip(b"\r\n").split(b",")
+    return fields[:-1] if len(fields) > 1 and not fields[-1].strip() else fields
+
+
+def _check_header(path):
+    """Refuse a feature CSV whose first line is numbers: it has no header, and the
+    loader, which skips the first line, would lose its first row (within the row
+    tolerance, so unnoticed). pandas' default header 0,1,2,... is a header."""
+    fields = _header_fields(path)
+    try:
+        numbers = [float(field) for field in fields]
+    except ValueError:
+        return
+    if numbers in ([float(i) for i in range(len(numbers))],
+                   [float(i) for i in range(1, len(numbers) + 1)]):
+        return  # column numbers, as pandas (0, 1, ...) or a spreadsheet (1, 2, ...) name them
+    first = b",".join(fields)
+    shown = first[:40].decode("ascii", "replace") + ("..." if len(first) > 40 else "")
+    raise ToolkitError(f"{path}: its first line must be a header, but it is a row of numbers "
+                       f"({shown}): add a header line (e.g. f0,f1,...), or the first row is lost")
+
+
 def _parse_csv(path):
     # polars parses in parallel and about 4x faster than pandas' C parser; float32
     # columns are read directly (correctly rounded). The header row is skipped, not
@@ -237,6 +264,7 @@ def open_features(path):
             raise ToolkitError(f"{path} holds a single number (a 0-d array), not one row per "
                                "second: regenerate it as a (seconds, features) array")
     else:
+        _check_header(path)  # also for a cached file: the cache may predate this check
         cached = _cache_path(path)
         try:
             array = np.load(cached, mmap_mode="r")
@@ -253,6 +281,20 @@ def open_features(path):
         raise ToolkitError(f"{path} has {array.shape[0]} rows of 0 columns: regenerate the "
                            "feature file")
     return array
+
+
+def feature_width(path):
+    """The columns of a feature file, from its header alone (a .npy's array header, a
+    CSV's first line): what extract_features.py compares before adding files."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return open_features(path).shape[1]  # memory-mapped: the rows are not read
+    check_regular_file(path, "feature")
+    _check_header(path)
+    fields = _header_fields(path)
+    if fields == [b""]:
+        raise ToolkitError(f"{path} is empty: regenerate the feature file")
+    return len(fields)
 
 
 def check_rows(path, rows, n_frames, source):
@@ -595,7 +637,7 @@ def read_frame_counts(path, files):
     if not {"video", "frames"} <= set(table.columns):
         raise ToolkitError(f"--frame_counts file {path} needs the header video,frames "
                            f"(it has {','.join(map(str, table.columns))})")
-    counts = {}
+    counts, lines = {}, {}
     for row, (name, frames) in enumerate(zip(table["video"], table["frames"]), start=2):
         match = VIDEO_NAME.match(str(name))
         frames = pd.to_numeric(frames, errors="coerce")
@@ -603,7 +645,11 @@ def read_frame_counts(path, files):
             raise ToolkitError(f"--frame_counts file {path}, line {row}: expected a video name "
                                f"Subject_<s>_Story_<t> and a positive whole number of frames, "
                                f"got {name!r}, {frames!r}")
-        counts[int(match.group(1)), int(match.group(2))] = int(frames)
+        key = int(match.group(1)), int(match.group(2))
+        if key in counts:
+            raise ToolkitError(f"--frame_counts file {path} lists {video_name(*key)} twice "
+                               f"(lines {lines[key]} and {row}): keep one row per video")
+        counts[key], lines[key] = int(frames), row
     missing = sorted(files.keys() - counts.keys())
     if missing:
         raise ToolkitError(f"--frame_counts file {path} has no row for {video_name(*missing[0])} "

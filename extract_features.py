@@ -41,10 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
+
 import face_features
 import parallel
-from datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, parse_mods,
-                      parse_video_name, read_annotation, video_name)
+from datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, check_regular_file,
+                      feature_width, parse_mods, parse_video_name, read_annotation, video_name)
 from utils import (FPS, ToolkitError, atomic_path, check_writable, run_cli, save_array,
                    write_csv, write_json)
 
@@ -52,6 +54,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 # Same rule as the loader's names: the suffix may not start with a digit.
 AUDIO_RATE = 16000  # openSMILE's feature sets are tuned for 16 kHz speech
 AUDIO_FEATURE_SETS = {"emobase": "emobase", "eGeMAPS": "eGeMAPSv02", "ComParE": "ComParE_2016"}
+AUDIO_WIDTHS = {"emobase": 988, "eGeMAPS": 88, "ComParE": 6373}  # functionals per set
+SENTENCE_DIM = 384  # all-MiniLM-L6-v2's embedding
 FACE_SIZE = 64  # faces are resized to FACE_SIZE x FACE_SIZE before they are described
 LBP_GRID = 4  # uniform-LBP histograms on a LBP_GRID x LBP_GRID grid of the face
 SENTIMENT_SCORES = ("neg", "neu", "pos", "compound")  # VADER's, in its order
@@ -202,7 +206,12 @@ def find_recordings(video_dir):
                            "that holds the Subject_<s>_Story_<t>.mp4 recordings")
     found, problems = {}, []
     for path in sorted(video_dir.iterdir()):
-        if path.suffix.lower() not in VIDEO_EXTENSIONS or not path.is_file():
+        if path.suffix.lower() not in VIDEO_EXTENSIONS:
+            continue
+        try:  # a FIFO, folder or dangling link named like a video is named, not skipped
+            check_regular_file(path, "video")
+        except ToolkitError as error:
+            problems.append(str(error))
             continue
         key = parse_video_name(path.stem)
         if not key:
@@ -259,6 +268,54 @@ def existing_outputs(out_dir, folders, keys):
     return existing
 
 
+def expected_widths(args, mods):
+    """{mod: columns} of the features this extraction writes, known from the chosen
+    feature sets (None where a word-vector file's first line cannot tell)."""
+    widths = {"audio": AUDIO_WIDTHS[args.audio_features],
+              "v_sub": face_features.DIM if args.face_features == "deep" else hog_dim()}
+    widths["v_act"] = widths["v_sub"]
+    if "text" in mods:
+        embedding = (SENTENCE_DIM if args.word_vectors is None
+                     else word_vector_dim(args.word_vectors))
+        vader = len(SENTIMENT_SCORES) if args.text_features == "embedding+vader" else 0
+        widths["text"] = embedding and embedding + vader
+    return {mod: widths[mod] for mod in mods}
+
+
+def word_vector_dim(path):
+    """The vectors' size from a GloVe file's first line, or None (read_word_vectors
+    then names what is wrong with the file)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            vector = np.array(handle.readline(1 << 24).split()[1:], dtype=np.float32)
+    except (OSError, ValueError):
+        return None
+    return vector.size or None
+
+
+def width_problems(args, mods, replaced):
+    """The files in --out_dir, other than those of the `replaced` videos, whose width
+    differs from what this extraction writes for their modality, as one problem line
+    (or none): a split folder holding 990- and 988-wide audio fails only at training."""
+    found = []
+    for mod, width in expected_widths(args, mods).items():
+        folder = args.out_dir / MODALITY_FOLDERS[mod]
+        if width is None or not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            match = VIDEO_FILE.match(path.name)
+            if not match or (int(match.group(1)), int(match.group(2))) in replaced:
+                continue
+            if (existing := feature_width(path)) != width:
+                found.append(f"{folder.name}/{path.name} is {existing} wide, not {width}")
+                break  # one file per modality says enough
+    if not found:
+        return []
+    return [f"{args.out_dir} holds features of other widths than this extraction writes "
+            f"({'; '.join(found)}): a split needs one width per modality; extract into "
+            "another --out_dir (a new split folder), or move those files away"]
+
+
 def plan(args, mods):
     """The recordings to process and the number skipped (--skip_existing).
 
@@ -283,6 +340,9 @@ def plan(args, mods):
     # A video with only some of its files (a run killed while writing) is done again.
     complete = {key for key, paths in existing.items()
                 if {path.parent.name for path in paths} >= set(folders)}
+    keys = sorted(videos.keys() - complete if args.skip_existing else videos)
+    # The files of the videos in `keys` are replaced (or refused below as existing).
+    problems += width_problems(args, mods, replaced=set(keys))
     if not (args.overwrite or args.skip_existing):
         for key, paths in existing.items():
             problems.append(f"{paths[0]} exists: pass --overwrite to replace the files of "
@@ -292,7 +352,6 @@ def plan(args, mods):
         for problem in problems[:-1]:
             print(f"error: {problem}", file=sys.stderr)
         raise ToolkitError(problems[-1])
-    keys = sorted(videos.keys() - complete if args.skip_existing else videos)
     recordings = [Recording(*key, videos[key], transcripts.get(key), annotations.get(key))
                   for key in keys]
     return recordings, len(videos) - len(keys)
@@ -349,14 +408,24 @@ def scan_video(path, sides, settings):
         rate = frame_rate(stream, path)
         step = max(1, round(rate / settings.visual_fps))
         n_frames = 0
-        for frame in container.decode(stream):
-            second = n_frames * rate.denominator // rate.numerator
-            if sides and n_frames % step == 0:
-                search(frame, second, faces, settings)
-            n_frames += 1
+        with progress_bar(settings, stream.frames or None, path.stem, "frame") as bar:
+            for frame in container.decode(stream):
+                second = n_frames * rate.denominator // rate.numerator
+                if sides and n_frames % step == 0:
+                    search(frame, second, faces, settings)
+                n_frames += 1
+                bar.update()
     if n_frames == 0:
         raise ToolkitError(f"{path}: holds no video frames; re-encode or remove it")
     return n_frames, rate, faces
+
+
+def progress_bar(settings, total, description, unit):
+    """A bar over one video's frames or seconds; shown only where the videos run in
+    this process (several worker processes' bars would garble each other) and
+    stderr is a terminal."""
+    return tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True,
+                disable=None if settings.progress else True)
 
 
 def to_gray(frame, height):
@@ -508,8 +577,9 @@ def smile(feature_set):
                            opensmile.FeatureLevel.Functionals)
 
 
-def audio_features(samples, n_seconds, feature_set):
-    """openSMILE functionals of each 1-second window, one row per second of video.
+def audio_features(samples, n_seconds, feature_set, on_second=lambda: None):
+    """openSMILE functionals of each 1-second window, one row per second of video
+    (`on_second` is called after each, for a progress bar).
 
     Every window is a full second: the last (partial) second and any seconds past the
     end of the soundtrack use its final second, since openSMILE returns NaN for
@@ -522,6 +592,7 @@ def audio_features(samples, n_seconds, feature_set):
         start = min(second * AUDIO_RATE, samples.size - AUDIO_RATE)
         window = samples[start:start + AUDIO_RATE]
         rows.append(smile(feature_set).process_signal(window, AUDIO_RATE).to_numpy()[0])
+        on_second()
     # A few functionals are undefined on some windows (a flat pitch contour): 0, not NaN.
     return np.nan_to_num(np.asarray(rows, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -681,7 +752,9 @@ def extract(recording, settings, mods, word_vectors):
     features = {}
     if "audio" in mods:
         samples = decode_audio(recording.video)
-        features["audio"] = audio_features(samples, n_seconds, settings.audio_features)
+        with progress_bar(settings, n_seconds, f"{recording.name} audio", "second") as bar:
+            features["audio"] = audio_features(samples, n_seconds, settings.audio_features,
+                                               bar.update)
         missing = n_seconds - samples.size / AUDIO_RATE
         if missing > 1:
             report["warnings"].append(f"{recording.video}: the soundtrack ends {missing:.1f} s "
@@ -758,7 +831,8 @@ def process(recording, settings, mods, word_vectors):
 def run_all(recordings, args, mods, word_vectors, runner):
     """Process the recordings, one task per video, where `runner` (parallel.Runner)
     runs them; on a cluster with absolute paths."""
-    settings = argparse.Namespace(**{**vars(args), "out_dir": runner.path(args.out_dir)})
+    settings = argparse.Namespace(**{**vars(args), "out_dir": runner.path(args.out_dir),
+                                     "progress": runner.in_this_process})
     tasks = [dict(recording=replace(recording, video=runner.path(recording.video),
                                     transcript=runner.path(recording.transcript),
                                     annotation=runner.path(recording.annotation)),

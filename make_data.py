@@ -41,9 +41,8 @@ import utils
 from datasets import ANNOTATION_FOLDER, MODALITY_FOLDERS, video_name
 from utils import FPS, ToolkitError
 
-
-
 PRESETS = ("easy", "realistic")
+OFFICIAL_TEST_STORIES = (3, 6, 7)
 
 
 def get_args_parser():
@@ -57,9 +56,10 @@ def get_args_parser():
                         help="story lengths vary by up to this fraction (default: %(default)s)")
     parser.add_argument("--val_stories", type=int, nargs="*", default=[1], metavar="STORY",
                         help="validation stories (default: 1, the official split)")
-    parser.add_argument("--test_stories", type=int, nargs="*", default=[3, 6, 7], metavar="STORY",
+    parser.add_argument("--test_stories", type=int, nargs="*", default=None, metavar="STORY",
                         help="test stories, with dummy annotations (default: 3 6 7, the "
-                             "official split); the others train")
+                             "official split, those of them up to --stories); the others "
+                             "train")
     parser.add_argument("--dims", default="990,300,4096,4096",
                         help="audio,text,v_sub,v_act dimensions (default: %(default)s)")
     parser.add_argument("--format", choices=["npy", "csv"], default="npy",
@@ -74,6 +74,24 @@ def get_args_parser():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the split folders if --out_dir already has them")
     return parser
+
+
+def check_split(n_stories, val_stories, test_stories):
+    """Refuse a split that would write a folder short without a word: a validation or
+    test story beyond --stories, one story in both, or no training story left."""
+    for flag, stories in (("--val_stories", val_stories), ("--test_stories", test_stories)):
+        unknown = sorted(story for story in set(stories) if not 1 <= story <= n_stories)
+        if unknown:
+            raise ToolkitError(f"{flag} {' '.join(map(str, unknown))}: there is no story "
+                               f"{unknown[0]} (--stories {n_stories} makes stories 1 to "
+                               f"{n_stories}); choose stories from that range")
+    both = sorted(set(val_stories) & set(test_stories))
+    if both:
+        raise ToolkitError(f"story {both[0]} is in both --val_stories and --test_stories: "
+                           "give each story one split")
+    if not set(range(1, n_stories + 1)) - set(val_stories) - set(test_stories):
+        raise ToolkitError(f"--val_stories and --test_stories take all {n_stories} stories: "
+                           "leave at least one for training")
 
 
 def split_of(story, val_stories, test_stories):
@@ -273,8 +291,11 @@ def main(args):
     if not 0 <= args.length_spread < 0.9:
         raise ToolkitError(f"--length_spread must be at least 0 and below 0.9, got "
                            f"{args.length_spread}")
+    test_stories = (args.test_stories if args.test_stories is not None
+                    else [story for story in OFFICIAL_TEST_STORIES if story <= args.stories])
+    check_split(args.stories, args.val_stories, test_stories)
     out_dir = Path(args.out_dir)
-    split = {story: split_of(story, args.val_stories, args.test_stories)
+    split = {story: split_of(story, args.val_stories, test_stories)
              for story in range(1, args.stories + 1)}
     splits = sorted(set(split.values()))
     existing = [out_dir / split for split in splits if (out_dir / split).exists()]

@@ -6,9 +6,9 @@
 Prose becomes markdown cells and every ```shell block a code cell that runs the
 block's commands with `!`; other blocks (```bash, ```python, plain ```) stay text,
 for commands the notebook must not run (a cluster's, say). A first parameters cell
-(data folder and size, --cuda, epochs, the saved epochs the guide names) makes the
-whole notebook a short run on the built-in synthetic data by default; its comments
-give the guide's values for the full run. The guide's numbers in the commands are
+(data and model folders, data size, --cuda, epochs, the saved epochs the guide names)
+makes the whole notebook a short run on its own built-in synthetic data by default;
+its comments give the guide's values for the full run. The guide's numbers in the commands are
 replaced by those parameters (see SUBSTITUTIONS); with the guide's values every
 command reads exactly as in README.md, which tests/test_notebook.py checks.
 Commands that install packages, run the test suite or need raw recordings are kept
@@ -30,7 +30,10 @@ SHELL_FENCE = "```shell"
 # (name, quick value as code, value in the guide's full run as code, what it is).
 # The guide's values turn the notebook's commands back into README.md's.
 PARAMETERS = [
-    ("DATA", '"data"', '"data"', "folder holding Training/, Validation/ and Testing/"),
+    ("DATA", '"data_notebook"', '"data"',
+     "folder holding Training/, Validation/ and Testing/ (not the quick start's ./data)"),
+    ("MODELS", '"notebook_models"', '"models"',
+     "the models are trained into MODELS_AT and MODELS_ATV (not the quick start's models_AT)"),
     ("MAKE_DATA", '"--subjects 10 --stories 5 --seconds 120"', '""',
      "make_data.py size options, used only when DATA has no Training/ folder"),
     ("CUDA", '""', '"--cuda"', '"--cuda" trains on the GPU'),
@@ -59,6 +62,7 @@ SUBSTITUTIONS = [
     (r"--test_epoch 1900\b", "--test_epoch {TEST_EPOCH_ATV}"),
     (r"\bepoch_1900\.save\b", "epoch_{TEST_EPOCH_ATV}.save"),
     (r"(?<![\w/.])(\./)?data/", "{DATA}/"),
+    (r"\bmodels_(ATV?)\b", r"{MODELS}_\1"),
     (r"(python cv_epochs\.py .*)$", r"\1 {EPOCH_RANGE}"),
     (r"python (train|crossval|cv_epochs|personalize|fusion|cv_fusion)\.py ",
      r"python \1.py {DATA_ARGS} "),
@@ -68,16 +72,16 @@ GUARDED = [
     ("bash run_tests.sh", "RUN_TESTS", "runs the whole test suite: minutes, and pip installs"),
     ("extract_features", "RUN_EXTRACT", "needs recordings in raw/"),
     ("pip install", "RUN_QUICK_START",
-     ("installs the toolkit and trains models_AT, which the training section below "
-      "trains again (it would then need --overwrite)")),
+     ("installs the toolkit, writes the full-size ./data and trains models_AT on it "
+      "(the rest of the notebook uses DATA and MODELS instead)")),
 ]
 # Steps that the guide's prose describes before a block, spelled out so that the
 # block runs: {text of the block: commands}. They are not README commands.
 PROSE_STEPS = {
     "--test fusion_preds/fusion_model.joblib": [
-        ("python train.py {DATA_ARGS} {CUDA} --mods audio,text --model_dir models_AT "
+        ("python train.py {DATA_ARGS} {CUDA} --mods audio,text --model_dir {MODELS}_AT "
          "--test_dir {DATA}/Testing --feat_dir feat_AT_test --features"),
-        ("python train.py {DATA_ARGS} {CUDA} --mods audio,text,v_sub --model_dir models_ATV "
+        ("python train.py {DATA_ARGS} {CUDA} --mods audio,text,v_sub --model_dir {MODELS}_ATV "
          "--test_dir {DATA}/Testing --feat_dir feat_ATV_test --features"),
         ("cp -r feat_AT_test/feat_test {DATA}/Testing/feat_AT && "
          "cp -r feat_ATV_test/feat_test {DATA}/Testing/feat_ATV"),
@@ -92,16 +96,21 @@ run `python make_notebook.py` rather than editing the notebook.*
 
 Run it from the repository folder with a kernel that has `requirements.txt` installed
 (and `ipykernel`, listed in `requirements-dev.txt`); the cells run the guide's
-commands with `!python`, so that `python` must be first on your `PATH`. The
-parameters below make it a short run on the built-in synthetic data, written to
-`DATA` first if that folder has no `Training/`: about 13 minutes on a 2-core CPU,
-and the pictures in the guide's Plots section are those of this run. For the guide's
-full run on the real data (or on the full-size built-in data, `python make_data.py`),
-set each parameter to the value its comment gives as `guide:`. The installs, the test
-suite and the feature extraction are skipped unless their `RUN_` flag is set. The
-scripts refuse to train over an earlier run, so run the notebook again in a fresh
-folder, or delete the `models_*`, `cv_*`, `personal_*`, `feat_*`, `preds_*`,
-`fusion*` and `plots` folders and the copied `DATA/*/feat_*` folders first."""
+commands with `!python`, so that `python` must be first on your `PATH`. Without a
+Jupyter front end, `jupyter execute README.ipynb --output README_run` (nbclient's,
+also in `requirements-dev.txt`) runs it top to bottom and saves the executed copy as
+`README_run.ipynb`. The parameters below make it a short run on the built-in
+synthetic data, written to `DATA` (`data_notebook`) first if that folder has no
+`Training/`: about 13 minutes on a 2-core CPU, and the pictures in the guide's Plots
+section are those of this run. Its data and models (`notebook_models_AT`,
+`notebook_models_ATV`) are its own, so a quick start run in the same folder (`./data`,
+`models_AT`) is neither used nor touched. For the guide's full run on the real data
+(or on the full-size built-in data, `python make_data.py`), set each parameter to the
+value its comment gives as `guide:`. The installs, the test suite and the feature
+extraction are skipped unless their `RUN_` flag is set. The scripts refuse to train
+over an earlier run, so run the notebook again in a fresh folder, or delete the
+`notebook_models_*`, `cv_*`, `personal_*`, `feat_*`, `preds_*`, `fusion*` and `plots`
+folders and the copied `DATA/*/feat_*` folders first."""
 
 SETUP = """\
 import os

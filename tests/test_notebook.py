@@ -26,15 +26,17 @@ TEST_EPOCH_ATV = 1
 EPOCH_RANGE = "--epoch_min 1 --epoch_max 1 --epoch_step 1"
 PERSONAL_EPOCHS = 1"""
 
-# What a run of the guide leaves behind, by the section that makes it.
+# What a run of the guide leaves behind, by the section that makes it; the data and
+# the models in the notebook's own folders (DATA, MODELS), not the quick start's.
 EXPECTED_FILES = [
-    "data/Training/Annotations", "models_AT/best.save", "models_ATV/best.save",
+    "data_notebook/Training/Annotations", "notebook_models_AT/best.save",
+    "notebook_models_ATV/best.save",
     "preds_AT/pred_test/Subject_1_Story_1.csv", "preds_ATV/pred_train", "pred_test",
     "cv_AT/crossval.csv", "cv_ATV/crossval.csv", "cv_AT/cv_epochs.csv", "cv_ATV/cv_epochs.csv",
     "cv_AT/val_on_1/feat_train", "personal_AT/personalize.csv", "personal_ATV/personalize.csv",
     "personal_AT/pred_test/Subject_2_Story_1.csv", "personal_ATV/pred_test",
-    "feat_AT/feat_train", "data/Training/feat_ATV", "fusion_preds/pred_test/Subject_1_Story_1.csv",
-    "fusion_preds/fusion_model.joblib", "fusion_test/pred_test/Subject_1_Story_3.csv",
+    "feat_AT/feat_train", "data_notebook/Training/feat_ATV",
+    "fusion_preds/pred_test/Subject_1_Story_1.csv", "fusion_preds/fusion_model.joblib", "fusion_test/pred_test/Subject_1_Story_3.csv",
     "cv_fusion_out/crossval.csv", "scores_AT/by_story.csv",
     "plots/predictions.png", "plots/cv_epochs.png", "plots/personalize.png", "plots/crossval.png",
     "runs.csv", "plots/runs.png",
@@ -128,6 +130,10 @@ def cell_text(cell):
 
 def test_notebook_runs_top_to_bottom_on_tiny_data(tmp_path, monkeypatch):
     workdir = copy_scripts(tmp_path / "repo")
+    # A quick start ran here before: the notebook must neither use nor touch its outputs.
+    (workdir / "data" / "Training").mkdir(parents=True)
+    (workdir / "models_AT").mkdir()
+    (workdir / "models_AT" / "best.save").write_bytes(b"the quick start's model")
     # `!python` in the cells must be this interpreter, the one with the requirements.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     notebook = with_tiny_parameters(nbformat.read(workdir / "README.ipynb", as_version=4))
@@ -140,6 +146,10 @@ def test_notebook_runs_top_to_bottom_on_tiny_data(tmp_path, monkeypatch):
         assert "error:" not in text and "Traceback" not in text, f"{cell.source}\n{text}"
     missing = [name for name in EXPECTED_FILES if not (workdir / name).exists()]
     assert not missing, f"the notebook did not write {missing}"
+    assert list((workdir / "data").rglob("*")) == [workdir / "data" / "Training"], \
+        "the notebook wrote into the quick start's ./data"
+    assert [path.name for path in (workdir / "models_AT").iterdir()] == ["best.save"]
+    assert (workdir / "models_AT" / "best.save").read_bytes() == b"the quick start's model"
     for name in ("personal_AT/pred_test", "fusion_preds/pred_train", "cv_fusion_out/cv_pred"):
         assert any((workdir / name).iterdir()), f"{name} is empty"
     shown = [output for cell in notebook.cells for output in cell.get("outputs", [])
