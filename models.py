@@ -333,21 +333,21 @@ class TemporalConvNet(FusionModel):
         return hidden.transpose(1, 2)
 
 
-def sinusoidal_positions(steps, width, device=None):
-    """(steps, width) sinusoidal position encoding (Vaswani et al. 2017): sines in
-    even columns, cosines in odd ones, wavelengths from 2 pi to 10000 * 2 pi steps."""
-    positions = torch.arange(steps, dtype=torch.float32, device=device)[:, None]
-    rates = torch.exp(torch.arange(0, width, 2, dtype=torch.float32, device=device)
+def sinusoidal_positions(positions, width):
+    """(..., width) sinusoidal encoding of the integer `positions` (Vaswani et al.
+    2017): sines in even columns, cosines in odd ones, wavelengths from 2 pi to
+    10000 * 2 pi steps."""
+    rates = torch.exp(torch.arange(0, width, 2, dtype=torch.float32, device=positions.device)
                       * (-math.log(10000.0) / width))
-    angles = positions * rates                                          # (steps, ceil(w/2))
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :width]
+    angles = positions.float()[..., None] * rates                         # (..., ceil(w/2))
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[..., :width]
 
 
 class FusionTransformer(FusionModel):
     """`--model transformer`: a Transformer encoder over the fused embeddings.
 
     The embeddings are projected to `model_dim`, sinusoidal positions are added
-    (from 0 at each sequence's start), and `num_layers` pre-norm encoder layers
+    (from 0 at each video's start; from a random start in training, see `_starts`), and `num_layers` pre-norm encoder layers
     run over them. With `attn_window` W > 0 a step attends only to the steps within
     W seconds of it: training pieces are short (60 s with --split 5 of 300-s videos),
     so a window keeps what a step attends to in evaluation on whole videos like what
@@ -356,6 +356,7 @@ class FusionTransformer(FusionModel):
     (model_dim -> 128 -> ReLU -> 1) is the LSTM's.
     """
     FAMILY = "transformer"
+    MAX_START = 600  # s: longer than the OMG-Empathy stories (up to about 8 minutes)
     FLAGS = (
         size_flag("--transformer_layers", "num_layers", 2, "--model transformer: encoder layers"),
         size_flag("--transformer_heads", "num_heads", 4, "--model transformer: attention heads; "
@@ -394,8 +395,18 @@ class FusionTransformer(FusionModel):
 
     def sequence_states(self, embedded, valid, lengths):
         hidden = self._pad(self.project(embedded), valid)                 # (B, T, model_dim)
-        hidden = hidden + sinusoidal_positions(valid.shape[1], hidden.shape[-1], hidden.device)
+        positions = torch.arange(valid.shape[1], device=hidden.device) + self._starts(valid)
+        hidden = hidden + sinusoidal_positions(positions, hidden.shape[-1])
         return self.encoder(hidden, mask=self._attention_mask(valid.to(hidden.device)))
+
+    def _starts(self, valid):
+        """(B, 1) position of each sequence's first step: 0 in evaluation, where whole
+        videos run; in training, whose pieces are short, a random one up to
+        MAX_START, so that the later positions of a whole video are not new to the
+        model in evaluation."""
+        if not self.training:
+            return torch.zeros(valid.shape[0], 1, dtype=torch.long, device=valid.device)
+        return torch.randint(0, self.MAX_START + 1, (valid.shape[0], 1), device=valid.device)
 
     def _attention_mask(self, valid):
         """(B * heads, T, T), True where query step i may not attend to key step j."""
