@@ -19,6 +19,7 @@ import datasets
 import models
 import runs
 import utils
+from postprocessing import FLAGS, Postprocessing
 from utils import ToolkitError
 
 
@@ -58,6 +59,7 @@ def load_checkpoint(path, device="cpu"):
     if "model" not in checkpoint:
         checkpoint = {"model": checkpoint}
     _check_finite_weights(checkpoint["model"], path)
+    _check_finite_normalization(checkpoint.get("normalization"), path)
     return checkpoint
 
 
@@ -71,6 +73,23 @@ def _check_finite_weights(state_dict, path):
             raise ToolkitError(f"checkpoint {path} holds NaN or inf weights ({name}): the run "
                                "that wrote it diverged; use an earlier checkpoint, or retrain "
                                "with a lower --lr or with --normalize")
+
+
+def _check_finite_normalization(state, path):
+    """Normalization statistics with NaN or inf turn every input into NaN, and every
+    prediction with it: refuse them by name."""
+    if not isinstance(state, dict):
+        return
+    try:
+        for bound in ("min", "max"):
+            for mod, value in state[bound].items():
+                if not torch.isfinite(torch.as_tensor(value, dtype=torch.float32)).all():
+                    raise ToolkitError(f"checkpoint {path} holds NaN or inf normalization "
+                                       f"statistics ({bound} of {mod}): it is damaged; use "
+                                       "another checkpoint or retrain")
+    except (KeyError, AttributeError, TypeError, ValueError, RuntimeError):
+        raise ToolkitError(f"checkpoint {path} holds damaged normalization statistics: use "
+                           "another checkpoint or retrain") from None
 
 
 def load_model(path, mods, input_dims, device="cpu"):
@@ -141,6 +160,7 @@ class TrainedModel:
     network: torch.nn.Module  # a model of one of the families in models.MODELS
     scaler: datasets.FeatureScaler
     checkpoint: dict
+    path: Path = None  # where it was read, for messages
 
 
 def load_trained(paths, train_set, normalize, device):
@@ -149,9 +169,8 @@ def load_trained(paths, train_set, normalize, device):
     for path in paths:
         network, checkpoint = load_model(path, train_set.mods, train_set.input_dims, device)
         trained.append(TrainedModel(network, resolve_scaler(checkpoint, normalize, train_set, path),
-                                    checkpoint))
+                                    checkpoint, Path(path)))
     return trained
-
 
 
 def resolve_scaler(checkpoint, normalize, train_set, source):
@@ -183,13 +202,23 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
     """Refuse, before anything is written, a --resume whose last.save in `folder`
     does not fit the data or was trained with other settings than the flags give
     (the saved optimizer and weights would silently go on with the old ones):
-    `settings` (options.TrainingSettings), `normalize` and the label delay of
-    `postprocessing`."""
+    `settings` (options.TrainingSettings), `normalize` and `postprocessing` (each
+    of its flags: label delay, smoothing, low-pass, calibration)."""
     path = Path(folder) / runs.LAST
     network, state = load_model(path, mods, input_dims)
     if "optimizer" not in state:
         raise ToolkitError(f"{path} has no optimizer state: it cannot be resumed; train "
                            "again with --overwrite")
+    rng = state.get("rng")
+    has_rng = isinstance(rng, dict) and {"torch", "shuffle"} <= rng.keys()
+    has_progress = {"epoch", "best_ccc", "best_epoch"} <= state.keys()
+    lacking = [what for what, present in (("its random-generator state (rng)", has_rng),
+                                          ("its progress (epoch, best score)", has_progress))
+               if not present]
+    if lacking:  # found here, not after args.json was rewritten
+        raise ToolkitError(f"{path} lacks {' and '.join(lacking)}: it cannot be resumed "
+                           "exactly; train again with --overwrite, or restore the run's "
+                           f"{runs.LAST}")
     if settings.model_options is not None:  # None: fine-tuning, whose model is init.save's
         _check_same_model(path, network.config, settings)
     saved = state.get("training", {})
@@ -200,10 +229,27 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
         trained = "with" if state.get("normalization") is not None else "without"
         raise ToolkitError(f"--resume: {path} was trained {trained} --normalize: resume "
                            f"{trained} it, or start afresh with --overwrite")
-    saved_delay = state.get("postprocessing", {}).get("label_delay", 0.0)
-    if saved_delay != postprocessing.label_delay:
-        _refuse_resume(path, f"--label_delay {saved_delay}", postprocessing.label_delay)
+    _check_same_postprocessing(path, state, postprocessing)
     read_history(Path(folder) / runs.METRICS, state["epoch"])  # refuses a corrupt one
+
+
+def _check_same_postprocessing(path, state, postprocessing):
+    """The validation CCC of every epoch, and so best.save, is scored with the run's
+    post-processing: another one mid-run would compare epochs scored two ways."""
+    saved = Postprocessing.resolve(state.get("postprocessing"), source=path)
+    for name in FLAGS:
+        if name == "smooth_window" and not (saved.smooth or postprocessing.smooth):
+            continue  # no smoothing either way: the window's shape does not matter
+        if getattr(saved, name) != getattr(postprocessing, name):
+            _refuse_resume(path, _as_flag(name, getattr(saved, name)),
+                           _as_flag(name, getattr(postprocessing, name), alone=False))
+
+
+def _as_flag(name, value, alone=True):
+    """--calibrate / --no-calibrate; '--smooth 2.0' (or '2.0' where not `alone`)."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name}"
+    return f"--{name} {value}" if alone else str(value)
 
 
 def _check_same_model(path, saved_config, settings):

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 import datasets
 import engine
@@ -57,7 +58,9 @@ def evaluate_fold_epochs(pooled, story, out_dir, epochs, run):
     """Held-out CCC of one fold at each epoch (of its seeds' average prediction):
     {"story", "scores": {epoch: ccc}}."""
     scores = {}
-    for epoch in epochs:
+    # Off where stderr is no terminal, and in worker processes, as the runner's bar is.
+    for epoch in tqdm(epochs, desc=runs.fold_name(story), unit="epoch", leave=False,
+                      dynamic_ncols=True, disable=None if run.progress else True):
         _, val_set, trained, saved = load_fold_epoch(pooled, story, out_dir, epoch, run,
                                                      evaluated=epoch == epochs[0])
         scores[epoch] = engine.evaluate_seeds(trained, val_set, run.device, saved,
@@ -97,7 +100,8 @@ def main(args):
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
     pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
-    runs.check_fold_checkpoints(out_dir, pooled.stories, epochs)
+    runs.check_fold_checkpoints(out_dir, pooled.stories, epochs,
+                                "--epoch_min/--epoch_max/--epoch_step")
     run = options.RunOptions.from_args(args, options.TrainingSettings.from_args(args), {},
                                        runner)
     first_epoch = [path for story in pooled.stories for path in runs.run_checkpoints(

@@ -22,7 +22,7 @@ import checkpoints
 import parallel
 import runs
 import utils
-from postprocessing import Postprocessing, report_unseen_listeners, score_videos
+from postprocessing import Postprocessing, report_unseen_listeners, score_videos, unscored
 from precision import autocast, check_precision, grad_scaler
 from utils import ToolkitError
 
@@ -196,7 +196,8 @@ def saved_postprocessing(trained, flags, train_set, evaluated=()):
     model saved without listener statistics calibrates with those of `train_set`
     (its training videos, as the caller knows them), and says so; so does
     calibration of listeners in the `evaluated` sets that training never saw."""
-    postprocessing = Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"), **flags)
+    postprocessing = Postprocessing.resolve(trained[0].checkpoint.get("postprocessing"),
+                                            trained[0].path, **flags)
     if postprocessing.calibrate and postprocessing.listener_stats is None:
         print(f"note: the model was saved without listener statistics: --calibrate uses "
               f"those of its {len(train_set)} training videos as loaded now", file=sys.stderr)
@@ -428,7 +429,8 @@ def write_test_predictions(trained, train_set, test_set, pred_dir, device, postp
     under seed_<s>/ when there are several) and return their evaluations."""
     results = {}
     for name, video_set in (("train", train_set), ("test", test_set)):
-        results[name] = evaluate_seeds(trained, video_set, device, postprocessing, precision)
+        results[name] = unscored(evaluate_seeds(trained, video_set, device, postprocessing,
+                                                precision), video_set.videos)
         utils.write_predictions(runs.predictions_dir(pred_dir, name), video_set.videos,
                                 results[name]["frames"])
         if len(trained) > 1:

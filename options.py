@@ -9,8 +9,12 @@ file is written.
 """
 import argparse
 import math
+import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 import checkpoints
 import datasets
@@ -230,7 +234,9 @@ class Plan:
     fit --split and --label_delay). `base`: the checkpoint that fine-tuning starts
     from (its post-processing and normalization carry over to the runs). `resumed`:
     (folder, its seed's settings) of the runs that --resume continues. `evaluated`:
-    checkpoints it will load for `data`. `runner`: where tasks run.
+    checkpoints it will load for `data`. `runner`: where tasks run. `split_dirs`:
+    (--train_dir, --test_dir) of a command that trains on the first and validates or
+    tests on the second (they must be two folders).
     """
     outputs: list
     options: "RunOptions"
@@ -240,45 +246,99 @@ class Plan:
     resumed: list = field(default_factory=list)
     evaluated: list = field(default_factory=list)
     runner: parallel.Runner = None
+    split_dirs: tuple = None
 
 
 def check_before_writing(plan):
     """Every check of a command that must pass before its first write, in one order:
     the flags, where tasks run, the data against the flags, every checkpoint to be
     started from, resumed or evaluated against the data and flags, then the output
-    folders."""
+    folders (only these checks create a folder). Then notes on what the run will do
+    that is legitimate but surprising."""
     run = plan.options
+    flags = run.postprocessing_flags or {}
     run.settings.check()
     precision.check_precision(run.settings.precision, run.device)
     trained_with, normalize = run.postprocessing, run.normalize  # refuses bad flags
     check_tensorboard_dir(run.tensorboard_dir)
     if plan.runner is not None:
         plan.runner.check()
+    if plan.trains and plan.split_dirs:
+        check_separate_splits(*plan.split_dirs)
     if plan.base is not None:  # fine-tuning: what the base model was trained with carries over
         base = checkpoints.load_trained([plan.base], plan.data, run.normalize, "cpu")[0]
-        trained_with = Postprocessing.resolve(base.checkpoint.get("postprocessing"),
-                                              **(run.postprocessing_flags or {}))
+        trained_with = Postprocessing.resolve(base.checkpoint.get("postprocessing"), plan.base,
+                                              **flags)
         normalize = base.scaler is not None
     if plan.trains:
-        run.check_trainable(plan.data, trained_with)
+        check_trainable_with(run, plan, trained_with, flags)
     for folder, settings in plan.resumed:
         checkpoints.check_resumable(folder, settings, plan.data.mods, plan.data.input_dims,
                                     normalize, trained_with)
+    evaluated_with = []
     for path in plan.evaluated:
         saved = checkpoints.load_trained([path], plan.data, run.normalize, "cpu")[0]
-        Postprocessing.resolve(saved.checkpoint.get("postprocessing"),
-                               **(run.postprocessing_flags or {}))
+        evaluated_with.append(Postprocessing.resolve(saved.checkpoint.get("postprocessing"),
+                                                     path, **flags))
     for folder, flag in plan.outputs:
         runs.check_output_folder(folder, flag)
-        utils.check_writable(folder)
+    for folder in [folder for folder, _ in plan.outputs] + [run.tensorboard_dir]:
+        if folder:
+            utils.check_writable(folder)
+    report_flat_annotations(plan, trained_with, evaluated_with)
+
+
+def check_trainable_with(run, plan, trained_with, flags):
+    """`RunOptions.check_trainable`; a label delay that fine-tuning takes from the
+    base checkpoint, not from --label_delay, is named as the checkpoint's."""
+    try:
+        run.check_trainable(plan.data, trained_with)
+    except ToolkitError as error:
+        if plan.base is None or flags.get("label_delay") is not None or \
+                not trained_with.label_delay:
+            raise
+        raise ToolkitError(f"{plan.base} was trained with --label_delay "
+                           f"{trained_with.label_delay:g}, which fine-tuning keeps: {error} "
+                           "(--label_delay replaces it)") from None
+
+
+def check_separate_splits(train_dir, test_dir):
+    """Training validates on --test_dir: the same folder as --train_dir (by any path
+    or link) would score the model on its own training videos."""
+    try:
+        same = os.path.samefile(train_dir, test_dir)
+    except OSError:  # one does not exist: loading the data says so
+        same = Path(train_dir).resolve() == Path(test_dir).resolve()
+    if same:
+        raise ToolkitError(f"--test_dir {test_dir} is the same folder as --train_dir {train_dir}: "
+                           "the model would be validated on its own training videos; give "
+                           "the validation split, e.g. --test_dir data/Validation")
+
+
+def report_flat_annotations(plan, trained_with, evaluated_with):
+    """A warning when every training annotation is constant (e.g. a test split's dummy
+    values: nothing to learn), and a note naming the listeners whose training
+    annotations are constant when --calibrate would make their predictions that
+    constant."""
+    flat = set()
+    if plan.trains:
+        if all(np.ptp(video.annotation) == 0 for video in plan.data.videos):
+            print("warning: every training annotation is constant (as a test split's dummy "
+                  "values are): the model learns no change of valence over time, and scores "
+                  "CCC 0; train on annotated videos", file=sys.stderr)
+        if trained_with.calibrate:
+            flat |= postprocessing.constant_listeners(
+                postprocessing.listener_statistics(plan.data.videos))
+    for saved in evaluated_with:
+        flat |= postprocessing.flattened_listeners(saved)
+    postprocessing.report_constant_listeners(flat)
 
 
 def check_tensorboard_dir(tensorboard_dir):
-    """--tensorboard must name a folder outside the data that can be written, checked
-    before training."""
+    """--tensorboard must name a folder outside the data (and, checked with the output
+    folders, one that can be written), checked before training."""
     if tensorboard_dir:
         runs.check_output_folder(tensorboard_dir, "--tensorboard")
         if Path(tensorboard_dir).exists() and not Path(tensorboard_dir).is_dir():
             raise ToolkitError(f"--tensorboard {tensorboard_dir} is a file: give a folder for the "
                                "event files, e.g. tb")
-        utils.check_writable(tensorboard_dir)

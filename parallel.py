@@ -16,8 +16,9 @@ loads it itself from the shared folders (`runner.data`), and paths are absolute
 that its results do not depend on where it ran.
 
 Stopping: Ctrl-C or SIGTERM (`StopRequests`) asks training to stop at the end of
-the epoch in progress. Sent to the parent alone, the request reaches its local
-workers through a file they look for after every epoch; tasks not yet started are
+the epoch in progress. The request reaches local workers through a file they look
+for after every epoch (they start with both signals blocked, so that a Ctrl-C sent
+to the whole terminal group cannot kill one mid-start); tasks not yet started are
 left out, and the run ends with KeyboardInterrupt once the running ones have saved.
 """
 import argparse
@@ -61,6 +62,20 @@ def get_parallel_args_parser(what):
 
 def available_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# Processes or threads beyond a few per core only queue for the cores, and each costs
+# memory and counts against the machine's limit on threads (--threads 100000 used it
+# up, so other programs could not fork, then crashed): at most this many per core.
+PER_CORE = 4
+# A cluster worker's cores are not this machine's: there, --threads is only kept
+# below what any machine has.
+MAX_CLUSTER_THREADS = 1024
+
+
+def most_local_threads():
+    """The most processes x threads a local run may start (PER_CORE per core here)."""
+    return PER_CORE * available_cores()
 
 
 # ---------------------------------------------------------------- stopping
@@ -125,13 +140,29 @@ class Runner:
         return cls(args.jobs, args.scheduler, args.threads)
 
     def check(self):
-        """Fail before anything is written: --jobs or --threads below 1, or no
-        reachable scheduler."""
-        for flag, value in (("--jobs", self.jobs), ("--threads", self.threads or 1)):
-            if value < 1:
+        """Fail before anything is written: --jobs or --threads below 1 or beyond
+        PER_CORE per core (their product, locally), or no reachable scheduler."""
+        for flag, value in (("--jobs", self.jobs), ("--threads", self.threads)):
+            if value is not None and value < 1:
                 raise ToolkitError(f"{flag} must be at least 1, got {value}")
         if self.scheduler:
+            if (self.threads or 1) > MAX_CLUSTER_THREADS:
+                raise ToolkitError(f"--threads {self.threads} is more than any worker machine "
+                                   f"has cores: give at most {MAX_CLUSTER_THREADS}, e.g. the "
+                                   "cores of one worker")
             connect_scheduler(self.scheduler).close()
+            return
+        cores, most = available_cores(), most_local_threads()
+        if self.jobs > most or (self.threads or 1) > most:
+            flag, value = ("--jobs", self.jobs) if self.jobs > most else ("--threads", self.threads)
+            raise ToolkitError(f"{flag} {value} is more than {PER_CORE} per core of this "
+                               f"machine's {cores} cores: more only queue for the cores (and "
+                               f"may exhaust the machine's threads); give at most {most}")
+        if self.jobs * (self.threads or 1) > most:
+            raise ToolkitError(f"--jobs {self.jobs} with --threads {self.threads} start "
+                               f"{self.jobs * self.threads} threads, more than {PER_CORE} per "
+                               f"core of this machine's {cores} cores: give --jobs x --threads at "
+                               f"most {most}, e.g. --threads {max(1, cores // self.jobs)}")
 
     @property
     def in_this_process(self):
@@ -208,16 +239,54 @@ def _run_in_processes(function, tasks, jobs, threads, description):
     """joblib processes on `threads` threads each. Large arrays in the arguments are
     memory-mapped (copy-on-write) into the workers, not copied."""
     from joblib import Parallel, delayed
+    from joblib.externals.loky.process_executor import BrokenProcessPool
+    results = []
     with tempfile.TemporaryDirectory(prefix="stop-") as folder:
         stop_file = Path(folder) / "stop"
         with StopRequests("the end of the running tasks' epochs", stop_file.touch) as stop:
-            parallel = Parallel(n_jobs=jobs, mmap_mode="c", return_as="generator")
-            results = list(_progress(
-                parallel(delayed(_call_in_worker)(function, threads, str(stop_file), task)
-                         for task in tasks), len(tasks), description))
-    if stop.signalled or any(isinstance(result, _Stopped) for result in results):
+            try:
+                with _signals_blocked():  # in the workers it starts, for good
+                    started = Parallel(n_jobs=jobs, mmap_mode="c", return_as="generator")(
+                        delayed(_call_in_worker)(function, threads, str(stop_file), task)
+                        for task in tasks)
+                results.extend(_progress(started, len(tasks), description))
+            except BrokenProcessPool as error:  # a worker died: by a signal, memory, a crash
+                if not stop.signalled:
+                    raise ToolkitError(f"a worker process of the {description} died "
+                                       f"({_exit_codes(error)}; e.g. killed for memory); what "
+                                       "finished is saved: run again, with --resume where the "
+                                       "script has it") from None
+    finished = sum(not isinstance(result, _Stopped) for result in results)
+    if stop.signalled or finished < len(tasks):
+        print(f"stopped with {finished} of {len(tasks)} {description} finished: run the same "
+              "command again, with --resume where the script has it, to continue",
+              file=sys.stderr)
         raise KeyboardInterrupt
     return results
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """Ctrl-C and SIGTERM blocked in this thread for the block, and so in the worker
+    processes and threads it starts: a Ctrl-C goes to the terminal's whole process
+    group, and would otherwise kill a worker still starting (a TerminatedWorkerError
+    after its traceback). Workers stop through the stop file instead; signals that
+    arrive meanwhile are delivered here when the block ends."""
+    # Python's own resource tracker, started on the first run, unblocks both when it
+    # starts: started now, it leaves the block alone.
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopRequests.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _exit_codes(error):
+    """'exit codes {SIGKILL(-9)}' from loky's message, or its first line."""
+    match = re.search(r"exit codes? of the workers? (?:are|is) (\{[^}]*\})", str(error))
+    return f"exit codes {match.group(1)}" if match else str(error).strip().splitlines()[0][:120]
 
 
 def _call_in_worker(function, threads, stop_file, task):

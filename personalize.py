@@ -189,8 +189,13 @@ def subject_table(rows):
                                 "after_ccc_seed_std") if name in rows[0]]
     table = pd.DataFrame(rows, columns=["subject", *scores])
     mean = table[scores].mean()
-    return pd.concat([table.astype({"subject": object}),
-                      pd.DataFrame([{"subject": "Mean", **mean}])], ignore_index=True)
+    summary = pd.DataFrame([{"subject": "Mean", **mean}])
+    if "epochs" in table:  # whole numbers, not 3.0000 (their mean too, where it is one)
+        table = table.astype({"epochs": object})
+        summary = summary.astype({"epochs": object})
+        epochs = round(float(mean["epochs"]), 2)
+        summary.loc[0, "epochs"] = int(epochs) if epochs.is_integer() else epochs
+    return pd.concat([table.astype({"subject": object}), summary], ignore_index=True)
 
 
 def ledger_results(table):
@@ -219,7 +224,7 @@ def main(args):
     resumed += [(folder, settings) for folder in inner if resumes[folder]]  # one seed each
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], options=run, data=train_all, trains=True, base=init,
-        resumed=resumed, runner=runner))
+        resumed=resumed, runner=runner, split_dirs=(args.train_dir, args.test_dir)))
     with runs.owned(out_dir):
         runs.check_fresh_runs(folders + inner, args.resume, args.overwrite)  # none began meanwhile
         runs.write_run_record(args, out_dir)

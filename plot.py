@@ -5,6 +5,7 @@
     python plot.py subjects personal_AT/personalize.csv --out plots/personalize.png
     python plot.py stories cv_AT/crossval.csv --out plots/crossval.png
     python plot.py runs runs.csv --script crossval --out plots/runs.png
+    python plot.py tune tune_AT                       # tune_AT/history.png, importances.png
 
 `predictions` draws predicted and annotated valence over time for chosen videos
 (--videos, default the first two); `epochs` the mean held-out CCC per epoch of
@@ -12,17 +13,22 @@ cv_epochs.py with a band of one std over folds and the best epoch marked;
 `subjects` each subject's CCC before and after personalize.py; `stories` the CCC
 per held-out story of crossval.py or cv_fusion.py (or score.py's by_story.csv), the
 generalized track; `runs` the mean CCC (with std bars) of the runs in the ledger
-(runs.py), labelled by the settings in which they differ and grouped by them.
+(runs.py), labelled by the settings in which they differ and grouped by them;
+`tune` a tune.py study's optimization history and parameter importances (two PNGs
+in its folder, or --out_dir).
 Several CSV files (or --pred_dir folders) are drawn side by side, named by --labels
 (default: their folder names).
 """
 import argparse
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import runs
@@ -87,7 +93,17 @@ def get_args_parser():
     ledger.add_argument("--script", help="only this script's runs, e.g. crossval")
     ledger.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
                         help="only runs whose changed settings include these, e.g. loss=ccc")
+    add_tune_parser(kinds)
     return parser
+
+
+def add_tune_parser(kinds):
+    tune = kinds.add_parser("tune", help="optimization history and parameter importances of a "
+                                         "tune.py study (two PNGs)")
+    tune.add_argument("dir", help="the --out_dir of tune.py")
+    tune.add_argument("--out_dir", help="folder of history.png and importances.png "
+                                        "(default: DIR)")
+    tune.add_argument("--dpi", type=int, default=100, help="resolution (default: %(default)s)")
 
 
 # ---------------------------------------------------------------- inputs
@@ -191,6 +207,52 @@ def new_figure(width, height):
     return figure
 
 
+# Bar plots widen with their bars, up to this; beyond, bars get thinner instead.
+MAX_WIDTH = 16  # inches
+MAX_LEGEND_COLUMNS = 4
+
+
+def bars_width(inches):
+    """A bar plot's width: `inches` (its bars' room), from 6 to MAX_WIDTH."""
+    return min(MAX_WIDTH, max(6, inches))
+
+
+def outside_legend(figure, handles=None, labels=None):
+    """A legend below the axes in as many columns (up to MAX_LEGEND_COLUMNS) as fit the
+    figure's width, which a wider one would overrun and be cut off at; the figure
+    grows by the legend's height, so that the axes keep theirs."""
+    if handles is None:
+        handles, labels = figure.axes[0].get_legend_handles_labels()
+    if not handles:
+        return None
+    renderer = figure.canvas.get_renderer()
+    room = 0.97 * figure.get_figwidth() * figure.dpi
+    for columns in range(min(len(handles), MAX_LEGEND_COLUMNS), 0, -1):
+        legend = figure.legend(handles, labels, loc="outside lower center", ncol=columns,
+                               fontsize=8, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if box.width <= room or columns == 1:
+            break
+        legend.remove()
+    if box.width > room:  # one column of a long label: widen the figure to it
+        figure.set_figwidth(box.width / figure.dpi / 0.97)
+    figure.set_figheight(figure.get_figheight() + box.height / figure.dpi)
+    return legend
+
+
+def set_title(figure, text):
+    """The figure's title, centred on it and wrapped into lines that fit its width (a
+    long one, e.g. naming a ledger deep in folders, was cut off at both ends)."""
+    title = figure.suptitle(text)
+    renderer = figure.canvas.get_renderer()
+    room = 0.95 * figure.get_figwidth() * figure.dpi
+    characters = len(text)
+    while title.get_window_extent(renderer).width > room and characters > 20:
+        characters = int(characters * 0.9)
+        title.set_text(textwrap.fill(text, characters))
+    return title
+
+
 def save_png(figure, out, dpi):
     try:
         with utils.atomic_path(out) as temporary:
@@ -246,7 +308,7 @@ def plot_predictions(args):
         axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         axis.grid(alpha=0.3)
     axes[-1].set_xlabel("time (s)")
-    figure.suptitle(args.title or "Predicted and annotated valence")
+    set_title(figure, args.title or "Predicted and annotated valence")
     return figure
 
 
@@ -254,31 +316,43 @@ def plot_epochs(args):
     labels = labels_for(args.csv, args.labels)
     figure = new_figure(8, 4.5)
     axis = figure.subplots()
+    one = len(args.csv) == 1  # one run: its folds fit on the figure, and a legend entry each
+    whole = True
     for path, label in zip(args.csv, labels):
         table = read_table(path, ["epoch", "mean_ccc", "std_ccc"], "cv_epochs.py")
-        table = table.assign(epoch=table["epoch"].astype(int)).sort_values("epoch")
+        table = table.sort_values("epoch")  # as they are: 1.5 is drawn at 1.5, not at 1
+        whole &= bool((table["epoch"] % 1 == 0).all())
         epochs, mean, std = table["epoch"], table["mean_ccc"], table["std_ccc"]
-        line, = axis.plot(epochs, mean, marker="o", markersize=3, label=f"{label}: mean")
+        best = table.loc[mean.idxmax()]
+        best_text = f"best epoch {best['epoch']:g} (CCC {best['mean_ccc']:.3f})"
+        line, = axis.plot(epochs, mean, marker="o", markersize=3,
+                          label=f"{label}: mean" if one else f"{label}: {best_text}")
         axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2,
-                          label=f"{label}: mean ± std over folds")
-        if len(args.csv) == 1:  # one run: its folds fit on the figure too
+                          label=f"{label}: mean ± std over folds" if one else None)
+        if one:
             folds = [column for column in table.columns if column.startswith(runs.FOLD_PREFIX)]
             for index, column in enumerate(folds):
                 axis.plot(epochs, table[column], color=line.get_color(), linewidth=0.6,
                           alpha=0.5, linestyle="--",
                           label=f"{label}: each fold ({len(folds)})" if index == 0 else None)
-        best = table.loc[mean.idxmax()]
         axis.plot(best["epoch"], best["mean_ccc"], marker="*", markersize=16,
                   color=line.get_color(), markeredgecolor="black", linestyle="none",
-                  label=f"{label}: best epoch {int(best['epoch'])} "
-                        f"(CCC {best['mean_ccc']:.3f})")
+                  label=f"{label}: {best_text}" if one else None)
         axis.axvline(best["epoch"], color=line.get_color(), linewidth=0.8, linestyle=":")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if whole:  # ticks at whole epochs only where every epoch is one
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("CCC on the held-out story")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="best")
-    axis.set_title(args.title or "Cross-validated CCC across epochs")
+    handles, names = axis.get_legend_handles_labels()
+    if not one:  # what the band and stars of every run mean, said once
+        handles += [Patch(color="grey", alpha=0.3), Line2D([], [], marker="*", markersize=12,
+                                                           color="grey", markeredgecolor="black",
+                                                           linestyle="none")]
+        names += ["shaded: mean ± std over folds", "star: the run's best epoch"]
+    # Below the axes: inside, it covered the curves, and with many runs it ran off the figure.
+    outside_legend(figure, handles, names)
+    set_title(figure, args.title or "Cross-validated CCC across epochs")
     return figure
 
 
@@ -293,14 +367,13 @@ def grouped_bars(axis, keys, series):
     axis.axhline(0, color="grey", linewidth=0.6)
     axis.grid(axis="y", alpha=0.3)
     # Below the figure: inside, the legend would cover the tallest bars.
-    axis.figure.legend(loc="outside lower center", ncol=min(len(series), 4), fontsize=8,
-                       frameon=False)
+    outside_legend(axis.figure)
 
 
 def set_axis_labels(axis, xlabel, ylabel, title):
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
-    axis.set_title(title)
+    set_title(axis.figure, title)
 
 
 def plot_subjects(args):
@@ -309,7 +382,7 @@ def plot_subjects(args):
                                       key="subject"), path, "subject", "personalize.py")
               for path in args.csv]
     subjects = sorted(set().union(*(table["subject"] for table in tables)))
-    figure = new_figure(max(6, 1 + 0.7 * len(subjects) * len(tables)), 4.5)
+    figure = new_figure(bars_width(1 + 0.7 * len(subjects) * len(tables)), 4.5)
     axis = figure.subplots()
     series = []
     for index, (table, label) in enumerate(zip(tables, labels)):
@@ -343,7 +416,7 @@ def plot_stories(args):
     labels = labels_for(args.csv, args.labels)
     scored = [story_scores(path) for path in args.csv]
     stories = sorted(set().union(*(scores["story"] for scores, _, _ in scored)))
-    figure = new_figure(max(6, 1 + 0.8 * len(stories) * len(scored)), 4.5)
+    figure = new_figure(bars_width(1 + 0.8 * len(stories) * len(scored)), 4.5)
     axis = figure.subplots()
     series = []
     for index, ((scores, mean, std), name) in enumerate(zip(scored, labels)):
@@ -366,32 +439,81 @@ def plot_runs(args):
     ledger = ledger.assign(label=runs.run_labels(ledger))
     ledger = ledger.sort_values(["label", "script", "time"], kind="stable")  # a setting's runs together
     scripts = list(dict.fromkeys(ledger["script"]))
-    figure = new_figure(max(6, 1 + 0.6 * len(ledger)), 4.5)
+    # Horizontal bars, the first run on top: a run's label (its settings and folder) is
+    # read beside its bar, as long as it is; slanted under vertical bars, labels ran
+    # into each other and off the figure's left edge.
+    names = [f"{textwrap.fill(label, RUN_LABEL_WIDTH)}\n{Path(str(folder)).name}"
+             for label, folder in zip(ledger["label"], ledger["out_dir"])]
+    lines = sum(name.count("\n") + 1 for name in names)
+    figure = new_figure(9, 1.6 + 0.16 * lines + 0.2 * len(names))
     axis = figure.subplots()
-    positions = np.arange(len(ledger))
+    positions = np.arange(len(ledger))[::-1]
     for index, script in enumerate(scripts):
         mine = (ledger["script"] == script).to_numpy()
-        axis.bar(positions[mine], ledger["mean_ccc"][mine], 0.7,
-                 yerr=ledger["std_ccc"][mine].fillna(0), capsize=3, label=script,
-                 color=f"C{index}", edgecolor="black", linewidth=0.5)
-    axis.set_xticks(positions, [f"{label}\n{Path(str(folder)).name}" for label, folder in
-                                zip(ledger["label"], ledger["out_dir"])],
-                    rotation=30, ha="right", fontsize=8)
-    axis.axhline(0, color="grey", linewidth=0.6)
-    axis.grid(axis="y", alpha=0.3)
-    axis.set_ylabel("mean CCC (bars: ± std)")
-    axis.legend(fontsize=8, frameon=False)
-    axis.set_title(args.title or f"Runs in {args.csv}, by the settings in which they differ")
+        axis.barh(positions[mine], ledger["mean_ccc"][mine], 0.7,
+                  xerr=ledger["std_ccc"][mine].fillna(0), capsize=3, label=script,
+                  color=f"C{index}", edgecolor="black", linewidth=0.5)
+    axis.set_yticks(positions, names, fontsize=8)
+    axis.set_ylim(-0.6, len(ledger) - 0.4)
+    axis.axvline(0, color="grey", linewidth=0.6)
+    axis.grid(axis="x", alpha=0.3)
+    axis.set_xlabel("mean CCC (bars: ± std)")
+    outside_legend(figure)
+    set_title(figure, args.title or f"Runs in {args.csv}, by the settings in which they differ")
     return figure
+
+
+RUN_LABEL_WIDTH = 45  # characters of a run's settings per line, beside its bar
 
 
 PLOTS = {"predictions": plot_predictions, "epochs": plot_epochs,
          "subjects": plot_subjects, "stories": plot_stories, "runs": plot_runs}
 
 
+# ---------------------------------------------------------------- tune.py studies
+
+TUNE_PLOTS = ("history.png", "importances.png")
+
+
+def plot_tune(args):
+    """history.png (each finished trial's objective and the best so far) and
+    importances.png (fANOVA importance of each searched setting), drawn by optuna's
+    matplotlib visualization; needs two completed trials."""
+    import warnings
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+    import tuning
+    if not MIN_DPI <= args.dpi <= MAX_DPI:
+        raise ToolkitError(f"--dpi must be from {MIN_DPI} to {MAX_DPI}, got {args.dpi}")
+    study = tuning.study_of(args.dir)
+    completed = tuning.finished_trials(study, (TrialState.COMPLETE,))
+    if len(completed) < 2:
+        raise ToolkitError(f"{args.dir}: parameter importances need at least 2 completed "
+                           f"trials, the study has {len(completed)}: run more trials")
+    out_dir = Path(args.out_dir or args.dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+        figures = [optuna_plots.plot_optimization_history(study).figure,
+                   _importances(optuna_plots, study).figure]
+    for figure, name in zip(figures, TUNE_PLOTS):
+        figure.set_size_inches(9, 5.5)
+        figure.set_layout_engine("constrained")  # room for long setting names
+        save_png(figure, out_dir / name, args.dpi)
+    return out_dir
+
+
+def _importances(optuna_plots, study):
+    try:
+        return optuna_plots.plot_param_importances(study)
+    except (ValueError, RuntimeError) as error:  # e.g. no setting varied between trials
+        raise ToolkitError(f"parameter importances cannot be computed ({error})") from None
+
+
 # ---------------------------------------------------------------- main
 
 def main(args):
+    if args.kind == "tune":
+        return plot_tune(args)
     out = Path(args.out)
     check_out(out)
     if not MIN_DPI <= args.dpi <= MAX_DPI:

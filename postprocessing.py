@@ -137,17 +137,48 @@ class Postprocessing:
         return sorted({s for s in subjects if str(s) not in self.listener_stats["subjects"]})
 
     @classmethod
-    def resolve(cls, saved=None, **overrides):
+    def resolve(cls, saved=None, source=None, **overrides):
         """The post-processing `saved` in a checkpoint (defaults if none), with the
-        flags given on the command line (not None) taking precedence."""
+        flags given on the command line (not None) taking precedence. A saved setting
+        that the flags do not replace and that is not valid is refused as the
+        checkpoint's (named by `source`), not as a flag the user gave."""
         settings = dict(saved or {})
         unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
         if unknown:
             raise ToolkitError(f"the model's post-processing has unknown setting "
                                f"{', '.join(unknown)}: it was saved by a newer version of this "
                                "toolkit; update the toolkit")
-        settings.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**settings)
+        overrides = {name: value for name, value in overrides.items() if value is not None}
+        kept = {name: value for name, value in settings.items() if name not in overrides}
+        _check_saved(cls, kept, source or "the model")
+        return cls(**{**settings, **overrides})
+
+
+def _check_saved(cls, saved, source):
+    """Each saved post-processing setting (of `source`, a checkpoint or model file)
+    is valid on its own, and the listener statistics have their shape."""
+    for name, value in saved.items():
+        if name == "listener_stats":
+            if value is not None and not _listener_stats_shaped(value):
+                raise ToolkitError(f"{source} holds damaged listener statistics (for "
+                                   "--calibrate): use another checkpoint, or retrain")
+            continue
+        try:
+            cls(**{name: value})
+        except (ToolkitError, TypeError):
+            raise ToolkitError(f"{source} holds a damaged post-processing setting, {name} "
+                               f"{value!r}: use another checkpoint, or retrain (--{name} "
+                               "given on the command line replaces it)") from None
+
+
+def _listener_stats_shaped(stats):
+    """{"pooled": [mean, std], "subjects": {"<s>": [mean, std]}}, finite numbers."""
+    def pair(value):
+        return (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(x, (int, float)) and math.isfinite(x) for x in value))
+    return (isinstance(stats, dict) and pair(stats.get("pooled"))
+            and isinstance(stats.get("subjects"), dict)
+            and all(pair(value) for value in stats["subjects"].values()))
 
 
 def get_args_parser(with_label_delay=True):
@@ -201,6 +232,27 @@ def report_unseen_listeners(postprocessing, videos):
               f"sd {std:.3f})", file=sys.stderr)
 
 
+def constant_listeners(listener_stats):
+    """The listeners (as named in `listener_stats`) whose training annotations are
+    constant: --calibrate gives their predictions that constant."""
+    return {subject for subject, (_, std) in listener_stats["subjects"].items() if std == 0}
+
+
+def flattened_listeners(postprocessing):
+    """The listeners whose predictions `postprocessing` calibrates to a constant."""
+    if not postprocessing.calibrate or postprocessing.listener_stats is None:
+        return set()
+    return constant_listeners(postprocessing.listener_stats)
+
+
+def report_constant_listeners(subjects):
+    """One note naming the listeners (their names, as strings) that calibration flattens."""
+    if subjects:
+        print(f"note: --calibrate: the training annotations of listener(s) "
+              f"{', '.join(sorted(subjects, key=int))} are constant, so their calibrated "
+              "predictions are that constant (CCC 0)", file=sys.stderr)
+
+
 def listener_statistics(videos):
     """Mean and standard deviation of the 25 fps annotations of each listener's
     videos (each video once, however often a set repeats it) and of all of them:
@@ -220,6 +272,20 @@ def listener_statistics(videos):
         per_subject.setdefault(subject, []).append(annotation)
     return {"pooled": moments(list(unique.values())),
             "subjects": {str(subject): moments(own) for subject, own in per_subject.items()}}
+
+
+def unscored(result, videos):
+    """`result` of `score_videos` for written predictions, its CCC left out (NaN, with
+    the reason in "unscored") where no video has annotations or every annotation is
+    constant: a test split's dummy values score 0 for any prediction, which is no
+    score."""
+    if any(video.annotation is None for video in videos):
+        reason = "have no annotations"
+    elif all(np.ptp(video.annotation) == 0 for video in videos):
+        reason = "have constant annotations (a test split's dummy values)"
+    else:
+        return result
+    return {**result, "ccc": math.nan, "unscored": reason}
 
 
 def score_videos(videos, per_second_predictions, postprocessing=None):

@@ -174,16 +174,32 @@ def _checkpoint_or_stop(folder, name):
     return path
 
 
-def check_fold_checkpoints(out_dir, stories, epochs=(None,)):
-    """Every fold must hold every checkpoint asked for, before any work starts."""
+def check_fold_checkpoints(out_dir, stories, epochs=(None,), epoch_flags="--test_epoch"):
+    """Every fold must hold every checkpoint asked for, before any work starts;
+    `epoch_flags` are the flags that chose the epochs, which the error advises on."""
     for story in stories:
         for epoch in epochs:
             for path in run_checkpoints(fold_dir(out_dir, story), checkpoint_name(epoch)):
                 if not path.is_file():
-                    saved = saved_epochs(path.parent)
-                    listing = (f"saved epochs: {_ranges(saved)}" if saved
-                               else "run crossval.py without --test first")
-                    raise ToolkitError(f"{path} does not exist ({listing})")
+                    raise ToolkitError(f"{path} does not exist"
+                                       f"{_saved_advice(path.parent, epoch, epoch_flags)}")
+
+
+def _saved_advice(folder, epoch, epoch_flags):
+    """' (saved epochs: 10-50 every 10): choose ...' for a missing checkpoint in `folder`."""
+    saved = saved_epochs(folder)
+    if not saved:
+        return (" (run crossval.py without --test first)" if epoch is None or
+                not (Path(folder) / METRICS).is_file() else
+                " (the run saved no epoch_<N>.save: train it with crossval.py --save_freq N)")
+    advice = f" (saved epochs: {_ranges(saved)})"
+    if epoch is None:
+        return advice
+    if "/" not in epoch_flags:
+        return f"{advice}: give {epoch_flags} one of them"
+    step = math.gcd(*(b - a for a, b in zip(saved, saved[1:]))) if len(saved) > 1 else 1
+    return (f"{advice}: choose {epoch_flags} among them, e.g. --epoch_min {saved[0]} "
+            f"--epoch_max {saved[-1]} --epoch_step {step}")
 
 
 def _ranges(epochs):
@@ -203,11 +219,15 @@ def check_fresh_model_dir(model_dir, resume, overwrite):
         if not (model_dir / LAST).is_file():
             raise ToolkitError(f"--resume: {model_dir / LAST} does not exist: train "
                                "without --resume first")
-    elif any((model_dir / name).exists() for name in (LAST, BEST, METRICS)) and not overwrite:
-        # best.save and metrics.csv count too: a run that died before its first
-        # last.save (--save_freq epochs) still holds epochs of work.
+    elif _holds_a_run(model_dir) and not overwrite:
         raise ToolkitError(f"{model_dir} already holds a run: pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --model_dir")
+
+
+def _holds_a_run(folder):
+    """Whether `folder` holds a run's files; best.save and metrics.csv count too: a run
+    that died before its first last.save (--save_freq epochs) still holds epochs of work."""
+    return any((Path(folder) / name).exists() for name in (LAST, BEST, METRICS))
 
 
 def check_fresh_runs(folders, resume, overwrite):
@@ -216,10 +236,32 @@ def check_fresh_runs(folders, resume, overwrite):
     not saved yet (the command stopped before reaching them) start afresh."""
     saved = {folder: (Path(folder) / LAST).is_file() for folder in folders}
     if resume and not any(saved.values()):
-        check_fresh_model_dir(folders[0], resume, overwrite)  # nothing to resume: says so
+        began = _record_of_started_run(folders)
+        if began is None or any(_holds_a_run(folder) for folder in folders):
+            check_fresh_model_dir(folders[0], resume, overwrite)  # nothing to resume: says so
+        # Stopped before any run wrote a file (e.g. Ctrl-C while workers started): afresh.
+        if began.absolute() not in _NOTED:  # scripts check again once they own the folder
+            _NOTED.add(began.absolute())
+            print(f"note: --resume: no run in {began.parent} had saved a {LAST} yet: they "
+                  "start from the beginning", file=sys.stderr)
     for folder in folders:  # with --resume, an unsaved run starts afresh, as documented
         check_fresh_model_dir(folder, resume and saved[folder], overwrite or resume)
     return {folder: resume and saved[folder] for folder in folders}
+
+
+_NOTED = set()
+
+
+def _record_of_started_run(folders):
+    """The args.json of the command that made the run folders `folders`, if one was
+    started there (in their common folder or the one above: a run's seeds, folds or
+    subjects), else None."""
+    common = Path(os.path.commonpath([str(folder) for folder in folders]))
+    candidates = [common]
+    if common.name.startswith((subject_dir("", "").name, FOLD_PREFIX)):
+        candidates.append(common.parent)  # one subject's or one fold's runs
+    return next((folder / RUN_RECORD for folder in candidates
+                 if (folder / RUN_RECORD).is_file()), None)
 
 
 LOCK = ".lock"  # in an output folder while a run writes there
@@ -252,10 +294,15 @@ def owned(folder):
 
 
 def check_output_folder(folder, flag):
-    """Refuse an output folder inside a split folder's data (e.g. --pred_dir
-    data/Validation/Annotations), where predictions would replace annotations."""
+    """Refuse an output folder, or an output file, inside a split folder's data (e.g.
+    --pred_dir data/Validation/Annotations, data_stats.py --out
+    data/Training/Annotations/Subject_1_Story_2.csv), where outputs would replace
+    annotations or features. The path is checked as written (with `..` taken out)
+    and with its links followed, so a link into the data is refused too."""
     names = {datasets.ANNOTATION_FOLDER, *datasets.MODALITY_FOLDERS.values()}
-    inside = [part for part in Path(folder).absolute().parts if part in names]
+    written = Path(os.path.normpath(Path(folder).absolute()))
+    inside = [part for path in (written, Path(os.path.realpath(written)))
+              for part in path.parts if part in names]
     if inside:
         raise ToolkitError(f"{flag} {folder} is inside a split folder's {inside[-1]}: outputs "
                            "there would replace its data; choose a folder outside the data")
@@ -282,15 +329,32 @@ def ledger_path(args):
         if header and header != ",".join(COLUMNS):
             raise ToolkitError(f"--ledger {path} is not a ledger of this toolkit (its first line "
                                "is not the ledger's header): give another path, or none")
-    utils.check_writable(path.parent)
+        # Found only after the run otherwise, when its row cannot be appended.
+        if not os.access(path, os.W_OK):
+            raise ToolkitError(f"--ledger {path} cannot be written (permission denied or "
+                               "read-only): make it writable (chmod u+w), or give another "
+                               "path, or none")
+    _check_can_create(path)
     return path
+
+
+def _check_can_create(path):
+    """The ledger's folder is, or can become, a folder this process writes into:
+    checked without creating it (the run may yet be refused)."""
+    existing = next(folder for folder in Path(path).absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise ToolkitError(f"--ledger {path}: {existing} is a file, not a folder: give another "
+                           "path, or none")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ToolkitError(f"--ledger {path} cannot be written ({existing} is not writable): "
+                           "give another path, or none")
 
 
 def _first_line(path):
     try:
-        with open(path, encoding="utf-8") as file:
-            return file.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as error:
+        with open(path, "rb") as file:  # bytes: a damaged later line is not the header's fault
+            return file.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    except OSError as error:
         raise ToolkitError(f"--ledger {path} cannot be read ({error.__class__.__name__}): give "
                            "another path, or none") from None
 
@@ -312,6 +376,7 @@ def append_row(path, row):
     ledger is new), so that concurrent runs neither interleave nor lose rows."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
         try:
@@ -436,8 +501,58 @@ def read_ledger(path):
     if _first_line(path) != ",".join(COLUMNS):
         raise ToolkitError(f"{path} is not a ledger of this toolkit: its first line is not "
                            "the ledger's header")
-    return pd.read_csv(path, dtype={"settings": str, "best_epoch": str, "commit": str},
-                       keep_default_na=False, na_values=[""])
+    _check_rows(path)
+    try:
+        return pd.read_csv(path, dtype={"settings": str, "best_epoch": str, "commit": str},
+                           keep_default_na=False, na_values=[""])
+    except (ValueError, pd.errors.ParserError) as error:  # what _check_rows did not foresee
+        raise ToolkitError(f"{path} cannot be read ({str(error).strip().splitlines()[0][:120]}): "
+                           "fix or delete the damaged line") from None
+
+
+NUMERIC = ("mean_ccc", "std_ccc", "mean_minus_std", "train_ccc", "wall_s")
+
+
+def _check_rows(path):
+    """Refuse a ledger with a damaged row (edited by hand, or cut short by a full
+    disk), naming its line, before pandas fails on it with a traceback."""
+    try:
+        with open(path, encoding="utf-8", newline="") as file:
+            reader = csv.reader(file)
+            next(reader)  # the header, checked by the caller
+            start = reader.line_num + 1
+            for row in reader:
+                problem = _row_problem(row)
+                if problem:
+                    raise ToolkitError(f"{path}, line {start}: a damaged row ({problem}): fix or "
+                                       "delete that line")
+                start = reader.line_num + 1
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise ToolkitError(f"{path}, line {line}: a damaged row (not UTF-8 text): fix or "
+                           "delete that line") from None
+    except csv.Error as error:
+        raise ToolkitError(f"{path}, line {start}: a damaged row ({error}): fix or delete "
+                           "that line") from None
+
+
+def _row_problem(row):
+    """What is wrong with a ledger row (a list of fields), or None."""
+    if len(row) != len(COLUMNS):
+        return f"{len(row)} fields, not {len(COLUMNS)}"
+    fields = dict(zip(COLUMNS, row))
+    for name in NUMERIC:
+        try:
+            float(fields[name] or "nan")
+        except ValueError:
+            return f"{name} {fields[name][:40]!r} is not a number"
+    try:
+        settings = json.loads(fields["settings"] or "{}")
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        return "its settings are not a JSON object"
+    return None
 
 
 def varying_settings(settings):

@@ -28,7 +28,8 @@ import datasets
 import postprocessing
 import runs
 import utils
-from postprocessing import Postprocessing, report_unseen_listeners, score_videos
+from postprocessing import (Postprocessing, flattened_listeners, report_constant_listeners,
+                            report_unseen_listeners, score_videos, unscored)
 from utils import ToolkitError
 
 MODEL_KIND = "omg-empathy decision-level fusion SVR"
@@ -308,7 +309,7 @@ def fitted_postprocessing(settings, train_videos):
 
 def saved_postprocessing(record, flags, source):
     """A saved model's post-processing, overridden by the `flags` given."""
-    postprocessing = Postprocessing.resolve(record.get("postprocessing"), **flags)
+    postprocessing = Postprocessing.resolve(record.get("postprocessing"), source, **flags)
     if postprocessing.calibrate and postprocessing.listener_stats is None:
         raise ToolkitError(f"{source} was saved without listener statistics, so --calibrate "
                            "cannot use them: fit the model again with this version")
@@ -386,7 +387,31 @@ def load_model(path):
     if not isinstance(record, dict) or record.get("kind") != MODEL_KIND:
         raise ToolkitError(f"{path} is not a fusion model: give a {runs.FUSION_MODEL} written "
                            "by fusion.py or cv_fusion.py")
+    problem = _record_problem(record)
+    if problem:
+        raise ToolkitError(f"{path} is not a usable fusion model ({problem}): it is damaged or "
+                           f"was not written by fusion.py; fit it again")
     return record
+
+
+def _record_problem(record):
+    """What a loaded record lacks to predict as `model_record` describes, or None."""
+    names, dims = record.get("in_names"), record.get("input_dims")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return "no list of input names"
+    if not (isinstance(dims, list) and len(dims) == len(names)
+            and all(isinstance(d, int) and d > 0 for d in dims)):
+        return "no feature width per input"
+    if not callable(getattr(record.get("model"), "predict", None)):
+        return f"its model, of type {type(record.get('model')).__name__}, cannot predict"
+    fitted_on = getattr(record["model"], "n_features_in_", sum(dims))
+    if fitted_on != sum(dims):
+        return f"its regressor takes {fitted_on} features, not the {sum(dims)} it describes"
+    if not isinstance(record.get("C"), (int, float)):
+        return "no C"
+    if not isinstance(record.get("postprocessing"), (dict, type(None))):
+        return "no post-processing settings"
+    return None
 
 
 def check_compatible(record, in_names, dims, source):
@@ -438,5 +463,7 @@ def fit_and_predict(settings, in_names, dims, train_videos, test_videos, pred_di
 def predict_saved(model, postprocessing, test_videos, pred_dir):
     """fusion.py: write a model's predictions of the test videos into <pred_dir>/pred_test."""
     report_unseen_listeners(postprocessing, test_videos)
-    return {"test": predict_and_write(model, test_videos, postprocessing,
-                                      runs.predictions_dir(pred_dir, "test"))}
+    report_constant_listeners(flattened_listeners(postprocessing))
+    return {"test": unscored(predict_and_write(model, test_videos, postprocessing,
+                                               runs.predictions_dir(pred_dir, "test")),
+                             test_videos)}

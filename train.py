@@ -89,7 +89,7 @@ def train_new_model(args, model_dir, train_set, test_set):
     run = run_options(args, resumes)
     options.check_before_writing(options.Plan(
         outputs=[(model_dir, "--model_dir")], options=run, data=train_set, trains=True,
-        resumed=run.resumed_runs(model_dir)))
+        resumed=run.resumed_runs(model_dir), split_dirs=(args.train_dir, args.test_dir)))
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
     train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)

@@ -95,11 +95,16 @@ def seed_summary(result):
 
 
 def print_results(results):
+    """The CCC of each set of written predictions and the test CCC per story; a set
+    without a CCC (see postprocessing.unscored) is said to have none, and why."""
     labelled = {name: result for name, result in results.items() if not math.isnan(result["ccc"])}
     for name, result in labelled.items():
         print(f"{name} CCC: {seed_summary(result)} over {len(result['records'])} videos")
     if "test" not in labelled:
-        print("the test videos have no annotations: predictions written, no CCC")
+        test = results.get("test", {})
+        reason = test.get("unscored", "have no annotations" if not test else
+                          "score NaN (their predictions hold NaN or inf)")
+        print(f"the test videos {reason}: predictions written, no CCC")
         return
     _, by_story, _ = summarize_ccc(results["test"]["records"])
     print("test CCC per story (mean over subjects):")

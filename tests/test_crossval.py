@@ -147,7 +147,7 @@ def test_unsaved_test_epoch_names_the_file_and_lists_saved_epochs(in_tmp):
                         "--test", "--test_epoch", "3", cwd=in_tmp)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: cv/val_on_1/epoch_3.save does not exist "
-                                     "(saved epochs: 2, 4)")
+                                     "(saved epochs: 2, 4): give --test_epoch one of them")
     assert not (in_tmp / "cv" / "crossval.csv").exists()
 
 

@@ -150,15 +150,19 @@ def test_plot_runs_draws_each_runs_mean_and_std_labelled_by_what_differs(tmp_pat
     axis = figure.axes[0]
     bars = [patch for container in axis.containers if hasattr(container, "patches")
             for patch in container.patches]
-    labels = [tick.get_text() for tick in axis.get_xticklabels()]
-    heights = dict(zip(labels, (bar.get_height() for bar in bars)))
+    # Horizontal bars, the first run on top: each bar's length beside its label.
+    labels = [tick.get_text() for tick in axis.get_yticklabels()]
+    by_position = dict(zip(np.round(axis.get_yticks(), 6), labels))
+    lengths = {by_position[round(bar.get_y() + bar.get_height() / 2, 6)]: bar.get_width()
+               for bar in bars}
     # labelled by the settings that vary (epochs is 5 everywhere), grouped by label
-    assert heights == pytest.approx({"calibrate=true\ncv_c": 0.25, "default\ncv_b": 0.2,
+    assert lengths == pytest.approx({"calibrate=true\ncv_c": 0.25, "default\ncv_b": 0.2,
                                      "loss=ccc\ncv_a": 0.3})
+    assert labels[np.argmax(axis.get_yticks())] == "calibrate=true\ncv_c"
     error_bars = [line for container in axis.containers if hasattr(container, "lines")
                   for line in container.lines[2]]
     segments = error_bars[0].get_segments()
-    assert sorted(round(float(s[1][1] - s[0][1]) / 2, 6) for s in segments) == [0.02, 0.05, 0.1]
+    assert sorted(round(float(s[1][0] - s[0][0]) / 2, 6) for s in segments) == [0.02, 0.05, 0.1]
     plot.main(args)
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
 

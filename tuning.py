@@ -1,0 +1,628 @@
+"""Hyper-parameter search on Optuna (tune.py): the search space, the study and its
+storage, the cross-validated objective, and what a study leaves.
+
+A trial samples the training settings (model family and its sizes, learning rate,
+weight decay, loss, label delay), trains one model per training story held out
+(folds as crossval.py's, over the training stories only: the validation folder is
+not read) and keeps each fold's per-second held-out predictions. Only then does it
+sample the post-processing (smoothing or low-pass, calibration) and score those
+predictions with it (postprocessing.score_videos): post-processing is searched by
+re-scoring, never by retraining. The objective is the mean CCC over folds (or mean
+minus std). After each fold the running mean of the folds' CCC (label delay only)
+goes to a MedianPruner, which stops trials that fall behind.
+
+The study lives in SQLite (<out_dir>/study.db, or --storage URL): one file that
+optuna-dashboard reads as is, transactions that a killed process cannot leave
+half-written, and the same code for the PostgreSQL or MySQL server that several
+machines share. Its user attributes hold what defines the objective (data folder,
+modalities, stories, epochs, ...), so a study is never continued with other ones.
+
+    <out_dir>/study.db            the study (unless --storage)
+    <out_dir>/study.json          its storage URL and name (plot.py tune, --final)
+    <out_dir>/args.json           the flags of the last tune.py command
+    <out_dir>/trials.csv          one row per finished trial
+    <out_dir>/best.json           the best trial's settings as flags, and its scores
+    <out_dir>/trial_<n>/val_on_<story>/   metrics.csv and held-out per-second
+                                  predictions (held_out.npz); weights are not kept
+    <out_dir>/final/              --final: the model, pred_test/, and final.json beside
+"""
+import contextlib
+import fcntl
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import datasets
+import engine
+import models
+import options
+import runs
+import utils
+from postprocessing import Postprocessing, score_videos
+from utils import ToolkitError
+
+STUDY_FILE, STUDY_RECORD = "study.db", "study.json"
+TRIALS_TABLE, BEST_RECORD, FINAL_RECORD = "trials.csv", "best.json", "final.json"
+FINAL_DIR, HELD_OUT_PREDICTIONS, ASK_LOCK = "final", "held_out.npz", ".ask.lock"
+OBJECTIVES = ("mean", "mean_minus_std")
+FILTERS = ("none", "smooth", "lowpass")
+MAX_FAILED_IN_A_ROW = 5  # a space where every trial diverges would otherwise never end
+
+
+# ---------------------------------------------------------------- the search space
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting, named as its flag without the dashes: `kind` int, float,
+    log (a float on a log scale), choice or bool; `values` (low, high) or the choices."""
+    name: str
+    kind: str
+    values: tuple = (False, True)
+    step: float = None
+
+    def sample(self, trial):
+        if self.kind == "int":
+            return trial.suggest_int(self.name, *self.values)
+        if self.kind in ("float", "log"):
+            return trial.suggest_float(self.name, *self.values, log=self.kind == "log",
+                                       step=self.step)
+        return trial.suggest_categorical(self.name, list(self.values))
+
+
+TRAINING = (Param("lr", "log", (1e-5, 1e-2)), Param("weight_decay", "log", (1e-6, 1e-2)),
+            Param("loss", "choice", tuple(engine.LOSSES)),
+            Param("label_delay", "float", (0.0, 5.0), step=0.5))
+RECURRENT = (Param("layers", "int", (1, 2)), Param("bidirectional", "bool"))
+# Sizes of each family, by its size flags; a family's flags that are not listed keep
+# their defaults (the LSTM's hidden size and every family's dropout have no flag).
+FAMILY_SIZES = {
+    "lstm": RECURRENT, "gru": RECURRENT,
+    "tcn": (Param("tcn_channels", "choice", (32, 64, 128)), Param("tcn_kernel", "int", (2, 5)),
+            Param("tcn_blocks", "int", (3, 5))),
+    "transformer": (Param("transformer_layers", "int", (1, 3)),
+                    Param("transformer_dim", "choice", (64, 128)),
+                    Param("transformer_heads", "choice", (2, 4)),
+                    Param("transformer_ff", "choice", (128, 256, 512)),
+                    Param("attn_window", "choice", (0, 15, 30, 60))),
+}
+FILTER_SETTINGS = {"smooth": Param("smooth", "float", (1.0, 20.0), step=0.5),
+                   "lowpass": Param("lowpass", "log", (0.002, 0.1))}
+CALIBRATE = Param("calibrate", "bool")
+
+
+def parse_families(text):
+    """The model families of --models, each known; refuses an empty list."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    if not names:
+        raise ToolkitError("--models leaves the search space empty: give at least one family "
+                           f"of {', '.join(models.MODELS)}")
+    unknown = [name for name in names if name not in models.MODELS]
+    if unknown:
+        raise ToolkitError(f"--models: unknown model family {unknown[0]}: choose from "
+                           f"{', '.join(models.MODELS)}")
+    return sorted(set(names), key=names.index)
+
+
+def family_sizes(family):
+    """The searched sizes of `family` that are flags of it (none for a family added later)."""
+    flags = {flag.dest for flag in models.family(family).FLAGS}
+    return tuple(param for param in FAMILY_SIZES.get(family, ()) if param.name in flags)
+
+
+def sample_training(trial, families):
+    """The trial's model family, its sizes and the training settings: {flag name: value}."""
+    params = {"model": trial.suggest_categorical("model", list(families))}
+    for param in family_sizes(params["model"]) + TRAINING:
+        params[param.name] = param.sample(trial)
+    return params
+
+
+def sample_postprocessing(trial, label_delay):
+    """The trial's post-processing of held-out predictions (after its folds trained)."""
+    chosen = trial.suggest_categorical("filter", list(FILTERS))
+    filters = {name: param.sample(trial) for name, param in FILTER_SETTINGS.items()
+               if name == chosen}
+    return Postprocessing(label_delay=label_delay, calibrate=CALIBRATE.sample(trial), **filters)
+
+
+def model_options(params):
+    """Constructor options of the params' family from its searched size flags."""
+    return {flag.option: params[flag.dest] for flag in models.family(params["model"]).FLAGS
+            if flag.dest in params}
+
+
+def postprocessing_of(params):
+    return Postprocessing(label_delay=params.get("label_delay", 0.0),
+                          smooth=params.get("smooth", 0.0), lowpass=params.get("lowpass", 0.0),
+                          calibrate=params.get("calibrate", False))
+
+
+def as_flags(params):
+    """The train.py/crossval.py flags that give a trial's settings."""
+    flags = []
+    for name, value in params.items():
+        if name == "filter" or value is False:  # "filter" only says which of the two is set
+            continue
+        flags.append(f"--{name}")
+        if value is not True:
+            flags.append(f"{value:g}" if isinstance(value, float) else str(value))
+    return flags
+
+
+# ---------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """What every trial of a command shares: the fold training settings (with the
+    searched ones at their defaults), where trials write, and the study."""
+    base: options.RunOptions
+    families: tuple
+    objective: str
+    out_dir: Path
+    storage: str
+    study_name: str
+    trials: int
+    ledger: Path = None
+    command: str = ""
+    train_dir: str = ""
+
+    @classmethod
+    def from_args(cls, args, run, families, runner):
+        """From tune.py's flags; paths as the trials of `runner` (parallel.Runner) get them."""
+        ledger = runs.ledger_path(args)
+        return cls(run, tuple(families), args.objective, runner.path(args.out_dir),
+                   args.storage or default_storage(args.out_dir), args.study_name, args.trials,
+                   ledger and ledger.absolute(), " ".join(sys.argv), str(args.train_dir))
+
+    def settings_for(self, params):
+        """The TrainingSettings of a trial: its family, sizes and training settings;
+        evaluated and saved only at the last epoch (no model is picked by epoch)."""
+        epochs = self.base.settings.epochs
+        return replace(self.base.settings, model=params["model"],
+                       model_options=model_options(params), lr=params["lr"],
+                       weight_decay=params["weight_decay"], loss=params["loss"],
+                       eval_freq=epochs, save_freq=epochs, patience=None, seeds=1)
+
+
+# Flags whose values the search sets, and flags of training that tuning does not take.
+SEARCHED = ("lr", "weight_decay", "loss", "label_delay", "smooth", "smooth_window", "lowpass",
+            "calibrate")
+NOT_TAKEN = ("resume", "patience", "tensorboard", "eval_freq", "save_freq")
+MAX_LABEL_DELAY = max(param.values[1] for param in TRAINING if param.name == "label_delay")
+
+
+def check_flags(args):
+    """Refuse, in one line, flags that tune.py searches or does not take."""
+    searched = [name for name in SEARCHED if getattr(args, name, None) is not None]
+    if searched:
+        raise ToolkitError(f"tune.py searches --{searched[0]}: leave it out (the search space "
+                           "is in tuning.py; --models restricts the families)")
+    not_taken = [name for name in NOT_TAKEN if getattr(args, name, None) not in (None, False)]
+    if not_taken:
+        raise ToolkitError(f"tune.py does not take --{not_taken[0]}: it evaluates each fold at "
+                           "its last epoch, and running the same command resumes the study")
+    if args.seeds != 1:
+        raise ToolkitError(f"tune.py trains one seed per fold: leave out --seeds {args.seeds}")
+    if args.scheduler:
+        raise ToolkitError("tune.py --scheduler is not supported yet: run trials in processes "
+                           "with --jobs N, or on several machines with --storage URL")
+    if args.objective not in OBJECTIVES:
+        raise ToolkitError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    if args.trials < 1:
+        raise ToolkitError(f"--trials must be at least 1, got {args.trials}")
+    parse_families(args.models)
+
+
+def load_training_stories(train_dir, mods, stories=None, subjects=None):
+    """The training folder's videos (never the validation folder's), restricted to
+    `stories` and `subjects`: the folds of the search."""
+    videos = datasets.load_videos(train_dir, mods)
+    for kind, flag, wanted, known in (("story", "--stories", stories, videos.stories),
+                                      ("subject", "--subjects", subjects, videos.subjects)):
+        if wanted:
+            datasets.check_known(kind, wanted, known, flag)
+    videos = videos.select(stories=stories, subjects=subjects)
+    if len(videos.stories) < 2:
+        raise ToolkitError("tuning cross-validates over the training stories and needs two or "
+                           "more: widen --stories")
+    return videos
+
+
+def base_run(args):
+    """The RunOptions every trial shares; the searched settings are set per trial."""
+    settings = options.TrainingSettings(epochs=args.epochs, batch_size=args.batch_size,
+                                        split=args.split, seed=args.seed,
+                                        precision=args.precision)
+    return options.RunOptions(settings, args.normalize, args.cuda, progress=False)
+
+
+def default_storage(out_dir):
+    return f"sqlite:///{Path(out_dir).absolute() / STUDY_FILE}"
+
+
+def study_attrs(args, train_set):
+    """What defines the objective: a study is only continued with the same."""
+    return {"train_dir": str(Path(args.train_dir).resolve()), "mods": list(train_set.mods),
+            "stories": list(map(int, train_set.stories)), "subjects": args.subjects,
+            "epochs": args.epochs, "batch_size": args.batch_size, "split": args.split,
+            "normalize": args.normalize, "seed": args.seed, "objective": args.objective,
+            "models": list(parse_families(args.models)), "precision": args.precision}
+
+
+# ---------------------------------------------------------------- storage and study
+
+def open_storage(url):
+    """The RDB storage at `url`, or one `error:` line if it cannot be opened."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except Exception as error:  # sqlalchemy's and the drivers' errors have no common base
+        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        raise ToolkitError(f"--storage {url} cannot be opened ({reason}): give an RDB URL such "
+                           "as sqlite:///tune_AT/study.db or postgresql://user@host/db") from None
+
+
+def _engine_kwargs(url):
+    # SQLite: wait for another process's write instead of failing at once (--jobs).
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+
+
+def sqlite_file(url):
+    """The file of a sqlite:/// URL (None for other URLs)."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def check_storage(url):
+    """Refuse a --storage URL that cannot be opened, creating no SQLite file."""
+    path = sqlite_file(url)
+    if path is None or path.exists():
+        open_storage(url)
+    elif not path.parent.is_dir():
+        raise ToolkitError(f"--storage {url} cannot be opened: the folder {path.parent} does "
+                           "not exist")
+
+
+def existing_study(url, name, must_exist=False):
+    """The study `name` at `url` if the storage is there (a missing SQLite file is
+    not created), else None."""
+    import optuna
+    if sqlite_file(url) is not None and not sqlite_file(url).exists():
+        if must_exist:
+            raise ToolkitError(f"no study at {url}: run tune.py without --final first")
+        return None
+    storage = open_storage(url)
+    if name not in optuna.get_all_study_names(storage):
+        if must_exist:
+            raise ToolkitError(f"{url} holds no study {name}: run tune.py without --final first")
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def check_study(study, attrs, trials=None):
+    """Refuse to continue a study made with other data or settings, or to ask for
+    fewer trials than it has finished (`trials` None: no such check)."""
+    if study is None:
+        return
+    saved = study.user_attrs
+    differing = [name for name in attrs if saved.get(name) != attrs[name]]
+    if differing:
+        name = differing[0]
+        raise ToolkitError(f"the study {study.study_name} was made with {name} "
+                           f"{_shown(saved.get(name))}, not {_shown(attrs[name])}: give the same "
+                           "data and settings to continue it, or another --out_dir")
+    finished = len(finished_trials(study))
+    if trials is not None and trials < finished:
+        raise ToolkitError(f"--trials {trials} is below the {finished} trials the study has "
+                           f"finished: give --trials {finished} or more")
+
+
+def _shown(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def finished_trials(study, states=None):
+    from optuna.trial import TrialState
+    return study.get_trials(deepcopy=False, states=states or (TrialState.COMPLETE,
+                                                             TrialState.PRUNED))
+
+
+def create_study(url, name, attrs):
+    """The study, created with `attrs` if new."""
+    import optuna
+    study = optuna.create_study(storage=open_storage(url), study_name=name,
+                                direction="maximize", load_if_exists=True)
+    if not study.user_attrs:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def worker_tag(out_dir):
+    """Names the tune.py that runs a trial: this machine and output folder."""
+    return f"{platform.node()}:{Path(out_dir).resolve()}"
+
+
+def fail_dead_trials(study, out_dir, own_storage):
+    """Mark failed the trials left running by a killed tune.py. Called while this
+    process holds the output folder (runs.owned), so no trial of its folder is alive:
+    in the folder's own study file, every running trial is dead; in a shared
+    --storage, those that a process of this folder on this machine started."""
+    from optuna.trial import TrialState
+    tag = worker_tag(out_dir)
+    dead = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if own_storage or trial.user_attrs.get("worker") == tag]
+    for trial in dead:
+        study.tell(trial.number, state=TrialState.FAIL)
+    if dead:
+        print(f"note: marked {len(dead)} trial(s) left running by a stopped tune.py as failed: "
+              f"{', '.join(str(trial.number) for trial in dead)}", file=sys.stderr)
+    return [trial.number for trial in dead]
+
+
+# ---------------------------------------------------------------- training and scoring
+
+def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing):
+    """Train a model of `settings` on `train_set` into `folder` and return its
+    per-second predictions of `eval_set` (at the last epoch) and the model."""
+    device = run.device
+    scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
+    engine.seed_everything(settings.seed)
+    model = settings.new_model(train_set.input_dims, device)
+    engine.fit(model, train_set.with_scaler(scaler), eval_set.with_scaler(scaler), folder,
+               settings, device, progress=False, postprocessing=postprocessing)
+    return engine.predict(model, eval_set.with_scaler(scaler), device,
+                          precision=settings.precision), model
+
+
+def run_fold(train_set, story, trial_dir, settings, run, label_delay):
+    """Train the fold that holds out `story`; keep its per-second held-out predictions
+    (held_out.npz) but not its weights. Returns (training videos, held-out videos,
+    predictions)."""
+    fold_train, held_out = datasets.fold_sets(train_set, story)
+    folder = runs.fold_dir(trial_dir, story)
+    per_second, _ = train_and_predict(fold_train, held_out, folder, settings, run,
+                                      Postprocessing(label_delay=label_delay))
+    with utils.atomic_path(folder / HELD_OUT_PREDICTIONS) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **{video.name: rows for video, rows in zip(held_out.videos,
+                                                                       per_second)})
+    for checkpoint in folder.glob("*.save"):  # 3 copies of the weights per fold and trial
+        checkpoint.unlink()
+    return fold_train, held_out, per_second
+
+
+def rescore(folds, postprocessing):
+    """{story: CCC} of the folds' saved held-out predictions under `postprocessing`;
+    calibration takes the listener statistics of each fold's training videos."""
+    scores = {}
+    for story, (fold_train, held_out, per_second) in folds.items():
+        fold_post = (postprocessing.with_listener_stats(fold_train.videos)
+                     if postprocessing.calibrate else postprocessing)
+        scores[story] = score_videos(held_out.videos, per_second, fold_post)["ccc"]
+    return scores
+
+
+def objective_value(scores, objective):
+    values = np.array(list(scores.values()), dtype=float)
+    return float(values.mean() - (values.std() if objective == "mean_minus_std" else 0.0))
+
+
+def run_trial(trial, train_set, config):
+    """The objective of one trial: train its folds (pruned if their running mean CCC
+    falls behind), then sample and score its post-processing."""
+    import optuna
+    params = sample_training(trial, config.families)
+    settings = config.settings_for(params)
+    trial_dir = config.out_dir / f"trial_{trial.number:04d}"
+    folds, raw = {}, {}
+    for step, story in enumerate(train_set.stories):
+        folds[story] = run_fold(train_set, story, trial_dir, settings, config.base,
+                                params["label_delay"])
+        raw.update(rescore({story: folds[story]}, Postprocessing(params["label_delay"])))
+        trial.report(objective_value(raw, "mean"), step)
+        if trial.should_prune():
+            trial.set_user_attr("fold_ccc", {str(s): v for s, v in raw.items()})
+            raise optuna.TrialPruned()
+    scores = rescore(folds, sample_postprocessing(trial, params["label_delay"]))
+    values = list(scores.values())
+    trial.set_user_attr("fold_ccc", {str(story): value for story, value in scores.items()})
+    trial.set_user_attr("mean", float(np.mean(values)))
+    trial.set_user_attr("std", float(np.std(values)))
+    return objective_value(scores, config.objective)
+
+
+# ---------------------------------------------------------------- running trials
+
+@contextlib.contextmanager
+def _ask_lock(out_dir):
+    """Held while a process counts the trials and starts one, so that processes of
+    one --out_dir together start exactly the trials that --trials asks for."""
+    with open(Path(out_dir) / ASK_LOCK, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def next_trial(study, config):
+    """A new trial, tagged with this process, or None once finished and running
+    trials reach --trials."""
+    from optuna.trial import TrialState
+    with _ask_lock(config.out_dir):
+        counted = finished_trials(study, (TrialState.COMPLETE, TrialState.PRUNED,
+                                          TrialState.RUNNING))
+        if len(counted) >= config.trials:
+            return None
+        trial = study.ask()
+        trial.set_user_attr("worker", worker_tag(config.out_dir))
+        return trial
+
+
+def load_worker_study(config, worker):
+    """The study, with a TPE sampler seeded by --seed, this process and the study's
+    length (a resumed study does not draw its first trials again) and a MedianPruner."""
+    import optuna
+    storage = open_storage(config.storage)
+    started = len(optuna.load_study(study_name=config.study_name, storage=storage).trials)
+    seed = config.base.settings.seed + 1000 * worker + started
+    return optuna.load_study(study_name=config.study_name, storage=storage,
+                             sampler=optuna.samplers.TPESampler(seed=seed),
+                             pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+
+
+def run_worker(train_set, config, worker=0):
+    """Run trials until the study has --trials finished ones (one tune.py process
+    of --jobs); a trial that fails (e.g. diverges) is marked failed and the next
+    starts. Returns the numbers of the trials it finished."""
+    study = load_worker_study(config, worker)
+    done, failed_in_a_row = [], 0
+    while (trial := next_trial(study, config)) is not None:
+        state, error = tell(study, trial, train_set, config)
+        if error is None:
+            done.append(trial.number)
+            failed_in_a_row = 0
+            continue
+        failed_in_a_row += 1
+        print(f"note: trial {trial.number} failed: {error}", file=sys.stderr)
+        if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            raise ToolkitError(f"{failed_in_a_row} trials in a row failed (the last: {error}): "
+                               "check the data and flags with crossval.py")
+    return done
+
+
+def tell(study, trial, train_set, config):
+    """Run one trial and record its end in the study (and the ledger): (state, error)."""
+    import optuna
+    from optuna.trial import TrialState
+    start = time.perf_counter()
+    try:
+        value = run_trial(trial, train_set, config)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED, None
+    except ToolkitError as error:
+        trial.set_user_attr("error", str(error))
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL, str(error)
+    except BaseException:  # a bug, or Ctrl-C: the trial is lost, not left running
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    study.tell(trial, value)
+    record_trial(config, study.get_trials(deepcopy=False)[trial.number],
+                 time.perf_counter() - start)
+    return TrialState.COMPLETE, None
+
+
+def record_trial(config, trial, seconds):
+    """The ledger row of a finished trial (runs.py's columns)."""
+    if config.ledger is None:
+        return
+    attrs = trial.user_attrs
+    runs.append_row(config.ledger, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": "tune.py",
+        "command": f"{config.command} # trial {trial.number}",
+        "out_dir": str(config.out_dir / f"trial_{trial.number:04d}"),
+        "settings": json_text({"trial": trial.number, **trial.params}),
+        "train_dir": config.train_dir, "test_dir": "",
+        "mean_ccc": attrs["mean"], "std_ccc": attrs["std"],
+        "mean_minus_std": attrs["mean"] - attrs["std"], "train_ccc": "", "best_epoch": "",
+        "wall_s": round(seconds, 2), "versions": runs.versions(), "commit": runs.toolkit_commit()})
+
+
+def json_text(data):
+    import json
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------- what a study leaves
+
+def trials_table(study):
+    """trials.csv: one row per finished trial: its number, state, settings, fold
+    CCCs, mean, std and objective value."""
+    rows, params, folds = [], {}, {}
+    for trial in finished_trials(study):
+        params.update(dict.fromkeys(trial.params))
+        scores = {f"ccc_story_{story}": value
+                  for story, value in trial.user_attrs.get("fold_ccc", {}).items()}
+        folds.update(dict.fromkeys(scores))
+        rows.append({"number": trial.number, "state": trial.state.name, **trial.params, **scores,
+                     "mean": trial.user_attrs.get("mean", math.nan),
+                     "std": trial.user_attrs.get("std", math.nan), "value": trial.value})
+    columns = ["number", "state", *params, *folds, "mean", "std", "value"]
+    return pd.DataFrame(rows, columns=columns).convert_dtypes()
+
+
+def best_record(study):
+    """best.json: the best trial's settings as train.py/crossval.py flags, and its scores."""
+    from optuna.trial import TrialState
+    if not finished_trials(study, (TrialState.COMPLETE,)):
+        return None
+    best = study.best_trial
+    attrs, mods = best.user_attrs, study.user_attrs["mods"]
+    flags = ["--mods", ",".join(mods), "--epochs", str(study.user_attrs["epochs"]),
+             *as_flags(best.params)]
+    return {"trial": best.number, "flags": flags, "params": best.params, "value": best.value,
+            "objective": study.user_attrs["objective"], "mean": attrs.get("mean"),
+            "std": attrs.get("std"), "fold_ccc": attrs.get("fold_ccc")}
+
+
+def write_outputs(study, out_dir):
+    """trials.csv and best.json (once a trial has completed); returns (table, best)."""
+    table, best = trials_table(study), best_record(study)
+    utils.write_csv(table, Path(out_dir) / TRIALS_TABLE)
+    if best is not None:
+        utils.write_json(best, Path(out_dir) / BEST_RECORD)
+    return table, best
+
+
+def write_study_record(out_dir, storage, name):
+    """study.json: --storage (None: the folder's own study.db, wherever it moves) and the name."""
+    utils.write_json({"storage": storage, "study_name": name}, Path(out_dir) / STUDY_RECORD)
+
+
+def study_of(out_dir):
+    """The study of a tune.py output folder (plot.py tune, --final)."""
+    record = Path(out_dir) / STUDY_RECORD
+    if not record.is_file():
+        raise ToolkitError(f"{out_dir} holds no study ({STUDY_RECORD} is missing): give the "
+                           "--out_dir of a tune.py run")
+    import json
+    saved = json.loads(record.read_text())
+    return existing_study(saved["storage"] or default_storage(out_dir), saved["study_name"],
+                          must_exist=True)
+
+
+# ---------------------------------------------------------------- --final
+
+def final_settings(study, base):
+    """(TrainingSettings, Postprocessing, best.json's record) of the study's best trial;
+    `base`: the RunOptions of the command."""
+    best = best_record(study)
+    if best is None:
+        raise ToolkitError(f"the study {study.study_name} has no completed trial yet: run "
+                           "tune.py without --final first")
+    params = best["params"]
+    config = TuneConfig(base, (), "", Path("."), "", "", 0)
+    return config.settings_for(params), postprocessing_of(params), best
+
+
+def run_final(train_set, test_set, out_dir, settings, run, postprocessing):
+    """Train the best settings on every training video, and score the validation
+    videos once, at the last epoch; returns the validation result."""
+    folder = Path(out_dir) / FINAL_DIR
+    per_second, _ = train_and_predict(train_set, test_set, folder, settings, run,
+                                      postprocessing)
+    scored_with = (postprocessing.with_listener_stats(train_set.videos)
+                   if postprocessing.calibrate else postprocessing)
+    result = score_videos(test_set.videos, per_second, scored_with)
+    utils.write_predictions(runs.predictions_dir(folder, "test"), test_set.videos,
+                            result["frames"])
+    return result
