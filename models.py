@@ -71,21 +71,26 @@ class InputDropout(nn.Dropout):
 @dataclass(frozen=True)
 class ModelFlag:
     """A command-line flag that sizes a model family: `flag` sets the constructor
-    argument `option`; `minimum` bounds an integer."""
+    argument `option`; `minimum` and `maximum` bound an integer (the maximum keeps
+    a typo such as --tcn_blocks 64 from asking for more memory than any machine has)."""
     flag: str
     option: str
     arguments: dict = field(default_factory=dict)
     minimum: int = None
+    maximum: int = None
 
     @property
     def dest(self):
         return self.flag.lstrip("-")
 
 
-def size_flag(flag, option, default, text, minimum=1, metavar="N"):
-    """A ModelFlag for an integer size; `text` is its help, to which the default is added."""
+def size_flag(flag, option, default, text, maximum, minimum=1, metavar="N"):
+    """A ModelFlag for an integer size from `minimum` to `maximum`; `text` is its help,
+    to which the range and the default are added."""
     return ModelFlag(flag, option, dict(type=int, default=default, metavar=metavar,
-                                        help=f"{text} (default: %(default)s)"), minimum=minimum)
+                                        help=f"{text} ({minimum} to {maximum}; default: "
+                                             "%(default)s)"),
+                     minimum=minimum, maximum=maximum)
 
 
 class FusionModel(nn.Module):
@@ -169,7 +174,8 @@ class FusionModel(nn.Module):
 
 
 RECURRENT_FLAGS = (  # shared by the lstm and gru families, so declared once
-    size_flag("--layers", "num_layers", 1, "stacked recurrent layers of --model lstm or gru"),
+    size_flag("--layers", "num_layers", 1, "stacked recurrent layers of --model lstm or gru",
+              maximum=16),
     ModelFlag("--bidirectional", "bidirectional", dict(
         action="store_true", help="--model lstm or gru: run the recurrent layers forwards and "
                                   "backwards; the attention and the decoder take both "
@@ -299,12 +305,13 @@ class TemporalConvNet(FusionModel):
     """
     FAMILY = "tcn"
     FLAGS = (
-        size_flag("--tcn_channels", "channels", 128, "--model tcn: channels of every convolution"),
+        size_flag("--tcn_channels", "channels", 128, "--model tcn: channels of every convolution",
+                  maximum=2048),
         size_flag("--tcn_kernel", "kernel", 3, "--model tcn: kernel size of the convolutions",
-                  minimum=2, metavar="STEPS"),
+                  maximum=31, minimum=2, metavar="STEPS"),
         size_flag("--tcn_blocks", "num_blocks", 4, "--model tcn: residual blocks, dilations 1, "
                   "2, 4, ...; a step sees 1 + 2 (kernel - 1) (2^blocks - 1) steps around it "
-                  "(61 s with 4 blocks of kernel 3)"),
+                  "(61 s with 4 blocks of kernel 3)", maximum=12),
     )
 
     def __init__(self, input_dims, embed_dim=128, channels=128, kernel=3, num_blocks=4,
@@ -358,16 +365,17 @@ class FusionTransformer(FusionModel):
     FAMILY = "transformer"
     MAX_START = 600  # s: longer than the OMG-Empathy stories (up to about 8 minutes)
     FLAGS = (
-        size_flag("--transformer_layers", "num_layers", 2, "--model transformer: encoder layers"),
+        size_flag("--transformer_layers", "num_layers", 2, "--model transformer: encoder layers",
+                  maximum=24),
         size_flag("--transformer_heads", "num_heads", 4, "--model transformer: attention heads; "
-                  "they divide --transformer_dim"),
+                  "they divide --transformer_dim", maximum=64),
         size_flag("--transformer_dim", "model_dim", 128, "--model transformer: width of the "
-                  "encoder"),
+                  "encoder", maximum=2048),
         size_flag("--transformer_ff", "ff_dim", 256, "--model transformer: width of each "
-                  "layer's feed-forward block"),
+                  "layer's feed-forward block", maximum=8192),
         size_flag("--attn_window", "attn_window", 30, "--model transformer: each step attends "
                   "only to the steps within this many seconds of it; 0: to the whole sequence",
-                  minimum=0, metavar="SECONDS"),
+                  maximum=3600, minimum=0, metavar="SECONDS"),
     )
 
     def __init__(self, input_dims, embed_dim=128, model_dim=128, num_layers=2, num_heads=4,
@@ -479,11 +487,13 @@ def options_from_args(name, args):
 
 
 def check_options(name, options):
-    """Refuse, in one line, an option below its flag's minimum."""
+    """Refuse, in one line, an option outside its flag's range."""
     for flag in family(name).FLAGS:
         value = options.get(flag.option)
         if flag.minimum is not None and value is not None and value < flag.minimum:
             raise ToolkitError(f"{flag.flag} must be at least {flag.minimum}, got {value}")
+        if flag.maximum is not None and value is not None and value > flag.maximum:
+            raise ToolkitError(f"{flag.flag} must be at most {flag.maximum}, got {value}")
     check_sizes = getattr(family(name), "check_sizes", None)  # a family's own constraints
     if check_sizes is not None:
         check_sizes(options)

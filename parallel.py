@@ -170,11 +170,13 @@ class Runner:
         return self.jobs == 1 and not self.scheduler
 
     def path(self, path):
-        """A path as tasks get it: absolute on a cluster, whose workers run in other
-        folders (of the same shared file system), as given otherwise."""
+        """A path as tasks get it: absolute where they run in other processes (cluster
+        workers run in other folders of the same shared file system; local workers
+        live on between runs in the folder this process was in when they started),
+        as given otherwise."""
         if path is None:
             return None
-        return Path(path).absolute() if self.scheduler else Path(path)
+        return Path(path) if self.in_this_process else Path(path).absolute()
 
     def data(self, loaded, loader, parts=None, **arguments):
         """A task argument for data this process has `loaded` with `loader(**arguments)`:

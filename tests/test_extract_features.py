@@ -206,10 +206,13 @@ def test_printed_summary_and_annotation_check(material, tmp_path, capsys):
 
 
 def test_train_runs_on_the_extracted_folder(extracted, tmp_path):
+    import shutil
     import train
     out_dir = str(extracted[0])
+    # A validation split of its own: training refuses to validate on its training folder.
+    validation = shutil.copytree(out_dir, tmp_path / "validation")
     args = train.get_args_parser().parse_args(
-        ["--train_dir", out_dir, "--test_dir", out_dir, "--epochs", "1",
+        ["--train_dir", out_dir, "--test_dir", str(validation), "--epochs", "1",
          "--model_dir", str(tmp_path / "models")])
     (summary,) = train.main(args)
     assert summary["best_epoch"] == 1

@@ -147,3 +147,18 @@ def test_checkpoints_that_name_no_family_hold_the_lstm(tmp_path):
         loaded, _ = checkpoints.load_model(tmp_path / name, ["audio", "text"],
                                            {"audio": 4, "text": 3})
         assert loaded.config == model.config
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--tcn_blocks", 64, "--tcn_blocks must be at most 12, got 64"),
+    ("--transformer_dim", 100000, "--transformer_dim must be at most 2048, got 100000"),
+    ("--layers", 1000, "--layers must be at most 16, got 1000"),
+    ("--tcn_kernel", 1, "--tcn_kernel must be at least 2, got 1"),
+])
+def test_size_flags_are_bounded_before_anything_is_written(in_tmp, flag, value, message):
+    """A typo such as --tcn_blocks 64 (dilation 2^63) must not reach the allocator."""
+    model = {"--tcn_blocks": "tcn", "--tcn_kernel": "tcn", "--transformer_dim": "transformer",
+             "--layers": "lstm"}[flag]
+    with pytest.raises(ToolkitError, match=message):
+        run_train("--model", model, flag, value, "--model_dir", "n")
+    assert not (in_tmp / "n").exists()
