@@ -8,12 +8,10 @@ in-process) in a private copy of one workspace, and must end in exit status 1 an
 one line `error: ...` naming the file or flag, print no traceback, and leave every
 file of the workspace byte for byte as it was."""
 import contextlib
-import importlib
 import io
 import os
 import re
 import shutil
-import signal
 import stat
 from pathlib import Path
 
@@ -23,10 +21,9 @@ import pytest
 
 import extract_features
 import make_notebook
-import runs
 import train
-import utils
 from conftest import ROOT, write_tiny_data
+from test_bad_input import run_script
 
 FEATURE = "data/Training/CombinedAudio/Subject_1_Story_2.npy"
 ANNOTATION = "data/Training/Annotations/Subject_1_Story_2.csv"
@@ -68,31 +65,6 @@ def snapshot(root):
             path.read_bytes() if stat.S_ISREG(mode) else
             os.readlink(path) if stat.S_ISLNK(mode) else stat.S_IFMT(mode))
     return entries
-
-
-def _blocked(signum, frame):
-    raise TimeoutError("the script blocked (reading a FIFO?)")
-
-
-def run_script(script, argv):
-    """The script's command line as its __main__ runs it: (exit status, stderr)."""
-    module = importlib.import_module(script)
-    stderr = io.StringIO()
-    previous = signal.signal(signal.SIGALRM, _blocked)
-    signal.alarm(60)  # a regression that blocks fails the test instead of hanging the suite
-    try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            if hasattr(module, "ledger_results"):
-                runs.run_cli(module.main, module.get_args_parser(), module.ledger_results, argv)
-            else:
-                utils.run_cli(module.main, module.get_args_parser(), argv)
-        status = 0
-    except SystemExit as exit_info:
-        status = exit_info.code
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return status, stderr.getvalue()
 
 
 # ---------------------------------------------------------------- damages
