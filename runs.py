@@ -40,6 +40,9 @@ the scripts, whose names and patterns only the functions below spell:
                                  (test_args.json for --test)
     <out_dir of cv_fusion.py>/   args.json (test_args.json), crossval.csv, cv_pred/,
                                  val_on_<story>/fusion_model.joblib and pred_train/
+    <out_dir of tune.py>/        study.db (the Optuna study, unless --storage), study.json,
+                                 args.json, trials.csv, best.json, trial_<n>/val_on_<story>/
+                                 (metrics.csv, held_out.npz), final/ and final.json (--final)
     <out_dir of compare_options.py>/  args.json, compare.csv, personalize.csv, a
                                  crossval.py folder per option, personal_<option>/
 """
@@ -101,11 +104,20 @@ CROSSVAL_TABLE, CV_EPOCHS_TABLE = "crossval.csv", "cv_epochs.csv"
 PERSONALIZE_TABLE, INNER_CV_TABLE = "personalize.csv", "inner_cv.csv"
 FUSION_MODEL = "fusion_model.joblib"
 COMPARE_TABLE = "compare.csv"  # compare_options.py
+# tune.py's study folder (tuning.py)
+STUDY_FILE, STUDY_RECORD = "study.db", "study.json"
+TRIALS_TABLE, BEST_RECORD, FINAL_RECORD = "trials.csv", "best.json", "final.json"
+FINAL_DIR, HELD_OUT_PREDICTIONS, ASK_LOCK = "final", "held_out.npz", ".ask.lock"
 
 
 def predictions_dir(pred_dir, side):
     """<pred_dir>/pred_<side>: the 25 fps predictions of the "train" or "test" videos."""
     return Path(pred_dir) / f"pred_{side}"
+
+
+def trial_dir(out_dir, number):
+    """<out_dir>/trial_<number, 4 digits>: a tune.py trial's folds."""
+    return Path(out_dir) / f"trial_{number:04d}"
 
 
 def features_dir(feat_dir, side):

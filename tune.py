@@ -85,7 +85,7 @@ def main(args):
                  for worker in range(args.jobs)]
         runner.run(tuning.run_worker, tasks, "tuning processes")
         table, best = tuning.write_outputs(study, out_dir)
-    print(f"{len(table)} finished trials in {out_dir / tuning.TRIALS_TABLE}")
+    print(f"{len(table)} finished trials in {out_dir / runs.TRIALS_TABLE}")
     if best is not None:
         print(f"best: trial {best['trial']}, {args.objective} CCC {best['value']:.4f}: "
               f"{' '.join(best['flags'])}")
@@ -101,13 +101,13 @@ def final(args, train_set, url, attrs, run):
     out_dir = Path(args.out_dir)
     run = replace(run, settings=settings, postprocessing_flags={
         name: getattr(chosen, name) for name in postprocessing.FLAGS})
-    options.check_before_writing(options.Plan(outputs=[(out_dir / tuning.FINAL_DIR, "--out_dir")],
+    options.check_before_writing(options.Plan(outputs=[(out_dir / runs.FINAL_DIR, "--out_dir")],
                                               options=run, data=train_set, trains=True))
     with runs.owned(out_dir):
         result = tuning.run_final(train_set, test_set, out_dir, settings, run, chosen)
         record = {"trial": best["trial"], "flags": best["flags"], "val_ccc": result["ccc"],
                   "cv_value": best["value"], "test_dir": str(args.test_dir)}
-        utils.write_json(record, out_dir / tuning.FINAL_RECORD)
+        utils.write_json(record, out_dir / runs.FINAL_RECORD)
     print(f"validation CCC of the best settings (trial {best['trial']}, cross-validated "
           f"{best['value']:.4f}): {result['ccc']:.4f}")
     return record

@@ -47,9 +47,6 @@ import utils
 from postprocessing import Postprocessing, score_videos
 from utils import ToolkitError
 
-STUDY_FILE, STUDY_RECORD = "study.db", "study.json"
-TRIALS_TABLE, BEST_RECORD, FINAL_RECORD = "trials.csv", "best.json", "final.json"
-FINAL_DIR, HELD_OUT_PREDICTIONS, ASK_LOCK = "final", "held_out.npz", ".ask.lock"
 OBJECTIVES = ("mean", "mean_minus_std")
 FILTERS = ("none", "smooth", "lowpass")
 MAX_FAILED_IN_A_ROW = 5  # a space where every trial diverges would otherwise never end
@@ -243,7 +240,7 @@ def base_run(args):
 
 
 def default_storage(out_dir):
-    return f"sqlite:///{Path(out_dir).absolute() / STUDY_FILE}"
+    return f"sqlite:///{Path(out_dir).absolute() / runs.STUDY_FILE}"
 
 
 def study_attrs(args, train_set):
@@ -389,7 +386,7 @@ def run_fold(train_set, story, trial_dir, settings, run, label_delay):
     folder = runs.fold_dir(trial_dir, story)
     per_second, _ = train_and_predict(fold_train, held_out, folder, settings, run,
                                       Postprocessing(label_delay=label_delay))
-    with utils.atomic_path(folder / HELD_OUT_PREDICTIONS) as temporary:
+    with utils.atomic_path(folder / runs.HELD_OUT_PREDICTIONS) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **{video.name: rows for video, rows in zip(held_out.videos,
                                                                        per_second)})
@@ -420,7 +417,7 @@ def run_trial(trial, train_set, config):
     import optuna
     params = sample_training(trial, config.families)
     settings = config.settings_for(params)
-    trial_dir = config.out_dir / f"trial_{trial.number:04d}"
+    trial_dir = runs.trial_dir(config.out_dir, trial.number)
     folds, raw = {}, {}
     for step, story in enumerate(train_set.stories):
         folds[story] = run_fold(train_set, story, trial_dir, settings, config.base,
@@ -444,7 +441,7 @@ def run_trial(trial, train_set, config):
 def _ask_lock(out_dir):
     """Held while a process counts the trials and starts one, so that processes of
     one --out_dir together start exactly the trials that --trials asks for."""
-    with open(Path(out_dir) / ASK_LOCK, "a", encoding="utf-8") as handle:
+    with open(Path(out_dir) / runs.ASK_LOCK, "a", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -529,7 +526,7 @@ def record_trial(config, trial, seconds):
     runs.append_row(config.ledger, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": "tune.py",
         "command": f"{config.command} # trial {trial.number}",
-        "out_dir": str(config.out_dir / f"trial_{trial.number:04d}"),
+        "out_dir": str(runs.trial_dir(config.out_dir, trial.number)),
         "settings": json_text({"trial": trial.number, **trial.params}),
         "train_dir": config.train_dir, "test_dir": "",
         "mean_ccc": attrs["mean"], "std_ccc": attrs["std"],
@@ -577,22 +574,22 @@ def best_record(study):
 def write_outputs(study, out_dir):
     """trials.csv and best.json (once a trial has completed); returns (table, best)."""
     table, best = trials_table(study), best_record(study)
-    utils.write_csv(table, Path(out_dir) / TRIALS_TABLE)
+    utils.write_csv(table, Path(out_dir) / runs.TRIALS_TABLE)
     if best is not None:
-        utils.write_json(best, Path(out_dir) / BEST_RECORD)
+        utils.write_json(best, Path(out_dir) / runs.BEST_RECORD)
     return table, best
 
 
 def write_study_record(out_dir, storage, name):
     """study.json: --storage (None: the folder's own study.db, wherever it moves) and the name."""
-    utils.write_json({"storage": storage, "study_name": name}, Path(out_dir) / STUDY_RECORD)
+    utils.write_json({"storage": storage, "study_name": name}, Path(out_dir) / runs.STUDY_RECORD)
 
 
 def study_of(out_dir):
     """The study of a tune.py output folder (plot.py tune, --final)."""
-    record = Path(out_dir) / STUDY_RECORD
+    record = Path(out_dir) / runs.STUDY_RECORD
     if not record.is_file():
-        raise ToolkitError(f"{out_dir} holds no study ({STUDY_RECORD} is missing): give the "
+        raise ToolkitError(f"{out_dir} holds no study ({runs.STUDY_RECORD} is missing): give the "
                            "--out_dir of a tune.py run")
     import json
     saved = json.loads(record.read_text())
@@ -617,7 +614,7 @@ def final_settings(study, base):
 def run_final(train_set, test_set, out_dir, settings, run, postprocessing):
     """Train the best settings on every training video, and score the validation
     videos once, at the last epoch; returns the validation result."""
-    folder = Path(out_dir) / FINAL_DIR
+    folder = Path(out_dir) / runs.FINAL_DIR
     per_second, _ = train_and_predict(train_set, test_set, folder, settings, run,
                                       postprocessing)
     scored_with = (postprocessing.with_listener_stats(train_set.videos)
