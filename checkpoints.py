@@ -107,8 +107,8 @@ def load_model(path, mods, input_dims, device="cpu"):
         model.load_state_dict(state_dict)
     except (KeyError, IndexError, RuntimeError, TypeError, ValueError):
         raise ToolkitError(f"checkpoint {path} is not a fusion-LSTM checkpoint (its "
-                           "parameters do not match the model it describes): use a checkpoint written "
-                           "by train.py or by the original release") from None
+                           "parameters do not match the model it describes): use a "
+                           "checkpoint written by train.py or by the original release") from None
     if set(model.mods) != set(mods):
         raise ToolkitError(f"checkpoint {path} was trained on --mods {','.join(model.mods)}, "
                            f"not {','.join(mods)}: run with --mods {','.join(model.mods)}")

@@ -747,8 +747,10 @@ def check_augment(augment):
 
 
 def load_pool(train_dir, test_dir, mods, stories=None, subjects=None):
-    """Training and validation videos pooled, restricted to `stories`/`subjects`."""
-    pooled = load_videos([train_dir, test_dir], mods)
+    """Training and validation videos pooled (the training folder's alone when
+    `test_dir` is None), restricted to `stories`/`subjects`: the videos of
+    cross-validation folds."""
+    pooled = load_videos([train_dir] + ([test_dir] if test_dir is not None else []), mods)
     if stories:
         check_known("story", stories, pooled.stories, "--stories")
     if subjects:

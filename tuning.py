@@ -219,16 +219,7 @@ def check_flags(args):
 def load_training_stories(train_dir, mods, stories=None, subjects=None):
     """The training folder's videos (never the validation folder's), restricted to
     `stories` and `subjects`: the folds of the search."""
-    videos = datasets.load_videos(train_dir, mods)
-    for kind, flag, wanted, known in (("story", "--stories", stories, videos.stories),
-                                      ("subject", "--subjects", subjects, videos.subjects)):
-        if wanted:
-            datasets.check_known(kind, wanted, known, flag)
-    videos = videos.select(stories=stories, subjects=subjects)
-    if len(videos.stories) < 2:
-        raise ToolkitError("tuning cross-validates over the training stories and needs two or "
-                           "more: widen --stories")
-    return videos
+    return datasets.load_pool(train_dir, None, mods, stories, subjects)
 
 
 def base_run(args):
