@@ -109,8 +109,9 @@ def list_videos(folder):
     """Map (subject, story) -> file path for the video files in `folder`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ToolkitError(f"folder {folder} does not exist: check the split folder "
-                           "(--train_dir/--test_dir) and --mods")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ToolkitError(f"folder {folder} {what}: check the split folder "
+                           "(--train_dir/--test_dir) and --mods, or the folder given")
     files = {}
     for path in sorted(folder.iterdir()):
         match = VIDEO_FILE.match(path.name)

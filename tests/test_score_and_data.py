@@ -82,3 +82,14 @@ def test_generator_refuses_to_overwrite(tiny_data):
     result = run_in_process("make_data.py", "--out_dir", str(tiny_data), "--subjects", "1",
                         "--stories", "2", "--seconds", "10")
     assert result.returncode == 1 and "pass --overwrite" in result.stderr
+
+
+def test_scorer_names_a_file_given_for_a_folder(tiny_data, tmp_path):
+    """A user who passes one prediction file instead of its folder is told so."""
+    annotation = tiny_data / "Validation" / "Annotations" / "Subject_1_Story_1.csv"
+    result = run_in_process("score.py", str(tiny_data / "Validation" / "Annotations"),
+                            str(annotation))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: folder {annotation} is a file, not a folder: check the split folder "
+        "(--train_dir/--test_dir) and --mods, or the folder given"]
