@@ -17,6 +17,8 @@ as it takes tens of times as long. The first line names the CPU and its bfloat16
 hardware. A second table times every model family (--model) on the AT data in
 float32.
 """
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
 import argparse
 import os
 import resource

@@ -32,6 +32,8 @@ batch is a single gather.
 Parsed CSV features are cached as ``.npy`` (see `cache_dir`), so reading the same
 CSV a second time costs what reading ``.npy`` costs.
 """
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
 import argparse
 import dataclasses
 import hashlib
@@ -44,9 +46,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from utils import FPS, LazyModule, ToolkitError
 
-from utils import FPS, ToolkitError
+# Imported on first use: listing and reading files (score.py, plot.py, runs.py,
+# data_stats.py) needs no torch, whose import takes 1-2 s, more on a shared CPU.
+torch = LazyModule("torch")
 
 MODALITY_FOLDERS = {
     "audio": "CombinedAudio",
@@ -399,9 +403,9 @@ class Video:
 class Batch:
     """Sequences stored back to back: rows of `inputs` (and `targets`) are the
     steps of sequence 0, then of sequence 1, ...; `lengths` says how many each."""
-    inputs: dict
-    lengths: torch.Tensor
-    targets: torch.Tensor = None
+    inputs: dict  # modality -> (steps, dim) tensor
+    lengths: "torch.Tensor"
+    targets: "torch.Tensor" = None
 
 
 class FeatureScaler:

@@ -21,6 +21,8 @@ for after every epoch (they start with both signals blocked, so that a Ctrl-C se
 to the whole terminal group cannot kill one mid-start); tasks not yet started are
 left out, and the run ends with KeyboardInterrupt once the running ones have saved.
 """
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
 import argparse
 import contextlib
 import dataclasses

@@ -7,6 +7,7 @@ in checkpoints.py, training and prediction in engine.py.
 """
 import contextlib
 import errno
+import importlib
 import json
 import math
 import os
@@ -23,6 +24,16 @@ FPS = 25  # annotation frames per second of video
 
 class ToolkitError(Exception):
     """A problem with the user's input: printed as one line, exit status 1."""
+
+
+class LazyModule:
+    """Stands for the module `name`, importing it on the first attribute used."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self._name), attribute)
 
 
 # ---------------------------------------------------------------- metric
