@@ -12,9 +12,12 @@ is scored (--calibrate) train, so that the best epoch is chosen on what is repor
 
 Then personalization: the default run's model for the fold that holds out story 1
 (as the user guide copies cv_AT/val_on_1/best.save) is fine-tuned per listener with
-personalize.py, with and without --inner_cv and --calibrate, into
-<out_dir>/personal_<option>/; a second table (the personalized track: the mean over
-listeners of their story-1 CCC) is written to <out_dir>/personalize.csv.
+personalize.py, with and without --inner_cv and --calibrate, and with each
+fine-tuning method of finetuning.py (--finetune head, adapter, --anchor, --mix, and
+--inner_cv choosing among them), into <out_dir>/personal_<option>/; a second table
+(the personalized track: the mean over listeners of their story-1 CCC before and
+after, and how many listeners got worse) is written to <out_dir>/personalize.csv.
+--personal_only runs some of its rows.
 """
 import argparse
 import re
@@ -26,6 +29,7 @@ import pandas as pd
 
 import crossval
 import datasets
+import finetuning
 import personalize
 import runs
 import utils
@@ -67,6 +71,9 @@ def get_args_parser():
     parser.add_argument("--personal_epochs", type=int, default=10, metavar="N",
                         help="fine-tuning epochs per listener (with --inner_cv: at most N); "
                              "0 skips personalization (default: %(default)s)")
+    parser.add_argument("--personal_only", nargs="+", metavar="NAME",
+                        help="run only these rows of the personalization table, by folder name "
+                             "(e.g. inner_cv_calibrate inner_cv_finetune_head; default: all)")
     return parser
 
 
@@ -76,6 +83,15 @@ PERSONAL_VARIANTS = [
     ("fine-tune --calibrate", ["--calibrate"]),
     ("--inner_cv", ["--inner_cv"]),
     ("--inner_cv --calibrate", ["--inner_cv", "--calibrate"]),
+    ("--inner_cv --finetune head", ["--inner_cv", "--finetune", "head"]),
+    ("--inner_cv --finetune adapter", ["--inner_cv", "--finetune", "adapter"]),
+    ("--inner_cv --anchor 0.01 0.1 1", ["--inner_cv", "--anchor", "0.01", "0.1", "1"]),
+    ("--inner_cv --mix 0.25 0.5", ["--inner_cv", "--mix", "0.25", "0.5"]),
+    ("--inner_cv among all methods", ["--inner_cv", "--finetune", "all", "head", "adapter",
+                                      "--anchor", "0", "0.1", "--mix", "0", "0.5"]),
+    ("--inner_cv --calibrate --finetune head", ["--inner_cv", "--calibrate", "--finetune", "head"]),
+    ("--inner_cv --calibrate --finetune adapter",
+     ["--inner_cv", "--calibrate", "--finetune", "adapter"]),
 ]
 
 
@@ -142,16 +158,29 @@ def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
     start = time.perf_counter()
     table = run_recorded(personalize, argv, ledger, personalize.ledger_results)
     mean = table.set_index("subject").loc["Mean"]
+    subjects = table[table["subject"] != "Mean"]
     return {"option": name, "before_ccc": mean["before_ccc"], "after_ccc": mean["after_ccc"],
-            "mean_epochs": mean.get("epochs", epochs), "seconds": time.perf_counter() - start}
+            "worse": int((subjects["after_ccc"] < subjects["before_ccc"]).sum()),
+            "listeners": len(subjects), "mean_epochs": mean.get("epochs", epochs),
+            "methods": chosen_methods(subjects), "seconds": time.perf_counter() - start}
+
+
+def chosen_methods(subjects):
+    """What the listeners got, e.g. 'head x4, none x6' (blank without a method column)."""
+    if "finetune" not in subjects:
+        return ""
+    names = [finetuning.Method(*row).name if row[0] != finetuning.KEPT_INIT else row[0]
+             for row in subjects[list(finetuning.DEFAULT.record)].itertuples(index=False)]
+    return ", ".join(f"{name} x{count}" for name, count in pd.Series(names).value_counts().items())
 
 
 def personal_markdown(table):
-    lines = ["| personalize.py | CCC before | CCC after | mean epochs | wall time |",
-             "|---|---|---|---|---|"]
+    lines = ["| personalize.py | CCC before | CCC after | listeners worse | mean epochs | "
+             "chosen | wall time |", "|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
         lines.append(f"| `{row.option}` | {row.before_ccc:.4f} | {row.after_ccc:.4f} | "
-                     f"{row.mean_epochs:.1f} | {row.seconds:.0f} s |")
+                     f"{row.worse} of {row.listeners} | {row.mean_epochs:.1f} | {row.methods} | "
+                     f"{row.seconds:.0f} s |")
     return "\n".join(lines)
 
 
@@ -161,6 +190,16 @@ def markdown(table):
         lines.append(f"| `{row.option}` | {row.mean_ccc:.4f} | {row.std_ccc:.4f} | "
                      f"{row.mean_minus_std:.4f} | {row.seconds:.0f} s |")
     return "\n".join(lines)
+
+
+def chosen_personal_variants(out_dir, only):
+    """The rows of PERSONAL_VARIANTS that --personal_only names (all without it)."""
+    names = {variant_folder(out_dir, name).name: (name, flags) for name, flags in PERSONAL_VARIANTS}
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise utils.ToolkitError(f"--personal_only: unknown row {unknown[0]}; choose from "
+                                 + ", ".join(names))
+    return [names[folder] for folder in only] if only else list(names.values())
 
 
 def main(args):
@@ -175,6 +214,7 @@ def main(args):
               "--save_freq", str(args.epochs)]
     if args.personal_epochs < 0:
         raise utils.ToolkitError(f"--personal_epochs must be 0 or more, got {args.personal_epochs}")
+    personal_variants = chosen_personal_variants(args.out_dir, args.personal_only)
     ledger = runs.ledger_path(args)
     utils.check_writable(args.out_dir)
     runs.write_run_record(args, args.out_dir)
@@ -188,7 +228,7 @@ def main(args):
                            "--mods", args.mods, "--lr", str(args.lr), "--jobs", str(args.jobs)]
         personal = pd.DataFrame([run_personalization(name, flags, personal_common, args.out_dir,
                                                      args.personal_epochs, ledger)
-                                 for name, flags in PERSONAL_VARIANTS])
+                                 for name, flags in personal_variants])
         utils.write_csv(personal, Path(args.out_dir) / runs.PERSONALIZE_TABLE)
     print(f"\nheld-out CCC of crossval.py --mods {args.mods} --epochs {args.epochs} --lr {args.lr}:")
     print(markdown(table))

@@ -5,6 +5,8 @@ and data (datasets.VideoSet); it reads and writes checkpoints through
 checkpoints.py and output names through runs.py. One `train_one_epoch`, one
 `evaluate`, one `fit`.
 """
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
 import contextlib
 import ctypes
 import math
@@ -105,31 +107,43 @@ def build_optimizer(model, lr, weight_decay):
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
 
 
+def shuffled_batches(segments, batch_size, generator):
+    """An epoch's batches: every training piece once, in a fresh random order."""
+    return [[segments[i] for i in batch_indices.tolist()]
+            for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size)]
+
+
 def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,
-                    loss_name="mse", precision="fp32", grad_scaler=None):
-    """One pass over the training pieces in a fresh random order.
+                    loss_name="mse", precision="fp32", grad_scaler=None, batches=None,
+                    penalty=None):
+    """One pass over the training pieces in a fresh random order (or over the
+    batches that `batches(generator)` draws, lists of pieces).
 
     The loss (`LOSSES[loss_name]`) is computed in float32 over each batch's valid
     steps; the forward pass runs in `precision` (see precision.autocast), with
-    `grad_scaler` (precision.grad_scaler) for fp16.
+    `grad_scaler` (precision.grad_scaler) for fp16. `penalty(model)`, if given, is
+    added to the loss that is minimized (not to the one reported).
     Returns {"loss": its mean over batches, weighted by their steps}.
     """
     model.train()
     loss_function = LOSSES[loss_name]
     total_loss, total_steps = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size):
-        batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
+    epoch_batches = (batches(generator) if batches is not None
+                     else shuffled_batches(segments, batch_size, generator))
+    for batch_segments in epoch_batches:
+        batch = train_set.gather(batch_segments, device)
         with autocast(precision, device):
             embedded = model.embed(batch.inputs)
             batch.inputs = None  # dropout copied the rows it needs: free the gathered ones early
             predictions = model.forward_embedded(embedded, batch.lengths)
         loss = loss_function(predictions.float(), batch.targets)  # .float(): no-op in fp32
+        objective = loss if penalty is None else loss + penalty(model)
         if grad_scaler is None:
-            loss.backward()
+            objective.backward()
             optimizer.step()
         else:
-            grad_scaler.scale(loss).backward()
+            grad_scaler.scale(objective).backward()
             grad_scaler.step(optimizer)
             grad_scaler.update()
         optimizer.zero_grad(set_to_none=True)  # gradients freed before the next batch
@@ -229,13 +243,19 @@ class TrainingRun:
     scaler and shuffling generator, and the progress that checkpoints save and
     --resume restores (epoch, best score, metrics history, --patience count)."""
 
-    def __init__(self, model, train_set, model_dir, settings, device, postprocessing):
+    def __init__(self, model, train_set, model_dir, settings, device, postprocessing,
+                 finetuning=None):
         self.model, self.train_set, self.model_dir = model, train_set, Path(model_dir)
         self.settings, self.device, self.postprocessing = settings, device, postprocessing
-        self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay)
+        # personalize.py's method (finetuning.SubjectFineTuning): its weight decay,
+        # penalty, batches and record; None trains as everything else does.
+        self.finetuning = finetuning
+        self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay
+                                         if finetuning is None else finetuning.weight_decay)
         self.grad_scaler = grad_scaler(settings.precision, device)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.segments = train_set.training_segments(settings.split)
+        self.batches = finetuning.batches(train_set) if finetuning is not None else None
         self.epoch, self.best_ccc, self.best_epoch, self.history = 0, -math.inf, 0, []
         self.stale_evaluations, self.stopped_early = 0, False  # evaluations since the best
 
@@ -261,6 +281,8 @@ class TrainingRun:
         record = {"training": asdict(self.settings),
                   "postprocessing": asdict(self.postprocessing),
                   "stopped_early": self.stopped_early}
+        if self.finetuning is not None:
+            record["finetuning"] = self.finetuning.record
         if with_optimizer and self.grad_scaler is not None:  # fp16: its loss scale, for --resume
             record["grad_scaler"] = self.grad_scaler.state_dict()
         checkpoints.save_checkpoint(self.model_dir / name, checkpoints.make_checkpoint(
@@ -275,7 +297,8 @@ class TrainingRun:
         settings = self.settings
         stats = train_one_epoch(self.model, self.optimizer, self.train_set, self.segments,
                                 settings.batch_size, self.generator, self.device, settings.loss,
-                                settings.precision, self.grad_scaler)
+                                settings.precision, self.grad_scaler, self.batches,
+                                self.finetuning.penalty if self.finetuning is not None else None)
         self.check_converging(stats["loss"], "training loss")
         row = {"epoch": self.epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
         if self.epoch % settings.eval_freq == 0 or self.epoch == settings.epochs:
@@ -314,7 +337,7 @@ class TrainingRun:
 
 
 def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
-        postprocessing=None, tensorboard_dir=None):
+        postprocessing=None, tensorboard_dir=None, on_epoch=None, finetuning=None):
     """Train `model` on `train_set`, checking `val_set` every `eval_freq` epochs.
 
     Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
@@ -325,7 +348,11 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     beaten the best. `postprocessing` (see postprocessing.Postprocessing) sets the
     label delay of the training targets and how validation predictions are scored.
     With `tensorboard_dir`, every epoch's scalars also go to TensorBoard (see
-    `curves`). Returns {"best_ccc", "best_epoch", "epoch", "stopped_early"}.
+    `curves`). `on_epoch`, if given, is called with each epoch's metrics row once it
+    is recorded (tune.py's pruner); an exception it raises ends training there.
+    `finetuning` (finetuning.SubjectFineTuning) is personalize.py's method: what it
+    penalizes, how it draws batches, and its record in every checkpoint.
+    Returns {"best_ccc", "best_epoch", "epoch", "stopped_early"}.
     """
     model_dir = Path(model_dir)
     utils.check_writable(model_dir)
@@ -340,15 +367,15 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
         report_unseen_listeners(postprocessing, val_set.videos)
     if postprocessing.delay_frames:
         train_set = train_set.with_label_delay(postprocessing.delay_frames)
-    run = TrainingRun(model, train_set, model_dir, settings, device, postprocessing)
+    run = TrainingRun(model, train_set, model_dir, settings, device, postprocessing, finetuning)
     if resume:
         run.resume()
     if not run.stopped_early:
-        _train_epochs(run, val_set, progress, tensorboard_dir)
+        _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch)
     return run.summary()
 
 
-def _train_epochs(run, val_set, progress, tensorboard_dir):
+def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None):
     """Train from the run's epoch to --epochs, or until --patience or a stop request."""
     start_epoch, settings = run.epoch, run.settings
     with tqdm(range(start_epoch + 1, settings.epochs + 1), desc=run.model_dir.name, unit="epoch",
@@ -359,6 +386,8 @@ def _train_epochs(run, val_set, progress, tensorboard_dir):
             row = run.train_epoch(val_set)
             run.record(row)
             log_epoch(row, run.optimizer.param_groups[0]["lr"])
+            if on_epoch is not None:
+                on_epoch(row)
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
                             best=f"{run.best_ccc:.3f}@{run.best_epoch}")
             if run.stopped_early:
@@ -398,18 +427,19 @@ def curves(tensorboard_dir, model_dir):
         writer.close()
 
 
-def fit_seeds(make_model, train_set, val_set, model_dir, run, device, postprocessing=None):
+def fit_seeds(make_model, train_set, val_set, model_dir, run, device, postprocessing=None,
+              finetuning=None):
     """`fit` once per seed of `run.settings` (options.RunOptions; see
     `TrainingSettings.seed_runs`), each seeded before `make_model()` builds its
-    starting model, with the run's post-processing unless `postprocessing` is given.
-    Returns fit's summary per seed, with "seed"."""
+    starting model, with the run's post-processing unless `postprocessing` is given
+    (and `finetuning`, see `fit`). Returns fit's summary per seed, with "seed"."""
     summaries = []
     for seed_settings, folder in run.settings.seed_runs(model_dir):
         seed_everything(seed_settings.seed)
         summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
                       resume=run.resumes_run(folder), progress=run.progress,
                       postprocessing=postprocessing or run.postprocessing,
-                      tensorboard_dir=run.tensorboard_dir)
+                      tensorboard_dir=run.tensorboard_dir, finetuning=finetuning)
         summaries.append({"seed": seed_settings.seed, **summary})
     return summaries
 

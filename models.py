@@ -15,7 +15,8 @@ layer the 128-d decision-level features. Between them:
   weights per step; a one-layer LSTM (hidden 512) runs over it; the context at step
   t is the weighted sum of the LSTM states at t, t-1 and t-2 (zero before the
   start). Optionally (--layers, --bidirectional) the LSTM is stacked or runs both
-  ways; the decoder then takes the concatenated directions (1024 wide).
+  ways; the decoder then takes the concatenated directions (1024 wide). --hidden_dim
+  sizes it; --dropout (default 0, none) drops recurrent states in training.
 - `gru`: the same with a GRU.
 - `tcn`: residual blocks of centred dilated 1-D convolutions (TemporalConvNet).
 - `transformer`: a Transformer encoder with sinusoidal positions and an optional
@@ -25,6 +26,8 @@ The LSTM's module names match the original release (`embed_<mod>.1.weight`,
 `attn.0.weight`, `lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain
 state_dicts load as is.
 """
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
 import argparse
 import math
 import re
@@ -71,7 +74,7 @@ class InputDropout(nn.Dropout):
 @dataclass(frozen=True)
 class ModelFlag:
     """A command-line flag that sizes a model family: `flag` sets the constructor
-    argument `option`; `minimum` and `maximum` bound an integer (the maximum keeps
+    argument `option`; `minimum` and `maximum` bound its number (the maximum keeps
     a typo such as --tcn_blocks 64 from asking for more memory than any machine has)."""
     flag: str
     option: str
@@ -111,6 +114,7 @@ class FusionModel(nn.Module):
     """
     FAMILY = None
     FLAGS = ()
+    HEAD = ()  # the output layers that personalize.py --finetune head updates (module names)
 
     def _add_embeddings(self, input_dims, embed_dim):
         """Per modality: dropout -> linear -> ReLU into `embed_dim`; returns the width
@@ -125,6 +129,13 @@ class FusionModel(nn.Module):
     def _add_decoder(self, state_dim, decoder_dim):
         self.dec_target = nn.Sequential(nn.Linear(state_dim, decoder_dim), nn.ReLU(),
                                         nn.Linear(decoder_dim, 1))
+
+    def add_adapter(self, rank=1):
+        """Give the model a listener adapter (see `ListenerAdapter`; personalize.py
+        --finetune adapter); its configuration records it, so checkpoints rebuild it."""
+        self.adapter = ListenerAdapter(self.dec_target[0].out_features, rank)
+        self.config = {**self.config, "adapter": {"rank": rank}}
+        return self
 
     def _describe(self, **sizes):
         """The configuration: family, modalities, input dimensions and the sizes."""
@@ -153,7 +164,12 @@ class FusionModel(nn.Module):
         valid = torch.arange(int(lengths.max())) < lengths[:, None]       # (B, T)
         states = self.sequence_states(embedded, valid, lengths)          # (B, T, states)
         hidden = self.dec_target[0](states[valid.to(states.device)])
+        adapter = self._modules.get("adapter")  # only a personalized model has one
+        if adapter is not None:
+            hidden = adapter.adapt_features(hidden)
         predictions = self.dec_target[2](self.dec_target[1](hidden)).squeeze(-1)
+        if adapter is not None:
+            predictions = adapter.adapt_output(predictions)
         return (predictions, hidden) if with_features else predictions
 
     def forward(self, inputs, lengths):
@@ -176,6 +192,13 @@ class FusionModel(nn.Module):
 RECURRENT_FLAGS = (  # shared by the lstm and gru families, so declared once
     size_flag("--layers", "num_layers", 1, "stacked recurrent layers of --model lstm or gru",
               maximum=16),
+    size_flag("--hidden_dim", "hidden_dim", 512, "--model lstm or gru: hidden size of each "
+              "recurrent layer (per direction)", maximum=8192),
+    ModelFlag("--dropout", "dropout", dict(
+        type=float, default=0.0, metavar="P",
+        help="--model lstm or gru: dropout on the recurrent states, between stacked layers and "
+             "before the attention (0 to 0.9; default: %(default)s, none, as in the guide)"),
+              minimum=0.0, maximum=0.9),
     ModelFlag("--bidirectional", "bidirectional", dict(
         action="store_true", help="--model lstm or gru: run the recurrent layers forwards and "
                                   "backwards; the attention and the decoder take both "
@@ -188,22 +211,27 @@ class RecurrentFusion(FusionModel):
     under the family's name (`lstm.weight_ih_l0`, `gru.weight_ih_l0`, ...): local
     attention over the states at t, t-1 and t-2, then the decoder."""
     FLAGS = RECURRENT_FLAGS
+    HEAD = ("attn", "dec_target")  # the attention weighs the states the decoder reads
     RECURRENT = None
 
     def __init__(self, input_dims, embed_dim=128, attn_dim=128, attn_len=3,
-                 hidden_dim=512, decoder_dim=128, num_layers=1, bidirectional=False):
+                 hidden_dim=512, decoder_dim=128, num_layers=1, bidirectional=False,
+                 dropout=0.0):
         super().__init__()
         fused_dim = self._add_embeddings(input_dims, embed_dim)
-        self.attn_len = attn_len
+        self.attn_len, self.dropout = attn_len, dropout
         self.attn = nn.Sequential(nn.Linear(fused_dim, attn_dim), nn.ReLU(),
                                   nn.Linear(attn_dim, attn_len), nn.Softmax(dim=-1))
+        # torch's own dropout acts between stacked layers only (and warns with one layer);
+        # the last layer's states get theirs in sequence_states.
         self.add_module(self.FAMILY, self.RECURRENT(
             fused_dim, hidden_dim, num_layers=num_layers, batch_first=True,
-            bidirectional=bidirectional))
+            bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0))
         self._add_decoder(hidden_dim * (2 if bidirectional else 1), decoder_dim)
         self.config = self._describe(
             embed_dim=embed_dim, attn_dim=attn_dim, attn_len=attn_len, hidden_dim=hidden_dim,
-            decoder_dim=decoder_dim, num_layers=num_layers, bidirectional=bidirectional)
+            decoder_dim=decoder_dim, num_layers=num_layers, bidirectional=bidirectional,
+            dropout=dropout)
 
     @property
     def recurrent(self):
@@ -214,6 +242,8 @@ class RecurrentFusion(FusionModel):
         states at t, t-1 and t-2 (zero before the start)."""
         weights = self._pad(self.attn(embedded), valid)                  # (B, T, attn_len)
         states = self._run_recurrent(self._pad(embedded, valid), lengths)  # (B, T, states)
+        if self.dropout:  # skipped at 0, so the default draws no random numbers: runs unchanged
+            states = F.dropout(states, self.dropout, self.training)
         context = weights[..., :1] * states
         for lag in range(1, self.attn_len):
             context = context + weights[..., lag:lag + 1] * F.pad(states, (0, 0, lag, 0))[:, :-lag]
@@ -234,9 +264,10 @@ class RecurrentFusion(FusionModel):
         dims = {mod: int(config["input_dims"][mod]) for mod in config["mods"]}
         sizes = {key: int(config[key]) for key in
                  ("embed_dim", "attn_dim", "attn_len", "hidden_dim", "decoder_dim")}
-        # Checkpoints from before --layers and --bidirectional have neither key.
+        # Checkpoints from before --layers, --bidirectional and --dropout lack their keys.
         return cls(dims, **sizes, num_layers=int(config.get("num_layers", 1)),
-                   bidirectional=bool(config.get("bidirectional", False)))
+                   bidirectional=bool(config.get("bidirectional", False)),
+                   dropout=float(config.get("dropout", 0.0)))
 
     @classmethod
     def config_from_state_dict(cls, state_dict):
@@ -256,6 +287,7 @@ class RecurrentFusion(FusionModel):
             "num_layers": sum(1 for key in state_dict
                               if re.fullmatch(rf"{cls.FAMILY}\.weight_hh_l\d+", key)),
             "bidirectional": f"{cls.FAMILY}.weight_hh_l0_reverse" in state_dict,
+            "dropout": 0.0,  # has no weights; the original release had none
         }
 
 
@@ -304,6 +336,7 @@ class TemporalConvNet(FusionModel):
     The decoder (channels -> 128 -> ReLU -> 1) is the LSTM's.
     """
     FAMILY = "tcn"
+    HEAD = ("dec_target",)
     FLAGS = (
         size_flag("--tcn_channels", "channels", 128, "--model tcn: channels of every convolution",
                   maximum=2048),
@@ -363,6 +396,7 @@ class FusionTransformer(FusionModel):
     (model_dim -> 128 -> ReLU -> 1) is the LSTM's.
     """
     FAMILY = "transformer"
+    HEAD = ("dec_target",)
     MAX_START = 600  # s: longer than the OMG-Empathy stories (up to about 8 minutes)
     FLAGS = (
         size_flag("--transformer_layers", "num_layers", 2, "--model transformer: encoder layers",
@@ -426,6 +460,29 @@ class FusionTransformer(FusionModel):
         return ~allowed.repeat_interleave(self.num_heads, dim=0)
 
 
+class ListenerAdapter(nn.Module):
+    """A listener's correction of a frozen model (personalize.py --finetune adapter), a
+    few hundred parameters: a rank-`rank` residual on the decoder's 128-d features
+    (features + up(down(features))) and an affine map of the output
+    ((1 + gain) * prediction + shift). `up`, `gain` and `shift` start at zero, so an
+    untrained adapter changes no prediction, and weight decay pulls it back toward
+    the shared model."""
+
+    def __init__(self, width, rank=1):
+        super().__init__()
+        self.down = nn.Linear(width, rank, bias=False)
+        self.up = nn.Linear(rank, width, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.gain = nn.Parameter(torch.zeros(()))
+        self.shift = nn.Parameter(torch.zeros(()))
+
+    def adapt_features(self, features):
+        return features + self.up(self.down(features))
+
+    def adapt_output(self, predictions):
+        return predictions * (1 + self.gain) + self.shift
+
+
 # ---------------------------------------------------------------- the registry
 
 MODELS = {"lstm": FusionLSTM, "gru": FusionGRU, "tcn": TemporalConvNet,
@@ -450,7 +507,11 @@ def from_config(config):
     if name not in MODELS:
         raise ToolkitError(f"model family {name!r} is not one this toolkit knows "
                            f"({', '.join(MODELS)}): update the toolkit")
-    return MODELS[name].from_config(config)
+    model = MODELS[name].from_config({key: value for key, value in config.items()
+                                      if key != "adapter"})
+    if config.get("adapter"):  # a personalized model's listener adapter
+        model.add_adapter(**config["adapter"])
+    return model
 
 
 def config_from_state_dict(state_dict):

@@ -236,7 +236,9 @@ class Plan:
     (folder, its seed's settings) of the runs that --resume continues. `evaluated`:
     checkpoints it will load for `data`. `runner`: where tasks run. `split_dirs`:
     (--train_dir, --test_dir) of a command that trains on the first and validates or
-    tests on the second (they must be two folders).
+    tests on the second (they must be two folders). `base_checks`: functions of
+    (the base model's network, its path) that refuse a base unfit for the command
+    (personalize.py's methods, see finetuning.base_check).
     """
     outputs: list
     options: "RunOptions"
@@ -247,6 +249,7 @@ class Plan:
     evaluated: list = field(default_factory=list)
     runner: parallel.Runner = None
     split_dirs: tuple = None
+    base_checks: list = field(default_factory=list)
 
 
 def check_before_writing(plan):
@@ -270,6 +273,8 @@ def check_before_writing(plan):
         trained_with = Postprocessing.resolve(base.checkpoint.get("postprocessing"), plan.base,
                                               **flags)
         normalize = base.scaler is not None
+        for check in plan.base_checks:
+            check(base.network, plan.base)
     if plan.trains:
         check_trainable_with(run, plan, trained_with, flags)
     for folder, settings in plan.resumed:

@@ -20,6 +20,12 @@ fine-tuned on the other training videos (subject_<s>/inner_val_on_<story>/) and 
 held-out video is scored every --eval_freq epochs; the epoch (0, no fine-tuning,
 included) with the best mean held-out CCC is the one the subject's model is then
 fine-tuned for on all of them. subject_<s>/inner_cv.csv holds the curves.
+
+--finetune all|head|adapter, --anchor and --mix choose how a subject's model is
+fine-tuned (see finetuning.py); given several values, --inner_cv tries every
+combination in subject_<s>/inner_<method>/val_on_<story>/ and keeps, per subject,
+the one (and the number of epochs) with the best mean held-out CCC;
+personalize.csv then says what each subject got (finetune, anchor, mix, epochs).
 """
 import argparse
 from dataclasses import replace
@@ -31,6 +37,7 @@ import pandas as pd
 import checkpoints
 import datasets
 import engine
+import finetuning
 import options
 import parallel
 import runs
@@ -43,7 +50,7 @@ def get_args_parser():
         "personalize.py", description="Fine-tune a trained model for each listener.",
         parents=[options.get_data_args_parser(), options.get_training_args_parser(),
                  parallel.get_parallel_args_parser("fine-tune subjects"),
-                 runs.get_ledger_args_parser()])
+                 finetuning.get_args_parser(), runs.get_ledger_args_parser()])
     group = parser.add_argument_group("subjects")
     group.add_argument("--out_dir", default="./personal",
                        help="folder holding init.save; gets subject_<s>/ and pred_test/ "
@@ -58,7 +65,8 @@ def get_args_parser():
                        help="redo subjects that already hold a run")
     group.add_argument("--inner_cv", action="store_true",
                        help="choose each subject's number of fine-tuning epochs (0 to "
-                            "--epochs) by leave-one-story-out over their own training videos")
+                            "--epochs), and method where --finetune, --anchor or --mix give "
+                            "several, by leave-one-story-out over their own training videos")
     return parser
 
 
@@ -70,47 +78,37 @@ def init_checkpoint(out_dir):
     return path
 
 
-def subject_sets(train_all, test_all, subject, augment):
-    train_set = (train_all.repeat_subjects([subject], augment) if augment
-                 else train_all.select(subjects=[subject]))
-    return train_set, test_all.select(subjects=[subject])
-
-
-def inner_folders(subject_folder, stories):
-    return {story: runs.inner_fold_dir(subject_folder, story) for story in stories}
-
-
 def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None,
-                        inner_cv=False):
+                        inner_cv=False, methods=(finetuning.DEFAULT,)):
     """Fine-tune init.save for one subject (once per seed of options.RunOptions
-    `run`; for the number of epochs that `inner_cv` chooses, if asked); returns
-    its CCC before and after (of the seeds' average prediction, with their mean and std)."""
+    `run`) with the method of `methods` (finetuning.Method) and the number of epochs
+    that `inner_cv` chooses, if asked; returns its CCC before and after (of the
+    seeds' average prediction, with their mean and std) and what it got."""
     device = run.device
     flags = run.postprocessing_flags or {}
     init = checkpoints.load_trained([init_checkpoint(out_dir)], train_all, run.normalize, device)[0]
-    train_set, test_set = subject_sets(train_all.with_scaler(init.scaler),
-                                       test_all.with_scaler(init.scaler), subject, augment)
+    train_all, test_all = train_all.with_scaler(init.scaler), test_all.with_scaler(init.scaler)
+    test_set = test_all.select(subjects=[subject])
     postprocessing = engine.saved_postprocessing([init], flags, train_all)
     precision = run.settings.precision
     before = engine.evaluate(init.network, test_set, device, postprocessing, precision)
     subject_folder = runs.subject_dir(out_dir, subject)
+    tuning = finetuning.SubjectTuning(train_all, subject, init, run, postprocessing, augment)
 
-    def load_init():
-        return checkpoints.load_trained([init_checkpoint(out_dir)], train_all, run.normalize,
-                                        device)[0].network
-
-    epochs = run.settings.epochs
+    method, epochs = methods[0], run.settings.epochs
     if inner_cv:
-        own_videos = train_all.with_scaler(init.scaler).select(subjects=[subject])
-        epochs = choose_epochs(load_init, init.network, train_set, own_videos, subject_folder,
-                               run, device, postprocessing)
+        method, epochs = finetuning.choose_method(tuning, methods, subject_folder)
     row = {"subject": subject, "before_ccc": before["ccc"]}
     if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
         after = {**before, "seed_ccc": [before["ccc"]] * run.settings.seeds}
     else:
-        tuning = replace(run, settings=replace(run.settings, epochs=epochs))
-        engine.fit_seeds(load_init, train_set, test_set, subject_folder, tuning, device,
-                         postprocessing)
+        chosen = replace(run, settings=replace(run.settings, epochs=epochs))
+        for folder, _ in chosen.resumed_runs(subject_folder):
+            finetuning.check_resumed(folder, method)
+        train_set = tuning.videos(method)
+        engine.fit_seeds(lambda: tuning.model(method), train_set, test_set, subject_folder,
+                         chosen, device, postprocessing,
+                         finetuning=tuning.finetuning(method, chosen.settings))
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
         tuned, tuned_postprocessing = engine.load_for_evaluation(
@@ -120,49 +118,15 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     utils.write_predictions(runs.predictions_dir(out_dir, "test"), test_set.videos,
                             after["frames"])
     row["after_ccc"] = after["ccc"]
+    if list(methods) != [finetuning.DEFAULT]:  # say what the subject got
+        got = method if epochs else finetuning.Method(finetuning.KEPT_INIT)
+        row.update(got.record)
     if inner_cv:
         row["epochs"] = epochs
     if run.settings.seeds > 1:
         row.update(after_ccc_seed_mean=np.mean(after["seed_ccc"]),
                    after_ccc_seed_std=np.std(after["seed_ccc"]))
     return row
-
-
-def choose_epochs(load_init, init_network, train_set, own_videos, subject_folder, run,
-                  device, postprocessing):
-    """The number of fine-tuning epochs (0 to --epochs) with the best mean CCC on the
-    subject's own training videos, each held out in turn (see the module's
-    docstring); writes the curves to <subject_folder>/inner_cv.csv."""
-    stories = sorted({video.story for video in own_videos.videos})
-    settings = run.settings
-    inner_settings = replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
-    curves = {}
-    for story, folder in inner_folders(subject_folder, stories).items():
-        held_out = own_videos.select(stories=[story])
-        start = engine.evaluate(init_network, held_out, device, postprocessing,
-                               settings.precision)["ccc"]
-        engine.seed_everything(inner_settings.seed)
-        engine.fit(load_init(), train_set.select(exclude_stories=[story]), held_out, folder,
-                  inner_settings, device, resume=run.resumes_run(folder),
-                  progress=run.progress, postprocessing=postprocessing,
-                  tensorboard_dir=run.tensorboard_dir)
-        history = pd.read_csv(folder / runs.METRICS).dropna(subset=["val_ccc"])
-        curves[runs.fold_name(story)] = pd.Series([start, *history["val_ccc"]],
-                                                  index=[0, *history["epoch"]])
-    table = pd.DataFrame(curves).rename_axis("epoch").reset_index()
-    table["mean_ccc"] = table[list(curves)].mean(axis=1)
-    utils.write_csv(table, Path(subject_folder) / runs.INNER_CV_TABLE)
-    return int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
-
-
-def inner_cv_folders(train_all, subject, out_dir):
-    """{story: folder} of a subject's inner cross-validation, which needs two or more
-    of their training stories."""
-    stories = sorted({video.story for video in train_all.select(subjects=[subject]).videos})
-    if len(stories) < 2:
-        raise ToolkitError(f"--inner_cv needs two or more training stories of subject {subject}, "
-                           f"who has {len(stories)}: leave out --inner_cv or that subject")
-    return inner_folders(runs.subject_dir(out_dir, subject), stories)
 
 
 def videos_for_tasks(train_all, test_all, args, mods, runner):
@@ -185,11 +149,12 @@ def choose_subjects(train_all, test_all, requested, augment):
 
 
 def subject_table(rows):
-    scores = [name for name in ("before_ccc", "after_ccc", "epochs", "after_ccc_seed_mean",
-                                "after_ccc_seed_std") if name in rows[0]]
-    table = pd.DataFrame(rows, columns=["subject", *scores])
-    mean = table[scores].mean()
-    summary = pd.DataFrame([{"subject": "Mean", **mean}])
+    columns = [name for name in ("before_ccc", "after_ccc", *finetuning.DEFAULT.record, "epochs",
+                                 "after_ccc_seed_mean", "after_ccc_seed_std") if name in rows[0]]
+    table = pd.DataFrame(rows, columns=["subject", *columns])
+    mean = table[[name for name in columns if name not in finetuning.DEFAULT.record]].mean()
+    summary = pd.DataFrame([{"subject": "Mean", **mean,  # no mean of the methods
+                             **{name: "" for name in columns if name in finetuning.DEFAULT.record}}])
     if "epochs" in table:  # whole numbers, not 3.0000 (their mean too, where it is one)
         table = table.astype({"epochs": object})
         summary = summary.astype({"epochs": object})
@@ -210,28 +175,32 @@ def main(args):
     if args.inner_cv and settings.patience is not None:
         raise ToolkitError("--inner_cv chooses how long to fine-tune by itself: leave out "
                            "--patience (which would stop on the test videos)")
+    methods = finetuning.methods_from_args(args)
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
     init = init_checkpoint(out_dir)
     train_all, test_all = datasets.load_train_test(args.train_dir, args.test_dir, mods,
                                                    args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
-    folders, inner = subject_folders(train_all, subjects, out_dir, settings, args.inner_cv)
-    resumes = runs.check_fresh_runs(folders + inner, args.resume, args.overwrite)
+    folders, inner = subject_folders(train_all, subjects, out_dir, settings, args.inner_cv,
+                                     methods)
+    resumes = runs.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
     run = options.RunOptions.from_args(args, settings, resumes, runner)
     resumed = [(folder, seed_settings) for subject in subjects for folder, seed_settings
                in run.resumed_runs(runner.path(runs.subject_dir(out_dir, subject)))]
     resumed += [(folder, settings) for folder in inner if resumes[folder]]  # one seed each
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], options=run, data=train_all, trains=True, base=init,
-        resumed=resumed, runner=runner, split_dirs=(args.train_dir, args.test_dir)))
+        resumed=resumed, runner=runner, split_dirs=(args.train_dir, args.test_dir),
+        base_checks=[finetuning.base_check(methods)]))
+    finetuning.check_resumed_methods(folders, inner, resumes, methods)
     with runs.owned(out_dir):
-        runs.check_fresh_runs(folders + inner, args.resume, args.overwrite)  # none began meanwhile
+        runs.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)  # none began meanwhile
         runs.write_run_record(args, out_dir)
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
                       out_dir=runner.path(out_dir), run=run, augment=args.augment,
-                      inner_cv=args.inner_cv)
+                      inner_cv=args.inner_cv, methods=methods)
                  for subject in subjects]
         table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
         utils.write_csv(table, out_dir / runs.PERSONALIZE_TABLE)
@@ -240,13 +209,13 @@ def main(args):
     return table
 
 
-def subject_folders(train_all, subjects, out_dir, settings, inner_cv):
-    """The run folders of the subjects (one per seed) and of their inner
-    cross-validation folds (with --inner_cv)."""
+def subject_folders(train_all, subjects, out_dir, settings, inner_cv, methods):
+    """The run folders of the subjects (one per seed) and, with --inner_cv, of their
+    inner cross-validation folds ({folder: its method})."""
     folders = [folder for subject in subjects
                for _, folder in settings.seed_runs(runs.subject_dir(out_dir, subject))]
-    inner = [folder for subject in subjects if inner_cv
-             for folder in inner_cv_folders(train_all, subject, out_dir).values()]
+    inner = {folder: method for subject in subjects if inner_cv
+             for folder, method in finetuning.inner_cv_folders(train_all, subject, out_dir, methods).items()}
     return folders, inner
 
 

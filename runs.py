@@ -35,7 +35,8 @@ the scripts, whose names and patterns only the functions below spell:
     <out_dir of personalize.py>/
         init.save  args.json  personalize.csv  pred_test/
         subject_<s>/             a model folder per subject; with --inner_cv also
-            inner_val_on_<story>/, inner_cv.csv
+            inner_val_on_<story>/, inner_cv.csv (inner_<method>/val_on_<story>/
+            per method where --finetune, --anchor or --mix give several)
     <pred_dir of fusion.py>/     fusion_model.joblib, pred_train/, pred_test/, args.json
                                  (test_args.json for --test)
     <out_dir of cv_fusion.py>/   args.json (test_args.json), crossval.csv, cv_pred/,
@@ -46,6 +47,8 @@ the scripts, whose names and patterns only the functions below spell:
     <out_dir of compare_options.py>/  args.json, compare.csv, personalize.csv, a
                                  crossval.py folder per option, personal_<option>/
 """
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
 import argparse
 import contextlib
 import csv
@@ -143,8 +146,12 @@ def fold_dir(out_dir, story):
     return Path(out_dir) / fold_name(story)
 
 
-def inner_fold_dir(subject_folder, story):
-    return Path(subject_folder) / f"{INNER_FOLD_PREFIX}{story}"
+def inner_fold_dir(subject_folder, story, method_name=None):
+    """A fold of personalize.py's inner cross-validation: inner_val_on_<story>/, or
+    inner_<method>/val_on_<story>/ when --inner_cv compares several methods."""
+    if method_name is None:
+        return Path(subject_folder) / f"{INNER_FOLD_PREFIX}{story}"
+    return Path(subject_folder) / f"inner_{method_name}" / fold_name(story)
 
 
 def subject_dir(out_dir, subject):

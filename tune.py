@@ -12,8 +12,9 @@ afterwards (see tuning.py). The study lives in <out_dir>/study.db (or --storage
 URL); running the same command again resumes it: --trials N means N finished
 (completed or pruned) trials in all. Writes trials.csv, best.json (the best
 settings as flags for train.py and crossval.py) and a ledger row per completed
-trial. --final trains the best settings on every training video and prints their
-validation CCC (final/, final.json).
+trial. --jobs N runs trials in N processes here; --scheduler ADDRESS on the workers
+of a Dask cluster. --final trains the best settings on every training video and
+prints their validation CCC (final/, final.json).
 """
 import argparse
 from dataclasses import replace
@@ -81,9 +82,7 @@ def main(args):
         runs.write_run_record(args, out_dir)
         tuning.write_study_record(out_dir, args.storage, args.study_name)
         config = tuning.TuneConfig.from_args(args, run, attrs["models"], runner)
-        tasks = [dict(train_set=train_set, config=config, worker=worker)
-                 for worker in range(args.jobs)]
-        runner.run(tuning.run_worker, tasks, "tuning processes")
+        tuning.run_trials(runner, train_set, config, args.jobs)
         table, best = tuning.write_outputs(study, out_dir)
     print(f"{len(table)} finished trials in {out_dir / runs.TRIALS_TABLE}")
     if best is not None:

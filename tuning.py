@@ -8,14 +8,16 @@ not read) and keeps each fold's per-second held-out predictions. Only then does 
 sample the post-processing (smoothing or low-pass, calibration) and score those
 predictions with it (postprocessing.score_videos): post-processing is searched by
 re-scoring, never by retraining. The objective is the mean CCC over folds (or mean
-minus std). After each fold the running mean of the folds' CCC (label delay only)
-goes to a MedianPruner, which stops trials that fall behind.
+minus std). After each epoch the trial's running CCC (see `epoch_reporter`) goes to
+a median pruner (`LatestMedianPruner`), which stops trials that fall behind.
 
 The study lives in SQLite (<out_dir>/study.db, or --storage URL): one file that
 optuna-dashboard reads as is, transactions that a killed process cannot leave
 half-written, and the same code for the PostgreSQL or MySQL server that several
 machines share. Its user attributes hold what defines the objective (data folder,
 modalities, stories, epochs, ...), so a study is never continued with other ones.
+With --scheduler the trials run on a Dask cluster's workers, and the scheduler
+serves them the storage (optuna-integration's DaskStorage, `served_by_scheduler`).
 
     <out_dir>/study.db            the study (unless --storage)
     <out_dir>/study.json          its storage URL and name (plot.py tune, --final)
@@ -28,20 +30,26 @@ modalities, stories, epochs, ...), so a study is never continued with other ones
 """
 import contextlib
 import fcntl
+import json
 import math
 import platform
 import sys
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
+from optuna.trial import TrialState
 
 import datasets
 import engine
 import models
 import options
+import parallel
 import runs
 import utils
 from postprocessing import Postprocessing, score_videos
@@ -75,9 +83,11 @@ class Param:
 TRAINING = (Param("lr", "log", (1e-5, 1e-2)), Param("weight_decay", "log", (1e-6, 1e-2)),
             Param("loss", "choice", tuple(engine.LOSSES)),
             Param("label_delay", "float", (0.0, 5.0), step=0.5))
-RECURRENT = (Param("layers", "int", (1, 2)), Param("bidirectional", "bool"))
+RECURRENT = (Param("layers", "int", (1, 2)), Param("bidirectional", "bool"),
+             Param("hidden_dim", "choice", (64, 128, 256, 512)),
+             Param("dropout", "float", (0.0, 0.5), step=0.1))
 # Sizes of each family, by its size flags; a family's flags that are not listed keep
-# their defaults (the LSTM's hidden size and every family's dropout have no flag).
+# their defaults (the transformer's dropout has no flag).
 FAMILY_SIZES = {
     "lstm": RECURRENT, "gru": RECURRENT,
     "tcn": (Param("tcn_channels", "choice", (32, 64, 128)), Param("tcn_kernel", "int", (2, 5)),
@@ -147,8 +157,8 @@ def as_flags(params):
         if name == "filter" or value is False:  # "filter" only says which of the two is set
             continue
         flags.append(f"--{name}")
-        if value is not True:
-            flags.append(f"{value:g}" if isinstance(value, float) else str(value))
+        if value is not True:  # floats in full: rounded, --lr would not repeat the trial
+            flags.append(repr(value) if isinstance(value, float) else str(value))
     return flags
 
 
@@ -168,6 +178,8 @@ class TuneConfig:
     ledger: Path = None
     command: str = ""
     train_dir: str = ""
+    worker: str = ""  # tags the trials of this command (`worker_tag`), wherever they run
+    served_as: str = None  # with --scheduler: the storage's name on the scheduler
 
     @classmethod
     def from_args(cls, args, run, families, runner):
@@ -175,7 +187,8 @@ class TuneConfig:
         ledger = runs.ledger_path(args)
         return cls(run, tuple(families), args.objective, runner.path(args.out_dir),
                    args.storage or default_storage(args.out_dir), args.study_name, args.trials,
-                   ledger and ledger.absolute(), " ".join(sys.argv), str(args.train_dir))
+                   ledger and ledger.absolute(), " ".join(sys.argv), str(args.train_dir),
+                   worker_tag(args.out_dir))
 
     def settings_for(self, params):
         """The TrainingSettings of a trial: its family, sizes and training settings;
@@ -207,8 +220,7 @@ def check_flags(args):
     if args.seeds != 1:
         raise ToolkitError(f"tune.py trains one seed per fold: leave out --seeds {args.seeds}")
     if args.scheduler:
-        raise ToolkitError("tune.py --scheduler is not supported yet: run trials in processes "
-                           "with --jobs N, or on several machines with --storage URL")
+        dask_storage_class()
     if args.objective not in OBJECTIVES:
         raise ToolkitError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     if args.trials < 1:
@@ -247,7 +259,6 @@ def study_attrs(args, train_set):
 
 def open_storage(url):
     """The RDB storage at `url`, or one `error:` line if it cannot be opened."""
-    import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
@@ -280,7 +291,6 @@ def check_storage(url):
 def existing_study(url, name, must_exist=False):
     """The study `name` at `url` if the storage is there (a missing SQLite file is
     not created), else None."""
-    import optuna
     if sqlite_file(url) is not None and not sqlite_file(url).exists():
         if must_exist:
             raise ToolkitError(f"no study at {url}: run tune.py without --final first")
@@ -316,14 +326,12 @@ def _shown(value):
 
 
 def finished_trials(study, states=None):
-    from optuna.trial import TrialState
     return study.get_trials(deepcopy=False, states=states or (TrialState.COMPLETE,
                                                              TrialState.PRUNED))
 
 
 def create_study(url, name, attrs):
     """The study, created with `attrs` if new."""
-    import optuna
     study = optuna.create_study(storage=open_storage(url), study_name=name,
                                 direction="maximize", load_if_exists=True)
     if not study.user_attrs:
@@ -342,7 +350,6 @@ def fail_dead_trials(study, out_dir, own_storage):
     process holds the output folder (runs.owned), so no trial of its folder is alive:
     in the folder's own study file, every running trial is dead; in a shared
     --storage, those that a process of this folder on this machine started."""
-    from optuna.trial import TrialState
     tag = worker_tag(out_dir)
     dead = [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if own_storage or trial.user_attrs.get("worker") == tag]
@@ -356,33 +363,38 @@ def fail_dead_trials(study, out_dir, own_storage):
 
 # ---------------------------------------------------------------- training and scoring
 
-def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing):
+def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing,
+                      on_epoch=None):
     """Train a model of `settings` on `train_set` into `folder` and return its
-    per-second predictions of `eval_set` (at the last epoch) and the model."""
+    per-second predictions of `eval_set` (at the last epoch) and the model;
+    `on_epoch` as engine.fit's."""
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
     engine.seed_everything(settings.seed)
     model = settings.new_model(train_set.input_dims, device)
     engine.fit(model, train_set.with_scaler(scaler), eval_set.with_scaler(scaler), folder,
-               settings, device, progress=False, postprocessing=postprocessing)
+               settings, device, progress=False, postprocessing=postprocessing,
+               on_epoch=on_epoch)
     return engine.predict(model, eval_set.with_scaler(scaler), device,
                           precision=settings.precision), model
 
 
-def run_fold(train_set, story, trial_dir, settings, run, label_delay):
+def run_fold(train_set, story, trial_dir, settings, run, label_delay, on_epoch=None):
     """Train the fold that holds out `story`; keep its per-second held-out predictions
-    (held_out.npz) but not its weights. Returns (training videos, held-out videos,
-    predictions)."""
+    (held_out.npz) but not its weights, even when pruned. Returns (training videos,
+    held-out videos, predictions)."""
     fold_train, held_out = datasets.fold_sets(train_set, story)
     folder = runs.fold_dir(trial_dir, story)
-    per_second, _ = train_and_predict(fold_train, held_out, folder, settings, run,
-                                      Postprocessing(label_delay=label_delay))
+    try:
+        per_second, _ = train_and_predict(fold_train, held_out, folder, settings, run,
+                                          Postprocessing(label_delay=label_delay), on_epoch)
+    finally:
+        for checkpoint in folder.glob("*.save"):  # copies of the weights, per fold and trial
+            checkpoint.unlink()
     with utils.atomic_path(folder / runs.HELD_OUT_PREDICTIONS) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **{video.name: rows for video, rows in zip(held_out.videos,
                                                                        per_second)})
-    for checkpoint in folder.glob("*.save"):  # 3 copies of the weights per fold and trial
-        checkpoint.unlink()
     return fold_train, held_out, per_second
 
 
@@ -403,21 +415,22 @@ def objective_value(scores, objective):
 
 
 def run_trial(trial, train_set, config):
-    """The objective of one trial: train its folds (pruned if their running mean CCC
-    falls behind), then sample and score its post-processing."""
-    import optuna
+    """The objective of one trial: train its folds (pruned after any epoch where its
+    running CCC falls behind), then sample and score its post-processing."""
     params = sample_training(trial, config.families)
-    settings = config.settings_for(params)
+    # Held-out CCC every epoch, for the pruner only: the objective takes the last epoch's.
+    settings = replace(config.settings_for(params), eval_freq=1)
     trial_dir = runs.trial_dir(config.out_dir, trial.number)
     folds, raw = {}, {}
-    for step, story in enumerate(train_set.stories):
-        folds[story] = run_fold(train_set, story, trial_dir, settings, config.base,
-                                params["label_delay"])
-        raw.update(rescore({story: folds[story]}, Postprocessing(params["label_delay"])))
-        trial.report(objective_value(raw, "mean"), step)
-        if trial.should_prune():
-            trial.set_user_attr("fold_ccc", {str(s): v for s, v in raw.items()})
-            raise optuna.TrialPruned()
+    try:
+        for fold, story in enumerate(train_set.stories):
+            on_epoch = epoch_reporter(trial, list(raw.values()), fold, settings.epochs)
+            folds[story] = run_fold(train_set, story, trial_dir, settings, config.base,
+                                    params["label_delay"], on_epoch)
+            raw.update(rescore({story: folds[story]}, Postprocessing(params["label_delay"])))
+    except optuna.TrialPruned:
+        trial.set_user_attr("fold_ccc", {str(story): value for story, value in raw.items()})
+        raise
     scores = rescore(folds, sample_postprocessing(trial, params["label_delay"]))
     values = list(scores.values())
     trial.set_user_attr("fold_ccc", {str(story): value for story, value in scores.items()})
@@ -426,13 +439,66 @@ def run_trial(trial, train_set, config):
     return objective_value(scores, config.objective)
 
 
+# ---------------------------------------------------------------- pruning
+
+def epoch_reporter(trial, finished, fold, epochs):
+    """engine.fit's on_epoch for fold number `fold` of a trial: after each epoch it
+    reports the trial's running CCC at step fold * epochs + epoch - 1, and stops the
+    trial (optuna.TrialPruned) if the pruner says so.
+
+    The running CCC is the mean of the `finished` folds' CCCs (at their last epoch,
+    as the objective takes them) and of this fold's held-out CCC at this epoch: the
+    objective as far as it is known. At a given step every trial has trained the
+    same folds for the same epochs, so the pruner compares like with like; earlier
+    folds steady the estimate, so a trial is not stopped by one noisy epoch alone.
+    A fold's first half of epochs is reported but never judged: a model just started
+    says little yet, and judged earlier the pruner would favour whatever learns
+    fastest (the highest learning rates), not what ends best. Held-out CCC of the training stories only: the
+    validation folder plays no part in it."""
+    unjudged = epochs // 2
+
+    def on_epoch(row):
+        trial.report(float(np.mean([*finished, row["val_ccc"]])), fold * epochs + row["epoch"] - 1)
+        if row["epoch"] > unjudged and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at fold {fold + 1}, epoch {row['epoch']}")
+    return on_epoch
+
+
+class LatestMedianPruner(optuna.pruners.BasePruner):
+    """Prunes a trial whose value at the step just reported is below the median of
+    the completed trials' values at that step, once `startup_trials` of them have
+    one. Optuna's MedianPruner judges a trial by its best value over all its steps
+    instead: over folds of unequal difficulty that is mostly its best epoch of an
+    easy first fold, and it would rarely prune in later folds."""
+
+    def __init__(self, startup_trials=5):
+        self.startup_trials = startup_trials
+
+    def prune(self, study, trial):
+        step = trial.last_step
+        if step is None:
+            return False
+        others = [other.intermediate_values[step] for other in
+                  study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if step in other.intermediate_values]
+        if len(others) < self.startup_trials:
+            return False
+        return trial.intermediate_values[step] < float(np.median(others))
+
+
 # ---------------------------------------------------------------- running trials
 
 @contextlib.contextmanager
-def _ask_lock(out_dir):
+def _ask_lock(config):
     """Held while a process counts the trials and starts one, so that processes of
-    one --out_dir together start exactly the trials that --trials asks for."""
-    with open(Path(out_dir) / runs.ASK_LOCK, "a", encoding="utf-8") as handle:
+    one command together start exactly the trials that --trials asks for: a lock
+    file in --out_dir, or on a cluster the scheduler's lock of the study's name."""
+    if config.served_as:
+        from distributed import Lock
+        with Lock(config.served_as):
+            yield
+        return
+    with open(Path(config.out_dir) / runs.ASK_LOCK, "a", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -443,27 +509,93 @@ def _ask_lock(out_dir):
 def next_trial(study, config):
     """A new trial, tagged with this process, or None once finished and running
     trials reach --trials."""
-    from optuna.trial import TrialState
-    with _ask_lock(config.out_dir):
+    with _ask_lock(config):
         counted = finished_trials(study, (TrialState.COMPLETE, TrialState.PRUNED,
                                           TrialState.RUNNING))
         if len(counted) >= config.trials:
             return None
         trial = study.ask()
-        trial.set_user_attr("worker", worker_tag(config.out_dir))
+        trial.set_user_attr("worker", config.worker)
         return trial
 
 
 def load_worker_study(config, worker):
     """The study, with a TPE sampler seeded by --seed, this process and the study's
-    length (a resumed study does not draw its first trials again) and a MedianPruner."""
-    import optuna
-    storage = open_storage(config.storage)
+    length (a resumed study does not draw its first trials again) and the pruner."""
+    storage = scheduler_storage(config.served_as) if config.served_as else open_storage(
+        config.storage)
     started = len(optuna.load_study(study_name=config.study_name, storage=storage).trials)
     seed = config.base.settings.seed + 1000 * worker + started
     return optuna.load_study(study_name=config.study_name, storage=storage,
                              sampler=optuna.samplers.TPESampler(seed=seed),
-                             pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+                             pruner=LatestMedianPruner())
+
+
+def run_trials(runner, train_set, config, jobs):
+    """Run trials until the study has --trials finished ones: `jobs` loops of
+    `run_worker` in processes here (--jobs), or with --scheduler one per thread of the
+    cluster's workers, each worker loading the training videos itself."""
+    if not runner.scheduler:
+        tasks = [dict(train_set=train_set, config=config, worker=worker)
+                 for worker in range(jobs)]
+        return runner.run(run_worker, tasks, "tuning processes")
+    train_data = runner.data(train_set, datasets.load_pool, train_dir=Path(config.train_dir),
+                             test_dir=None, mods=train_set.mods, stories=train_set.stories,
+                             subjects=train_set.subjects)
+    with served_by_scheduler(runner.scheduler, config.storage) as (name, threads):
+        config = replace(config, served_as=name)
+        tasks = [dict(train_set=train_data, config=config, worker=worker)
+                 for worker in range(min(threads, config.trials))]
+        return runner.run(run_worker, tasks, "trial loops")
+
+
+# ---------------------------------------------------------------- on a Dask cluster
+
+@contextlib.contextmanager
+def served_by_scheduler(address, url):
+    """The study's storage `url` served by the Dask scheduler at `address` while the
+    block runs (optuna-integration's DaskStorage): the trials on the workers read and
+    write it through the scheduler, the one process that opens it, so workers need
+    no database driver and no SQLite locking over a network file system. Yields the
+    name it is served under and the threads of the cluster's workers."""
+    name = f"tune-{uuid.uuid4().hex}"
+    client = parallel.connect_scheduler(address)
+    try:
+        with _experimental_allowed():
+            dask_storage_class()(url, name=name, client=client)
+        yield name, max(1, sum(client.nthreads().values()))
+    finally:
+        with contextlib.suppress(OSError, TimeoutError):  # a lost scheduler has nothing to stop
+            client.run_on_scheduler(_stop_serving, name=name)
+        client.close()
+
+
+def scheduler_storage(name):
+    """In a cluster worker: the storage that `served_by_scheduler` serves as `name`."""
+    with _experimental_allowed():
+        return dask_storage_class()(name=name, register=False)
+
+
+def dask_storage_class():
+    """optuna-integration's DaskStorage, or one `error:` line if it is not installed."""
+    try:
+        from optuna_integration.dask import DaskStorage
+    except ImportError:
+        raise ToolkitError("tune.py --scheduler needs optuna-integration: pip install "
+                           "-r requirements.txt") from None
+    return DaskStorage
+
+
+def _stop_serving(dask_scheduler, name):
+    dask_scheduler.extensions["optuna"].storages.pop(name, None)
+
+
+@contextlib.contextmanager
+def _experimental_allowed():
+    # DaskStorage warns that it is experimental each time one is made: once in the README.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def run_worker(train_set, config, worker=0):
@@ -488,8 +620,6 @@ def run_worker(train_set, config, worker=0):
 
 def tell(study, trial, train_set, config):
     """Run one trial and record its end in the study (and the ledger): (state, error)."""
-    import optuna
-    from optuna.trial import TrialState
     start = time.perf_counter()
     try:
         value = run_trial(trial, train_set, config)
@@ -526,7 +656,6 @@ def record_trial(config, trial, seconds):
 
 
 def json_text(data):
-    import json
     return json.dumps(data, sort_keys=True, default=str)
 
 
@@ -550,7 +679,6 @@ def trials_table(study):
 
 def best_record(study):
     """best.json: the best trial's settings as train.py/crossval.py flags, and its scores."""
-    from optuna.trial import TrialState
     if not finished_trials(study, (TrialState.COMPLETE,)):
         return None
     best = study.best_trial
@@ -582,7 +710,6 @@ def study_of(out_dir):
     if not record.is_file():
         raise ToolkitError(f"{out_dir} holds no study ({runs.STUDY_RECORD} is missing): give the "
                            "--out_dir of a tune.py run")
-    import json
     saved = json.loads(record.read_text())
     return existing_study(saved["storage"] or default_storage(out_dir), saved["study_name"],
                           must_exist=True)

@@ -41,6 +41,14 @@ def test_probes_report_memory_and_epoch_times_of_fresh_processes(tiny_data):
     assert len(seconds) == 2 and all(value > 0 for value in seconds)
 
 
+def test_runs_started_together_each_train_a_model(tiny_data, tmp_path):
+    seconds = bench.time_train_runs(tiny_data, 2, tmp_path, epochs=1)
+    assert len(seconds) == 2 and 0 < seconds[0] <= seconds[1]  # the wall time at each finish
+    for run in ("run_0", "run_1"):
+        assert (tmp_path / run / "best.save").is_file()
+        assert len((tmp_path / run / "metrics.csv").read_text().splitlines()) == 2  # 1 epoch
+
+
 def test_bf16_is_measured_beside_fp32_and_the_cpu_is_named():
     # The bf16 epoch itself runs in test_precision.py; here, what the table adds.
     assert bench.precisions("cpu", 5, slow_bf16=True) in ({"fp32": 5, "bf16": 5},

@@ -20,13 +20,13 @@ from utils import ToolkitError
 DIMS = {"audio": 5, "text": 3}
 # Small sizes through each family's own flags, and the flag a --resume must keep.
 SIZES = {
-    "gru": ([], ("--layers", 2)),  # its hidden size is the LSTM's 512: no flag sets it
+    "gru": (["--hidden_dim", 16, "--dropout", 0.2], ("--dropout", 0.3)),
     "tcn": (["--tcn_channels", 16, "--tcn_blocks", 2], ("--tcn_channels", 8)),
     "transformer": (["--transformer_dim", 16, "--transformer_heads", 2, "--transformer_ff", 32,
                      "--attn_window", 5], ("--attn_window", 0)),
 }
 SMALL = {  # the same sizes as constructor options
-    "gru": dict(hidden_dim=16),
+    "gru": dict(hidden_dim=16, dropout=0.2),
     "tcn": dict(channels=16, num_blocks=2),
     "transformer": dict(model_dim=16, num_heads=2, ff_dim=32, attn_window=5),
 }
@@ -48,8 +48,34 @@ def test_every_family_is_registered_with_its_flags():
     assert list(models.MODELS) == ["lstm", "gru", "tcn", "transformer"]
     args = train.get_args_parser().parse_args(["--model", "tcn", "--tcn_kernel", "5"])
     assert models.options_from_args("tcn", args) == {"channels": 128, "kernel": 5, "num_blocks": 4}
-    # --layers and --bidirectional are the LSTM's and the GRU's, declared once
+    # --layers, --hidden_dim, --dropout and --bidirectional are the LSTM's and the GRU's,
+    # declared once; their defaults build the guide's model.
     assert models.FusionGRU.FLAGS == models.FusionLSTM.FLAGS
+    defaults = train.get_args_parser().parse_args([])
+    assert models.options_from_args("lstm", defaults) == {
+        "num_layers": 1, "hidden_dim": 512, "dropout": 0.0, "bidirectional": False}
+
+
+def test_recurrent_dropout_acts_in_training_only_and_old_checkpoints_load_without_it():
+    torch.manual_seed(0)
+    plain = models.create("lstm", DIMS, hidden_dim=16)
+    model = models.from_config({**plain.config, "dropout": 0.5})
+    model.load_state_dict(plain.state_dict())
+    lengths, inputs = torch.tensor([9]), random_inputs([9])
+    outputs = []
+    for network in (plain, model):  # the same input dropout masks: only the states' differ
+        torch.manual_seed(1)
+        outputs.append(network.train()(inputs, lengths))
+    assert not torch.equal(*outputs)
+    assert torch.equal(plain.eval()(inputs, lengths), model.eval()(inputs, lengths))
+    assert model.config["dropout"] == 0.5
+    # A configuration saved before --dropout existed has no key: it loads without dropout.
+    old = {key: value for key, value in model.config.items() if key != "dropout"}
+    assert models.from_config(old).config["dropout"] == 0.0
+    with pytest.raises(ToolkitError, match="--dropout must be at most 0.9, got 1.0"):
+        models.check_options("gru", {"dropout": 1.0})
+    with pytest.raises(ToolkitError, match="--hidden_dim must be at least 1, got 0"):
+        models.check_options("lstm", {"hidden_dim": 0})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

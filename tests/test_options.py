@@ -348,7 +348,8 @@ def test_training_needs_annotated_validation(unlabelled):
 def test_compare_options_tables_each_option(in_tmp, capsys):
     import compare_options
     table, personal = run(compare_options, "--epochs", 2, "--only", "default", "smooth_4",
-                          "loss_ccc", "calibrate", "--personal_epochs", 1)
+                          "loss_ccc", "calibrate", "--personal_epochs", 1, "--personal_only",
+                          "fine_tune", "fine_tune_calibrate", "inner_cv", "inner_cv_calibrate")
     assert table["option"].tolist() == ["default", "--loss ccc", "--smooth 4", "--calibrate"]
     default = pd.read_csv(in_tmp / "compare" / "default" / "crossval.csv").set_index("story")
     assert table["mean_ccc"][0] == pytest.approx(default["val_ccc"]["Mean"])

@@ -2,16 +2,20 @@
 stories, its outputs, --final, its refusals, and plot.py tune."""
 import hashlib
 import json
+import logging
 import shutil
 
+import dask
 import optuna
 import pandas as pd
 import pytest
+from distributed import LocalCluster  # before dask.config.set: it adds distributed's defaults
 from optuna.trial import TrialState
 from pathlib import Path
 
 import tuning
-from conftest import run_in_process
+from conftest import ROOT, run_in_process
+from postprocessing import Postprocessing
 
 # The TCN is the quickest family on the tiny data; one epoch per fold, two folds.
 TUNE = ("tune.py", "--mods", "audio,text", "--epochs", "1", "--models", "tcn", "--seed", "3",
@@ -98,12 +102,14 @@ def test_final_scores_the_best_settings_on_the_validation_stories(study_of_two):
     (("--trials", 3, "--storage", "sqlite:///missing/study.db"), "cannot be opened"),
     (("--trials", 3, "--storage", "nonsense"), "cannot be opened"),
     (("--trials", 3, "--lr", "0.1"), "tune.py searches --lr"),
-    (("--trials", 3, "--scheduler", "tcp://localhost:1"), "not supported yet"),
+    (("--trials", 3, "--scheduler", "tcp://127.0.0.1:1"), "cannot reach the Dask scheduler"),
 ])
 def test_bad_input_is_refused_in_one_line_leaving_the_study_as_it_was(study_of_two, argv,
                                                                        message):
     files = {path: digest(path) for path in study_of_two.rglob("*") if path.is_file()}
-    result = tune("--out_dir", study_of_two, "--ledger", study_of_two.parent / "runs.csv", *argv)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = tune("--out_dir", study_of_two, "--ledger", study_of_two.parent / "runs.csv",
+                      *argv)
     assert result.returncode == 1
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
     assert message in result.stderr
@@ -167,6 +173,11 @@ def test_post_processing_is_scored_from_saved_predictions(study_of_two):
     scores = tuning.rescore(folds, tuning.postprocessing_of(trial.params))
     assert {str(story): value for story, value in scores.items()} == pytest.approx(
         trial.user_attrs["fold_ccc"])
+    # The pruner saw each epoch's held-out CCC (one epoch, two folds: steps 0 and 1); the
+    # last step's running CCC is the folds' mean before post-processing.
+    raw = tuning.rescore(folds, Postprocessing(label_delay=trial.params["label_delay"]))
+    assert sorted(trial.intermediate_values) == [0, 1]
+    assert trial.intermediate_values[1] == pytest.approx(tuning.objective_value(raw, "mean"))
 
 
 def test_jobs_run_trials_in_processes_to_exactly_the_count(study_of_two):
@@ -193,3 +204,47 @@ def test_final_needs_a_study(study_of_two, tmp_path):
     result = tune("--out_dir", tmp_path / "none", "--final", "--ledger", "none")
     assert result.returncode == 1 and "run tune.py without --final first" in result.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_the_pruner_judges_each_epochs_running_ccc_against_completed_trials():
+    study = optuna.create_study(direction="maximize", pruner=tuning.LatestMedianPruner(3))
+    for value in (0.1, 0.2, 0.3):  # completed trials: steps 0-7 of 2 folds of 4 epochs
+        done = study.ask()
+        for step in range(8):
+            done.report(value, step)
+        study.tell(done, value)
+
+    def pruned_at(fold_ccc_by_epoch, finished):
+        """The epoch of the second fold (finished: the first fold's CCC) that pruned it."""
+        report = tuning.epoch_reporter(study.ask(), finished, fold=1, epochs=4)
+        for epoch, ccc in enumerate(fold_ccc_by_epoch, 1):
+            try:
+                report({"epoch": epoch, "val_ccc": ccc})
+            except optuna.TrialPruned:
+                return epoch
+        return None
+
+    # The running CCC is (first fold + this epoch) / 2, against the median 0.2 at its step;
+    # the first half of a fold's epochs (2 of 4) is never judged.
+    assert pruned_at([-1.0, -1.0, 0.5, 0.5], finished=[0.0]) is None
+    assert pruned_at([-1.0, -1.0, 0.5, 0.3], finished=[0.0]) == 4
+    assert pruned_at([-1.0, -1.0, 0.3, 0.5], finished=[0.0]) == 3
+    assert pruned_at([0.5, 0.5, 0.5, 0.5], finished=[-0.3]) == 3
+
+
+def test_scheduler_runs_trials_on_a_dask_cluster_through_its_scheduler(study_of_two, tmp_path):
+    environment = {"PYTHONPATH": str(ROOT), "OMG_CACHE_DIR": str(tmp_path / "cache")}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                      env=environment) as cluster:
+        result = tune("--trials", 4, "--out_dir", study_of_two, "--ledger", "none",
+                      "--scheduler", cluster.scheduler_address)
+        assert result.returncode == 0, result.stderr
+        assert not cluster.scheduler.extensions["optuna"].storages  # served for the run only
+    trials = load_study(study_of_two).trials  # the folder's own study.db, resumed
+    assert len(trials) == 4 and {trial.state for trial in trials} <= {TrialState.COMPLETE,
+                                                                      TrialState.PRUNED}
+    assert {trials[number].user_attrs["worker"] for number in (2, 3)} == {
+        tuning.worker_tag(study_of_two)}
+    assert list(pd.read_csv(study_of_two / "trials.csv")["number"]) == [0, 1, 2, 3]
+    assert (study_of_two / "trial_0003" / "val_on_4" / "held_out.npz").is_file()

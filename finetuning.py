@@ -1,0 +1,394 @@
+"""How personalize.py fine-tunes a shared model for one listener: the methods
+(`--finetune all|head|adapter`, `--anchor`, `--mix`), their flags and checks, what
+the training engine needs of them, and `--inner_cv`'s choice among them
+(`choose_method`).
+
+With four or five stories per listener, updating every weight memorizes them. The
+methods update fewer weights, pull them toward the shared model, or dilute the
+listener's videos with other listeners':
+
+- `all` (the default): every weight, as the guide does.
+- `head`: only the model family's output layers (`models.<family>.HEAD`: the
+  attention and the decoder of lstm and gru, the decoder of tcn and transformer);
+  the encoder stays bit-identical.
+- `adapter`: the network is frozen; a `models.ListenerAdapter` (a rank-1 residual
+  on the decoder's 128-d features and a gain and shift of the output, 258
+  parameters with the default sizes) is learnt, and saved in the checkpoint's
+  configuration, so every script that loads the model rebuilds it. Adam moves
+  each weight by about --lr a step, and a listener's videos fill about one batch
+  an epoch: at --lr 1e-4, 10 epochs move the adapter by about 0.001, so it is
+  given 1e-3 to 1e-2 to learn (the same --lr, as the network is frozen). With
+  --calibrate its gain and shift are undone (each video's prediction is
+  standardized), and only the residual acts.
+- `--anchor WEIGHT` (all, head): L2-SP (Li et al. 2018): WEIGHT x the sum of
+  squared differences between the trainable weights and init.save's is added to
+  the loss, in place of Adam's weight decay toward zero (--weight_decay).
+- `--mix FRACTION`: each batch holds round(FRACTION x --batch_size) pieces of other
+  listeners' training videos and the rest of the listener's own; an epoch is one
+  pass over the listener's own pieces. `--augment N` is the older, coarser way to
+  the same end: it trains on every video with the listener's repeated N times, so
+  the listener's share of an epoch is N n / (N n + others) on average, and an
+  epoch also passes over every other video; --mix fixes the share per batch and
+  keeps epochs as short as without it. The two do not combine.
+
+Each flag takes several values for `--inner_cv`, which tries every combination
+(an adapter takes no anchor) and keeps, per listener, the combination and number
+of epochs (0: keep init.save) with the best held-out CCC.
+"""
+import thread_policy  # first: sets how OpenMP threads wait before torch loads
+
+import argparse
+import itertools
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import checkpoints
+import engine
+import runs
+import utils
+from utils import ToolkitError
+
+FINETUNE_METHODS = ("all", "head", "adapter")
+ADAPTER_RANK = 1  # 2 x 128 + 2 = 258 parameters with the default decoder
+KEPT_INIT = "none"  # the method column of a listener for whom init.save was kept
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("fine-tuning method (several values: --inner_cv chooses)")
+    group.add_argument("--finetune", nargs="+", choices=FINETUNE_METHODS, default=["all"],
+                       metavar="METHOD",
+                       help="all: every weight; head: only the output layers (attention and "
+                            "decoder), the encoder frozen; adapter: the network frozen, a "
+                            "listener adapter of a few hundred parameters learnt "
+                            "(default: all)")
+    group.add_argument("--anchor", nargs="+", default=["0"], metavar="WEIGHT",
+                       help="with all or head: add WEIGHT x the squared distance of the weights "
+                            "from init.save's to the loss (L2-SP), instead of the weight decay "
+                            "toward zero; 0: off (default: 0)")
+    group.add_argument("--mix", nargs="+", default=["0"], metavar="FRACTION",
+                       help="draw this fraction of each batch from the other listeners' "
+                            "training videos, 0 to 1 (default: 0)")
+    return parser
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of fine-tuning: which weights learn, the pull toward init.save, and
+    the share of other listeners' videos in a batch."""
+    finetune: str = "all"
+    anchor: float = 0.0
+    mix: float = 0.0
+
+    @property
+    def name(self):
+        """e.g. all, head_anchor0.01, adapter_mix0.5: folders and tables."""
+        return (self.finetune + (f"_anchor{self.anchor:g}" if self.anchor else "")
+                + (f"_mix{self.mix:g}" if self.mix else ""))
+
+    @property
+    def record(self):
+        return asdict(self)
+
+
+DEFAULT = Method()
+
+
+def _numbers(values, flag):
+    try:
+        numbers = [float(value) for value in values]
+    except ValueError:
+        bad = next(value for value in values if not _is_number(value))
+        raise ToolkitError(f"{flag} must be a number, got {bad!r}") from None
+    if not all(math.isfinite(number) for number in numbers):
+        raise ToolkitError(f"{flag} must be a finite number, got {values}")
+    return list(dict.fromkeys(numbers))  # each once, in the order given
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def methods_from_args(args):
+    """The methods the flags ask for, checked (one error line for bad values): one,
+    or several for --inner_cv to choose among."""
+    anchors, mixes = _numbers(args.anchor, "--anchor"), _numbers(args.mix, "--mix")
+    for anchor in anchors:
+        if anchor < 0:
+            raise ToolkitError(f"--anchor must be 0 or more (the weight of the pull toward "
+                               f"init.save), got {anchor:g}")
+    for mix in mixes:
+        if not 0 <= mix <= 1:
+            raise ToolkitError(f"--mix must be a fraction from 0 to 1, got {mix:g}")
+    if any(mixes) and getattr(args, "augment", None):
+        raise ToolkitError("--mix and --augment both add other listeners' videos: give one")
+    combinations = [Method(finetune, anchor, mix) for finetune, anchor, mix
+                    in itertools.product(dict.fromkeys(args.finetune), anchors, mixes)]
+    methods = [method for method in combinations  # an adapter has no init weights to anchor
+               if not (method.finetune == "adapter" and method.anchor)]
+    if not methods:
+        raise ToolkitError("--anchor pulls the weights that fine-tuning updates toward "
+                           "init.save's: it applies to --finetune all and head, not adapter")
+    if len(methods) > 1 and not args.inner_cv:
+        raise ToolkitError(f"{len(methods)} fine-tuning methods ({', '.join(m.name for m in methods)}): "
+                           "give one value per --finetune, --anchor and --mix, or add --inner_cv "
+                           "to choose among them per subject")
+    return methods
+
+
+# ---------------------------------------------------------------- the model
+
+def base_check(methods):
+    """A check of the model to fine-tune (options.Plan.base_checks): it has the
+    layers that each method needs."""
+    def check(network, path):
+        for method in methods:
+            if method.finetune == "head":
+                missing = [name for name in type(network).HEAD if not hasattr(network, name)]
+                if not type(network).HEAD or missing:
+                    raise ToolkitError(f"--finetune head: {path} has no output layers to "
+                                       "fine-tune alone (its model family names no head): "
+                                       "use --finetune all or adapter")
+            if method.finetune == "adapter":
+                decoder = getattr(network, "dec_target", None)
+                if not (isinstance(decoder, torch.nn.Sequential) and len(decoder) == 3
+                        and all(isinstance(decoder[i], torch.nn.Linear) for i in (0, 2))):
+                    raise ToolkitError(f"--finetune adapter: {path} has no decoder (linear, "
+                                       "ReLU, linear) for a listener adapter to correct: use "
+                                       "--finetune all or head")
+                if "adapter" in network._modules:
+                    raise ToolkitError(f"--finetune adapter: {path} already holds a listener "
+                                       "adapter (a personalized model): start from the shared "
+                                       "model that was personalized")
+    return check
+
+
+def prepare(network, method):
+    """`network` (init.save's model) made ready for `method`: the weights that must
+    not learn are frozen, and an adapter is added where asked for."""
+    if method.finetune == "all":
+        return network
+    network.requires_grad_(False)
+    if method.finetune == "head":
+        for name in type(network).HEAD:
+            getattr(network, name).requires_grad_(True)
+        return network
+    device = next(network.parameters()).device
+    return network.add_adapter(ADAPTER_RANK).to(device)
+
+
+def trainable_parameters(network):
+    return sum(parameter.numel() for parameter in network.parameters()
+               if parameter.requires_grad)
+
+
+class SubjectFineTuning:
+    """What the training engine (engine.fit's `finetuning`) needs of one method for
+    one subject: the weight decay, the penalty added to the loss (None: none), the
+    batches of an epoch, and the record kept in every checkpoint."""
+
+    def __init__(self, method, subject, settings, init_weights):
+        self.method, self.subject, self.settings = method, subject, settings
+        self.record = method.record
+        self.weight_decay = 0.0 if method.anchor else settings.weight_decay  # L2-SP replaces it
+        self.penalty = self._anchor_penalty if method.anchor else None
+        # init.save's weights, which --anchor pulls toward
+        self.init_weights = ({name: value.detach().clone() for name, value in init_weights.items()}
+                             if method.anchor else None)
+
+    def _anchor_penalty(self, model):
+        distance = sum(((parameter - self.init_weights[name]) ** 2).sum()
+                       for name, parameter in model.named_parameters()
+                       if parameter.requires_grad and name in self.init_weights)
+        return self.method.anchor * distance
+
+    def batches(self, train_set):
+        """A function of the shuffling generator that draws an epoch's batches (None:
+        the engine's own, every piece once)."""
+        if not self.method.mix:
+            return None
+        return MixedBatches(train_set, self.subject, self.method.mix, self.settings.split,
+                            self.settings.batch_size)
+
+
+class MixedBatches:
+    """An epoch's batches for --mix: the subject's own training pieces once, in a
+    random order, `batch_size - k` to a batch, each batch completed with k =
+    round(mix x batch_size) pieces of other listeners' videos (a last, shorter
+    batch with as many in proportion), drawn without repeats until all were drawn.
+    With mix 1 a batch holds others' pieces only, as many batches as the subject's
+    pieces fill."""
+
+    def __init__(self, train_set, subject, mix, split, batch_size):
+        own = train_set.select(subjects=[subject])
+        others = train_set.subset([video for video in train_set.videos
+                                   if video.subject != subject])
+        self.own = own.training_segments(split)
+        self.others = others.training_segments(split)
+        self.batch_size = batch_size
+        self.others_per_batch = round(mix * batch_size) if self.others else 0
+        self.own_per_batch = batch_size - self.others_per_batch
+
+    def __call__(self, generator):
+        own = [self.own[i] for i in torch.randperm(len(self.own), generator=generator).tolist()]
+        if self.own_per_batch:
+            chunks = [own[start:start + self.own_per_batch]
+                      for start in range(0, len(own), self.own_per_batch)]
+            counts = [round(len(chunk) * self.others_per_batch / self.own_per_batch)
+                      for chunk in chunks]
+        else:
+            chunks = [[] for _ in range(math.ceil(len(own) / self.batch_size))]
+            counts = [self.others_per_batch] * len(chunks)
+        drawn = self._draw_others(sum(counts), generator)
+        batches, used = [], 0
+        for chunk, count in zip(chunks, counts):
+            batches.append(chunk + drawn[used:used + count])
+            used += count
+        return batches
+
+    def _draw_others(self, count, generator):
+        drawn = []
+        while len(drawn) < count:
+            drawn += [self.others[i] for i in
+                      torch.randperm(len(self.others), generator=generator).tolist()]
+        return drawn[:count]
+
+
+def training_videos(train_all, subject, method, augment=None):
+    """The videos a subject's model is fine-tuned on: their own; with --mix every
+    listener's (the batches pick); with --augment N every video, theirs N times."""
+    if method.mix:
+        return train_all
+    if augment:
+        return train_all.repeat_subjects([subject], augment)
+    return train_all.select(subjects=[subject])
+
+
+# ---------------------------------------------------------------- choosing by inner cross-validation
+
+class SubjectTuning:
+    """What every fine-tuning run of one subject starts from: init.save (a fresh copy
+    per run), its weights (which --anchor pulls toward), the videos (scaled as
+    init.save scales them) and the post-processing."""
+
+    def __init__(self, train_all, subject, init, run, postprocessing, augment):
+        self.train_all, self.subject, self.init, self.run = train_all, subject, init, run
+        self.postprocessing, self.augment = postprocessing, augment
+        self.init_weights = dict(init.network.named_parameters())
+
+    def model(self, method):
+        """A fresh copy of init.save's model, made ready for `method`."""
+        network = checkpoints.load_trained([self.init.path], self.train_all, self.run.normalize,
+                                           self.run.device)[0].network
+        return prepare(network, method)
+
+    def videos(self, method):
+        return training_videos(self.train_all, self.subject, method, self.augment)
+
+    def finetuning(self, method, settings):
+        return SubjectFineTuning(method, self.subject, settings, self.init_weights)
+
+
+def choose_method(tuning, methods, subject_folder):
+    """The method of `methods` and number of fine-tuning epochs (0 to --epochs; 0
+    keeps init.save) with the best mean CCC on the subject's own training stories,
+    each held out in turn (init.save fine-tuned on the others, scored every
+    --eval_freq epochs); writes the curves to <subject_folder>/inner_cv.csv."""
+    run = tuning.run
+    own_videos = tuning.train_all.select(subjects=[tuning.subject])
+    stories = own_videos.stories
+    settings = run.settings
+    inner_settings = replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
+    several = len(methods) > 1
+    held_out = {story: own_videos.select(stories=[story]) for story in stories}
+    # Epoch 0 calibrates (--calibrate) as engine.fit does the fold's fine-tuned model,
+    # with the statistics of the other stories: init.save's own include the held-out one.
+    start = {runs.fold_name(story): engine.evaluate(
+        tuning.init.network, videos, run.device,
+        tuning.postprocessing.with_listener_stats(
+            own_videos.select(exclude_stories=[story]).videos),
+        settings.precision)["ccc"] for story, videos in held_out.items()}
+    rows = [{**Method(KEPT_INIT).record, "epoch": 0, **start}]
+    for method in methods:
+        curves = {}
+        for story in stories:
+            folder = inner_fold_dir(subject_folder, story, method, several)
+            engine.seed_everything(inner_settings.seed)
+            engine.fit(tuning.model(method), tuning.videos(method).select(exclude_stories=[story]),
+                       held_out[story], folder, inner_settings, run.device,
+                       resume=run.resumes_run(folder), progress=run.progress,
+                       postprocessing=tuning.postprocessing, tensorboard_dir=run.tensorboard_dir,
+                       finetuning=tuning.finetuning(method, inner_settings))
+            history = pd.read_csv(folder / runs.METRICS).dropna(subset=["val_ccc"])
+            curves[runs.fold_name(story)] = history.set_index("epoch")["val_ccc"]
+        rows += [{**method.record, "epoch": epoch, **scores}
+                 for epoch, scores in pd.DataFrame(curves).iterrows()]
+    table = pd.DataFrame(rows)
+    table["mean_ccc"] = table[list(start)].mean(axis=1)
+    if not several:  # one method: the curves of its epochs alone
+        table = table.drop(columns=list(DEFAULT.record))
+    utils.write_csv(table, Path(subject_folder) / runs.INNER_CV_TABLE)
+    best = table.loc[table["mean_ccc"].idxmax()]  # the first best: ties keep init.save
+    method = (Method(best["finetune"], float(best["anchor"]), float(best["mix"]))
+              if several else methods[0])
+    return method, int(best["epoch"])
+
+
+def inner_cv_folders(train_all, subject, out_dir, methods):
+    """{folder: method} of a subject's inner cross-validation, which needs two or more
+    of their training stories."""
+    stories = sorted({video.story for video in train_all.select(subjects=[subject]).videos})
+    if len(stories) < 2:
+        raise ToolkitError(f"--inner_cv needs two or more training stories of subject {subject}, "
+                           f"who has {len(stories)}: leave out --inner_cv or that subject")
+    subject_folder = runs.subject_dir(out_dir, subject)
+    return {inner_fold_dir(subject_folder, story, method, len(methods) > 1): method
+            for method in methods for story in stories}
+
+
+# ---------------------------------------------------------------- folders and resuming
+
+def inner_fold_dir(subject_folder, story, method, several):
+    """A fold of the inner cross-validation: inner_val_on_<story>/ for one method,
+    inner_<method>/val_on_<story>/ when --inner_cv compares several."""
+    return runs.inner_fold_dir(subject_folder, story, method.name if several else None)
+
+
+def saved_method(path):
+    """The method a checkpoint was fine-tuned with (the default for one without a record)."""
+    record = checkpoints.load_checkpoint(path).get("finetuning") or {}
+    return Method(**{key: record[key] for key in ("finetune", "anchor", "mix") if key in record})
+
+
+def check_resumed(folder, method):
+    """Refuse a --resume of a run in `folder` that was fine-tuned another way."""
+    path = Path(folder) / runs.LAST
+    saved = saved_method(path)
+    if saved != method:
+        raise ToolkitError(f"--resume: {path} was fine-tuned with {describe(saved)}, not "
+                           f"{describe(method)}: resume with the run's own settings (its "
+                           "args.json), or start afresh with --overwrite")
+
+
+def describe(method):
+    return f"--finetune {method.finetune} --anchor {method.anchor:g} --mix {method.mix:g}"
+
+
+def check_resumed_methods(folders, inner, resumes, methods):
+    """Refuse a --resume of runs fine-tuned another way than the flags say (a subject's
+    own run is checked here where there is one method, else once it is chosen)."""
+    for folder, method in inner.items():
+        if resumes[folder]:
+            check_resumed(folder, method)
+    if len(methods) == 1:
+        for folder in folders:
+            if resumes[folder]:
+                check_resumed(folder, methods[0])
