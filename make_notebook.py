@@ -101,8 +101,8 @@ Jupyter front end, `jupyter execute README.ipynb --output README_run` (nbclient'
 also in `requirements-dev.txt`) runs it top to bottom and saves the executed copy as
 `README_run.ipynb`. The parameters below make it a short run on the built-in
 synthetic data, written to `DATA` (`data_notebook`) first if that folder has no
-`Training/`: about 13 minutes on a 2-core CPU alone (beside a test-suite run it took
-over 22 minutes), and the pictures in the guide's Plots
+`Training/`: 2 min 34 s on a 2-core AMD EPYC alone, 5 min beside a test-suite run,
+and the pictures in the guide's Plots
 section are those of this run. Its data and models (`notebook_models_AT`,
 `notebook_models_ATV`) are its own, so a quick start run in the same folder (`./data`,
 `models_AT`) is neither used nor touched. For the guide's full run on the real data
