@@ -37,10 +37,13 @@ import threading
 import uuid
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from utils import ToolkitError
+from utils import LazyModule, ToolkitError
+
+# Imported on first use: fusion.py, cv_fusion.py and extract_features.py need none
+# to start (their --help included).
+torch = LazyModule("torch")
 
 
 def get_parallel_args_parser(what):

@@ -21,7 +21,6 @@ import joblib
 import numpy as np
 import pandas as pd
 import sklearn
-import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 from sklearn.svm import SVR
@@ -33,6 +32,10 @@ import utils
 from postprocessing import (Postprocessing, flattened_listeners, report_constant_listeners,
                             report_unseen_listeners, score_videos, unscored)
 from utils import ToolkitError
+
+# Imported on first use (--normalize's scaler): fusion.py and cv_fusion.py start
+# without it.
+torch = utils.LazyModule("torch")
 
 MODEL_KIND = "omg-empathy decision-level fusion SVR"
 SVR_CACHE_MB = 500  # libsvm kernel cache; 200 to 1000 MB fit 10,000 rows equally fast

@@ -32,10 +32,14 @@ def first_import(tree):
 
 
 def imports_openmp_users(tree):
-    """Whether the module imports torch or scikit-learn anywhere (also in a function)."""
+    """Whether the module imports torch or scikit-learn anywhere (also in a function,
+    or on first use through utils.LazyModule)."""
     for node in ast.walk(tree):
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                 else [argument.value for argument in node.args
+                       if isinstance(argument, ast.Constant) and isinstance(argument.value, str)]
+                 if isinstance(node, ast.Call) and "LazyModule" in ast.unparse(node.func) else [])
         if any(name.split(".")[0] in ("torch", "sklearn") for name in names):
             return True
     return False
@@ -50,7 +54,7 @@ def test_every_module_importing_torch_sets_the_policy_first():
             node = first_import(tree)
             assert isinstance(node, ast.Import) and node.names[0].name == "thread_policy", \
                 f"{path.name}: make `import thread_policy` its first import"
-    assert {"engine.py", "models.py", "parallel.py", "svr_fusion.py"} <= set(users)
+    assert {"datasets.py", "engine.py", "models.py", "parallel.py", "svr_fusion.py"} <= set(users)
 
 
 def spin_count_in_worker(_):
@@ -102,7 +106,9 @@ def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, 
         ["plot.py", "subjects", tables["personal"], "--out", plots / "s.png"],
         ["plot.py", "stories", tables["crossval"], "--out", plots / "c.png"],
         ["plot.py", "runs", ledger, "--out", plots / "r.png"],
-        *[[script, "--help"] for script in ("score.py", "runs.py", "plot.py", "data_stats.py")],
+        *[[script, "--help"] for script in ("score.py", "runs.py", "plot.py", "data_stats.py",
+                                             "fusion.py", "cv_fusion.py", "extract_features.py",
+                                             "make_data.py")],
     ]
     commands = [[str(ROOT / command[0]), *map(str, command[1:])] for command in commands]
     done = subprocess.run([sys.executable, "-c", LIGHT.format(root=str(ROOT), commands=commands)], cwd=tmp_path,
