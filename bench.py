@@ -17,7 +17,7 @@ as it takes tens of times as long. The first line names the CPU and its bfloat16
 hardware. A second table times every model family (--model) on the AT data in
 float32.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import os

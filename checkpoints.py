@@ -8,7 +8,7 @@ and, for resuming, the optimizer and random-generator states. Only tensors and
 plain values, so that it loads with `torch.load(weights_only=True)`. The original
 release's plain state_dicts load too.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import io
 from dataclasses import dataclass

@@ -32,7 +32,7 @@ batch is a single gather.
 Parsed CSV features are cached as ``.npy`` (see `cache_dir`), so reading the same
 CSV a second time costs what reading ``.npy`` costs.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import dataclasses

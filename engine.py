@@ -5,7 +5,7 @@ and data (datasets.VideoSet); it reads and writes checkpoints through
 checkpoints.py and output names through runs.py. One `train_one_epoch`, one
 `evaluate`, one `fit`.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import contextlib
 import ctypes
@@ -109,8 +109,9 @@ def build_optimizer(model, lr, weight_decay):
 
 def shuffled_batches(segments, batch_size, generator):
     """An epoch's batches: every training piece once, in a fresh random order."""
+    order = torch.randperm(len(segments), generator=generator)
     return [[segments[i] for i in batch_indices.tolist()]
-            for batch_indices in torch.randperm(len(segments), generator=generator).split(batch_size)]
+            for batch_indices in order.split(batch_size)]
 
 
 def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,

@@ -35,7 +35,7 @@ Each flag takes several values for `--inner_cv`, which tries every combination
 (an adapter takes no anchor) and keeps, per listener, the combination and number
 of epochs (0: keep init.save) with the best held-out CCC.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import itertools
@@ -99,22 +99,17 @@ DEFAULT = Method()
 
 
 def _numbers(values, flag):
-    try:
-        numbers = [float(value) for value in values]
-    except ValueError:
-        bad = next(value for value in values if not _is_number(value))
-        raise ToolkitError(f"{flag} must be a number, got {bad!r}") from None
-    if not all(math.isfinite(number) for number in numbers):
-        raise ToolkitError(f"{flag} must be a finite number, got {values}")
-    return list(dict.fromkeys(numbers))  # each once, in the order given
-
-
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    """The flag's values as numbers, each once, in the order given."""
+    numbers = []
+    for value in values:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ToolkitError(f"{flag} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ToolkitError(f"{flag} must be a finite number, got {value}")
+        numbers.append(number)
+    return list(dict.fromkeys(numbers))
 
 
 def methods_from_args(args):
@@ -138,7 +133,8 @@ def methods_from_args(args):
         raise ToolkitError("--anchor pulls the weights that fine-tuning updates toward "
                            "init.save's: it applies to --finetune all and head, not adapter")
     if len(methods) > 1 and not args.inner_cv:
-        raise ToolkitError(f"{len(methods)} fine-tuning methods ({', '.join(m.name for m in methods)}): "
+        names = ", ".join(method.name for method in methods)
+        raise ToolkitError(f"{len(methods)} fine-tuning methods ({names}): "
                            "give one value per --finetune, --anchor and --mix, or add --inner_cv "
                            "to choose among them per subject")
     return methods
@@ -272,7 +268,7 @@ def training_videos(train_all, subject, method, augment=None):
     return train_all.select(subjects=[subject])
 
 
-# ---------------------------------------------------------------- choosing by inner cross-validation
+# ---------------------------------------------------------------- --inner_cv's choice
 
 class SubjectTuning:
     """What every fine-tuning run of one subject starts from: init.save (a fresh copy

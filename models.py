@@ -26,7 +26,7 @@ The LSTM's module names match the original release (`embed_<mod>.1.weight`,
 `attn.0.weight`, `lstm.weight_ih_l0`, `dec_target.2.bias`, ...), so its plain
 state_dicts load as is.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import math

@@ -21,7 +21,7 @@ for after every epoch (they start with both signals blocked, so that a Ctrl-C se
 to the whole terminal group cannot kill one mid-start); tasks not yet started are
 left out, and the run ends with KeyboardInterrupt once the running ones have saved.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import contextlib
@@ -222,10 +222,13 @@ def _progress(results, total, description):
 
 @contextlib.contextmanager
 def _threads(count):
-    """torch on `count` intra-op threads (None: as it is) for the block."""
+    """torch on `count` intra-op threads (None: as it is, torch not even loaded) for the
+    block."""
+    if not count:
+        yield
+        return
     previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
+    torch.set_num_threads(count)
     try:
         yield
     finally:

@@ -152,9 +152,10 @@ def subject_table(rows):
     columns = [name for name in ("before_ccc", "after_ccc", *finetuning.DEFAULT.record, "epochs",
                                  "after_ccc_seed_mean", "after_ccc_seed_std") if name in rows[0]]
     table = pd.DataFrame(rows, columns=["subject", *columns])
-    mean = table[[name for name in columns if name not in finetuning.DEFAULT.record]].mean()
+    method_columns = [name for name in columns if name in finetuning.DEFAULT.record]
+    mean = table[[name for name in columns if name not in method_columns]].mean()
     summary = pd.DataFrame([{"subject": "Mean", **mean,  # no mean of the methods
-                             **{name: "" for name in columns if name in finetuning.DEFAULT.record}}])
+                             **{name: "" for name in method_columns}}])
     if "epochs" in table:  # whole numbers, not 3.0000 (their mean too, where it is one)
         table = table.astype({"epochs": object})
         summary = summary.astype({"epochs": object})
@@ -195,7 +196,8 @@ def main(args):
         base_checks=[finetuning.base_check(methods)]))
     finetuning.check_resumed_methods(folders, inner, resumes, methods)
     with runs.owned(out_dir):
-        runs.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)  # none began meanwhile
+        # none began meanwhile
+        runs.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
         runs.write_run_record(args, out_dir)
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
@@ -215,7 +217,8 @@ def subject_folders(train_all, subjects, out_dir, settings, inner_cv, methods):
     folders = [folder for subject in subjects
                for _, folder in settings.seed_runs(runs.subject_dir(out_dir, subject))]
     inner = {folder: method for subject in subjects if inner_cv
-             for folder, method in finetuning.inner_cv_folders(train_all, subject, out_dir, methods).items()}
+             for folder, method in
+             finetuning.inner_cv_folders(train_all, subject, out_dir, methods).items()}
     return folders, inner
 
 

@@ -5,7 +5,7 @@ fp32 runs no autocast context at all, so float32 results are exactly those of a
 toolkit without the flag; bf16 and fp16 autocast the forward pass while weights,
 optimizer state and checkpoints stay float32.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import contextlib
 from pathlib import Path

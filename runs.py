@@ -47,7 +47,7 @@ the scripts, whose names and patterns only the functions below spell:
     <out_dir of compare_options.py>/  args.json, compare.csv, personalize.csv, a
                                  crossval.py folder per option, personal_<option>/
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import contextlib

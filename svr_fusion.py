@@ -10,7 +10,7 @@ them. Output names come from runs.py.
 A saved model is a joblib pickle (see `model_record`), and loading a pickle can run
 arbitrary code: `load_model` is only ever called on a path the user named.
 """
-import thread_policy  # first: sets how OpenMP threads wait before torch loads
+import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
 import argparse
 import math

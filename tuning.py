@@ -453,8 +453,8 @@ def epoch_reporter(trial, finished, fold, epochs):
     folds steady the estimate, so a trial is not stopped by one noisy epoch alone.
     A fold's first half of epochs is reported but never judged: a model just started
     says little yet, and judged earlier the pruner would favour whatever learns
-    fastest (the highest learning rates), not what ends best. Held-out CCC of the training stories only: the
-    validation folder plays no part in it."""
+    fastest (the highest learning rates), not what ends best. Held-out CCC of the
+    training stories only: the validation folder plays no part in it."""
     unjudged = epochs // 2
 
     def on_epoch(row):

@@ -111,7 +111,8 @@ def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, 
                                              "make_data.py")],
     ]
     commands = [[str(ROOT / command[0]), *map(str, command[1:])] for command in commands]
-    done = subprocess.run([sys.executable, "-c", LIGHT.format(root=str(ROOT), commands=commands)], cwd=tmp_path,
+    script = LIGHT.format(root=str(ROOT), commands=commands)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
