@@ -240,7 +240,7 @@ def check_fresh_model_dir(model_dir, resume, overwrite):
                                "without --resume first")
     elif _holds_a_run(model_dir) and not overwrite:
         raise ToolkitError(f"{model_dir} already holds a run: pass --resume to continue it, "
-                           "--overwrite to replace it, or choose another --model_dir")
+                           "--overwrite to replace it, or choose another --model_dir (--out_dir)")
 
 
 def _holds_a_run(folder):
