@@ -29,19 +29,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import datasets
+import families
 import make_data
-import engine
-import models
 import parallel
 import utils
 from precision import fast_bf16_cpu
+from utils import LazyModule
+
+# imported on first use, so that --help loads no torch
+torch = LazyModule("torch")
+engine = LazyModule("engine")
+models = LazyModule("models")
 
 ROOT = Path(__file__).resolve().parent
 MODELS = {"AT": ["audio", "text"], "ATV": ["audio", "text", "v_sub"]}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names in torch
 
 
 def get_args_parser():
@@ -130,8 +134,8 @@ def gemm_throughput(device, precision="fp32", size=2048, repeats=10, rounds=5):
     """Matrix-multiply GFLOP/s of this machine in `precision` with the current threads:
     the best of several rounds, so that a busy moment does not flatter the ratio to it.
     A product that takes over a second (bfloat16 without hardware support) is timed once."""
-    a = torch.randn(size, size, device=device, dtype=DTYPES[precision])
-    b = torch.randn(size, size, device=device, dtype=DTYPES[precision])
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, DTYPES[precision]))
+    b = torch.randn(size, size, device=device, dtype=getattr(torch, DTYPES[precision]))
     start = time.perf_counter()
     a @ b
     if time.perf_counter() - start > 1.0:
@@ -180,7 +184,7 @@ def cpu_description():
             f"{'yes' if fast_bf16_cpu() else 'no (train.py refuses --precision bf16)'}")
 
 
-def start_training(train_set, device, precision="fp32", family=models.DEFAULT_MODEL):
+def start_training(train_set, device, precision="fp32", family=families.DEFAULT_MODEL):
     """A seeded model of `family` with its default sizes and the default training
     settings, and a function that trains it one epoch."""
     engine.seed_everything(1)
@@ -195,7 +199,7 @@ def start_training(train_set, device, precision="fp32", family=models.DEFAULT_MO
     return model, segments, train_epoch
 
 
-def time_training(npy_dir, mods, device, epochs, precision="fp32", family=models.DEFAULT_MODEL):
+def time_training(npy_dir, mods, device, epochs, precision="fp32", family=families.DEFAULT_MODEL):
     """Median seconds of a training step and of an evaluation pass of `family`, and the
     largest difference between batched and per-video evaluation; with the trained
     model, its training pieces and the validation set."""
@@ -269,6 +273,21 @@ def time_train_runs(npy_dir, processes, out_dir, epochs=4):
     return seconds
 
 
+def time_help():
+    """{script: (wall seconds of `python script --help` in a fresh process, whether it
+    imported torch)} for every script of the toolkit."""
+    results = {}
+    for path in sorted(ROOT.glob("*.py")):
+        if 'if __name__ == "__main__":' not in path.read_text():
+            continue
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-X", "importtime", str(path), "--help"],
+                              check=True, capture_output=True, text=True)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+        results[path.name] = (time.perf_counter() - start, "torch" in imported)
+    return results
+
+
 def peak_rss(npy_dir, name, precision="fp32"):
     """Peak resident memory of a fresh process that loads one model's data, trains
     an epoch and evaluates in `precision`; with the memory of Python and torch before
@@ -293,7 +312,7 @@ def warm_up_torch():
     """One optimizer step of a tiny model: loads what every run loads whatever its data
     (the optimizer's first step imports torch._dynamo, about 70 MiB; oneDNN's LSTM
     and GEMM set up), so that the baseline holds Python and torch, not our data."""
-    model = models.create(models.DEFAULT_MODEL, {"audio": 4})
+    model = models.create(families.DEFAULT_MODEL, {"audio": 4})
     optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
     model(({"audio": torch.zeros(6, 4)}), torch.tensor([4, 2])).sum().backward()
     optimizer.step()
@@ -419,7 +438,7 @@ def family_rows(npy_dir, device, epochs):
     lines = ["", f"| --model, AT, [{device} fp32] | parameters | training step per epoch (s, "
                  f"median of {epochs}) | evaluation pass (s) | epoch incl. evaluation (s) | "
                  "batched vs per-video evaluation, max difference |", "|---|---|---|---|---|---|"]
-    for family in models.MODELS:
+    for family in families.FAMILIES:
         measured, model, _, _ = time_training(npy_dir, MODELS["AT"], device, epochs, "fp32", family)
         parameters = sum(parameter.numel() for parameter in model.parameters())
         lines.append(f"| {family} | {parameters / 1e6:.2f} M | {measured['train_s']:.3f} | "
@@ -468,6 +487,12 @@ def process_lines(npy_dir, cv_epochs, threads):
                  f"on {half_threads}, {side_by_side:.2f} s on {half_threads} beside a second such "
                  f"process: two folds at once are at most {2 * alone / side_by_side:.2f}x faster "
                  "per epoch")
+    helps = time_help()
+    slowest = max(helps, key=lambda script: helps[script][0])
+    with_torch = [script for script, (_, torch_loaded) in helps.items() if torch_loaded]
+    lines.append(f"--help of each of {len(helps)} scripts in a fresh process: "
+                 f"{min(seconds for seconds, _ in helps.values()):.2f}-{helps[slowest][0]:.2f} s "
+                 f"(slowest: {slowest}); loading torch: {', '.join(with_torch) or 'none'}")
     return lines
 
 

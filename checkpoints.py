@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 import datasets
+import families
 import models
 import runs
 import utils
@@ -159,7 +160,7 @@ def restore_rng_state(state, generator):
 class TrainedModel:
     """A saved model ready to predict: the network, the normalization of its
     inputs, and its checkpoint (epoch, post-processing, ...)."""
-    network: torch.nn.Module  # a model of one of the families in models.MODELS
+    network: torch.nn.Module  # a model of one of the families in families.FAMILIES
     scaler: datasets.FeatureScaler
     checkpoint: dict
     path: Path = None  # where it was read, for messages
@@ -256,14 +257,14 @@ def _as_flag(name, value, alone=True):
 
 def _check_same_model(path, saved_config, settings):
     """The saved model is of the family and sizes that the flags build."""
-    saved_family = saved_config.get("family", models.DEFAULT_MODEL)
+    saved_family = saved_config.get("family", families.DEFAULT_MODEL)
     if saved_family != settings.model:
         _refuse_resume(path, f"--model {saved_family}", settings.model)
     wanted = models.create(settings.model, saved_config["input_dims"],
                            **settings.model_options).config
     for key, value in wanted.items():
         if saved_config.get(key) != value:
-            flag = models.option_flag(settings.model, key)
+            flag = families.option_flag(settings.model, key)
             _refuse_resume(path, f"{flag} {saved_config.get(key)}", value)
 
 

@@ -17,11 +17,12 @@ import pandas as pd
 from tqdm import tqdm
 
 import datasets
-import engine
 import options
 import parallel
 import runs
 import utils
+
+engine = utils.LazyModule("engine")  # imported on first use: --help loads no torch
 
 
 def get_args_parser():

@@ -92,15 +92,6 @@ def reused_heap():
 
 # ---------------------------------------------------------------- steps
 
-
-
-def mse_loss(predictions, targets):
-    return torch.mean((predictions - targets) ** 2)
-
-
-LOSSES = {"mse": mse_loss, "ccc": utils.ccc_loss}
-
-
 def build_optimizer(model, lr, weight_decay):
     # foreach: one kernel launch per operation for all parameters, 2x faster than the
     # CPU default's loop over parameters, with bit-identical results.
@@ -120,14 +111,14 @@ def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator
     """One pass over the training pieces in a fresh random order (or over the
     batches that `batches(generator)` draws, lists of pieces).
 
-    The loss (`LOSSES[loss_name]`) is computed in float32 over each batch's valid
+    The loss (`utils.LOSSES[loss_name]`) is computed in float32 over each batch's valid
     steps; the forward pass runs in `precision` (see precision.autocast), with
     `grad_scaler` (precision.grad_scaler) for fp16. `penalty(model)`, if given, is
     added to the loss that is minimized (not to the one reported).
     Returns {"loss": its mean over batches, weighted by their steps}.
     """
     model.train()
-    loss_function = LOSSES[loss_name]
+    loss_function = utils.LOSSES[loss_name]
     total_loss, total_steps = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     epoch_batches = (batches(generator) if batches is not None

@@ -44,13 +44,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-import checkpoints
-import engine
 import runs
 import utils
-from utils import ToolkitError
+from utils import LazyModule, ToolkitError
+
+# imported on first use, so that personalize.py's --help and flag checks load no torch
+torch = LazyModule("torch")
+checkpoints = LazyModule("checkpoints")
+engine = LazyModule("engine")
 
 FINETUNE_METHODS = ("all", "head", "adapter")
 ADAPTER_RANK = 1  # 2 x 128 + 2 = 258 parameters with the default decoder

@@ -1,8 +1,10 @@
-"""Model families, one class each, and the registry that names them (`--model`).
+"""Model families, one class each (`--model`; their registry and size flags are in
+families.py, which loads no torch).
 
 A family is a class that predicts one valence per second from the modalities'
 per-second features (see `FusionModel` for the interface: `embed`,
-`forward_embedded`, `config`, `FLAGS`, `from_config`) plus one entry in `MODELS`.
+`forward_embedded`, `config`, `from_config`) plus one entry in
+`families.FAMILIES`, which names the class and declares its flags.
 Its checkpoints name the family in their configuration, so every script rebuilds
 the right model from the file alone (checkpoints.load_model).
 
@@ -28,16 +30,15 @@ state_dicts load as is.
 """
 import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
-import argparse
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import families
 from utils import ToolkitError
 
 VISUAL_MODS = ("v_sub", "v_act")
@@ -71,31 +72,6 @@ class InputDropout(nn.Dropout):
         return torch.where(drop, 0.0, inputs).mul_(65536 / (65536 - threshold))
 
 
-@dataclass(frozen=True)
-class ModelFlag:
-    """A command-line flag that sizes a model family: `flag` sets the constructor
-    argument `option`; `minimum` and `maximum` bound its number (the maximum keeps
-    a typo such as --tcn_blocks 64 from asking for more memory than any machine has)."""
-    flag: str
-    option: str
-    arguments: dict = field(default_factory=dict)
-    minimum: int = None
-    maximum: int = None
-
-    @property
-    def dest(self):
-        return self.flag.lstrip("-")
-
-
-def size_flag(flag, option, default, text, maximum, minimum=1, metavar="N"):
-    """A ModelFlag for an integer size from `minimum` to `maximum`; `text` is its help,
-    to which the range and the default are added."""
-    return ModelFlag(flag, option, dict(type=int, default=default, metavar=metavar,
-                                        help=f"{text} ({minimum} to {maximum}; default: "
-                                             "%(default)s)"),
-                     minimum=minimum, maximum=maximum)
-
-
 class FusionModel(nn.Module):
     """What every family shares: the per-modality embeddings, the padding of
     back-to-back rows, and the decoder whose first layer gives the decision-level
@@ -110,10 +86,10 @@ class FusionModel(nn.Module):
     The interface every family offers: `embed` (per-step embeddings, computed on
     unpadded rows), `forward_embedded` (predictions and, if asked, the 128-d
     decision-level features), `config` (plain values that rebuild the model with
-    `from_config`), and `FLAGS` (the flags that size it).
+    `from_config`) and `check_sizes` (sizes that do not fit together). Its constructor
+    takes the options of its flags (families.FAMILIES).
     """
-    FAMILY = None
-    FLAGS = ()
+    FAMILY = None  # its name in families.FAMILIES
     HEAD = ()  # the output layers that personalize.py --finetune head updates (module names)
 
     def _add_embeddings(self, input_dims, embed_dim):
@@ -189,28 +165,10 @@ class FusionModel(nn.Module):
         return padded.view(valid.shape + rows.shape[1:])
 
 
-RECURRENT_FLAGS = (  # shared by the lstm and gru families, so declared once
-    size_flag("--layers", "num_layers", 1, "stacked recurrent layers of --model lstm or gru",
-              maximum=16),
-    size_flag("--hidden_dim", "hidden_dim", 512, "--model lstm or gru: hidden size of each "
-              "recurrent layer (per direction)", maximum=8192),
-    ModelFlag("--dropout", "dropout", dict(
-        type=float, default=0.0, metavar="P",
-        help="--model lstm or gru: dropout on the recurrent states, between stacked layers and "
-             "before the attention (0 to 0.9; default: %(default)s, none, as in the guide)"),
-              minimum=0.0, maximum=0.9),
-    ModelFlag("--bidirectional", "bidirectional", dict(
-        action="store_true", help="--model lstm or gru: run the recurrent layers forwards and "
-                                  "backwards; the attention and the decoder take both "
-                                  "directions' states")),
-)
-
-
 class RecurrentFusion(FusionModel):
     """The guide's model with the recurrent layer of the family (`RECURRENT`), stored
     under the family's name (`lstm.weight_ih_l0`, `gru.weight_ih_l0`, ...): local
     attention over the states at t, t-1 and t-2, then the decoder."""
-    FLAGS = RECURRENT_FLAGS
     HEAD = ("attn", "dec_target")  # the attention weighs the states the decoder reads
     RECURRENT = None
 
@@ -337,15 +295,6 @@ class TemporalConvNet(FusionModel):
     """
     FAMILY = "tcn"
     HEAD = ("dec_target",)
-    FLAGS = (
-        size_flag("--tcn_channels", "channels", 128, "--model tcn: channels of every convolution",
-                  maximum=2048),
-        size_flag("--tcn_kernel", "kernel", 3, "--model tcn: kernel size of the convolutions",
-                  maximum=31, minimum=2, metavar="STEPS"),
-        size_flag("--tcn_blocks", "num_blocks", 4, "--model tcn: residual blocks, dilations 1, "
-                  "2, 4, ...; a step sees 1 + 2 (kernel - 1) (2^blocks - 1) steps around it "
-                  "(61 s with 4 blocks of kernel 3)", maximum=12),
-    )
 
     def __init__(self, input_dims, embed_dim=128, channels=128, kernel=3, num_blocks=4,
                  decoder_dim=128):
@@ -398,19 +347,6 @@ class FusionTransformer(FusionModel):
     FAMILY = "transformer"
     HEAD = ("dec_target",)
     MAX_START = 600  # s: longer than the OMG-Empathy stories (up to about 8 minutes)
-    FLAGS = (
-        size_flag("--transformer_layers", "num_layers", 2, "--model transformer: encoder layers",
-                  maximum=24),
-        size_flag("--transformer_heads", "num_heads", 4, "--model transformer: attention heads; "
-                  "they divide --transformer_dim", maximum=64),
-        size_flag("--transformer_dim", "model_dim", 128, "--model transformer: width of the "
-                  "encoder", maximum=2048),
-        size_flag("--transformer_ff", "ff_dim", 256, "--model transformer: width of each "
-                  "layer's feed-forward block", maximum=8192),
-        size_flag("--attn_window", "attn_window", 30, "--model transformer: each step attends "
-                  "only to the steps within this many seconds of it; 0: to the whole sequence",
-                  maximum=3600, minimum=0, metavar="SECONDS"),
-    )
 
     def __init__(self, input_dims, embed_dim=128, model_dim=128, num_layers=2, num_heads=4,
                  ff_dim=256, attn_window=30, dropout=0.1, decoder_dim=128):
@@ -483,32 +419,22 @@ class ListenerAdapter(nn.Module):
         return predictions * (1 + self.gain) + self.shift
 
 
-# ---------------------------------------------------------------- the registry
-
-MODELS = {"lstm": FusionLSTM, "gru": FusionGRU, "tcn": TemporalConvNet,
-          "transformer": FusionTransformer}
-DEFAULT_MODEL = "lstm"  # the guide's model; checkpoints that name no family hold one
-
-
-def family(name):
-    if name not in MODELS:
-        raise ToolkitError(f"--model must be one of {', '.join(MODELS)}, got {name}")
-    return MODELS[name]
-
+# ---------------------------------------------------------------- building by family
 
 def create(name, input_dims, **options):
-    """A new model of family `name` for inputs of `input_dims` ({mod: dim})."""
-    return family(name)(input_dims, **options)
+    """A new model of family `name` (families.FAMILIES) for inputs of `input_dims`
+    ({mod: dim})."""
+    return families.family(name).network(input_dims, **options)
 
 
 def from_config(config):
     """The model a checkpoint's configuration describes (its family's own keys)."""
-    name = config.get("family", DEFAULT_MODEL)
-    if name not in MODELS:
+    name = config.get("family", families.DEFAULT_MODEL)
+    if name not in families.FAMILIES:
         raise ToolkitError(f"model family {name!r} is not one this toolkit knows "
-                           f"({', '.join(MODELS)}): update the toolkit")
-    model = MODELS[name].from_config({key: value for key, value in config.items()
-                                      if key != "adapter"})
+                           f"({', '.join(families.FAMILIES)}): update the toolkit")
+    model = families.FAMILIES[name].network.from_config(
+        {key: value for key, value in config.items() if key != "adapter"})
     if config.get("adapter"):  # a personalized model's listener adapter
         model.add_adapter(**config["adapter"])
     return model
@@ -516,53 +442,4 @@ def from_config(config):
 
 def config_from_state_dict(state_dict):
     """The configuration of a plain state_dict: the original release's LSTM."""
-    return MODELS[DEFAULT_MODEL].config_from_state_dict(state_dict)
-
-
-def get_args_parser():
-    """--model and the flags that size each family (a flag shared by several
-    families is declared once)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL,
-                       help="model family: lstm (the guide's fusion LSTM), gru (the same with "
-                            "a GRU), tcn (temporal convolutions) or transformer (default: "
-                            "%(default)s)")
-    declared = set()
-    for model_class in MODELS.values():
-        for flag in model_class.FLAGS:
-            if flag.flag not in declared:
-                group.add_argument(flag.flag, **flag.arguments)
-                declared.add(flag.flag)
-    return parser
-
-
-def options_from_args(name, args):
-    """The constructor options of family `name` that the parsed flags give (a
-    script without a family's flags keeps the defaults)."""
-    options = {}
-    for flag in family(name).FLAGS:
-        if hasattr(args, flag.dest):
-            options[flag.option] = getattr(args, flag.dest)
-    return options
-
-
-def check_options(name, options):
-    """Refuse, in one line, an option outside its flag's range."""
-    for flag in family(name).FLAGS:
-        value = options.get(flag.option)
-        if flag.minimum is not None and value is not None and value < flag.minimum:
-            raise ToolkitError(f"{flag.flag} must be at least {flag.minimum}, got {value}")
-        if flag.maximum is not None and value is not None and value > flag.maximum:
-            raise ToolkitError(f"{flag.flag} must be at most {flag.maximum}, got {value}")
-    check_sizes = getattr(family(name), "check_sizes", None)  # a family's own constraints
-    if check_sizes is not None:
-        check_sizes(options)
-
-
-def option_flag(name, option):
-    """The flag that sets constructor option `option` of family `name` (for messages)."""
-    for flag in MODELS.get(name, MODELS[DEFAULT_MODEL]).FLAGS:
-        if flag.option == option:
-            return flag.flag
-    return option
+    return families.family(families.DEFAULT_MODEL).network.config_from_state_dict(state_dict)

@@ -16,17 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoints
 import datasets
-import engine
-import models
+import families
 import parallel
 import postprocessing
 import precision
 import runs
 import utils
 from postprocessing import Postprocessing
-from utils import ToolkitError
+from utils import LazyModule, ToolkitError
+
+# Loaded on first use (they load torch): the flags, --help and the flag checks need none.
+checkpoints = LazyModule("checkpoints")
+engine = LazyModule("engine")
+models = LazyModule("models")
 
 
 # ---------------------------------------------------------------- flags
@@ -75,7 +78,7 @@ def get_training_args_parser():
                        help="save epoch_<N>.save every N epochs (default: %(default)s)")
     group.add_argument("--resume", action="store_true",
                        help="continue the run in the model folder from its last.save")
-    group.add_argument("--loss", choices=engine.LOSSES, default="mse",
+    group.add_argument("--loss", choices=utils.LOSSES, default="mse",
                        help="mse: squared error over a batch's valid steps; ccc: 1 - CCC over "
                             "them (default: %(default)s)")
     group.add_argument("--patience", type=int, metavar="N",
@@ -109,7 +112,7 @@ def get_fold_args_parser():
 
 def get_model_args_parser():
     """Flags of the scripts that build new models: --model and each family's sizes."""
-    return models.get_args_parser()
+    return families.get_args_parser()
 
 
 # ---------------------------------------------------------------- settings
@@ -129,7 +132,7 @@ class TrainingSettings:
     patience: int = None
     seeds: int = 1
     precision: str = "fp32"
-    model: str = models.DEFAULT_MODEL
+    model: str = families.DEFAULT_MODEL
     model_options: dict = None  # the family's constructor options; None: fine-tuning
 
     @classmethod
@@ -140,7 +143,7 @@ class TrainingSettings:
         settings = {name: getattr(args, name) for name in cls.__dataclass_fields__
                     if hasattr(args, name) and name != "model_options"}
         if hasattr(args, "model"):
-            settings["model_options"] = models.options_from_args(args.model, args)
+            settings["model_options"] = families.options_from_args(args.model, args)
         return cls(**settings)
 
     def check(self):
@@ -156,11 +159,11 @@ class TrainingSettings:
         highest = 2 ** 32 - self.seeds  # every seed of --seeds in NumPy's range
         if not 0 <= self.seed <= highest:
             raise ToolkitError(f"--seed must be from 0 to {highest}, got {self.seed}")
-        if self.loss not in engine.LOSSES:
-            raise ToolkitError(f"--loss must be one of {', '.join(engine.LOSSES)}, got {self.loss}")
-        models.family(self.model)
+        if self.loss not in utils.LOSSES:
+            raise ToolkitError(f"--loss must be one of {', '.join(utils.LOSSES)}, got {self.loss}")
+        families.family(self.model)
         if self.model_options is not None:
-            models.check_options(self.model, self.model_options)
+            families.check_options(self.model, self.model_options)
 
     def new_model(self, input_dims, device):
         """A freshly initialized model of the --model family and sizes."""

@@ -34,15 +34,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import checkpoints
 import datasets
-import engine
 import finetuning
 import options
 import parallel
 import runs
 import utils
-from utils import ToolkitError
+from utils import LazyModule, ToolkitError
+
+# imported on first use (they load torch), so that --help and the flag checks need none
+checkpoints = LazyModule("checkpoints")
+engine = LazyModule("engine")
 
 
 def get_args_parser():

@@ -10,12 +10,12 @@ import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before t
 import contextlib
 from pathlib import Path
 
-import torch
+from utils import LazyModule, ToolkitError
 
-from utils import ToolkitError
+torch = LazyModule("torch")  # loaded on first use: the flags' choices need no torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # names in torch
 
 
 def fast_bf16_cpu():
@@ -58,7 +58,8 @@ def autocast(precision, device):
         # oneDNN cannot build a bfloat16 LSTM for such a CPU: PyTorch's own LSTM runs
         # instead. Reached only where check_precision was bypassed (tests, bench.py).
         stack.enter_context(_onednn_disabled())
-    stack.enter_context(torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision]))
+    dtype = getattr(torch, _AUTOCAST_DTYPES[precision])
+    stack.enter_context(torch.autocast(device.type, dtype=dtype))
     return stack
 
 

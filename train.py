@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-import engine
 import options
 import postprocessing
 import runs
 import utils
-from utils import ToolkitError
+from utils import LazyModule, ToolkitError
+
+engine = LazyModule("engine")  # imported on first use: --help loads no torch
 
 
 def get_args_parser():

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import datasets
-import models
+import families
 import options
 import parallel
 import postprocessing
@@ -43,7 +43,7 @@ def get_args_parser():
     group.add_argument("--trials", type=int, default=30, metavar="N",
                        help="finished (completed or pruned) trials the study holds when the "
                             "command ends, those of earlier runs included (default: %(default)s)")
-    group.add_argument("--models", default=",".join(models.MODELS), metavar="FAMILIES",
+    group.add_argument("--models", default=",".join(families.FAMILIES), metavar="FAMILIES",
                        help="comma-separated model families searched (default: %(default)s)")
     group.add_argument("--objective", choices=tuning.OBJECTIVES, default="mean",
                        help="the mean CCC over held-out training stories, or mean minus std "

@@ -46,14 +46,15 @@ import pandas as pd
 from optuna.trial import TrialState
 
 import datasets
-import engine
-import models
+import families
 import options
 import parallel
 import runs
 import utils
 from postprocessing import Postprocessing, score_videos
-from utils import ToolkitError
+from utils import LazyModule, ToolkitError
+
+engine = LazyModule("engine")  # imported on first use: tune.py --help loads no torch
 
 OBJECTIVES = ("mean", "mean_minus_std")
 FILTERS = ("none", "smooth", "lowpass")
@@ -81,7 +82,7 @@ class Param:
 
 
 TRAINING = (Param("lr", "log", (1e-5, 1e-2)), Param("weight_decay", "log", (1e-6, 1e-2)),
-            Param("loss", "choice", tuple(engine.LOSSES)),
+            Param("loss", "choice", tuple(utils.LOSSES)),
             Param("label_delay", "float", (0.0, 5.0), step=0.5))
 RECURRENT = (Param("layers", "int", (1, 2)), Param("bidirectional", "bool"),
              Param("hidden_dim", "choice", (64, 128, 256, 512)),
@@ -108,17 +109,17 @@ def parse_families(text):
     names = [name.strip() for name in (text or "").split(",") if name.strip()]
     if not names:
         raise ToolkitError("--models leaves the search space empty: give at least one family "
-                           f"of {', '.join(models.MODELS)}")
-    unknown = [name for name in names if name not in models.MODELS]
+                           f"of {', '.join(families.FAMILIES)}")
+    unknown = [name for name in names if name not in families.FAMILIES]
     if unknown:
         raise ToolkitError(f"--models: unknown model family {unknown[0]}: choose from "
-                           f"{', '.join(models.MODELS)}")
+                           f"{', '.join(families.FAMILIES)}")
     return sorted(set(names), key=names.index)
 
 
 def family_sizes(family):
     """The searched sizes of `family` that are flags of it (none for a family added later)."""
-    flags = {flag.dest for flag in models.family(family).FLAGS}
+    flags = {flag.dest for flag in families.family(family).flags}
     return tuple(param for param in FAMILY_SIZES.get(family, ()) if param.name in flags)
 
 
@@ -140,7 +141,7 @@ def sample_postprocessing(trial, label_delay):
 
 def model_options(params):
     """Constructor options of the params' family from its searched size flags."""
-    return {flag.option: params[flag.dest] for flag in models.family(params["model"]).FLAGS
+    return {flag.option: params[flag.dest] for flag in families.family(params["model"]).flags
             if flag.dest in params}
 
 

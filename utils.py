@@ -1,5 +1,6 @@
-"""Shared helpers without torch: the CCC metric, result tables, the command-line
-wrapper and atomic file writers.
+"""Shared helpers without torch: the CCC metric and the training losses (written for
+tensors, so importing them loads no torch), result tables, the command-line wrapper
+and atomic file writers.
 
 Every script scores with `ccc` and writes results through `atomic_path`, so these
 conventions live here only. Post-processing is in postprocessing.py, checkpoints
@@ -63,6 +64,14 @@ def ccc_loss(prediction, target):
     tiny constant keeps the gradient finite when both are constant."""
     covariance, denominator = _concordance_terms(prediction, target)
     return 1 - 2 * covariance / (denominator + 1e-12)
+
+
+def mse_loss(prediction, target):
+    """Mean squared error of two torch tensors (`--loss mse`), over all the steps given."""
+    return ((prediction - target) ** 2).mean()
+
+
+LOSSES = {"mse": mse_loss, "ccc": ccc_loss}  # --loss: written for tensors, without torch
 
 
 def _concordance_terms(x, y):

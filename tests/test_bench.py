@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import datasets
+import families
 import models
 
 
@@ -49,6 +50,18 @@ def test_runs_started_together_each_train_a_model(tiny_data, tmp_path):
         assert len((tmp_path / run / "metrics.csv").read_text().splitlines()) == 2  # 1 epoch
 
 
+def test_help_times_name_the_scripts_that_load_torch(tmp_path, monkeypatch):
+    main = 'if __name__ == "__main__":\n    import argparse; argparse.ArgumentParser().parse_args()\n'
+    (tmp_path / "light.py").write_text(main)
+    (tmp_path / "heavy.py").write_text("import torch\n" + main)
+    (tmp_path / "library.py").write_text("import torch\n")  # not a script: not timed
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    helps = bench.time_help()
+    assert sorted(helps) == ["heavy.py", "light.py"]
+    assert helps["heavy.py"][1] and not helps["light.py"][1]
+    assert all(seconds > 0 for seconds, _ in helps.values())
+
+
 def test_bf16_is_measured_beside_fp32_and_the_cpu_is_named():
     # The bf16 epoch itself runs in test_precision.py; here, what the table adds.
     assert bench.precisions("cpu", 5, slow_bf16=True) in ({"fp32": 5, "bf16": 5},
@@ -82,7 +95,7 @@ def test_a_quick_benchmark_on_tiny_data_prints_every_row(tmp_path, capsys, monke
     # ATV has more inputs than AT: more work per epoch, on the same videos.
     at, atv = (float(v.strip(" |")) for v in rows["[cpu fp32] training work per epoch (GFLOP)"])
     assert atv > at
-    for family in models.MODELS:  # the table of model families: train and evaluation seconds
+    for family in families.FAMILIES:  # the table of model families: train and evaluation seconds
         assert all(float(value.strip(" |")) > 0 for value in rows[family][1:3]), family
     assert report.splitlines()[1].startswith("CPU: ")
     assert "peak RSS" not in report and "crossval.py" not in report  # in fresh processes

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoints
+import families
 import crossval
 import cv_epochs
 import models
@@ -45,14 +46,16 @@ def random_inputs(lengths, seed=0):
 
 
 def test_every_family_is_registered_with_its_flags():
-    assert list(models.MODELS) == ["lstm", "gru", "tcn", "transformer"]
+    assert list(families.FAMILIES) == ["lstm", "gru", "tcn", "transformer"]
+    assert [families.family(name).network for name in families.FAMILIES] == [
+        models.FusionLSTM, models.FusionGRU, models.TemporalConvNet, models.FusionTransformer]
     args = train.get_args_parser().parse_args(["--model", "tcn", "--tcn_kernel", "5"])
-    assert models.options_from_args("tcn", args) == {"channels": 128, "kernel": 5, "num_blocks": 4}
+    assert families.options_from_args("tcn", args) == {"channels": 128, "kernel": 5, "num_blocks": 4}
     # --layers, --hidden_dim, --dropout and --bidirectional are the LSTM's and the GRU's,
     # declared once; their defaults build the guide's model.
-    assert models.FusionGRU.FLAGS == models.FusionLSTM.FLAGS
+    assert families.family("gru").flags == families.family("lstm").flags
     defaults = train.get_args_parser().parse_args([])
-    assert models.options_from_args("lstm", defaults) == {
+    assert families.options_from_args("lstm", defaults) == {
         "num_layers": 1, "hidden_dim": 512, "dropout": 0.0, "bidirectional": False}
 
 
@@ -73,9 +76,9 @@ def test_recurrent_dropout_acts_in_training_only_and_old_checkpoints_load_withou
     old = {key: value for key, value in model.config.items() if key != "dropout"}
     assert models.from_config(old).config["dropout"] == 0.0
     with pytest.raises(ToolkitError, match="--dropout must be at most 0.9, got 1.0"):
-        models.check_options("gru", {"dropout": 1.0})
+        families.check_options("gru", {"dropout": 1.0})
     with pytest.raises(ToolkitError, match="--hidden_dim must be at least 1, got 0"):
-        models.check_options("lstm", {"hidden_dim": 0})
+        families.check_options("lstm", {"hidden_dim": 0})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -99,7 +102,7 @@ def test_train_resume_test_features_and_load(in_tmp, family):
 
     loaded, _ = checkpoints.load_model(in_tmp / "m" / "best.save", ["audio", "text"],
                                        {"audio": 24, "text": 16})
-    assert type(loaded) is models.MODELS[family] and loaded.config == saved["config"]
+    assert type(loaded) is families.family(family).network and loaded.config == saved["config"]
 
 
 @pytest.mark.parametrize("family, options", [

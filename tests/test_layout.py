@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import checkpoints
+import families
 import models
 import train
 from conftest import ROOT
@@ -55,7 +56,6 @@ def test_thin_train_and_a_small_utils():
 class MeanOverTime(nn.Module):
     """A family made for this test: embeddings averaged over a centred window, then a
     linear read-out. It offers exactly the interface of models.FusionLSTM."""
-    FLAGS = (models.ModelFlag("--window", "window", dict(type=int, default=3), minimum=1),)
 
     def __init__(self, input_dims, window=3, width=8):
         super().__init__()
@@ -88,8 +88,11 @@ class MeanOverTime(nn.Module):
 
 @pytest.fixture
 def mean_family(monkeypatch):
-    """The registry with one more entry: all that adding a family takes."""
-    monkeypatch.setitem(models.MODELS, "mean", MeanOverTime)
+    """The registry with one more entry, which names the class and declares its flag: all
+    that adding a family takes (here the class lives in this module, not models.py)."""
+    window = families.ModelFlag("--window", "window", dict(type=int, default=3), minimum=1)
+    monkeypatch.setitem(families.FAMILIES, "mean",
+                        families.Family("MeanOverTime", (window,), module=__name__))
 
 
 def run_train(*argv):

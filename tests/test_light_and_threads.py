@@ -1,6 +1,6 @@
 """The thread policy reaches torch (every module that imports it sets the policy
 first, and worker processes inherit it; a user's own setting wins), and the
-commands that only read files load no torch."""
+commands that only read files, and every script's --help, load no torch."""
 import ast
 import os
 import subprocess
@@ -91,6 +91,15 @@ print(sorted(name for name in sys.modules if name.split(".")[0] == "torch"))
 """
 
 
+COMMANDS = sorted(path.name for path in ROOT.glob("*.py")
+                  if 'if __name__ == "__main__":' in path.read_text())
+
+
+def test_every_script_is_a_command_here():
+    assert {"train.py", "crossval.py", "cv_epochs.py", "personalize.py", "tune.py", "bench.py",
+            "compare_options.py", "fusion.py", "score.py", "plot.py"} <= set(COMMANDS)
+
+
 def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, tmp_path):  # noqa: F811
     ledger = tmp_path / "runs.csv"
     write_ledger(ledger, [("cv_a", '{"loss": "ccc"}', 0.3, 0.1), ("cv_b", "{}", 0.2, 0.05)])
@@ -106,9 +115,7 @@ def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, 
         ["plot.py", "subjects", tables["personal"], "--out", plots / "s.png"],
         ["plot.py", "stories", tables["crossval"], "--out", plots / "c.png"],
         ["plot.py", "runs", ledger, "--out", plots / "r.png"],
-        *[[script, "--help"] for script in ("score.py", "runs.py", "plot.py", "data_stats.py",
-                                             "fusion.py", "cv_fusion.py", "extract_features.py",
-                                             "make_data.py")],
+        *[[script, "--help"] for script in COMMANDS],
     ]
     commands = [[str(ROOT / command[0]), *map(str, command[1:])] for command in commands]
     script = LIGHT.format(root=str(ROOT), commands=commands)

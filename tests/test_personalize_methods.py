@@ -11,6 +11,7 @@ import torch
 import checkpoints
 import datasets
 import engine
+import families
 import finetuning
 import models
 import personalize
@@ -102,7 +103,8 @@ def test_adapter_freezes_the_network_and_loads_everywhere(workspace):
 
 
 def test_every_family_names_its_head_and_takes_an_adapter():
-    for name, family in models.MODELS.items():
+    for name, entry in families.FAMILIES.items():
+        family = entry.network
         model = models.create(name, {"audio": 6})
         assert family.HEAD and all(hasattr(model, module) for module in family.HEAD), name
         head = finetuning.prepare(model, finetuning.Method("head"))

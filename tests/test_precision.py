@@ -19,6 +19,7 @@ import options
 import personalize
 import precision
 import train
+import utils
 from utils import ToolkitError
 
 # bf16 keeps 8 bits of mantissa (relative error up to 2^-9 per rounding). Through the
@@ -44,7 +45,7 @@ def old_train_one_epoch(model, optimizer, train_set, segments, batch_size, gener
         batch = train_set.gather([segments[i] for i in batch_indices.tolist()], device)
         embedded = model.embed(batch.inputs)
         batch.inputs = None
-        loss = engine.mse_loss(model.forward_embedded(embedded, batch.lengths), batch.targets)
+        loss = utils.mse_loss(model.forward_embedded(embedded, batch.lengths), batch.targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
