@@ -101,8 +101,8 @@ Jupyter front end, `jupyter execute README.ipynb --output README_run` (nbclient'
 also in `requirements-dev.txt`) runs it top to bottom and saves the executed copy as
 `README_run.ipynb`. The parameters below make it a short run on the built-in
 synthetic data, written to `DATA` (`data_notebook`) first if that folder has no
-`Training/`: 2 min 34 s and 2 min 42 s in two runs on a 2-core AMD EPYC alone, 4 min
-45 s and 4 min 58 s beside a test-suite run,
+`Training/`: 2 min 34 s to 2 min 45 s in three runs on a 2-core AMD EPYC alone, 4 min
+45 s to 5 min 3 s in three runs beside a test-suite run,
 and the pictures in the guide's Plots
 section are those of this run. Its data and models (`notebook_models_AT`,
 `notebook_models_ATV`) are its own, so a quick start run in the same folder (`./data`,
