@@ -134,8 +134,9 @@ def gemm_throughput(device, precision="fp32", size=2048, repeats=10, rounds=5):
     """Matrix-multiply GFLOP/s of this machine in `precision` with the current threads:
     the best of several rounds, so that a busy moment does not flatter the ratio to it.
     A product that takes over a second (bfloat16 without hardware support) is timed once."""
-    a = torch.randn(size, size, device=device, dtype=getattr(torch, DTYPES[precision]))
-    b = torch.randn(size, size, device=device, dtype=getattr(torch, DTYPES[precision]))
+    dtype = getattr(torch, DTYPES[precision])
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     start = time.perf_counter()
     a @ b
     if time.perf_counter() - start > 1.0:

@@ -183,11 +183,6 @@ def prepare(network, method):
     return network.add_adapter(ADAPTER_RANK).to(device)
 
 
-def trainable_parameters(network):
-    return sum(parameter.numel() for parameter in network.parameters()
-               if parameter.requires_grad)
-
-
 class SubjectFineTuning:
     """What the training engine (engine.fit's `finetuning`) needs of one method for
     one subject: the weight decay, the penalty added to the loss (None: none), the
@@ -195,12 +190,15 @@ class SubjectFineTuning:
 
     def __init__(self, method, subject, settings, init_weights):
         self.method, self.subject, self.settings = method, subject, settings
-        self.record = method.record
         self.weight_decay = 0.0 if method.anchor else settings.weight_decay  # L2-SP replaces it
         self.penalty = self._anchor_penalty if method.anchor else None
         # init.save's weights, which --anchor pulls toward
         self.init_weights = ({name: value.detach().clone() for name, value in init_weights.items()}
                              if method.anchor else None)
+
+    @property
+    def record(self):
+        return self.method.record
 
     def _anchor_penalty(self, model):
         distance = sum(((parameter - self.init_weights[name]) ** 2).sum()
@@ -283,7 +281,10 @@ class SubjectTuning:
         self.init_weights = dict(init.network.named_parameters())
 
     def model(self, method):
-        """A fresh copy of init.save's model, made ready for `method`."""
+        """A fresh copy of init.save's model, made ready for `method`. Read from the file
+        again rather than copied: building it draws from the just-seeded random
+        generator, as it always has, so the dropout masks, and with them the numbers,
+        stay those of earlier versions (tests/test_unchanged.py)."""
         network = checkpoints.load_trained([self.init.path], self.train_all, self.run.normalize,
                                            self.run.device)[0].network
         return prepare(network, method)
@@ -343,7 +344,7 @@ def choose_method(tuning, methods, subject_folder):
 def inner_cv_folders(train_all, subject, out_dir, methods):
     """{folder: method} of a subject's inner cross-validation, which needs two or more
     of their training stories."""
-    stories = sorted({video.story for video in train_all.select(subjects=[subject]).videos})
+    stories = train_all.select(subjects=[subject]).stories
     if len(stories) < 2:
         raise ToolkitError(f"--inner_cv needs two or more training stories of subject {subject}, "
                            f"who has {len(stories)}: leave out --inner_cv or that subject")
