@@ -417,6 +417,7 @@ def run_benchmark(data_root, epochs, cv_epochs, cuda, slow_bf16=False, subjects=
         lines += [""] + process_lines(npy_dir, cv_epochs, threads)
     for device in devices:
         lines += family_rows(npy_dir, device, epochs)
+    lines += averaging_rows(npy_dir, epochs)
     return "\n".join(lines)
 
 
@@ -445,6 +446,45 @@ def family_rows(npy_dir, device, epochs):
         lines.append(f"| {family} | {parameters / 1e6:.2f} M | {measured['train_s']:.3f} | "
                      f"{measured['eval_s']:.3f} | {measured['train_s'] + measured['eval_s']:.3f} | "
                      f"{measured['batched_vs_alone']:.1e} |")
+    return lines
+
+
+AVERAGING = {"none": {}, "--ema 0.99": {"ema": 0.99}, "--swa_start 1": {"swa_start": 1},
+             "--average_last (every epoch)": {"average_last": "all"}}
+
+
+def averaging_rows(npy_dir, epochs):
+    """Seconds per AT epoch (training and the evaluation every epoch does) with each
+    kind of averaging over epochs, and its cost against none: the median of
+    `epochs` epochs after a warm-up, through engine.TrainingRun as engine.fit runs it.
+    The variants take turns epoch by epoch, so that other load slows them alike."""
+    import options
+    from postprocessing import Postprocessing
+    train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), MODELS["AT"])
+    training_runs = {}
+    with tempfile.TemporaryDirectory() as model_root:
+        for label, extra in AVERAGING.items():
+            extra = {name: epochs + 1 if value == "all" else value for name, value in extra.items()}
+            settings = options.TrainingSettings(epochs=epochs + 1, **extra)
+            engine.seed_everything(1)
+            model = models.create(families.DEFAULT_MODEL, train_set.input_dims)
+            folder = Path(model_root) / str(len(training_runs))
+            training_runs[label] = engine.TrainingRun(model, train_set, folder, settings, "cpu",
+                                                      Postprocessing())
+            training_runs[label].model_dir.mkdir()
+        seconds = {label: [] for label in training_runs}
+        with engine.reused_heap():
+            for epoch in range(epochs + 1):
+                for label, run in training_runs.items():
+                    start = time.perf_counter()
+                    run.train_epoch(val_set)
+                    if epoch:  # the first is a warm-up
+                        seconds[label].append(time.perf_counter() - start)
+    median = {label: float(np.median(values)) for label, values in seconds.items()}
+    lines = ["", f"| averaging over epochs, AT [cpu fp32] | epoch incl. evaluation (s, median of "
+                 f"{epochs}) | against none |", "|---|---|---|"]
+    for label, value in median.items():
+        lines.append(f"| {label} | {value:.3f} | {100 * (value / median['none'] - 1):+.1f}% |")
     return lines
 
 

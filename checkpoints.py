@@ -192,6 +192,21 @@ def resolve_scaler(checkpoint, normalize, train_set, source):
     return datasets.FeatureScaler.fit(train_set) if normalize else None
 
 
+def averaged_predictions(path, video_set):
+    """The mean of the last --average_last epochs' per-second predictions of
+    `video_set` (the videos the run validated on) that the run's last.save at `path`
+    keeps, or None for a run without --average_last."""
+    state = load_checkpoint(path).get("prediction_average")
+    if not state or not state["count"]:
+        return None
+    means = [(total / state["count"]).numpy().astype("float32") for total in state["sums"]]
+    if [len(rows) for rows in means] != [video.n_seconds for video in video_set.videos]:
+        raise ToolkitError(f"{path} holds --average_last predictions of other videos than "
+                           f"{len(video_set)} it is evaluated on: evaluate it on the videos it "
+                           "was validated on")
+    return means
+
+
 # ---------------------------------------------------------------- resuming
 
 # Training settings that change what a resumed run computes: --resume must keep them.
@@ -199,6 +214,10 @@ def resolve_scaler(checkpoint, normalize, train_set, source):
 # --eval_freq only when files are written and the best is checked.) The model's own
 # sizes are compared through its saved configuration.
 RESUME_KEEPS = ("lr", "weight_decay", "batch_size", "split", "loss", "seed")
+# The averages go on from last.save: another one would mix two kinds (a checkpoint
+# from before they existed has none). --average_last's window is counted back from
+# --epochs, so that stays too.
+RESUME_KEEPS_AVERAGING = ("ema", "swa_start", "average_last")
 
 
 def check_resumable(folder, settings, mods, input_dims, normalize, postprocessing):
@@ -228,6 +247,13 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
     for name in RESUME_KEEPS:
         if name in saved and saved[name] != getattr(settings, name):
             _refuse_resume(path, f"--{name} {saved[name]}", getattr(settings, name))
+    for name in RESUME_KEEPS_AVERAGING:
+        if saved.get(name) != getattr(settings, name):
+            _refuse_resume(path, _averaging_flag(name, saved.get(name)),
+                           _averaging_flag(name, getattr(settings, name)))
+    if settings.average_last is not None and saved.get("epochs") != settings.epochs:
+        _refuse_resume(path, f"--epochs {saved.get('epochs')} and --average_last "
+                       f"{settings.average_last}", f"--epochs {settings.epochs}")
     if (state.get("normalization") is not None) != normalize:
         trained = "with" if state.get("normalization") is not None else "without"
         raise ToolkitError(f"--resume: {path} was trained {trained} --normalize: resume "
@@ -246,6 +272,10 @@ def _check_same_postprocessing(path, state, postprocessing):
         if getattr(saved, name) != getattr(postprocessing, name):
             _refuse_resume(path, _as_flag(name, getattr(saved, name)),
                            _as_flag(name, getattr(postprocessing, name), alone=False))
+
+
+def _averaging_flag(name, value):
+    return f"--{name} {value:g}" if value is not None else f"no --{name}"
 
 
 def _as_flag(name, value, alone=True):

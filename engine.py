@@ -98,6 +98,91 @@ def build_optimizer(model, lr, weight_decay):
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
 
 
+class WeightAverage:
+    """The averaged weights of --ema DECAY (updated after every optimizer step) or
+    --swa_start EPOCH (an equal average of the weights at the end of that epoch and
+    every later one), kept beside the trained model in an
+    `torch.optim.swa_utils.AveragedModel`.
+
+    Validation, checkpoints' "model", predictions and features use `network`: the
+    average once it has taken in a model, the trained model before that (SWA's first
+    epochs). The model has no batch norm, so no statistics need recomputing."""
+
+    def __init__(self, model, ema=None, swa_start=None):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.per_step, self.start = ema is not None, swa_start or 1
+        average = get_ema_multi_avg_fn(ema) if ema is not None else None
+        self.averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+    @classmethod
+    def of(cls, model, settings):
+        """The average that `settings` ask for, or None."""
+        if settings.ema is None and settings.swa_start is None:
+            return None
+        return cls(model, settings.ema, settings.swa_start)
+
+    @property
+    def n_averaged(self):
+        return int(self.averaged.n_averaged)
+
+    def after_step(self, model):
+        if self.per_step:
+            self.averaged.update_parameters(model)
+
+    def after_epoch(self, model, epoch):
+        if not self.per_step and epoch >= self.start:
+            self.averaged.update_parameters(model)
+
+    def network(self, model):
+        return self.averaged.module if self.n_averaged else model
+
+    def state_dict(self):
+        return {"n_averaged": self.n_averaged}
+
+    def load(self, weights, state):
+        """Continue from a checkpoint's averaged weights and count: bit for bit."""
+        self.averaged.module.load_state_dict(weights)
+        self.averaged.n_averaged.fill_(state["n_averaged"])
+
+
+class PredictionAverage:
+    """--average_last K: the running sum of the validation videos' per-second
+    predictions over the last K epochs of --epochs (every one of them is evaluated),
+    so the run's held-out prediction is their mean. One copy of the predictions,
+    kept in last.save so that --resume goes on exactly."""
+
+    def __init__(self, epochs, last_k):
+        self.first_epoch, self.sums, self.count = epochs - last_k + 1, None, 0
+
+    @classmethod
+    def of(cls, settings):
+        return cls(settings.epochs, settings.average_last) if settings.average_last else None
+
+    def covers(self, epoch):
+        return epoch >= self.first_epoch
+
+    def add(self, per_second):
+        if self.sums is None:
+            self.sums = [rows.astype(np.float64) for rows in per_second]
+        else:
+            for total, rows in zip(self.sums, per_second):
+                total += rows
+        self.count += 1
+
+    def mean(self):
+        """The per-second mean predictions so far (float32), or None before the window."""
+        return None if not self.count else [(total / self.count).astype(np.float32)
+                                            for total in self.sums]
+
+    def state_dict(self):
+        return {"count": self.count, "first_epoch": self.first_epoch,
+                "sums": [torch.from_numpy(total) for total in self.sums or []]}
+
+    def load(self, state):
+        self.count, self.first_epoch = state["count"], state["first_epoch"]
+        self.sums = [total.numpy().copy() for total in state["sums"]] or None
+
+
 def shuffled_batches(segments, batch_size, generator):
     """An epoch's batches: every training piece once, in a fresh random order."""
     order = torch.randperm(len(segments), generator=generator)
@@ -107,14 +192,15 @@ def shuffled_batches(segments, batch_size, generator):
 
 def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,
                     loss_name="mse", precision="fp32", grad_scaler=None, batches=None,
-                    penalty=None):
+                    penalty=None, after_step=None):
     """One pass over the training pieces in a fresh random order (or over the
     batches that `batches(generator)` draws, lists of pieces).
 
     The loss (`utils.LOSSES[loss_name]`) is computed in float32 over each batch's valid
     steps; the forward pass runs in `precision` (see precision.autocast), with
     `grad_scaler` (precision.grad_scaler) for fp16. `penalty(model)`, if given, is
-    added to the loss that is minimized (not to the one reported).
+    added to the loss that is minimized (not to the one reported); `after_step(model)`,
+    if given, runs after every optimizer step (--ema's update).
     Returns {"loss": its mean over batches, weighted by their steps}.
     """
     model.train()
@@ -139,6 +225,8 @@ def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator
             grad_scaler.step(optimizer)
             grad_scaler.update()
         optimizer.zero_grad(set_to_none=True)  # gradients freed before the next batch
+        if after_step is not None:
+            after_step(model)
         total_loss += loss.item() * batch.targets.numel()
         total_steps += batch.targets.numel()
     return {"loss": total_loss / total_steps}
@@ -217,8 +305,13 @@ def evaluate_seeds(trained, video_set, device, postprocessing, precision="fp32")
     """`evaluate` for the models of several seeds: the videos are scored on the
     average of their per-second predictions; "seed_ccc" lists each model's own CCC
     and "seed_frames" its 25 fps predictions."""
-    per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device, precision=precision)
-                for t in trained]
+    return score_seed_predictions([predict(t.network, video_set.with_scaler(t.scaler), device,
+                                           precision=precision) for t in trained],
+                                  video_set, postprocessing)
+
+
+def score_seed_predictions(per_seed, video_set, postprocessing):
+    """`evaluate_seeds`'s result from each seed's per-second predictions of `video_set`."""
     average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]
     result = score_videos(video_set.videos, average, postprocessing)
     own = ([score_videos(video_set.videos, predictions, postprocessing)
@@ -248,16 +341,32 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.segments = train_set.training_segments(settings.split)
         self.batches = finetuning.batches(train_set) if finetuning is not None else None
+        self.weight_average = WeightAverage.of(model, settings)  # --ema, --swa_start
+        self.prediction_average = PredictionAverage.of(settings)  # --average_last
+        self.predictions = None  # the last evaluation's per-second predictions
         self.epoch, self.best_ccc, self.best_epoch, self.history = 0, -math.inf, 0, []
         self.stale_evaluations, self.stopped_early = 0, False  # evaluations since the best
 
+    @property
+    def network(self):
+        """The model that is validated, saved as "model" and predicts: the averaged
+        weights with --ema or --swa_start, else the trained ones."""
+        return (self.weight_average.network(self.model) if self.weight_average is not None
+                else self.model)
+
     def resume(self):
-        """Continue from last.save: weights, optimizer, generators and progress."""
+        """Continue from last.save: weights (trained and averaged), optimizer,
+        generators, progress and the --average_last sums."""
         state = checkpoints.load_checkpoint(self.model_dir / runs.LAST, self.device)
         if "optimizer" not in state:
             raise ToolkitError(f"{self.model_dir / runs.LAST} has no optimizer state: it cannot "
                                "be resumed; train again with --overwrite")
-        self.model.load_state_dict(state["model"])
+        # With averaging, "model" holds the average and "trained_model" what the optimizer moves.
+        self.model.load_state_dict(state.get("trained_model", state["model"]))
+        if self.weight_average is not None:
+            self.weight_average.load(state["model"], state["weight_average"])
+        if self.prediction_average is not None:
+            self.prediction_average.load(state["prediction_average"])
         self.optimizer.load_state_dict(state["optimizer"])
         checkpoints.restore_rng_state(state["rng"], self.generator)
         if self.grad_scaler is not None and "grad_scaler" in state:
@@ -277,8 +386,14 @@ class TrainingRun:
             record["finetuning"] = self.finetuning.record
         if with_optimizer and self.grad_scaler is not None:  # fp16: its loss scale, for --resume
             record["grad_scaler"] = self.grad_scaler.state_dict()
+        if self.weight_average is not None:
+            record["weight_average"] = self.weight_average.state_dict()
+            if with_optimizer:  # the weights the optimizer goes on from
+                record["trained_model"] = self.model.state_dict()
+        if with_optimizer and self.prediction_average is not None:
+            record["prediction_average"] = self.prediction_average.state_dict()
         checkpoints.save_checkpoint(self.model_dir / name, checkpoints.make_checkpoint(
-            self.model, self.train_set.scaler, self.epoch, self.best_ccc, self.best_epoch,
+            self.network, self.train_set.scaler, self.epoch, self.best_ccc, self.best_epoch,
             self.optimizer if with_optimizer else None,
             checkpoints.rng_state(self.generator) if with_optimizer else None, record))
 
@@ -287,16 +402,31 @@ class TrainingRun:
         returns the epoch's metrics row."""
         self.epoch += 1
         settings = self.settings
+        average = self.weight_average
         stats = train_one_epoch(self.model, self.optimizer, self.train_set, self.segments,
                                 settings.batch_size, self.generator, self.device, settings.loss,
                                 settings.precision, self.grad_scaler, self.batches,
-                                self.finetuning.penalty if self.finetuning is not None else None)
+                                self.finetuning.penalty if self.finetuning is not None else None,
+                                average.after_step if average is not None else None)
+        if average is not None:
+            average.after_epoch(self.model, self.epoch)
         self.check_converging(stats["loss"], "training loss")
         row = {"epoch": self.epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
-        if self.epoch % settings.eval_freq == 0 or self.epoch == settings.epochs:
-            row["val_ccc"] = evaluate(self.model, val_set, self.device, self.postprocessing,
-                                      settings.precision)["ccc"]
+        averaging_predictions = (self.prediction_average is not None
+                                 and self.prediction_average.covers(self.epoch))
+        if averaging_predictions:
+            row["val_ccc_average"] = math.nan
+        if (self.epoch % settings.eval_freq == 0 or self.epoch == settings.epochs
+                or averaging_predictions):
+            self.predictions = predict(self.network, val_set, self.device,
+                                       precision=settings.precision)
+            row["val_ccc"] = score_videos(val_set.videos, self.predictions,
+                                          self.postprocessing)["ccc"]
             self.check_converging(row["val_ccc"], "validation CCC")
+            if averaging_predictions:
+                self.prediction_average.add(self.predictions)
+                row["val_ccc_average"] = score_videos(
+                    val_set.videos, self.prediction_average.mean(), self.postprocessing)["ccc"]
             self.stale_evaluations += 1
             if row["val_ccc"] > self.best_ccc:
                 self.best_ccc, self.best_epoch, self.stale_evaluations = row["val_ccc"], self.epoch, 0
@@ -323,9 +453,26 @@ class TrainingRun:
                                f"{what} is {value}): lower --lr (now {self.settings.lr:g}) or "
                                "pass --normalize if the features are large")
 
-    def summary(self):
+    def held_out_predictions(self, val_set):
+        """The run's per-second predictions of `val_set` as it reports them at its end:
+        the mean of the last --average_last epochs', else the last model's."""
+        if self.prediction_average is not None and self.prediction_average.count:
+            return self.prediction_average.mean()
+        if self.predictions is None:  # nothing trained in this process: a finished run
+            self.predictions = predict(self.network, val_set, self.device,
+                                       precision=self.settings.precision)
+        return self.predictions
+
+    def summary(self, val_set):
+        """fit's summary: the best epoch (picked on `val_set`), and what can be
+        reported: the last epoch's validation CCC and per-second predictions
+        ("last_ccc", "predictions"; with --average_last, of the average)."""
+        predictions = self.held_out_predictions(val_set)
+        averaged = self.prediction_average.count if self.prediction_average is not None else 0
         return {"best_ccc": self.best_ccc, "best_epoch": self.best_epoch, "epoch": self.epoch,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "predictions": predictions,
+                "averaged_epochs": averaged,
+                "last_ccc": score_videos(val_set.videos, predictions, self.postprocessing)["ccc"]}
 
 
 def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
@@ -344,7 +491,10 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     is recorded (tune.py's pruner); an exception it raises ends training there.
     `finetuning` (finetuning.SubjectFineTuning) is personalize.py's method: what it
     penalizes, how it draws batches, and its record in every checkpoint.
-    Returns {"best_ccc", "best_epoch", "epoch", "stopped_early"}.
+    With --ema or --swa_start (`settings`), the averaged weights are validated and
+    saved; with --average_last K, the last K epochs' predictions are averaged too.
+    Returns {"best_ccc", "best_epoch" (picked on `val_set`), "epoch", "stopped_early",
+    "last_ccc", "predictions" (what can be reported: see TrainingRun.summary)}.
     """
     model_dir = Path(model_dir)
     utils.check_writable(model_dir)
@@ -364,7 +514,7 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
         run.resume()
     if not run.stopped_early:
         _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch)
-    return run.summary()
+    return run.summary(val_set)
 
 
 def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None):

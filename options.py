@@ -93,6 +93,21 @@ def get_training_args_parser():
                        help="train N models, seeds --seed to --seed+N-1, in seed_<s>/ folders; "
                             "report mean +- std of their CCC and score and write the average "
                             "of their predictions (default: %(default)s)")
+    group = parser.add_argument_group(
+        "averaging over epochs", "the last epoch as good as the best, with nothing picked on "
+        "the validation videos")
+    group.add_argument("--ema", type=float, metavar="DECAY",
+                       help="validate, save and predict with an exponential moving average of "
+                            "the weights, updated after every step: average = DECAY * average "
+                            "+ (1 - DECAY) * weights, DECAY in [0, 1) (default: off)")
+    group.add_argument("--swa_start", type=int, metavar="EPOCH",
+                       help="stochastic weight averaging: validate, save and predict with the "
+                            "mean of the weights at the end of epoch EPOCH and of every later "
+                            "epoch (default: off)")
+    group.add_argument("--average_last", type=int, metavar="K",
+                       help="the run's validation prediction is the mean of the last K epochs' "
+                            "per-second predictions (each of them is evaluated); metrics.csv "
+                            "gives its CCC as val_ccc_average (default: off)")
     return parser
 
 
@@ -134,6 +149,9 @@ class TrainingSettings:
     precision: str = "fp32"
     model: str = families.DEFAULT_MODEL
     model_options: dict = None  # the family's constructor options; None: fine-tuning
+    ema: float = None
+    swa_start: int = None
+    average_last: int = None
 
     @classmethod
     def from_args(cls, args):
@@ -161,9 +179,24 @@ class TrainingSettings:
             raise ToolkitError(f"--seed must be from 0 to {highest}, got {self.seed}")
         if self.loss not in utils.LOSSES:
             raise ToolkitError(f"--loss must be one of {', '.join(utils.LOSSES)}, got {self.loss}")
+        self.check_averaging()
         families.family(self.model)
         if self.model_options is not None:
             families.check_options(self.model, self.model_options)
+
+    def check_averaging(self):
+        """--ema, --swa_start and --average_last, against each other and --epochs."""
+        if self.ema is not None and not 0 <= self.ema < 1:  # NaN fails too
+            raise ToolkitError(f"--ema must be at least 0 and below 1 (e.g. 0.99), got {self.ema}")
+        if self.ema is not None and self.swa_start is not None:
+            raise ToolkitError("--ema and --swa_start are two ways of averaging the weights: "
+                               "give one")
+        for flag, value in (("--swa_start", self.swa_start), ("--average_last", self.average_last)):
+            if value is not None and not 1 <= value <= self.epochs:
+                raise ToolkitError(f"{flag} must be from 1 to --epochs ({self.epochs}), got {value}")
+        if self.average_last is not None and self.patience is not None:
+            raise ToolkitError("--average_last averages the last epochs of --epochs, which "
+                               "--patience may never reach: give one of them")
 
     def new_model(self, input_dims, device):
         """A freshly initialized model of the --model family and sizes."""

@@ -108,15 +108,20 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
         for folder, _ in chosen.resumed_runs(subject_folder):
             finetuning.check_resumed(folder, method)
         train_set = tuning.videos(method)
-        engine.fit_seeds(lambda: tuning.model(method), train_set, test_set, subject_folder,
-                         chosen, device, postprocessing,
-                         finetuning=tuning.finetuning(method, chosen.settings))
+        summaries = engine.fit_seeds(lambda: tuning.model(method), train_set, test_set,
+                                     subject_folder, chosen, device, postprocessing,
+                                     finetuning=tuning.finetuning(method, chosen.settings))
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
         tuned, tuned_postprocessing = engine.load_for_evaluation(
             runs.run_checkpoints(subject_folder, runs.LAST), train_set, run.normalize, flags,
             device, [test_set])
-        after = engine.evaluate_seeds(tuned, test_set, device, tuned_postprocessing, precision)
+        if chosen.settings.average_last:  # the mean of the last epochs' predictions, per seed
+            after = engine.score_seed_predictions(
+                [summary["predictions"] for summary in summaries], test_set,
+                tuned_postprocessing)
+        else:
+            after = engine.evaluate_seeds(tuned, test_set, device, tuned_postprocessing, precision)
     utils.write_predictions(runs.predictions_dir(out_dir, "test"), test_set.videos,
                             after["frames"])
     row["after_ccc"] = after["ccc"]

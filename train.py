@@ -106,24 +106,40 @@ def train_new_model(args, model_dir, train_set, test_set):
                                                     args.normalize, {}, device)
         average = engine.evaluate_seeds(trained, test_set, device, saved, settings.precision)
         best = [summary["best_ccc"] for summary in summaries]
-        print(f"best validation CCC over {settings.seeds} seeds: {np.mean(best):.4f} +- "
-              f"{np.std(best):.4f}; their average prediction: CCC {average['ccc']:.4f}")
+        last = [summary["last_ccc"] for summary in summaries]
+        print(f"over {settings.seeds} seeds: last epoch's validation CCC {np.mean(last):.4f} +- "
+              f"{np.std(last):.4f}, best epoch's {np.mean(best):.4f} +- {np.std(best):.4f} "
+              f"(picked on validation); their best.save models' average prediction: "
+              f"CCC {average['ccc']:.4f} (picked on validation)")
     return summaries
 
 
 def print_training_summaries(summaries, model_dir):
+    """Per seed: what can be reported (the last epoch, or the average of the last
+    --average_last epochs' predictions), then the best epoch, labelled as picked on
+    the validation videos."""
     for summary in summaries:
         stop = " (stopped by --patience)" if summary["stopped_early"] else ""
         where = runs.seed_dir(model_dir, summary["seed"]) if len(summaries) > 1 else model_dir
-        print(f"best validation CCC {summary['best_ccc']:.4f} at epoch {summary['best_epoch']}"
-              f"{stop} (checkpoints in {where})")
+        print(f"{last_label(summary)} {summary['last_ccc']:.4f}; best validation CCC "
+              f"{summary['best_ccc']:.4f} at epoch {summary['best_epoch']}, picked on "
+              f"validation{stop} (checkpoints in {where})")
+
+
+def last_label(summary):
+    averaged = summary.get("averaged_epochs")
+    if averaged:
+        return (f"validation CCC of the last {averaged} epochs' average prediction "
+                f"(epochs {summary['epoch'] - averaged + 1}-{summary['epoch']})")
+    return f"validation CCC at the last epoch ({summary['epoch']})"
 
 
 def ledger_results(returned):
-    """The ledger's results of a run: the seeds' best validation CCC (training), or
-    the test and training CCC (--test)."""
+    """The ledger's results of a run: the seeds' validation CCC at the last epoch (or
+    of the --average_last average: nothing picked on validation) and their best
+    epochs (training), or the test and training CCC (--test)."""
     if isinstance(returned, list):
-        return runs.spread_results([summary["best_ccc"] for summary in returned],
+        return runs.spread_results([summary["last_ccc"] for summary in returned],
                                    best_epoch=" ".join(str(s["best_epoch"]) for s in returned))
     return {"mean_ccc": returned["test"]["ccc"], "train_ccc": returned["train"]["ccc"]}
 

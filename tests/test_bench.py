@@ -97,5 +97,9 @@ def test_a_quick_benchmark_on_tiny_data_prints_every_row(tmp_path, capsys, monke
     assert atv > at
     for family in families.FAMILIES:  # the table of model families: train and evaluation seconds
         assert all(float(value.strip(" |")) > 0 for value in rows[family][1:3]), family
+    for label in bench.AVERAGING:  # the cost of averaging over epochs, against none
+        seconds, against_none = (value.strip(" |") for value in rows[label])
+        assert float(seconds) > 0 and against_none.endswith("%"), label
+    assert rows["none"][1].strip(" |") == "+0.0%"
     assert report.splitlines()[1].startswith("CPU: ")
     assert "peak RSS" not in report and "crossval.py" not in report  # in fresh processes
