@@ -457,7 +457,8 @@ def averaging_rows(npy_dir, epochs):
     """Seconds per AT epoch (training and the evaluation every epoch does) with each
     kind of averaging over epochs, and its cost against none: the median of
     `epochs` epochs after a warm-up, through engine.TrainingRun as engine.fit runs it.
-    The variants take turns epoch by epoch, so that other load slows them alike."""
+    The variants take turns epoch by epoch, each first in turn, so that other load
+    slows them alike."""
     import options
     from postprocessing import Postprocessing
     train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), MODELS["AT"])
@@ -475,7 +476,8 @@ def averaging_rows(npy_dir, epochs):
         seconds = {label: [] for label in training_runs}
         with engine.reused_heap():
             for epoch in range(epochs + 1):
-                for label, run in training_runs.items():
+                turns = list(training_runs.items())
+                for label, run in turns[epoch % len(turns):] + turns[:epoch % len(turns)]:
                     start = time.perf_counter()
                     run.train_epoch(val_set)
                     if epoch:  # the first is a warm-up

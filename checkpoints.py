@@ -192,18 +192,17 @@ def resolve_scaler(checkpoint, normalize, train_set, source):
     return datasets.FeatureScaler.fit(train_set) if normalize else None
 
 
-def averaged_predictions(path, video_set):
-    """The mean of the last --average_last epochs' per-second predictions of
-    `video_set` (the videos the run validated on) that the run's last.save at `path`
-    keeps, or None for a run without --average_last."""
-    state = load_checkpoint(path).get("prediction_average")
+def averaged_predictions(checkpoint, video_set):
+    """The mean of the last --average_last epochs' per-second predictions that a
+    run's last.save (`checkpoint`, a loaded dict) keeps of the videos it validated
+    on, when `video_set` holds exactly those videos; else None."""
+    state = checkpoint.get("prediction_average")
     if not state or not state["count"]:
         return None
     means = [(total / state["count"]).numpy().astype("float32") for total in state["sums"]]
-    if [len(rows) for rows in means] != [video.n_seconds for video in video_set.videos]:
-        raise ToolkitError(f"{path} holds --average_last predictions of other videos than "
-                           f"{len(video_set)} it is evaluated on: evaluate it on the videos it "
-                           "was validated on")
+    if (list(state["videos"]) != [video.name for video in video_set.videos]
+            or [len(rows) for rows in means] != [video.n_seconds for video in video_set.videos]):
+        return None
     return means
 
 

@@ -152,7 +152,7 @@ class PredictionAverage:
     kept in last.save so that --resume goes on exactly."""
 
     def __init__(self, epochs, last_k):
-        self.first_epoch, self.sums, self.count = epochs - last_k + 1, None, 0
+        self.first_epoch, self.sums, self.count, self.names = epochs - last_k + 1, None, 0, []
 
     @classmethod
     def of(cls, settings):
@@ -161,7 +161,8 @@ class PredictionAverage:
     def covers(self, epoch):
         return epoch >= self.first_epoch
 
-    def add(self, per_second):
+    def add(self, per_second, names):
+        self.names = list(names)
         if self.sums is None:
             self.sums = [rows.astype(np.float64) for rows in per_second]
         else:
@@ -175,11 +176,12 @@ class PredictionAverage:
                                             for total in self.sums]
 
     def state_dict(self):
-        return {"count": self.count, "first_epoch": self.first_epoch,
+        return {"count": self.count, "first_epoch": self.first_epoch, "videos": self.names,
                 "sums": [torch.from_numpy(total) for total in self.sums or []]}
 
     def load(self, state):
         self.count, self.first_epoch = state["count"], state["first_epoch"]
+        self.names = list(state["videos"])
         self.sums = [total.numpy().copy() for total in state["sums"]] or None
 
 
@@ -424,7 +426,8 @@ class TrainingRun:
                                           self.postprocessing)["ccc"]
             self.check_converging(row["val_ccc"], "validation CCC")
             if averaging_predictions:
-                self.prediction_average.add(self.predictions)
+                self.prediction_average.add(self.predictions,
+                                            [video.name for video in val_set.videos])
                 row["val_ccc_average"] = score_videos(
                     val_set.videos, self.prediction_average.mean(), self.postprocessing)["ccc"]
             self.stale_evaluations += 1
@@ -601,8 +604,9 @@ def write_test_predictions(trained, train_set, test_set, pred_dir, device, postp
     under seed_<s>/ when there are several) and return their evaluations."""
     results = {}
     for name, video_set in (("train", train_set), ("test", test_set)):
-        results[name] = unscored(evaluate_seeds(trained, video_set, device, postprocessing,
-                                                precision), video_set.videos)
+        per_seed = [kept_or_predicted(t, video_set, device, precision) for t in trained]
+        results[name] = unscored(score_seed_predictions(per_seed, video_set, postprocessing),
+                                 video_set.videos)
         utils.write_predictions(runs.predictions_dir(pred_dir, name), video_set.videos,
                                 results[name]["frames"])
         if len(trained) > 1:
@@ -611,6 +615,21 @@ def write_test_predictions(trained, train_set, test_set, pred_dir, device, postp
                 utils.write_predictions(runs.predictions_dir(runs.seed_dir(pred_dir, seed), name),
                                         video_set.videos, frames)
     return results
+
+
+def kept_or_predicted(trained, video_set, device, precision="fp32"):
+    """The per-second predictions of `video_set` by a saved model (checkpoints.
+    TrainedModel): the --average_last mean that its last.save keeps when these are
+    the videos it validated on (and says so), else the model's own."""
+    kept = checkpoints.averaged_predictions(trained.checkpoint, video_set)
+    if kept is not None:
+        print(f"note: {trained.path} keeps the mean of its last "
+              f"{trained.checkpoint['training']['average_last']} epochs' predictions of these "
+              f"{len(video_set)} videos (--average_last): they are what is written and scored",
+              file=sys.stderr)
+        return kept
+    return predict(trained.network, video_set.with_scaler(trained.scaler), device,
+                   precision=precision)
 
 
 def extract_features(trained, train_set, test_set, feat_dir, device, label_delay=0.0,

@@ -195,3 +195,43 @@ def test_bad_averaging_flags_are_one_line_before_any_write(in_tmp, flags, messag
     assert result.stderr.strip() == f"error: {result.stderr.strip()[7:]}"
     assert message in result.stderr and result.stderr.count("\n") == 1
     assert not (in_tmp / "m").exists()
+
+
+def test_test_of_last_save_writes_the_kept_average_for_its_validation_videos(in_tmp, capsys):
+    summary = run_train("--epochs", 3, "--model_dir", "m", "--average_last", 2)[0]
+    results = run_train("--model_dir", "m", "--load", "m/last.save", "--test", "--pred_dir", "p")
+    assert "keeps the mean of its last 2 epochs' predictions" in capsys.readouterr().err
+    assert results["test"]["ccc"] == pytest.approx(summary["last_ccc"], abs=1e-6)
+    _, val_set, _ = held_out_predictions(in_tmp / "m" / "last.save", in_tmp / "data")
+    video = val_set.videos[0]
+    written = pd.read_csv(in_tmp / "p" / "pred_test" / f"{video.name}.csv")["valence"]
+    expected = engine.score_videos([video], summary["predictions"][:1])["frames"][0]
+    np.testing.assert_allclose(written, expected, atol=1e-5)
+    # best.save keeps no average: it is the model of one epoch
+    assert "prediction_average" not in torch.load(in_tmp / "m" / "best.save", weights_only=True)
+
+
+def test_personalize_scores_the_average_of_its_last_epochs(tmp_path, monkeypatch):
+    import personalize
+    from conftest import write_tiny_data
+    write_tiny_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    run_train("--epochs", 1, "--model_dir", "shared")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "init.save").write_bytes((tmp_path / "shared" / "best.save").read_bytes())
+    fits = []
+    fit = engine.fit
+
+    def recorded_fit(*args, **kwargs):
+        fits.append(fit(*args, **kwargs))
+        return fits[-1]
+    monkeypatch.setattr(engine, "fit", recorded_fit)
+    argv = ["--mods", "audio,text", "--ledger", "none", "--out_dir", "p", "--lr", "1e-3",
+            "--subjects", "1", "--epochs", "3", "--average_last", "2", "--ema", "0.5"]
+    table = personalize.main(personalize.get_args_parser().parse_args(argv))
+    after = table.set_index("subject").loc[1, "after_ccc"]
+    # the subject's test videos scored on the mean of epochs 2-3's predictions
+    assert fits[-1]["averaged_epochs"] == 2
+    assert after == pytest.approx(fits[-1]["last_ccc"], abs=1e-6)
+    last = torch.load(tmp_path / "p" / "subject_1" / "last.save", weights_only=True)
+    assert last["training"]["ema"] == 0.5 and "trained_model" in last
