@@ -8,13 +8,17 @@ over the training stories; then score the best settings once on the validation s
 
 Each trial trains one model per training story held out (the validation folder is
 not read) and scores the held-out predictions with post-processing that it samples
-afterwards (see tuning.py). The study lives in <out_dir>/study.db (or --storage
-URL); running the same command again resumes it: --trials N means N finished
-(completed or pruned) trials in all. Writes trials.csv, best.json (the best
-settings as flags for train.py and crossval.py) and a ledger row per completed
-trial. --jobs N runs trials in N processes here; --scheduler ADDRESS on the workers
-of a Dask cluster. --final trains the best settings on every training video and
-prints their validation CCC (final/, final.json).
+afterwards (see tuning.py). Trial 0 of a new study is the recommended recipe
+(tuning.RECIPE). The study lives in <out_dir>/study.db (or --storage URL); running
+the same command again resumes it: --trials N means N finished (completed or
+pruned) trials in all. A line per finished trial says how it did and how long the
+rest will take. Writes trials.csv, best.json (the settings that --select chose, as
+flags for train.py and crossval.py, beside the recipe's scores) and a ledger row per
+completed trial. --jobs N runs trials in N processes here; --scheduler ADDRESS on
+the workers of a Dask cluster. --final trains the chosen settings on every training
+video and prints their validation CCC (final/, final.json), or with --ensemble folds
+averages the chosen trial's fold models kept by --keep_weights (final_folds/,
+final_folds.json); it says by how much the chosen settings beat the recipe in CV.
 """
 import argparse
 from dataclasses import replace
@@ -38,7 +42,8 @@ def get_args_parser():
                  options.get_fold_args_parser(), runs.get_ledger_args_parser()])
     # Searched per trial, or not taken: a value given for them is refused (tuning.check_flags).
     parser.set_defaults(out_dir="./tune_out", lr=None, weight_decay=None, loss=None,
-                        eval_freq=None, save_freq=None)
+                        eval_freq=None, save_freq=None, ema=None, swa_start=None,
+                        average_last=None)
     group = parser.add_argument_group("search")
     group.add_argument("--trials", type=int, default=30, metavar="N",
                        help="finished (completed or pruned) trials the study holds when the "
@@ -53,9 +58,21 @@ def get_args_parser():
                             "machines that share a study (default: sqlite:///<out_dir>/study.db)")
     group.add_argument("--study_name", default="tune",
                        help="the study's name in the storage (default: %(default)s)")
+    group.add_argument("--select", choices=tuning.SELECTIONS, default="best",
+                       help="the trial best.json and --final take: best, the best objective; "
+                            "one_se, among the trials whose mean CCC is within one standard "
+                            "error (over folds) of the best's, the one closest to the "
+                            "recommended recipe (default: %(default)s)")
+    group.add_argument("--keep_weights", action="store_true",
+                       help="keep each completed fold's final weights (trial_<n>/val_on_<story>/"
+                            "epoch_<epochs>.save), for --final --ensemble folds")
     group.add_argument("--final", action="store_true",
-                       help="train the study's best settings on all training stories and "
-                            "score them once on --test_dir")
+                       help="train the chosen settings on all training stories and score them "
+                            "once on --test_dir")
+    group.add_argument("--ensemble", choices=tuning.ENSEMBLES,
+                       help="with --final: retrain, train the chosen settings once on every "
+                            "training story; folds, average the chosen trial's fold models "
+                            "(kept by --keep_weights) (default: retrain)")
     return parser
 
 
@@ -83,31 +100,51 @@ def main(args):
         tuning.write_study_record(out_dir, args.storage, args.study_name)
         config = tuning.TuneConfig.from_args(args, run, attrs["models"], runner)
         tuning.run_trials(runner, train_set, config, args.jobs)
-        table, best = tuning.write_outputs(study, out_dir)
+        table, best = tuning.write_outputs(study, out_dir, args.select)
     print(f"{len(table)} finished trials in {out_dir / runs.TRIALS_TABLE}")
     if best is not None:
-        print(f"best: trial {best['trial']}, {args.objective} CCC {best['value']:.4f}: "
-              f"{' '.join(best['flags'])}")
+        print(f"{best['select']}: trial {best['trial']}, {args.objective} CCC "
+              f"{best['value']:.4f}: {' '.join(best['flags'])}")
+        print(best["chosen_by"])
+        print(tuning.against_recipe(best))
     return best
 
 
 def final(args, train_set, url, attrs, run):
-    """--final: the best settings trained on every training video, scored on --test_dir."""
+    """--final: the chosen settings trained on every training video (or the chosen
+    trial's fold models averaged), scored on --test_dir."""
     study = tuning.existing_study(url, args.study_name, must_exist=True)
     tuning.check_study(study, attrs)
-    settings, chosen, best = tuning.final_settings(study, run)
+    settings, chosen, best = tuning.final_settings(study, run, args.select)
+    ensemble = args.ensemble or "retrain"
+    weights = tuning.kept_fold_weights(best) if ensemble == "folds" else None
     test_set = datasets.load_videos(args.test_dir, train_set.mods)
     out_dir = Path(args.out_dir)
     run = replace(run, settings=settings, postprocessing_flags={
         name: getattr(chosen, name) for name in postprocessing.FLAGS})
-    options.check_before_writing(options.Plan(outputs=[(out_dir / runs.FINAL_DIR, "--out_dir")],
-                                              options=run, data=train_set, trains=True))
+    folder, record_name = ((out_dir / tuning.FOLD_ENSEMBLE_DIR, tuning.FOLD_ENSEMBLE_RECORD)
+                           if weights else (out_dir / runs.FINAL_DIR, runs.FINAL_RECORD))
+    options.check_before_writing(options.Plan(
+        outputs=[(folder, "--out_dir")], options=run, data=test_set if weights else train_set,
+        trains=not weights, evaluated=weights or []))
     with runs.owned(out_dir):
-        result = tuning.run_final(train_set, test_set, out_dir, settings, run, chosen)
+        if weights:
+            result = tuning.run_fold_ensemble(train_set, test_set, out_dir, weights, run, chosen)
+        else:
+            result = tuning.run_final(train_set, test_set, out_dir, settings, run, chosen)
         record = {"trial": best["trial"], "flags": best["flags"], "val_ccc": result["ccc"],
-                  "cv_value": best["value"], "test_dir": str(args.test_dir)}
-        utils.write_json(record, out_dir / runs.FINAL_RECORD)
-    print(f"validation CCC of the best settings (trial {best['trial']}, cross-validated "
+                  "cv_value": best["value"], "test_dir": str(args.test_dir),
+                  "select": best["select"], "ensemble": ensemble, "recipe": best["recipe"]}
+        if weights:
+            record["fold_val_ccc"] = dict(zip(best["fold_weights"], result["seed_ccc"]))
+        utils.write_json(record, out_dir / record_name)
+    print(best["chosen_by"])
+    print(tuning.against_recipe(best))
+    if weights:
+        print("each fold model alone: " + ", ".join(
+            f"val_on_{story} {ccc:.4f}" for story, ccc in record["fold_val_ccc"].items()))
+    what = f"the mean of its {len(weights)} fold models" if weights else "the chosen settings"
+    print(f"validation CCC of {what} (trial {best['trial']}, cross-validated "
           f"{best['value']:.4f}): {result['ccc']:.4f}")
     return record
 

@@ -2,14 +2,22 @@
 storage, the cross-validated objective, and what a study leaves.
 
 A trial samples the training settings (model family and its sizes, learning rate,
-weight decay, loss, label delay), trains one model per training story held out
-(folds as crossval.py's, over the training stories only: the validation folder is
-not read) and keeps each fold's per-second held-out predictions. Only then does it
-sample the post-processing (smoothing or low-pass, calibration) and score those
-predictions with it (postprocessing.score_videos): post-processing is searched by
-re-scoring, never by retraining. The objective is the mean CCC over folds (or mean
-minus std). After each epoch the trial's running CCC (see `epoch_reporter`) goes to
-a median pruner (`LatestMedianPruner`), which stops trials that fall behind.
+weight decay, loss, label delay, and averaging over epochs: --ema or --swa_start,
+and --average_last), trains one model per training story held out (folds as
+crossval.py's, over the training stories only: the validation folder is not read)
+and keeps each fold's per-second held-out predictions, as the run reports them at
+its end (averaged weights, or the mean of its last epochs' predictions). Only then
+does it sample the post-processing (smoothing or low-pass, calibration) and score
+those predictions with it (postprocessing.score_videos): post-processing is
+searched by re-scoring, never by retraining. The objective is the mean CCC over
+folds (or mean minus std). After each epoch the trial's running CCC (see
+`epoch_reporter`) goes to a median pruner (`LatestMedianPruner`), which stops trials
+that fall behind.
+
+Trial 0 of a new study is the recommended recipe (`RECIPE`), so that what the
+search finds is compared with what it must beat. `--select best` takes the trial
+with the best objective; `--select one_se` the one closest to the recipe among those
+within one standard error of the best (`select_trial`).
 
 The study lives in SQLite (<out_dir>/study.db, or --storage URL): one file that
 optuna-dashboard reads as is, transactions that a killed process cannot leave
@@ -23,17 +31,23 @@ serves them the storage (optuna-integration's DaskStorage, `served_by_scheduler`
     <out_dir>/study.json          its storage URL and name (plot.py tune, --final)
     <out_dir>/args.json           the flags of the last tune.py command
     <out_dir>/trials.csv          one row per finished trial
-    <out_dir>/best.json           the best trial's settings as flags, and its scores
+    <out_dir>/best.json           the selected trial's settings as flags, its scores,
+                                  the rule that chose it, and the recipe's scores
     <out_dir>/trial_<n>/val_on_<story>/   metrics.csv and held-out per-second
-                                  predictions (held_out.npz); weights are not kept
+                                  predictions (held_out.npz); with --keep_weights the
+                                  fold's final weights (epoch_<epochs>.save) too
     <out_dir>/final/              --final: the model, pred_test/, and final.json beside
+    <out_dir>/final_folds/        --final --ensemble folds: pred_test/, and
+                                  final_folds.json beside
 """
 import contextlib
+import datetime
 import fcntl
 import json
 import math
 import platform
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -44,6 +58,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
+from tqdm import tqdm
 
 import datasets
 import families
@@ -54,11 +69,18 @@ import utils
 from postprocessing import Postprocessing, score_videos
 from utils import LazyModule, ToolkitError
 
-engine = LazyModule("engine")  # imported on first use: tune.py --help loads no torch
+# Imported on first use: tune.py --help loads no torch.
+checkpoints = LazyModule("checkpoints")
+engine = LazyModule("engine")
 
 OBJECTIVES = ("mean", "mean_minus_std")
+SELECTIONS = ("best", "one_se")
+ENSEMBLES = ("retrain", "folds")
 FILTERS = ("none", "smooth", "lowpass")
+AVERAGING = ("none", "ema", "swa")  # at most one way of averaging the weights
 MAX_FAILED_IN_A_ROW = 5  # a space where every trial diverges would otherwise never end
+PROGRESS_EVERY_S = 5.0  # how often the progress lines look for finished trials
+FOLD_ENSEMBLE_DIR, FOLD_ENSEMBLE_RECORD = "final_folds", "final_folds.json"
 
 
 # ---------------------------------------------------------------- the search space
@@ -79,6 +101,12 @@ class Param:
             return trial.suggest_float(self.name, *self.values, log=self.kind == "log",
                                        step=self.step)
         return trial.suggest_categorical(self.name, list(self.values))
+
+    def contains(self, value):
+        if self.kind in ("choice", "bool"):
+            return value in self.values
+        low, high = self.values
+        return low <= value <= high
 
 
 TRAINING = (Param("lr", "log", (1e-5, 1e-2)), Param("weight_decay", "log", (1e-6, 1e-2)),
@@ -102,6 +130,21 @@ FAMILY_SIZES = {
 FILTER_SETTINGS = {"smooth": Param("smooth", "float", (1.0, 20.0), step=0.5),
                    "lowpass": Param("lowpass", "log", (0.002, 0.1))}
 CALIBRATE = Param("calibrate", "bool")
+# --ema's decay: its horizon 1 / (1 - decay) log-spaced from 10 to 1000 steps.
+EMA = Param("ema", "choice", (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999))
+# Settings that say only which other settings a trial has (not flags), and values
+# that mean a flag left out (--average_last 0: no averaging of predictions).
+CHOOSERS = ("filter", "averaging")
+OFF_VALUES = {"average_last": 0}
+
+# The recommended recipe, in the search space's names: trial 0 of every new study
+# whose search space holds it, so that trials.csv and best.json show what the search
+# must beat, and the settings --select one_se stays close to. The lstm family at its
+# default sizes; with averaging "swa", give "swa_start" (an epoch) instead of "ema".
+RECIPE = {"model": "lstm", "layers": 1, "bidirectional": False, "hidden_dim": 512,
+          "dropout": 0.0, "lr": 1e-4, "weight_decay": 5e-4, "loss": "ccc", "label_delay": 0.0,
+          "averaging": "ema", "ema": 0.99, "average_last": 0, "filter": "none",
+          "calibrate": True}
 
 
 def parse_families(text):
@@ -123,11 +166,36 @@ def family_sizes(family):
     return tuple(param for param in FAMILY_SIZES.get(family, ()) if param.name in flags)
 
 
-def sample_training(trial, families):
-    """The trial's model family, its sizes and the training settings: {flag name: value}."""
+def averaging_space(epochs):
+    """The averaging over epochs searched in a study of `epochs`: how the weights are
+    averaged ("averaging": none, ema or swa), the Param of each way (--ema DECAY;
+    --swa_start EPOCH from a quarter to three quarters of --epochs), and
+    --average_last K from 0 (off) to epochs // 4."""
+    weights = {"ema": EMA, "swa": Param("swa_start", "int", (max(1, epochs // 4),
+                                                              max(1, 3 * epochs // 4)))}
+    return (Param("averaging", "choice", AVERAGING), weights,
+            Param("average_last", "int", (0, epochs // 4)))
+
+
+def search_space(family, epochs):
+    """{name: Param} of everything a trial of `family` may sample."""
+    averaging, weights, average_last = averaging_space(epochs)
+    params = (*family_sizes(family), *TRAINING, averaging, *weights.values(), average_last,
+              Param("filter", "choice", FILTERS), *FILTER_SETTINGS.values(), CALIBRATE)
+    return {param.name: param for param in params}
+
+
+def sample_training(trial, families, epochs):
+    """The trial's model family, its sizes, the training settings and the averaging
+    over epochs: {setting name: value}."""
     params = {"model": trial.suggest_categorical("model", list(families))}
     for param in family_sizes(params["model"]) + TRAINING:
         params[param.name] = param.sample(trial)
+    averaging, weights, average_last = averaging_space(epochs)
+    params["averaging"] = averaging.sample(trial)
+    if params["averaging"] in weights:
+        params[weights[params["averaging"]].name] = weights[params["averaging"]].sample(trial)
+    params["average_last"] = average_last.sample(trial)
     return params
 
 
@@ -155,7 +223,8 @@ def as_flags(params):
     """The train.py/crossval.py flags that give a trial's settings."""
     flags = []
     for name, value in params.items():
-        if name == "filter" or value is False:  # "filter" only says which of the two is set
+        left_out = value is False or (name in OFF_VALUES and value == OFF_VALUES[name])
+        if name in CHOOSERS or left_out:
             continue
         flags.append(f"--{name}")
         if value is not True:  # floats in full: rounded, --lr would not repeat the trial
@@ -181,6 +250,7 @@ class TuneConfig:
     train_dir: str = ""
     worker: str = ""  # tags the trials of this command (`worker_tag`), wherever they run
     served_as: str = None  # with --scheduler: the storage's name on the scheduler
+    keep_weights: bool = False  # each completed fold keeps its final checkpoint
 
     @classmethod
     def from_args(cls, args, run, families, runner):
@@ -189,21 +259,24 @@ class TuneConfig:
         return cls(run, tuple(families), args.objective, runner.path(args.out_dir),
                    args.storage or default_storage(args.out_dir), args.study_name, args.trials,
                    ledger and ledger.absolute(), " ".join(sys.argv), str(args.train_dir),
-                   worker_tag(args.out_dir))
+                   worker_tag(args.out_dir), keep_weights=args.keep_weights)
 
     def settings_for(self, params):
-        """The TrainingSettings of a trial: its family, sizes and training settings;
-        evaluated and saved only at the last epoch (no model is picked by epoch)."""
+        """The TrainingSettings of a trial: its family, sizes, training settings and
+        averaging; evaluated and saved only at the last epoch (no model is picked by
+        epoch)."""
         epochs = self.base.settings.epochs
         return replace(self.base.settings, model=params["model"],
                        model_options=model_options(params), lr=params["lr"],
                        weight_decay=params["weight_decay"], loss=params["loss"],
+                       ema=params.get("ema"), swa_start=params.get("swa_start"),
+                       average_last=params.get("average_last") or None,
                        eval_freq=epochs, save_freq=epochs, patience=None, seeds=1)
 
 
 # Flags whose values the search sets, and flags of training that tuning does not take.
 SEARCHED = ("lr", "weight_decay", "loss", "label_delay", "smooth", "smooth_window", "lowpass",
-            "calibrate")
+            "calibrate", "ema", "swa_start", "average_last")
 NOT_TAKEN = ("resume", "patience", "tensorboard", "eval_freq", "save_freq")
 MAX_LABEL_DELAY = max(param.values[1] for param in TRAINING if param.name == "label_delay")
 
@@ -226,6 +299,12 @@ def check_flags(args):
         raise ToolkitError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     if args.trials < 1:
         raise ToolkitError(f"--trials must be at least 1, got {args.trials}")
+    if args.select == "one_se" and not args.final and args.trials < 2:
+        raise ToolkitError(f"--select one_se needs at least 2 completed trials to compare: "
+                           f"give --trials 2 or more, not {args.trials}")
+    if args.ensemble is not None and not args.final:
+        raise ToolkitError(f"--ensemble {args.ensemble} says how --final scores the chosen "
+                           "settings: give it with --final")
     parse_families(args.models)
 
 
@@ -332,13 +411,42 @@ def finished_trials(study, states=None):
 
 
 def create_study(url, name, attrs):
-    """The study, created with `attrs` if new."""
+    """The study, created with `attrs` if new. A new study gets the recipe as its
+    first trial (`enqueue_recipe`); a resumed one never gets it again."""
     study = optuna.create_study(storage=open_storage(url), study_name=name,
                                 direction="maximize", load_if_exists=True)
     if not study.user_attrs:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
+        enqueue_recipe(study, attrs["models"], attrs["epochs"])
     return study
+
+
+def recipe_outside(families, epochs):
+    """Why RECIPE lies outside the search space of `families` and `epochs`, or None."""
+    if RECIPE["model"] not in families:
+        return f"--models {','.join(families)} leaves out its family, {RECIPE['model']}"
+    space = search_space(RECIPE["model"], epochs)
+    for name, value in RECIPE.items():
+        if name != "model" and (name not in space or not space[name].contains(value)):
+            return f"its {name} {value} is not searched with --epochs {epochs}"
+    return None
+
+
+def enqueue_recipe(study, families, epochs):
+    """Make RECIPE the study's next trial, tagged "recipe" (trial 0 of a new study);
+    or say in one line why not."""
+    outside = recipe_outside(families, epochs)
+    if outside:
+        print(f"note: no trial of the recommended recipe: {outside}", file=sys.stderr)
+        return
+    study.enqueue_trial(RECIPE, user_attrs={"recipe": True})
+
+
+def recipe_trial(study):
+    """The study's trial of the recipe, or None (not searched, or an older study)."""
+    return next((trial for trial in study.get_trials(deepcopy=False)
+                 if trial.user_attrs.get("recipe")), None)
 
 
 def worker_tag(out_dir):
@@ -367,31 +475,42 @@ def fail_dead_trials(study, out_dir, own_storage):
 def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing,
                       on_epoch=None):
     """Train a model of `settings` on `train_set` into `folder` and return its
-    per-second predictions of `eval_set` (at the last epoch) and the model;
+    per-second predictions of `eval_set` as the run reports them at its end (the
+    averaged weights', or the mean of its last --average_last epochs') and the model;
     `on_epoch` as engine.fit's."""
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
     engine.seed_everything(settings.seed)
     model = settings.new_model(train_set.input_dims, device)
-    engine.fit(model, train_set.with_scaler(scaler), eval_set.with_scaler(scaler), folder,
-               settings, device, progress=False, postprocessing=postprocessing,
-               on_epoch=on_epoch)
-    return engine.predict(model, eval_set.with_scaler(scaler), device,
-                          precision=settings.precision), model
+    summary = engine.fit(model, train_set.with_scaler(scaler), eval_set.with_scaler(scaler),
+                         folder, settings, device, progress=False,
+                         postprocessing=postprocessing, on_epoch=on_epoch)
+    return summary["predictions"], model
 
 
-def run_fold(train_set, story, trial_dir, settings, run, label_delay, on_epoch=None):
+def fold_weights(folder, settings):
+    """The checkpoint that --keep_weights keeps of a fold: its last epoch's (with
+    --ema or --swa_start, the averaged weights)."""
+    return Path(folder) / runs.checkpoint_name(settings.epochs)
+
+
+def run_fold(train_set, story, trial_dir, settings, run, label_delay, on_epoch=None,
+             keep_weights=False):
     """Train the fold that holds out `story`; keep its per-second held-out predictions
-    (held_out.npz) but not its weights, even when pruned. Returns (training videos,
-    held-out videos, predictions)."""
+    (held_out.npz) but not its weights (with `keep_weights`, only its last epoch's
+    checkpoint once the fold has trained). Returns (training videos, held-out videos,
+    predictions)."""
     fold_train, held_out = datasets.fold_sets(train_set, story)
     folder = runs.fold_dir(trial_dir, story)
+    kept = None
     try:
         per_second, _ = train_and_predict(fold_train, held_out, folder, settings, run,
                                           Postprocessing(label_delay=label_delay), on_epoch)
+        kept = fold_weights(folder, settings) if keep_weights else None
     finally:
         for checkpoint in folder.glob("*.save"):  # copies of the weights, per fold and trial
-            checkpoint.unlink()
+            if checkpoint != kept:
+                checkpoint.unlink()
     with utils.atomic_path(folder / runs.HELD_OUT_PREDICTIONS) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **{video.name: rows for video, rows in zip(held_out.videos,
@@ -417,8 +536,10 @@ def objective_value(scores, objective):
 
 def run_trial(trial, train_set, config):
     """The objective of one trial: train its folds (pruned after any epoch where its
-    running CCC falls behind), then sample and score its post-processing."""
-    params = sample_training(trial, config.families)
+    running CCC falls behind), then sample and score its post-processing. With
+    --keep_weights a completed trial records its folds' kept checkpoints
+    ("fold_weights"); a trial that does not complete keeps none."""
+    params = sample_training(trial, config.families, config.base.settings.epochs)
     # Held-out CCC every epoch, for the pruner only: the objective takes the last epoch's.
     settings = replace(config.settings_for(params), eval_freq=1)
     trial_dir = runs.trial_dir(config.out_dir, trial.number)
@@ -427,16 +548,23 @@ def run_trial(trial, train_set, config):
         for fold, story in enumerate(train_set.stories):
             on_epoch = epoch_reporter(trial, list(raw.values()), fold, settings.epochs)
             folds[story] = run_fold(train_set, story, trial_dir, settings, config.base,
-                                    params["label_delay"], on_epoch)
+                                    params["label_delay"], on_epoch, config.keep_weights)
             raw.update(rescore({story: folds[story]}, Postprocessing(params["label_delay"])))
-    except optuna.TrialPruned:
-        trial.set_user_attr("fold_ccc", {str(story): value for story, value in raw.items()})
+    except BaseException as error:
+        for checkpoint in Path(trial_dir).glob("*/*.save"):
+            checkpoint.unlink()
+        if isinstance(error, optuna.TrialPruned):
+            trial.set_user_attr("fold_ccc", {str(story): value for story, value in raw.items()})
         raise
     scores = rescore(folds, sample_postprocessing(trial, params["label_delay"]))
     values = list(scores.values())
     trial.set_user_attr("fold_ccc", {str(story): value for story, value in scores.items()})
     trial.set_user_attr("mean", float(np.mean(values)))
     trial.set_user_attr("std", float(np.std(values)))
+    if config.keep_weights:
+        trial.set_user_attr("fold_weights", {
+            str(story): str(fold_weights(runs.fold_dir(trial_dir, story), settings).resolve())
+            for story in folds})
     return objective_value(scores, config.objective)
 
 
@@ -539,15 +667,106 @@ def run_trials(runner, train_set, config, jobs):
     if not runner.scheduler:
         tasks = [dict(train_set=train_set, config=config, worker=worker)
                  for worker in range(jobs)]
-        return runner.run(run_worker, tasks, "tuning processes")
+        with reporting_progress(open_storage(config.storage), config):
+            return runner.run(run_worker, tasks, "tuning processes")
     train_data = runner.data(train_set, datasets.load_pool, train_dir=Path(config.train_dir),
                              test_dir=None, mods=train_set.mods, stories=train_set.stories,
                              subjects=train_set.subjects)
-    with served_by_scheduler(runner.scheduler, config.storage) as (name, threads):
+    with served_by_scheduler(runner.scheduler, config.storage) as (name, threads, served):
         config = replace(config, served_as=name)
         tasks = [dict(train_set=train_data, config=config, worker=worker)
                  for worker in range(min(threads, config.trials))]
-        return runner.run(run_worker, tasks, "trial loops")
+        with reporting_progress(served, config):
+            return runner.run(run_worker, tasks, "trial loops")
+
+
+# ---------------------------------------------------------------- progress
+
+def progress_line(trial, folds, best, objective, finished, trials, elapsed, left):
+    """The line printed when `trial` ends: its number and state; the mean +- std of
+    its CCC over the folds it finished, of `folds`; `best`, the best completed trial
+    so far (None: none), by the `objective`; `finished` of `trials` trials (--trials);
+    seconds `elapsed` in this command and `left` at its pace."""
+    values = list(trial.user_attrs.get("fold_ccc", {}).values())
+    if trial.state == TrialState.FAIL:
+        result = trial.user_attrs.get("error", "see the message above")
+    elif values:
+        result = (f"CCC {np.mean(values):.4f} +- {np.std(values):.4f} over "
+                  f"{len(values)}/{folds} folds")
+    else:
+        result = f"no fold of {folds} finished"
+    best_text = (f"best {objective} {best.value:.4f} (trial {best.number})" if best is not None
+                 else "none completed yet")
+    return (f"trial {trial.number} {trial.state.name}: {result} | {best_text} | "
+            f"{finished}/{trials} trials, {_duration(elapsed)} elapsed, about "
+            f"{_duration(left)} left at this pace")
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class TrialProgress:
+    """A line per trial that ends (`progress_line`) and a bar over --trials, printed
+    by this process wherever the trials run (here, --jobs processes, a cluster):
+    `report` reads the study and prints the trials that ended since it last looked."""
+
+    def __init__(self, study, trials):
+        self.study, self.trials = study, trials
+        self.folds = len(study.user_attrs["stories"])
+        self.objective = study.user_attrs["objective"]
+        # Optuna stamps a trial's end with the local datetime.now(): the same clock.
+        self.start, self.ended = datetime.datetime.now(), 0
+        self.seen = {trial.number for trial in study.get_trials(deepcopy=False)
+                     if trial.state.is_finished()}
+        self.bar = tqdm(total=trials, initial=len(finished_trials(study)), desc="trials",
+                        unit="trial", dynamic_ncols=True, disable=None)
+
+    def report(self):
+        trials = self.study.get_trials(deepcopy=False)
+        for trial in sorted((trial for trial in trials if trial.state.is_finished()
+                             and trial.number not in self.seen), key=lambda t: t.number):
+            self.seen.add(trial.number)
+            self.ended += 1
+            seen = [other for other in trials if other.number in self.seen]
+            completed = [other for other in seen if other.state == TrialState.COMPLETE]
+            best = max(completed, key=lambda other: other.value, default=None)
+            finished = sum(other.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                           for other in seen)
+            ended_at = trial.datetime_complete or datetime.datetime.now()
+            elapsed = max(0.0, (ended_at - self.start).total_seconds())
+            left = elapsed / self.ended * max(0, self.trials - finished)
+            tqdm.write(progress_line(trial, self.folds, best, self.objective, finished,
+                                     self.trials, elapsed, left))
+            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                self.bar.update(1)
+
+
+@contextlib.contextmanager
+def reporting_progress(storage, config):
+    """`TrialProgress` of the study in `storage` while the block runs: it looks every
+    PROGRESS_EVERY_S seconds in a thread, and once more when the block ends."""
+    progress = TrialProgress(optuna.load_study(study_name=config.study_name, storage=storage),
+                             config.trials)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(PROGRESS_EVERY_S):
+            with contextlib.suppress(Exception):  # a busy storage: look again next time
+                progress.report()
+
+    watcher = threading.Thread(target=watch, name="trial progress", daemon=True)
+    watcher.start()
+    try:
+        yield progress
+        stop.set()
+        watcher.join()
+        progress.report()
+    finally:  # the watcher stopped before the bar closes, whatever ended the block
+        stop.set()
+        watcher.join()
+        progress.bar.close()
 
 
 # ---------------------------------------------------------------- on a Dask cluster
@@ -558,13 +777,14 @@ def served_by_scheduler(address, url):
     block runs (optuna-integration's DaskStorage): the trials on the workers read and
     write it through the scheduler, the one process that opens it, so workers need
     no database driver and no SQLite locking over a network file system. Yields the
-    name it is served under and the threads of the cluster's workers."""
+    name it is served under, the threads of the cluster's workers, and the served
+    storage for this process (the progress lines read it)."""
     name = f"tune-{uuid.uuid4().hex}"
     client = parallel.connect_scheduler(address)
     try:
         with _experimental_allowed():
-            dask_storage_class()(url, name=name, client=client)
-        yield name, max(1, sum(client.nthreads().values()))
+            served = dask_storage_class()(url, name=name, client=client)
+        yield name, max(1, sum(client.nthreads().values())), served
     finally:
         with contextlib.suppress(OSError, TimeoutError):  # a lost scheduler has nothing to stop
             client.run_on_scheduler(_stop_serving, name=name)
@@ -663,37 +883,154 @@ def json_text(data):
 # ---------------------------------------------------------------- what a study leaves
 
 def trials_table(study):
-    """trials.csv: one row per finished trial: its number, state, settings, fold
-    CCCs, mean, std and objective value."""
+    """trials.csv: one row per finished trial: its number, state, whether it is the
+    recipe, its settings, fold CCCs, mean, std and objective value."""
     rows, params, folds = [], {}, {}
     for trial in finished_trials(study):
         params.update(dict.fromkeys(trial.params))
         scores = {f"ccc_story_{story}": value
                   for story, value in trial.user_attrs.get("fold_ccc", {}).items()}
         folds.update(dict.fromkeys(scores))
-        rows.append({"number": trial.number, "state": trial.state.name, **trial.params, **scores,
+        rows.append({"number": trial.number, "state": trial.state.name,
+                     "recipe": bool(trial.user_attrs.get("recipe")), **trial.params, **scores,
                      "mean": trial.user_attrs.get("mean", math.nan),
                      "std": trial.user_attrs.get("std", math.nan), "value": trial.value})
-    columns = ["number", "state", *params, *folds, "mean", "std", "value"]
+    columns = ["number", "state", "recipe", *params, *folds, "mean", "std", "value"]
     return pd.DataFrame(rows, columns=columns).convert_dtypes()
 
 
-def best_record(study):
-    """best.json: the best trial's settings as train.py/crossval.py flags, and its scores."""
-    if not finished_trials(study, (TrialState.COMPLETE,)):
+# ---------------------------------------------------------------- choosing a trial
+
+def distance_to_recipe(params):
+    """How many of a trial's settings (trials.csv's columns) differ from RECIPE's: set
+    to another value, or set in only one of the two."""
+    return sum(params.get(name) != RECIPE.get(name) for name in set(params) | set(RECIPE))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The trial that --select `rule` chose among the completed ones, and the best
+    one (by the objective); for one_se, the best's standard error (std over folds /
+    sqrt(folds)) and the numbers of the trials whose mean CCC is within it."""
+    rule: str
+    chosen: optuna.trial.FrozenTrial
+    best: optuna.trial.FrozenTrial
+    standard_error: float = None
+    within: tuple = ()
+
+    def describe(self):
+        """One line: which rule chose which trial, and why."""
+        chosen, best = self.chosen, self.best
+        if self.rule == "best":
+            return f"--select best chose trial {chosen.number}, the best ({best.value:.4f})"
+        differing = distance_to_recipe(chosen.params)
+        return (f"--select one_se chose trial {chosen.number} ({differing} settings differ "
+                f"from the recipe), the closest to the recipe of the "
+                f"{len(self.within)} trial(s) whose mean CCC is within one standard error "
+                f"({self.standard_error:.4f}) of the best trial {best.number}'s "
+                f"{best.user_attrs['mean']:.4f}")
+
+
+def select_trial(completed, rule):
+    """The Selection by `rule` among the `completed` trials (each with user attributes
+    mean, std and fold_ccc). best: the highest objective value (the earliest of equals).
+    one_se: among the trials whose mean CCC is at least the best's minus its standard
+    error, the one with the fewest settings differing from the recipe, then the
+    highest mean."""
+    best = max(completed, key=lambda trial: (trial.value, -trial.number))
+    if rule == "best":
+        return Selection(rule, best, best)
+    attrs = best.user_attrs
+    standard_error = attrs["std"] / math.sqrt(len(attrs["fold_ccc"]))
+    within = [trial for trial in completed
+              if trial.user_attrs["mean"] >= attrs["mean"] - standard_error]
+    chosen = min(within, key=lambda trial: (distance_to_recipe(trial.params),
+                                            -trial.user_attrs["mean"], trial.number))
+    return Selection(rule, chosen, best, standard_error,
+                     tuple(trial.number for trial in within))
+
+
+def check_selectable(study, rule):
+    """Refuse --select one_se on a study with fewer than 2 completed trials."""
+    completed = len(finished_trials(study, (TrialState.COMPLETE,)))
+    if rule == "one_se" and completed < 2:
+        raise ToolkitError(f"--select one_se needs at least 2 completed trials to compare, the "
+                           f"study {study.study_name} has {completed}: run more trials (tune.py "
+                           "without --final), or give --select best")
+
+
+def recipe_record(study, chosen):
+    """best.json's "recipe": the recipe trial's state and CV scores, and by how much the
+    `chosen` trial's exceed them ("chosen_minus_recipe"; None where either has none)."""
+    recipe = recipe_trial(study)
+    if recipe is None:
         return None
-    best = study.best_trial
-    attrs, mods = best.user_attrs, study.user_attrs["mods"]
+    record = {"trial": recipe.number, "state": recipe.state.name,
+              "mean": recipe.user_attrs.get("mean"), "std": recipe.user_attrs.get("std"),
+              "value": recipe.value, "chosen_minus_recipe": None}
+    if recipe.state == TrialState.COMPLETE:
+        mine, theirs = chosen.user_attrs, recipe.user_attrs
+        record["chosen_minus_recipe"] = {
+            "mean": mine["mean"] - theirs["mean"],
+            "mean_minus_std": (mine["mean"] - mine["std"]) - (theirs["mean"] - theirs["std"])}
+    return record
+
+
+def against_recipe(best):
+    """One line from best.json's record: by how much the chosen settings beat the
+    recipe in CV (mean over folds, and mean minus std), or that they did not."""
+    recipe, number = best["recipe"], best["trial"]
+    if recipe is None:
+        return ("no trial of the recommended recipe in this study (its --models leave out the "
+                "recipe's family, or it was made before tune.py added one): nothing to compare")
+    if recipe["chosen_minus_recipe"] is None:
+        return (f"the recipe's trial {recipe['trial']} ({recipe['state']}) has no CV score to "
+                "compare")
+    if recipe["trial"] == number:
+        return (f"the chosen trial {number} is the recipe itself (CV {recipe['mean']:.4f} +- "
+                f"{recipe['std']:.4f}): no searched settings beat it")
+    gain = recipe["chosen_minus_recipe"]
+    if min(gain.values()) > 0:
+        verdict = "beat"
+    elif max(gain.values()) <= 0:
+        verdict = "did not beat"
+    else:
+        verdict = f"beat, in {'mean' if gain['mean'] > 0 else 'mean minus std'} only,"
+    return (f"the chosen trial {number} (CV {best['mean']:.4f} +- {best['std']:.4f}) {verdict} "
+            f"the recipe's trial {recipe['trial']} ({recipe['mean']:.4f} +- "
+            f"{recipe['std']:.4f}) by {gain['mean']:+.4f} in mean CCC and "
+            f"{gain['mean_minus_std']:+.4f} in mean minus std over folds")
+
+
+def best_record(study, rule="best"):
+    """best.json: the trial that --select `rule` chose, its settings as
+    train.py/crossval.py flags and its scores, the rule and why it chose it, and the
+    recipe's scores beside; None before a trial completes."""
+    completed = finished_trials(study, (TrialState.COMPLETE,))
+    if not completed:
+        return None
+    selection = select_trial(completed, rule)
+    chosen = selection.chosen
+    attrs, mods = chosen.user_attrs, study.user_attrs["mods"]
     flags = ["--mods", ",".join(mods), "--epochs", str(study.user_attrs["epochs"]),
-             *as_flags(best.params)]
-    return {"trial": best.number, "flags": flags, "params": best.params, "value": best.value,
-            "objective": study.user_attrs["objective"], "mean": attrs.get("mean"),
-            "std": attrs.get("std"), "fold_ccc": attrs.get("fold_ccc")}
+             *as_flags(chosen.params)]
+    return {"trial": chosen.number, "flags": flags, "params": chosen.params,
+            "value": chosen.value, "objective": study.user_attrs["objective"],
+            "mean": attrs.get("mean"), "std": attrs.get("std"), "fold_ccc": attrs.get("fold_ccc"),
+            "select": rule, "chosen_by": selection.describe(), "best_trial": selection.best.number,
+            "standard_error": selection.standard_error, "within_one_se": list(selection.within),
+            "distance_to_recipe": distance_to_recipe(chosen.params),
+            "fold_weights": attrs.get("fold_weights"), "recipe": recipe_record(study, chosen)}
 
 
-def write_outputs(study, out_dir):
-    """trials.csv and best.json (once a trial has completed); returns (table, best)."""
-    table, best = trials_table(study), best_record(study)
+def write_outputs(study, out_dir, rule="best"):
+    """trials.csv and best.json (once a trial has completed; --select one_se falls back
+    to best, saying so, while fewer than 2 have); returns (table, best)."""
+    if rule == "one_se" and len(finished_trials(study, (TrialState.COMPLETE,))) < 2:
+        print("note: --select one_se needs at least 2 completed trials: best.json holds the "
+              "best trial", file=sys.stderr)
+        rule = "best"
+    table, best = trials_table(study), best_record(study, rule)
     utils.write_csv(table, Path(out_dir) / runs.TRIALS_TABLE)
     if best is not None:
         utils.write_json(best, Path(out_dir) / runs.BEST_RECORD)
@@ -718,10 +1055,11 @@ def study_of(out_dir):
 
 # ---------------------------------------------------------------- --final
 
-def final_settings(study, base):
-    """(TrainingSettings, Postprocessing, best.json's record) of the study's best trial;
-    `base`: the RunOptions of the command."""
-    best = best_record(study)
+def final_settings(study, base, rule="best"):
+    """(TrainingSettings, Postprocessing, best.json's record) of the trial that --select
+    `rule` chooses; `base`: the RunOptions of the command."""
+    check_selectable(study, rule)
+    best = best_record(study, rule)
     if best is None:
         raise ToolkitError(f"the study {study.study_name} has no completed trial yet: run "
                            "tune.py without --final first")
@@ -731,14 +1069,53 @@ def final_settings(study, base):
 
 
 def run_final(train_set, test_set, out_dir, settings, run, postprocessing):
-    """Train the best settings on every training video, and score the validation
+    """Train the chosen settings on every training video, and score the validation
     videos once, at the last epoch; returns the validation result."""
     folder = Path(out_dir) / runs.FINAL_DIR
     per_second, _ = train_and_predict(train_set, test_set, folder, settings, run,
                                       postprocessing)
-    scored_with = (postprocessing.with_listener_stats(train_set.videos)
-                   if postprocessing.calibrate else postprocessing)
-    result = score_videos(test_set.videos, per_second, scored_with)
+    result = score_videos(test_set.videos, per_second, calibrated(postprocessing, train_set))
     utils.write_predictions(runs.predictions_dir(folder, "test"), test_set.videos,
                             result["frames"])
+    return result
+
+
+def calibrated(postprocessing, train_set):
+    """`postprocessing`, with --calibrate the listener statistics of `train_set`."""
+    return (postprocessing.with_listener_stats(train_set.videos) if postprocessing.calibrate
+            else postprocessing)
+
+
+def kept_fold_weights(best):
+    """The kept fold checkpoints of the chosen trial (best.json's record), for
+    --ensemble folds; one `error:` line if they were not kept or are gone."""
+    paths = best.get("fold_weights")
+    if not paths:
+        raise ToolkitError(f"--ensemble folds needs the fold weights of trial {best['trial']}, "
+                           "which were not kept: search with --keep_weights (trials from then "
+                           "on keep theirs), or give --ensemble retrain")
+    missing = [path for path in paths.values() if not Path(path).is_file()]
+    if missing:
+        raise ToolkitError(f"--ensemble folds: {missing[0]}, one of trial {best['trial']}'s "
+                           "kept fold weights, is gone: give --ensemble retrain, or search "
+                           "again with --keep_weights")
+    return [Path(path) for path in paths.values()]
+
+
+def run_fold_ensemble(train_set, test_set, out_dir, paths, run, postprocessing):
+    """--ensemble folds: the mean of the fold models' (`paths`) per-second predictions
+    of the validation videos, post-processed (calibrated with the listener statistics
+    of every training story) and scored once, its 25 fps predictions written to
+    final_folds/pred_test/; returns engine.evaluate_seeds's result ("seed_ccc": each
+    fold model's own CCC)."""
+    if run.settings.average_last:
+        print(f"note: each fold model predicts with its last weights: the mean of its last "
+              f"{run.settings.average_last} epochs' predictions (--average_last), which its "
+              "trial scored, needs those epochs' weights, which are not kept", file=sys.stderr)
+    trained = checkpoints.load_trained(paths, train_set, run.normalize, run.device)
+    result = engine.evaluate_seeds(trained, test_set, run.device,
+                                   calibrated(postprocessing, train_set),
+                                   run.settings.precision)
+    utils.write_predictions(runs.predictions_dir(Path(out_dir) / FOLD_ENSEMBLE_DIR, "test"),
+                            test_set.videos, result["frames"])
     return result

@@ -1,5 +1,6 @@
-"""tune.py and tuning.py (issue 25): a resumable Optuna study over the training
-stories, its outputs, --final, its refusals, and plot.py tune."""
+"""tune.py and tuning.py (issues 25 and 33): a resumable Optuna study over the
+training stories, its outputs, --final, its refusals, and plot.py tune; the recipe
+as trial 0, --select one_se, --ensemble folds with --keep_weights, the progress lines."""
 import hashlib
 import json
 import logging
@@ -21,11 +22,18 @@ from postprocessing import Postprocessing
 TUNE = ("tune.py", "--mods", "audio,text", "--epochs", "1", "--models", "tcn", "--seed", "3",
         "--stories", "2", "4")
 PARAMS = ["model", "tcn_channels", "tcn_kernel", "tcn_blocks", "lr", "weight_decay", "loss",
-          "label_delay", "filter", "calibrate"]
+          "label_delay", "averaging", "average_last", "filter", "calibrate"]
+# The recipe's family searched, and the folds' weights kept (--ensemble folds).
+RECIPE_TUNE = (*TUNE[:TUNE.index("--models")], "--models", "lstm,tcn",
+               *TUNE[TUNE.index("--models") + 2:], "--keep_weights")
 
 
 def tune(*argv):
     return run_in_process(*TUNE, *map(str, argv))
+
+
+def tune_recipe(*argv):
+    return run_in_process(*RECIPE_TUNE, *map(str, argv))
 
 
 def load_study(folder):
@@ -45,6 +53,24 @@ def tune_master(tiny_data_master, tmp_path_factory):
     result = run_in_process(*TUNE, "--trials", "2", "--out_dir", "tune_AT", cwd=master)
     assert result.returncode == 0, result.stderr
     return master
+
+
+@pytest.fixture(scope="module")
+def recipe_master(tiny_data_master, tmp_path_factory):
+    """Like tune_master, with the recipe's family searched and weights kept: tune_lstm/."""
+    master = tmp_path_factory.mktemp("tune_recipe")
+    shutil.copytree(tiny_data_master, master / "data")
+    result = run_in_process(*RECIPE_TUNE, "--trials", "2", "--out_dir", "tune_lstm",
+                            "--ledger", "none", cwd=master)
+    assert result.returncode == 0, result.stderr
+    return master
+
+
+@pytest.fixture
+def recipe_study(recipe_master, tmp_path, monkeypatch):
+    """A private copy of tune_lstm/ (its kept weights' paths point into the master's)."""
+    monkeypatch.chdir(recipe_master)
+    return Path(shutil.copytree(recipe_master / "tune_lstm", tmp_path / "tune_lstm"))
 
 
 @pytest.fixture
@@ -87,7 +113,9 @@ def test_the_same_command_samples_the_same_settings(study_of_two, tmp_path):
 def test_final_scores_the_best_settings_on_the_validation_stories(study_of_two):
     result = tune("--trials", 2, "--out_dir", study_of_two, "--final", "--ledger", "none")
     assert result.returncode == 0, result.stderr
-    assert "validation CCC of the best settings" in result.stdout
+    assert "validation CCC of the chosen settings" in result.stdout
+    assert "--select best chose trial" in result.stdout
+    assert "no trial of the recommended recipe in this study" in result.stdout
     final = json.loads((study_of_two / "final.json").read_text())
     assert -1 <= final["val_ccc"] <= 1
     assert len(list((study_of_two / "final" / "pred_test").glob("*.csv"))) == 3
@@ -102,6 +130,13 @@ def test_final_scores_the_best_settings_on_the_validation_stories(study_of_two):
     (("--trials", 3, "--storage", "sqlite:///missing/study.db"), "cannot be opened"),
     (("--trials", 3, "--storage", "nonsense"), "cannot be opened"),
     (("--trials", 3, "--lr", "0.1"), "tune.py searches --lr"),
+    (("--trials", 3, "--ema", "0.9"), "tune.py searches --ema"),
+    (("--trials", 3, "--swa_start", "1"), "tune.py searches --swa_start"),
+    (("--trials", 3, "--average_last", "1"), "tune.py searches --average_last"),
+    (("--trials", 1, "--select", "one_se"), "--select one_se needs at least 2 completed trials"),
+    (("--trials", 3, "--ensemble", "folds"), "--ensemble folds says how --final scores"),
+    (("--trials", 2, "--final", "--ensemble", "folds"),
+     "which were not kept: search with --keep_weights"),
     (("--trials", 3, "--scheduler", "tcp://127.0.0.1:1"), "cannot reach the Dask scheduler"),
 ])
 def test_bad_input_is_refused_in_one_line_leaving_the_study_as_it_was(study_of_two, argv,
@@ -185,6 +220,9 @@ def test_jobs_run_trials_in_processes_to_exactly_the_count(study_of_two):
     assert result.returncode == 0, result.stderr
     states = [trial.state for trial in load_study(study_of_two).trials]
     assert len(states) == 4 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}
+    # The trials ran in two other processes; this one printed a line for each.
+    assert sorted(line.split()[1] for line in result.stdout.splitlines()
+                  if line.startswith("trial ")) == ["2", "3"]
 
 
 def test_failing_trials_are_marked_failed_and_a_run_of_them_stops(study_of_two, monkeypatch):
@@ -248,3 +286,209 @@ def test_scheduler_runs_trials_on_a_dask_cluster_through_its_scheduler(study_of_
         tuning.worker_tag(study_of_two)}
     assert list(pd.read_csv(study_of_two / "trials.csv")["number"]) == [0, 1, 2, 3]
     assert (study_of_two / "trial_0003" / "val_on_4" / "held_out.npz").is_file()
+    # Read through the scheduler, the study gave a progress line per trial.
+    assert "| 4/4 trials, " in result.stdout
+
+
+# ---------------------------------------------------------------- issue 33
+
+def test_trial_0_is_the_recipe_and_a_resume_does_not_enqueue_it_again(recipe_study):
+    first = load_study(recipe_study).trials[0]
+    assert first.params == tuning.RECIPE and first.user_attrs["recipe"]
+    assert first.state == TrialState.COMPLETE
+    result = tune_recipe("--trials", 3, "--out_dir", recipe_study, "--ledger", "none")
+    assert result.returncode == 0, result.stderr
+    trials = load_study(recipe_study).trials
+    assert len(trials) == 3 and [trial.user_attrs.get("recipe", False) for trial in trials] == [
+        True, False, False]
+    assert trials[0].params == tuning.RECIPE and trials[2].params != tuning.RECIPE
+    table = pd.read_csv(recipe_study / "trials.csv")
+    assert list(table["recipe"]) == [True, False, False]
+    best = json.loads((recipe_study / "best.json").read_text())
+    assert best["select"] == "best" and best["recipe"]["trial"] == 0
+    assert best["recipe"]["mean"] == pytest.approx(table.loc[0, "mean"])
+    # The recipe trial's flags repeat it in train.py/crossval.py: --ema among them.
+    assert tuning.as_flags(tuning.RECIPE) == [
+        "--model", "lstm", "--layers", "1", "--hidden_dim", "512", "--dropout", "0.0",
+        "--lr", "0.0001", "--weight_decay", "0.0005", "--loss", "ccc", "--label_delay", "0.0",
+        "--ema", "0.99", "--calibrate"]
+    # A progress line for the one trial this command ran, none for earlier ones.
+    lines = [line for line in result.stdout.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 1 and lines[0].startswith("trial 2 ") and "| 3/3 trials, " in lines[0]
+
+
+def test_without_the_recipes_family_no_trial_is_enqueued_and_it_says_so(study_of_two,
+                                                                          tmp_path, monkeypatch):
+    result = tune("--trials", 1, "--out_dir", tmp_path / "one", "--ledger", "none")
+    assert result.returncode == 0, result.stderr
+    assert ("note: no trial of the recommended recipe: --models tcn leaves out its family, "
+            "lstm") in result.stderr
+    assert not load_study(tmp_path / "one").trials[0].user_attrs.get("recipe")
+    assert tuning.recipe_outside(["lstm"], 60) is None
+    assert tuning.recipe_outside(["lstm"], 1) is None
+    monkeypatch.setitem(tuning.RECIPE, "average_last", 5)  # searched up to epochs // 4
+    assert tuning.recipe_outside(["lstm"], 8) == (
+        "its average_last 5 is not searched with --epochs 8")
+
+
+def completed(number, params, mean, std, folds=4):
+    """A hand-built completed trial with the user attributes run_trial sets (`folds`
+    fold CCCs, all equal to `mean`: only their count matters here)."""
+    trial = optuna.trial.create_trial(
+        state=TrialState.COMPLETE, value=mean, params=params,
+        distributions={name: optuna.distributions.CategoricalDistribution([value])
+                       for name, value in params.items()},
+        user_attrs={"mean": mean, "std": std,
+                    "fold_ccc": {str(story): mean for story in range(folds)}})
+    trial.number = number
+    return trial
+
+
+def test_one_se_chooses_the_trial_closest_to_the_recipe_within_one_standard_error():
+    recipe = tuning.RECIPE
+    trials = [completed(0, recipe, 0.10, 0.02),
+              completed(1, {"model": "tcn", "tcn_channels": 32, "lr": 1e-3}, 0.20, 0.08),
+              completed(2, {**recipe, "lr": 3e-4}, 0.17, 0.05),
+              completed(3, {**recipe, "lr": 3e-4, "loss": "mse"}, 0.19, 0.05),
+              completed(4, {**recipe, "weight_decay": 1e-5}, 0.18, 0.05),
+              completed(5, recipe, 0.159, 0.01)]
+    # Trial 1 differs in model and lr, has tcn_channels, and lacks the recipe's other 12.
+    assert [tuning.distance_to_recipe(trial.params) for trial in trials] == [0, 15, 1, 2, 1, 0]
+    best = tuning.select_trial(trials, "best")
+    assert best.chosen.number == best.best.number == 1
+    # The best's standard error: 0.08 / sqrt(4 folds) = 0.04, so means from 0.16 count;
+    # trials 2 and 4 differ from the recipe in one setting each: the higher mean wins.
+    one_se = tuning.select_trial(trials, "one_se")
+    assert one_se.standard_error == pytest.approx(0.04)
+    assert one_se.within == (1, 2, 3, 4) and one_se.chosen.number == 4
+    assert one_se.best.number == 1
+    assert "--select one_se chose trial 4 (1 settings differ from the recipe)" in \
+        one_se.describe()
+
+
+def test_final_one_se_and_the_choice_it_records(recipe_study):
+    result = tune_recipe("--trials", 2, "--out_dir", recipe_study,
+                         "--ledger", "none", "--final", "--select", "one_se")
+    assert result.returncode == 0, result.stderr
+    final = json.loads((recipe_study / "final.json").read_text())
+    assert final["select"] == "one_se" and final["ensemble"] == "retrain"
+    assert "--select one_se chose trial" in result.stdout
+    assert "the recipe" in result.stdout.splitlines()[1]
+
+
+def test_one_se_needs_two_completed_trials(study_of_two, tmp_path):
+    one = tmp_path / "one"
+    assert tune("--trials", 1, "--out_dir", one, "--ledger", "none").returncode == 0
+    files = {path: digest(path) for path in one.rglob("*") if path.is_file()}
+    result = tune("--trials", 1, "--out_dir", one, "--ledger", "none", "--final",
+                  "--select", "one_se")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --select one_se needs at least 2 completed trials "
+                                    "to compare, the study tune has 1")
+    assert {path: digest(path) for path in one.rglob("*") if path.is_file()} == files
+
+
+def test_fold_ensemble_is_the_mean_of_the_kept_fold_models_predictions(recipe_study):
+    import numpy as np
+    import checkpoints
+    import datasets
+    import engine
+    from postprocessing import score_videos
+    best = json.loads((recipe_study / "best.json").read_text())
+    result = tune_recipe("--trials", 2, "--out_dir", recipe_study,
+                         "--ledger", "none", "--final", "--ensemble", "folds")
+    assert result.returncode == 0, result.stderr
+    # Only the last epoch's checkpoint of each fold is kept.
+    trial_dir = Path(best["fold_weights"]["2"]).parents[1]
+    assert sorted(path.name for path in trial_dir.rglob("*.save")) == ["epoch_1.save"] * 2
+    train_set = tuning.load_training_stories("data/Training", ["audio", "text"], [2, 4])
+    test_set = datasets.load_videos("data/Validation", train_set.mods)
+    cpu, per_fold = engine.get_device(False), []
+    for story, path in best["fold_weights"].items():
+        model = checkpoints.load_trained([path], train_set, False, cpu)[0]
+        per_fold.append(engine.predict(model.network, test_set, cpu))
+        # What the kept (averaged) weights predict of the held-out story is what the
+        # trial scored: held_out.npz holds the run's reported predictions.
+        _, held_out = datasets.fold_sets(train_set, int(story))
+        saved = np.load(Path(path).parent / "held_out.npz")
+        for video, rows in zip(held_out.videos, engine.predict(model.network, held_out, cpu)):
+            np.testing.assert_allclose(saved[video.name], rows, rtol=0, atol=1e-6)
+    mean = [np.mean(rows, axis=0) for rows in zip(*per_fold)]
+    post = tuning.postprocessing_of(best["params"])
+    post = post.with_listener_stats(train_set.videos) if post.calibrate else post
+    expected = score_videos(test_set.videos, mean, post)
+    record = json.loads((recipe_study / "final_folds.json").read_text())
+    assert record["ensemble"] == "folds" and record["val_ccc"] == pytest.approx(expected["ccc"])
+    for video, frames in zip(test_set.videos, expected["frames"]):
+        written = np.loadtxt(recipe_study / "final_folds" / "pred_test" / f"{video.name}.csv",
+                             skiprows=1)
+        np.testing.assert_allclose(written, frames, atol=1e-6)
+    assert f"validation CCC of the mean of its 2 fold models (trial {best['trial']}" in \
+        result.stdout
+    assert "each fold model alone: val_on_2" in result.stdout
+
+
+def test_fold_ensemble_refuses_weights_that_are_gone(recipe_study, tmp_path):
+    best = json.loads((recipe_study / "best.json").read_text())
+    moved = tmp_path / "moved.save"
+    gone = Path(best["fold_weights"]["4"])
+    shutil.move(gone, moved)
+    try:
+        files = {path: digest(path) for path in recipe_study.rglob("*") if path.is_file()}
+        result = tune_recipe("--trials", 2, "--out_dir", recipe_study,
+                             "--ledger", "none", "--final", "--ensemble", "folds")
+        assert {path: digest(path) for path in recipe_study.rglob("*")
+                if path.is_file()} == files
+    finally:
+        shutil.move(moved, gone)  # the weights belong to the module's master study
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: --ensemble folds: {gone}, one of trial "
+                                    f"{best['trial']}'s kept fold weights, is gone")
+    assert "--keep_weights" in result.stderr
+
+
+def test_the_progress_line_says_how_a_trial_did_and_how_long_the_rest_takes():
+    done = completed(3, {"lr": 1e-3}, 0.25, 0.05, folds=2)
+    done.user_attrs["fold_ccc"] = {"2": 0.2, "4": 0.3}
+    best = completed(1, {"lr": 1e-3}, 0.4, 0.1)
+    assert tuning.progress_line(done, 2, best, "mean", 4, 10, 125.0, 187.4) == (
+        "trial 3 COMPLETE: CCC 0.2500 +- 0.0500 over 2/2 folds | best mean 0.4000 (trial 1) | "
+        "4/10 trials, 0:02:05 elapsed, about 0:03:07 left at this pace")
+    pruned = optuna.trial.create_trial(state=TrialState.PRUNED,
+                                       user_attrs={"fold_ccc": {"2": 0.1}})
+    pruned.number = 4
+    assert tuning.progress_line(pruned, 2, None, "mean", 5, 10, 3700, 3700).startswith(
+        "trial 4 PRUNED: CCC 0.1000 +- 0.0000 over 1/2 folds | none completed yet | "
+        "5/10 trials, 1:01:40 elapsed")
+    failed = optuna.trial.create_trial(state=TrialState.FAIL,
+                                       user_attrs={"error": "training diverged in epoch 1"})
+    failed.number = 5
+    assert tuning.progress_line(failed, 2, best, "mean", 5, 10, 60, 60).startswith(
+        "trial 5 FAIL: training diverged in epoch 1 | best mean 0.4000 (trial 1)")
+
+
+def test_a_trials_held_out_predictions_are_the_mean_its_average_last_reports(
+        tiny_data_master, tmp_path):
+    """train_and_predict returns what the run reports at its end: with --average_last 2,
+    the mean of the last two epochs' per-second predictions, not the last model's."""
+    import numpy as np
+    import checkpoints
+    import datasets
+    import engine
+    import options
+    train_set = tuning.load_training_stories(tiny_data_master / "Training", ["audio", "text"],
+                                             [2, 4])
+    fold_train, held_out = datasets.fold_sets(train_set, 4)
+    params = {"model": "tcn", "tcn_channels": 32, "tcn_kernel": 2, "tcn_blocks": 3}
+    settings = options.TrainingSettings(epochs=2, save_freq=1, seed=3, model="tcn",
+                                        model_options=tuning.model_options(params),
+                                        average_last=2)
+    per_second, _ = tuning.train_and_predict(fold_train, held_out, tmp_path, settings,
+                                             options.RunOptions(settings), Postprocessing())
+    cpu = engine.get_device(False)
+    by_epoch = [engine.predict(checkpoints.load_trained([tmp_path / f"epoch_{epoch}.save"],
+                                                        fold_train, False, cpu)[0].network,
+                               held_out, cpu) for epoch in (1, 2)]
+    for got, first, second in zip(per_second, *by_epoch):
+        np.testing.assert_allclose(got, (first + second) / 2, rtol=0, atol=1e-6)
+        assert not np.allclose(got, second)
