@@ -18,13 +18,28 @@ fine-tuning method of finetuning.py (--finetune head, adapter, --anchor, --mix, 
 (the personalized track: the mean over listeners of their story-1 CCC before and
 after, and how many listeners got worse) is written to <out_dir>/personalize.csv.
 --personal_only runs some of its rows.
+
+--recipes compares whole recipes instead, as the real data asks (validation CCC
+that swings from epoch to epoch): each is trained once with story 1 validating
+(train.py) and cross-validated over every story (crossval.py), and the table gives
+what can be reported (the last epoch's validation CCC, or its average's), the best
+epoch's (picked on validation, labelled so), the std of the validation CCC over the
+last 20 epochs, the last epoch's CV mean +- std, and the wall time; it goes to
+<out_dir>/recipes.csv. The fold ensemble and the CV-chosen post-processing
+cross-validate over the training stories only, and score story 1 once.
+
+    python make_data.py --preset unstable --out_dir data_unstable
+    python compare_options.py --recipes --train_dir data_unstable/Training --test_dir data_unstable/Validation
 """
 import argparse
+import importlib
+import json
 import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import crossval
@@ -32,6 +47,7 @@ import datasets
 import finetuning
 import personalize
 import runs
+import train
 import utils
 
 # (name, crossval.py flags, whether it re-evaluates the default run instead of training)
@@ -52,12 +68,37 @@ VARIANTS = [
 ]
 
 
+# The recipes of --recipes: (name, flags added to RECIPE_DATA's, how it is run).
+# "train": train.py on story 1 and crossval.py over every story; "ensemble": the
+# folds of the training stories average their predictions of story 1
+# (crossval.py --ensemble_dir); "chosen_postprocessing": crossval.py over the
+# training stories chooses the post-processing, then train.py takes it.
+HONEST_BASE = ["--normalize", "--loss", "ccc", "--calibrate", "--lr", "1e-4"]
+RECIPES = [
+    ("the guide's default", [], "train"),
+    ("--normalize --loss ccc --calibrate --lr 1e-4", HONEST_BASE, "train"),
+    ("+ --ema 0.99", [*HONEST_BASE, "--ema", "0.99"], "train"),
+    ("+ --swa_start 21", [*HONEST_BASE, "--swa_start", "21"], "train"),
+    ("+ --average_last 10", [*HONEST_BASE, "--average_last", "10"], "train"),
+    ("+ --ema 0.99 --average_last 10", [*HONEST_BASE, "--ema", "0.99", "--average_last", "10"],
+     "train"),
+    ("fold ensemble of the training folds", HONEST_BASE, "ensemble"),
+    ("+ --swa_start 21, post-processing chosen by CV", [*HONEST_BASE, "--swa_start", "21"],
+     "chosen_postprocessing"),
+    ("+ --seeds 5", [*HONEST_BASE, "--seeds", "5"], "train"),
+]
+RECIPE_EPOCHS = 60
+STABILITY_EPOCHS = 20  # the std of the validation CCC over this many last epochs
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "compare_options.py", parents=[datasets.get_split_args_parser()],
         description="Compare the training and post-processing options by cross-validation.")
-    parser.add_argument("--mods", default="audio,text", help="modalities (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per fold (default: %(default)s)")
+    parser.add_argument("--mods", help="modalities (default: audio,text; with --recipes "
+                                       "audio,text,v_sub)")
+    parser.add_argument("--epochs", type=int, help="epochs per fold (default: 20; with --recipes "
+                                                   f"{RECIPE_EPOCHS})")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="folds run side by side (default: %(default)s)")
     parser.add_argument("--out_dir", default="./compare", help="where the runs go (default: %(default)s)")
@@ -71,6 +112,10 @@ def get_args_parser():
     parser.add_argument("--personal_epochs", type=int, default=10, metavar="N",
                         help="fine-tuning epochs per listener (with --inner_cv: at most N); "
                              "0 skips personalization (default: %(default)s)")
+    parser.add_argument("--recipes", nargs="*", metavar="NAME",
+                        help="compare the recipes of RECIPES instead (by folder name, e.g. "
+                             "ema_0_99; none named: all), --mods audio,text,v_sub, "
+                             f"{RECIPE_EPOCHS} epochs unless --epochs is given; see above")
     parser.add_argument("--personal_only", nargs="+", metavar="NAME",
                         help="run only these rows of the personalization table, by folder name "
                              "(e.g. inner_cv_calibrate inner_cv_finetune_head; default: all)")
@@ -105,14 +150,16 @@ def default_fold_model(out_dir):
 
 
 def copy_best_checkpoints(source, target):
-    """The default run's best.save of every fold, for re-evaluating it another way."""
+    """The default run's best.save and last.save of every fold, for re-evaluating it
+    another way."""
     for story in runs.fold_stories(source):
-        checkpoint = runs.fold_dir(source, story) / runs.BEST
-        if not checkpoint.is_file():
-            continue
-        destination = runs.fold_dir(target, story) / runs.BEST
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint, destination)
+        for name in (runs.BEST, runs.LAST):
+            checkpoint = runs.fold_dir(source, story) / name
+            if not checkpoint.is_file():
+                continue
+            destination = runs.fold_dir(target, story) / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoint, destination)
 
 
 def run_recorded(script, argv, ledger, results_of):
@@ -202,7 +249,120 @@ def chosen_personal_variants(out_dir, only):
     return [names[folder] for folder in only] if only else list(names.values())
 
 
+# ---------------------------------------------------------------- --recipes
+
+def validation_curve(model_dir):
+    """(reportable CCC, best CCC, its epoch, std over the last epochs) of a training run
+    from its metrics.csv (the first seed's with --seeds): the last epoch's, or of the
+    --average_last average at the last epoch."""
+    metrics = pd.read_csv(runs.run_checkpoints(model_dir, runs.METRICS)[0])
+    last = metrics.iloc[-1]
+    reported = last.get("val_ccc_average", np.nan)
+    reported = last["val_ccc"] if pd.isna(reported) else reported
+    best = metrics["val_ccc"].idxmax()
+    return (reported, metrics.loc[best, "val_ccc"], int(metrics.loc[best, "epoch"]),
+            metrics["val_ccc"].tail(STABILITY_EPOCHS).std(ddof=0))
+
+
+def seeds_validation(model_dir, train_dir, test_dir, mods):
+    """The validation CCC of a --seeds run's average prediction at the last epoch
+    (every seed's last.save), as train.py --test scores best.save's."""
+    engine = importlib.import_module("engine")  # loads torch: not for --help
+    train_set, val_set = datasets.load_train_test(train_dir, test_dir, mods.split(","))
+    trained, saved = engine.load_for_evaluation(runs.run_checkpoints(model_dir, runs.LAST),
+                                                train_set, False, {}, "cpu", [val_set])
+    return engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
+
+
+def run_recipe(name, flags, kind, common, out_dir, jobs, ledger=None):
+    """One row of the recipes' table."""
+    folder = variant_folder(out_dir, name)
+    start = time.perf_counter()
+    row = {"recipe": name, "best_ccc": np.nan, "best_epoch": "", "std_last": np.nan}
+    cv = [*common, *flags, "--jobs", str(jobs), "--overwrite"]
+    if kind == "train":
+        run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"), "--overwrite"],
+                     ledger, train.ledger_results)
+        row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
+            validation_curve(folder / "val")
+        if "--seeds" in flags:
+            row["val_ccc"] = seeds_validation(folder / "val", *common[1:6:2])
+        table = run_recorded(crossval, [*cv, "--out_dir", str(folder / "cv")], ledger,
+                             runs.crossval_results)
+        row["cv"] = f"{len(table) - len(runs.SUMMARY_ROWS)} folds"
+    else:  # over the training stories only; story 1 (the test folder) is scored once
+        training = [str(story) for story in datasets.load_videos(common[1], ["audio"]).stories]
+        cv += ["--stories", *training, "--out_dir", str(folder / "cv")]
+        if kind == "ensemble":
+            table = run_recorded(crossval, [*cv, "--ensemble_dir", common[3]], ledger,
+                                 runs.crossval_results)
+            ensemble = pd.read_csv(folder / "cv" / runs.ENSEMBLE_TABLE).set_index("model")
+            row["val_ccc"] = ensemble.loc["ensemble", "ccc"]
+        else:
+            table = run_recorded(crossval, [*cv, "--choose_postprocessing"], ledger,
+                                 runs.crossval_results)
+            run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"),
+                                 "--overwrite", "--postprocessing_from", str(folder / "cv")],
+                         ledger, train.ledger_results)
+            row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
+                validation_curve(folder / "val")
+        row["cv"] = f"{len(training)} training folds"
+    summary = runs.crossval_results(table)  # the last epoch's (or its average's)
+    if kind == "chosen_postprocessing":  # the chosen candidate's own CV: picked on those folds
+        choice = json.loads((folder / "cv" / runs.POSTPROCESSING_CHOICE).read_text())
+        summary = {"mean_ccc": choice["cv_mean"], "std_ccc": choice["cv_std"]}
+        row["cv"] += f", {choice['flags'] or 'none'} picked on them"
+    row.update(cv_mean=summary["mean_ccc"], cv_std=summary["std_ccc"],
+               seconds=time.perf_counter() - start)
+    return row
+
+
+def recipes_markdown(table):
+    lines = [f"| recipe | validation CCC, last epoch (nothing picked) | best epoch's CCC (picked "
+             f"on validation) | std over the last {STABILITY_EPOCHS} epochs | CV at the last "
+             "epoch, mean +- std | wall time |", "|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        best = f"{row.best_ccc:.4f} (epoch {row.best_epoch})" if row.best_epoch != "" else "n/a"
+        std = f"{row.std_last:.4f}" if not pd.isna(row.std_last) else "n/a"
+        lines.append(f"| `{row.recipe}` | {row.val_ccc:.4f} | {best} | {std} | {row.cv_mean:.4f} "
+                     f"+- {row.cv_std:.4f} ({row.cv}) | {row.seconds:.0f} s |")
+    return "\n".join(lines)
+
+
+def chosen_recipes(out_dir, names):
+    folders = {variant_folder(out_dir, name).name: recipe for recipe in RECIPES
+               for name in [recipe[0]]}
+    unknown = sorted(set(names) - set(folders))
+    if unknown:
+        raise utils.ToolkitError(f"--recipes: unknown recipe {unknown[0]}; choose from "
+                                 + ", ".join(folders))
+    return [folders[name] for name in names] if names else RECIPES
+
+
+def compare_recipes(args):
+    recipes = chosen_recipes(args.out_dir, args.recipes)
+    mods, epochs = args.mods or "audio,text,v_sub", args.epochs or RECIPE_EPOCHS
+    if epochs < max(STABILITY_EPOCHS, 21):
+        raise utils.ToolkitError(f"--recipes needs --epochs {max(STABILITY_EPOCHS, 21)} or more "
+                                 f"(--swa_start 21, the std over the last {STABILITY_EPOCHS}), "
+                                 f"got {epochs}")
+    common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir, "--mods", mods,
+              "--epochs", str(epochs), "--save_freq", str(epochs)]
+    ledger = runs.ledger_path(args)
+    utils.check_writable(args.out_dir)
+    runs.write_run_record(args, args.out_dir)
+    table = pd.DataFrame([run_recipe(name, flags, kind, common, args.out_dir, args.jobs, ledger)
+                          for name, flags, kind in recipes])
+    utils.write_csv(table, Path(args.out_dir) / runs.RECIPES_TABLE)
+    print(f"\nrecipes, --mods {mods} --epochs {epochs}, story 1 validating:")
+    print(recipes_markdown(table))
+    return table
+
+
 def main(args):
+    if args.recipes is not None:
+        return compare_recipes(args)
+    args.mods, args.epochs = args.mods or "audio,text", args.epochs or 20
     names = {variant_folder(args.out_dir, name).name: name for name, _, _ in VARIANTS}
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:

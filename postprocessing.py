@@ -4,15 +4,21 @@ scoring a set of videos with it.
 
 The same `Postprocessing` serves evaluation during training, written prediction
 files and fusion; checkpoints store it, so a saved model is evaluated as it was
-trained. Imports no torch.
+trained. It can also be chosen on the training stories: crossval.py
+--choose_postprocessing re-scores its folds' held-out predictions under the
+`candidates` and writes the best (`choice_record`), which --postprocessing_from
+reads (`take_choice`). Imports no torch.
 """
 import argparse
 import dataclasses
+import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
+import runs
 from utils import FPS, ToolkitError, ccc, to_length
 
 def expand_to_frames(per_second, n_frames):
@@ -141,7 +147,10 @@ class Postprocessing:
         """The post-processing `saved` in a checkpoint (defaults if none), with the
         flags given on the command line (not None) taking precedence. A saved setting
         that the flags do not replace and that is not valid is refused as the
-        checkpoint's (named by `source`), not as a flag the user gave."""
+        checkpoint's (named by `source`), not as a flag the user gave. The flags'
+        CHOICE entry (--postprocessing_from, see `flags_given`) refuses a label delay
+        other than the one its choice was made with."""
+        choice = overrides.pop(CHOICE, None)
         settings = dict(saved or {})
         unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
         if unknown:
@@ -151,7 +160,12 @@ class Postprocessing:
         overrides = {name: value for name, value in overrides.items() if value is not None}
         kept = {name: value for name, value in settings.items() if name not in overrides}
         _check_saved(cls, kept, source or "the model")
-        return cls(**{**settings, **overrides})
+        resolved = cls(**{**settings, **overrides})
+        if choice is not None:
+            _check_choice_delay(choice, resolved.label_delay,
+                                "given" if "label_delay" in overrides else
+                                "saved" if saved is not None else "default", source)
+        return resolved
 
 
 def _check_saved(cls, saved, source):
@@ -183,7 +197,8 @@ def _listener_stats_shaped(stats):
 
 def get_args_parser(with_label_delay=True):
     """Flags of the post-processing of predictions (see Postprocessing);
-    fusion.py takes them all but --label_delay, which concerns training targets."""
+    fusion.py takes them all but --label_delay, which concerns training targets, and
+    --postprocessing_from, a choice made for the training scripts' models."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group(
         "predictions", "Post-processing of predictions, the same in evaluation and in written "
@@ -207,6 +222,15 @@ def get_args_parser(with_label_delay=True):
                             "deviation over the model's training annotations (the pooled ones "
                             "for a listener without training videos); --no-calibrate turns "
                             "off a saved model's (default: off)")
+    if with_label_delay:
+        group.add_argument("--postprocessing_from", metavar="CV_DIR",
+                           help="post-process as crossval.py --choose_postprocessing chose in "
+                                "CV_DIR (its postprocessing.json, chosen on the training "
+                                "stories' folds): its --smooth/--lowpass/--calibrate are used as "
+                                "if given, and recorded in args.json and the checkpoint; giving "
+                                "one of them with another value is refused, and so is a command "
+                                "whose --mods, --normalize or label delay differ from the "
+                                "cross-validation's (default: none)")
     return parser
 
 
@@ -216,10 +240,23 @@ FLAGS = tuple(field.name for field in dataclasses.fields(Postprocessing)
               if field.name != "listener_stats")
 
 
+# The entry of `flags_given` that asks `Postprocessing.resolve` to check the label
+# delay of the model it serves against --postprocessing_from's choice.
+CHOICE = "postprocessing_from"
+
+
 def flags_given(args):
     """The post-processing flags as given (None where not given or not taken), for
-    `Postprocessing.resolve`."""
-    return {name: getattr(args, name, None) for name in FLAGS}
+    `Postprocessing.resolve`. With --postprocessing_from, its choice is first set on
+    `args` as if given (see `take_choice`), and the CHOICE entry carries the label
+    delay it was made with: the model's label delay (given, saved or the default)
+    is only known where `resolve` meets the checkpoint."""
+    choice = take_choice(args)
+    flags = {name: getattr(args, name, None) for name in FLAGS}
+    if choice is not None:
+        flags[CHOICE] = {"folder": str(args.postprocessing_from),
+                         "label_delay": choice["label_delay"]}
+    return flags
 
 
 def report_unseen_listeners(postprocessing, videos):
@@ -307,3 +344,158 @@ def score_videos(videos, per_second_predictions, postprocessing=None):
     return {"ccc": float(np.mean([r["ccc"] for r in records])), "records": records,
             "frames": frames}
 
+
+# ---------------------------------------------------------------- chosen on the training stories
+
+CANDIDATE_SMOOTH = (2.0, 5.0, 10.0, 20.0)  # seconds of --smooth (a moving average)
+CANDIDATE_LOWPASS = (0.002, 0.004, 0.01, 0.02, 0.05)  # Hz of --lowpass
+CHOSEN = ("smooth", "smooth_window", "lowpass", "calibrate")  # what a choice sets
+
+
+def candidates(label_delay=0.0):
+    """The post-processing that crossval.py --choose_postprocessing compares, the
+    simplest first (so that it wins a tie): none, each --smooth window, each
+    --lowpass cutoff, each without and then with --calibrate; all with the models'
+    `label_delay`, a training setting that is not chosen here."""
+    filters = ([{}] + [{"smooth": window} for window in CANDIDATE_SMOOTH]
+               + [{"lowpass": cutoff} for cutoff in CANDIDATE_LOWPASS])
+    return [Postprocessing(label_delay, calibrate=calibrate, **chosen_filter)
+            for chosen_filter in filters for calibrate in (False, True)]
+
+
+def rescore(folds, postprocessing):
+    """{story: CCC} of folds' held-out per-second predictions under `postprocessing`.
+    `folds` maps a held-out story to (its fold's training videos, the held-out
+    videos, their per-second predictions); calibration takes the listener statistics
+    of each fold's training videos, as that fold's model would (tuning.rescore's
+    rule)."""
+    scores = {}
+    for story, (train_videos, held_out, per_second) in folds.items():
+        fold_postprocessing = (postprocessing.with_listener_stats(train_videos)
+                               if postprocessing.calibrate else postprocessing)
+        scores[story] = score_videos(held_out, per_second, fold_postprocessing)["ccc"]
+    return scores
+
+
+def compare_candidates(folds, label_delay=0.0):
+    """Every candidate's CCC per fold (`rescore`), and the index of the one with the
+    best mean over folds (the first of equals): ([(candidate, {story: CCC})], best)."""
+    scored = [(candidate, rescore(folds, candidate)) for candidate in candidates(label_delay)]
+    means = np.array([np.mean(list(scores.values())) for _, scores in scored])
+    if np.isnan(means).all():
+        raise ToolkitError("--choose_postprocessing: every candidate scores NaN on the folds' "
+                           "held-out videos (their predictions hold NaN or inf)")
+    return scored, int(np.nanargmax(means))
+
+
+def as_flags(postprocessing):
+    """The filter and calibration flags of `postprocessing`: '--lowpass 0.004
+    --calibrate', or 'none'."""
+    flags = []
+    if postprocessing.smooth:
+        flags.append(f"--smooth {postprocessing.smooth:g}")
+        if postprocessing.smooth_window != "moving":
+            flags.append(f"--smooth_window {postprocessing.smooth_window}")
+    if postprocessing.lowpass:
+        flags.append(f"--lowpass {postprocessing.lowpass:g}")
+    if postprocessing.calibrate:
+        flags.append("--calibrate")
+    return " ".join(flags) or "none"
+
+
+def choice_record(chosen, scores, mods, normalize, stories, subjects):
+    """What --postprocessing_from reads: the `chosen` post-processing, its CCC per
+    fold (`scores`) and what it was chosen for (the models' modalities,
+    normalization and label delay; the folds' stories and subjects)."""
+    values = list(scores.values())
+    return {"postprocessing": {name: getattr(chosen, name) for name in CHOSEN},
+            "flags": as_flags(chosen), "label_delay": chosen.label_delay,
+            "mods": list(mods), "normalize": bool(normalize),
+            "cv_mean": float(np.mean(values)), "cv_std": float(np.std(values)),
+            "fold_ccc": {str(story): float(value) for story, value in scores.items()},
+            "chosen_on": "the held-out predictions of each fold's last.save: the best mean "
+                         "CCC over folds among the candidates of postprocessing_candidates.csv",
+            "stories": [int(story) for story in stories],
+            "subjects": [int(subject) for subject in subjects]}
+
+
+def read_choice(folder):
+    """The record that crossval.py --choose_postprocessing wrote in `folder`
+    (--postprocessing_from), checked."""
+    path = Path(folder) / runs.POSTPROCESSING_CHOICE
+    if not Path(folder).is_dir():
+        raise ToolkitError(f"--postprocessing_from {folder} does not exist: give the --out_dir "
+                           "of a crossval.py --choose_postprocessing run")
+    if not path.is_file():
+        raise ToolkitError(f"--postprocessing_from {folder} holds no {path.name}: choose "
+                           f"post-processing there first with crossval.py --out_dir {folder} "
+                           "--choose_postprocessing (with --test to re-score folds already "
+                           "trained)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        chosen = Postprocessing(record["label_delay"], **{name: record["postprocessing"][name]
+                                                          for name in CHOSEN})
+        mods, normalize = list(record["mods"]), record["normalize"]
+        valid = (isinstance(chosen.calibrate, bool) and isinstance(normalize, bool)
+                 and isinstance(record["flags"], str) and len(mods) > 0
+                 and all(isinstance(mod, str) for mod in mods))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, ToolkitError):
+        valid = False
+    if not valid:
+        raise ToolkitError(f"--postprocessing_from {folder}: {path} is damaged: choose again "
+                           f"with crossval.py --out_dir {folder} --choose_postprocessing --test")
+    return record
+
+
+def take_choice(args):
+    """The choice of --postprocessing_from (None without it), its flags set on
+    `args` as if given, so that the run uses and records them. Refused: a
+    post-processing flag given with another value than the choice's, and --mods or
+    --normalize other than those of the models it was chosen for."""
+    folder = getattr(args, CHOICE, None)
+    if folder is None:
+        return None
+    choice = read_choice(folder)
+    mods = [mod.strip() for mod in str(getattr(args, "mods", "")).split(",") if mod.strip()]
+    if sorted(mods) != sorted(choice["mods"]):
+        raise ToolkitError(f"--postprocessing_from {folder} was chosen for --mods "
+                           f"{','.join(choice['mods'])}, not {','.join(mods)}: choose on a "
+                           "cross-validation of these modalities (crossval.py "
+                           f"--mods {','.join(mods)} --choose_postprocessing)")
+    if bool(getattr(args, "normalize", False)) != choice["normalize"]:
+        raise ToolkitError(f"--postprocessing_from {folder} was chosen for models trained "
+                           + ("with --normalize: give --normalize (a saved model's own "
+                              "normalization is used either way)" if choice["normalize"] else
+                              "without --normalize: leave out --normalize, or choose on a "
+                              "cross-validation trained with it"))
+    for name, value in choice["postprocessing"].items():
+        given = getattr(args, name, None)
+        if given is not None and given != value:
+            raise ToolkitError(f"--postprocessing_from {folder} chose {choice['flags']}, and "
+                               f"this command gives {_given_flag(name, given)}: leave out "
+                               f"one of them")
+        setattr(args, name, value)
+    return choice
+
+
+def _given_flag(name, value):
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value:g}" if isinstance(value, (int, float)) else f"--{name} {value}"
+
+
+def _check_choice_delay(choice, label_delay, origin, source):
+    """Refuse a model whose label delay (`origin`: "given" on the command line,
+    "saved" in the checkpoint `source`, or the "default") is not the one the
+    --postprocessing_from choice was made with."""
+    wanted = choice["label_delay"]
+    if label_delay == wanted:
+        return
+    has = {"given": f"this command gives --label_delay {label_delay:g}",
+           "saved": f"{source or 'the model'} was trained with --label_delay {label_delay:g}",
+           "default": f"this command trains with --label_delay {label_delay:g}"}[origin]
+    advice = ("evaluate a model trained with that delay, or choose on a cross-validation of "
+              "models like this one" if origin == "saved" else
+              f"give --label_delay {wanted:g}, or choose on a cross-validation with this delay")
+    raise ToolkitError(f"--postprocessing_from {choice['folder']} was chosen for models trained "
+                       f"with --label_delay {wanted:g}, but {has}: {advice}")

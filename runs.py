@@ -30,6 +30,8 @@ the scripts, whose names and patterns only the functions below spell:
         args.json  crossval.csv
         cv_epochs_args.json  cv_epochs.csv      (cv_epochs.py)
         cv_pred/                 the held-out predictions of every fold
+        ensemble.csv  ensemble_pred/     --ensemble_dir: the fold ensemble's predictions
+        postprocessing.json  postprocessing_candidates.csv   --choose_postprocessing
         val_on_<story>/          the fold that holds out <story>: a model folder,
                                  with feat_train/ and feat_test/ (--features, cv_epochs.py)
     <out_dir of personalize.py>/
@@ -67,6 +69,7 @@ from pathlib import Path
 import pandas as pd
 
 import datasets
+import parallel
 import utils
 from utils import ToolkitError
 
@@ -104,9 +107,13 @@ FOLD_FOLDER = re.compile(rf"{FOLD_PREFIX}(\d+)")
 CV_PREDICTIONS = "cv_pred"
 INIT_CHECKPOINT = "init.save"  # personalize.py's starting model
 CROSSVAL_TABLE, CV_EPOCHS_TABLE = "crossval.csv", "cv_epochs.csv"
+# crossval.py --ensemble_dir and --choose_postprocessing (read by --postprocessing_from)
+ENSEMBLE_PREDICTIONS, ENSEMBLE_TABLE = "ensemble_pred", "ensemble.csv"
+POSTPROCESSING_CHOICE, POSTPROCESSING_CANDIDATES = ("postprocessing.json",
+                                                    "postprocessing_candidates.csv")
 PERSONALIZE_TABLE, INNER_CV_TABLE = "personalize.csv", "inner_cv.csv"
 FUSION_MODEL = "fusion_model.joblib"
-COMPARE_TABLE = "compare.csv"  # compare_options.py
+COMPARE_TABLE, RECIPES_TABLE = "compare.csv", "recipes.csv"  # compare_options.py
 # tune.py's study folder (tuning.py)
 STUDY_FILE, STUDY_RECORD = "study.db", "study.json"
 TRIALS_TABLE, BEST_RECORD, FINAL_RECORD = "trials.csv", "best.json", "final.json"
@@ -466,41 +473,63 @@ def run_recorded(main, parser, args, ledger, results_of, command=None):
 
 def run_cli(main, parser, results_of, argv=None):
     """`utils.run_cli`, with the finished run recorded in its --ledger (which is
-    checked before the run writes anything)."""
-    return utils.run_cli(
-        lambda args: run_recorded(main, parser, args, ledger_path(args), results_of),
-        parser, argv)
+    checked before the run writes anything). A stop handler covers the whole run, to
+    its ledger row, and the local workers end with it (parallel.whole_run)."""
+    def run(args):
+        with parallel.whole_run():
+            return run_recorded(main, parser, args, ledger_path(args), results_of)
+    return utils.run_cli(run, parser, argv)
 
 
 # ---------------------------------------------------------------- what each script reports
 
 SEED_COLUMNS = ("val_ccc_seed_mean", "val_ccc_seed_std")
+# crossval.py's columns after the guide's, where its rows have them: the epoch of the
+# evaluated checkpoint (best.save's is picked on the held-out story), then those of
+# each fold's last.save, where nothing is picked. One more column of last.save goes
+# at the end; a name ending in _ccc gets the summary rows, one ending in _epoch not.
+FOLD_COLUMNS = ("val_epoch", "last_ccc", "last_epoch", "average_last_ccc")
+SUMMARY_ROWS = ("Mean", "Std", "Mean-Std")
+# crossval.csv's columns that nothing was picked for, in the order the ledger prefers them
+REPORTED_COLUMNS = ("average_last_ccc", "last_ccc")
 
 
 def crossval_table(folds):
     """crossval.csv: the cross-validation table of crossval.py and cv_fusion.py.
 
     `folds` holds one dict per held-out story: {"story", "train_ccc", "val_ccc"},
-    and for --seeds runs "val_ccc_seed_mean" and "val_ccc_seed_std" (of the seeds'
-    own CCC). Rows follow for Mean, Std (population, as numpy's default) and
-    Mean-Std, a conservative score that favours settings that do well on every story.
+    for --seeds runs "val_ccc_seed_mean" and "val_ccc_seed_std" (of the seeds' own
+    CCC), and crossval.py's FOLD_COLUMNS. Rows follow for Mean, Std (population, as
+    numpy's default) and Mean-Std, a conservative score that favours settings that
+    do well on every story, of every CCC column (a fold without a value makes them
+    NaN: a mean over the other folds would pass for one over all); epochs are left
+    blank there.
     """
-    scores = ["train_ccc", "val_ccc"] + [name for name in SEED_COLUMNS if name in folds[0]]
-    table = pd.DataFrame(folds, columns=["story", *scores])
+    columns = [name for name in ("train_ccc", "val_ccc", *SEED_COLUMNS, *FOLD_COLUMNS)
+               if name in folds[0]]
+    epochs = [name for name in columns if name.endswith("_epoch")]
+    scores = [name for name in columns if name not in epochs]
+    table = pd.DataFrame(folds, columns=["story", *columns])
     values = table[scores].astype(float)
-    mean, std = values.mean(), values.std(ddof=0)
+    mean, std = values.mean(skipna=False), values.std(ddof=0, skipna=False)
     summary = pd.DataFrame([mean, std, mean - std])
-    summary.insert(0, "story", ["Mean", "Std", "Mean-Std"])
-    return pd.concat([table.astype({"story": object}), summary], ignore_index=True)
+    summary.insert(0, "story", list(SUMMARY_ROWS))
+    summary[epochs] = ""
+    table = table.astype({"story": object, **dict.fromkeys(epochs, object)})
+    return pd.concat([table, summary], ignore_index=True)[["story", *columns]]
 
 
 def crossval_results(table):
-    """A crossval.csv-shaped table (crossval.py, cv_fusion.py)."""
+    """The ledger's results of a crossval.csv-shaped table (crossval.py, cv_fusion.py):
+    the mean, std and mean-std over folds of the number that can be reported, where
+    the table has one for every fold (crossval.py's average_last_ccc, else last_ccc:
+    nothing picked on the held-out stories), else of val_ccc."""
     rows = table.set_index("story")
-    results = {"mean_ccc": rows.loc["Mean", "val_ccc"], "std_ccc": rows.loc["Std", "val_ccc"],
-               "mean_minus_std": rows.loc["Mean-Std", "val_ccc"],
-               "train_ccc": rows.loc["Mean", "train_ccc"]}
-    return results
+    reported = next((name for name in REPORTED_COLUMNS
+                     if name in rows and not pd.isna(rows.loc["Mean", name])), "val_ccc")
+    return {"mean_ccc": rows.loc["Mean", reported], "std_ccc": rows.loc["Std", reported],
+            "mean_minus_std": rows.loc["Mean-Std", reported],
+            "train_ccc": rows.loc["Mean", "train_ccc"]}
 
 
 def spread_results(values, **extra):

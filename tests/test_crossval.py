@@ -42,6 +42,10 @@ def test_guide_sections_run_end_to_end(in_tmp, capsys):
     for out_dir in ("cv_AT", "cv_ATV"):
         table = pd.read_csv(in_tmp / out_dir / "crossval.csv")
         assert table["story"].tolist() == ["1", "2", "4", "5", "Mean", "Std", "Mean-Std"]
+        # the guide's columns, then the picked epoch and the last one (nothing picked)
+        assert table.columns.tolist() == ["story", "train_ccc", "val_ccc", "val_epoch",
+                                          "last_ccc", "last_epoch"]
+        assert (table["last_epoch"][:4] == 20).all()
         folds = table.iloc[:4]
         assert table["val_ccc"][4] == pytest.approx(folds["val_ccc"].mean())
         assert table["val_ccc"][5] == pytest.approx(folds["val_ccc"].std(ddof=0))
@@ -56,6 +60,7 @@ def test_guide_sections_run_end_to_end(in_tmp, capsys):
                   "--test_epoch 1360", "--test_epoch", "10")
     assert "cross-validation of epoch_10.save" in capsys.readouterr().out
     at_epoch_10 = pd.read_csv(in_tmp / "cv_AT" / "crossval.csv")
+    assert (at_epoch_10["val_epoch"][:4] == 10).all() and (at_epoch_10["last_epoch"][:4] == 20).all()
     run(crossval, "python crossval.py --cuda --mods audio,text,v_sub --out_dir cv_ATV --test "
                   "--test_epoch 1900", "--test_epoch", "20")
 

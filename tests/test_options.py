@@ -351,10 +351,11 @@ def test_compare_options_tables_each_option(in_tmp, capsys):
                           "loss_ccc", "calibrate", "--personal_epochs", 1, "--personal_only",
                           "fine_tune", "fine_tune_calibrate", "inner_cv", "inner_cv_calibrate")
     assert table["option"].tolist() == ["default", "--loss ccc", "--smooth 4", "--calibrate"]
+    # the last epoch's CCC over folds, which nothing was picked for
     default = pd.read_csv(in_tmp / "compare" / "default" / "crossval.csv").set_index("story")
-    assert table["mean_ccc"][0] == pytest.approx(default["val_ccc"]["Mean"])
+    assert table["mean_ccc"][0] == pytest.approx(default["last_ccc"]["Mean"])
     smooth = pd.read_csv(in_tmp / "compare" / "smooth_4" / "crossval.csv").set_index("story")
-    assert table["mean_ccc"][2] == pytest.approx(smooth["val_ccc"]["Mean"])
+    assert table["mean_ccc"][2] == pytest.approx(smooth["last_ccc"]["Mean"])
     assert table["mean_ccc"][2] != table["mean_ccc"][0]   # same models, smoothed
     assert torch.load(in_tmp / "compare" / "loss_ccc" / "val_on_1" / "best.save",
                       weights_only=True)["training"]["loss"] == "ccc"
@@ -382,3 +383,38 @@ def test_compare_options_tables_each_option(in_tmp, capsys):
         ledger["command"][1].endswith("--loss ccc")
     with pytest.raises(ToolkitError, match="unknown option dropout; choose from default, loss_ccc"):
         run(compare_options, "--only", "dropout")
+
+
+def test_compare_recipes_tables_what_can_be_reported_beside_what_was_picked(in_tmp, capsys):
+    import compare_options
+    table = run(compare_options, "--recipes", "ema_0_99",
+                "fold_ensemble_of_the_training_folds", "swa_start_21_post_processing_chosen_by_cv", "--epochs", 21, "--mods", "audio",
+                "--ledger", "none")
+    assert table["recipe"].tolist() == ["+ --ema 0.99", "fold ensemble of the training folds",
+                                        "+ --swa_start 21, post-processing chosen by CV"]
+    ema, ensemble, chosen = (in_tmp / "compare" / name for name in (
+        "ema_0_99", "fold_ensemble_of_the_training_folds",
+        "swa_start_21_post_processing_chosen_by_cv"))
+    metrics = pd.read_csv(ema / "val" / "metrics.csv")
+    assert len(metrics) == 21 and table["val_ccc"][0] == pytest.approx(metrics["val_ccc"].iloc[-1])
+    assert table["best_ccc"][0] == pytest.approx(metrics["val_ccc"].max())
+    assert table["std_last"][0] == pytest.approx(metrics["val_ccc"].tail(20).std(ddof=0))
+    folds = pd.read_csv(ema / "cv" / "crossval.csv").set_index("story")
+    assert len(folds) == 4 + 3  # stories 1, 2, 4, 5 and Mean, Std, Mean-Std
+    assert table["cv_mean"][0] == pytest.approx(folds.loc["Mean", "last_ccc"])
+    assert table["cv_std"][0] == pytest.approx(folds.loc["Std", "last_ccc"])
+    # the ensemble of the training stories' folds scores story 1 once
+    scored = pd.read_csv(ensemble / "cv" / "ensemble.csv").set_index("model")
+    assert table["val_ccc"][1] == pytest.approx(scored.loc["ensemble", "ccc"])
+    assert table["cv"][1] == "3 training folds" and pd.isna(table["std_last"][1])
+    choice = json.loads((chosen / "cv" / "postprocessing.json").read_text())
+    assert table["cv_mean"][2] == pytest.approx(choice["cv_mean"])
+    assert "picked on them" in table["cv"][2]
+    assert json.loads((chosen / "val" / "args.json").read_text())["postprocessing_from"] == \
+        str(chosen.relative_to(in_tmp) / "cv")
+    out = capsys.readouterr().out
+    assert "best epoch's CCC (picked on validation)" in out and "| `+ --ema 0.99` |" in out
+    with pytest.raises(ToolkitError, match="unknown recipe nope; choose from the_guide_s_default"):
+        run(compare_options, "--recipes", "nope")
+    with pytest.raises(ToolkitError, match="--recipes needs --epochs 21 or more"):
+        run(compare_options, "--recipes", "--epochs", 10)
