@@ -297,6 +297,40 @@ def _check_same_model(path, saved_config, settings):
             _refuse_resume(path, f"{flag} {saved_config.get(key)}", value)
 
 
+def check_evaluated_model(path, config, settings):
+    """A saved model is evaluated as it was trained (its family and sizes, `config`):
+    --model or a size flag given with another value than its default (`settings`,
+    options.TrainingSettings) that contradicts the checkpoint at `path` is refused,
+    naming both, rather than silently ignored."""
+    if settings.model_options is None:  # a script without model flags
+        return
+    saved_family = config.get("family", families.DEFAULT_MODEL)
+    if settings.model != families.DEFAULT_MODEL and settings.model != saved_family:
+        raise ToolkitError(f"--model {settings.model} contradicts {path}, which was trained "
+                           f"with --model {saved_family}: a saved model is evaluated as it was "
+                           "trained; leave out --model")
+    for flag in families.family(settings.model).flags:
+        value = settings.model_options.get(flag.option, families.default(flag))
+        if value == families.default(flag):
+            continue
+        if saved_family != settings.model:
+            raise ToolkitError(f"{_given(flag.flag, value)} sizes --model {settings.model}, but "
+                               f"{path} was trained with --model {saved_family}: a saved model "
+                               f"is evaluated as it was trained; leave out {flag.flag}")
+        if config.get(flag.option) != value:
+            raise ToolkitError(f"{_given(flag.flag, value)} contradicts {path}, whose model was "
+                               f"trained with {_given(flag.flag, config.get(flag.option))}: a "
+                               f"saved model is evaluated as it was trained; leave out "
+                               f"{flag.flag}")
+
+
+def _given(flag, value):
+    """'--hidden_dim 64', '--bidirectional' or 'no --bidirectional'."""
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
 def _refuse_resume(path, saved, given):
     raise ToolkitError(f"--resume: {path} was trained with {saved}, not {given}: resume "
                        "with the run's own settings (its args.json), or start afresh with "

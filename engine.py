@@ -479,7 +479,8 @@ class TrainingRun:
 
 
 def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
-        postprocessing=None, tensorboard_dir=None, on_epoch=None, finetuning=None):
+        postprocessing=None, tensorboard_dir=None, on_epoch=None, finetuning=None,
+        when_stopped=None):
     """Train `model` on `train_set`, checking `val_set` every `eval_freq` epochs.
 
     Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
@@ -494,6 +495,8 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     is recorded (tune.py's pruner); an exception it raises ends training there.
     `finetuning` (finetuning.SubjectFineTuning) is personalize.py's method: what it
     penalizes, how it draws batches, and its record in every checkpoint.
+    `when_stopped`, for a run that is never resumed (a tune.py trial), is what to do
+    after a stop request instead of --resume: no last.save is saved then.
     With --ema or --swa_start (`settings`), the averaged weights are validated and
     saved; with --average_last K, the last K epochs' predictions are averaged too.
     Returns {"best_ccc", "best_epoch" (picked on `val_set`), "epoch", "stopped_early",
@@ -516,11 +519,11 @@ def fit(model, train_set, val_set, model_dir, settings, device, resume=False, pr
     if resume:
         run.resume()
     if not run.stopped_early:
-        _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch)
+        _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch, when_stopped)
     return run.summary(val_set)
 
 
-def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None):
+def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None, when_stopped=None):
     """Train from the run's epoch to --epochs, or until --patience or a stop request."""
     start_epoch, settings = run.epoch, run.settings
     with tqdm(range(start_epoch + 1, settings.epochs + 1), desc=run.model_dir.name, unit="epoch",
@@ -539,6 +542,10 @@ def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None):
                 tqdm.write(f"{run.model_dir}: stopped at epoch {run.epoch}, the validation CCC "
                            f"has not improved for {settings.patience} evaluations (--patience)")
                 break
+            if stop.requested and when_stopped:
+                print(f"stopped after epoch {run.epoch} of {run.model_dir}: {when_stopped}",
+                      file=sys.stderr)
+                raise KeyboardInterrupt
             if stop.requested:
                 run.save(runs.LAST, with_optimizer=True)
                 print(f"stopped after epoch {run.epoch}; {run.model_dir / runs.LAST} holds it: "

@@ -912,4 +912,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    # A stop handler over the whole run; its local workers end with it.
+    run_cli(parallel.whole_run()(main), get_args_parser())

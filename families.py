@@ -126,19 +126,53 @@ def get_args_parser():
 
 def options_from_args(name, args):
     """The constructor options of family `name` that the parsed flags give (a
-    script without a family's flags keeps the defaults)."""
+    script without a family's flags keeps the defaults). A size flag of another
+    family, given a value other than its default, is refused by name: it would be
+    ignored, yet recorded in args.json as if it had sized the model."""
+    check_other_families(name, args)
     return {flag.option: getattr(args, flag.dest) for flag in family(name).flags
             if hasattr(args, flag.dest)}
 
 
+def default(flag):
+    """A ModelFlag's default value (False for an on/off flag)."""
+    return flag.arguments.get("default", False if flag.arguments.get("action") == "store_true"
+                              else None)
+
+
+def owners(flag_name):
+    """The names of the families that a size flag sizes."""
+    return [name for name, entry in FAMILIES.items()
+            if any(flag.flag == flag_name for flag in entry.flags)]
+
+
+def check_other_families(name, args):
+    """Refuse a size flag given for a family other than --model `name`."""
+    mine = {flag.flag for flag in family(name).flags}
+    for entry in FAMILIES.values():
+        for flag in entry.flags:
+            value = getattr(args, flag.dest, default(flag))
+            if flag.flag in mine or value == default(flag):
+                continue
+            given = flag.flag if value is True else f"{flag.flag} {value}"
+            them = " or ".join(owners(flag.flag))
+            raise ToolkitError(f"{given} sizes --model {them}, not {name}: leave it out, or "
+                               f"give --model {owners(flag.flag)[0]}")
+
+
 def check_options(name, options):
-    """Refuse, in one line, an option outside its flag's range, then sizes that do not
-    fit together (the family class's own `check_sizes`)."""
+    """Refuse, in one line, an option outside its flag's range (NaN included), then
+    sizes that do not fit together (the family class's own `check_sizes`)."""
     for flag in family(name).flags:
         value = options.get(flag.option)
-        if flag.minimum is not None and value is not None and value < flag.minimum:
+        if value is None or isinstance(value, bool):
+            continue
+        if flag.minimum is not None and flag.maximum is not None and value != value:
+            raise ToolkitError(f"{flag.flag} must be a number from {flag.minimum} to "
+                               f"{flag.maximum}, got {value}")
+        if flag.minimum is not None and value < flag.minimum:
             raise ToolkitError(f"{flag.flag} must be at least {flag.minimum}, got {value}")
-        if flag.maximum is not None and value is not None and value > flag.maximum:
+        if flag.maximum is not None and value > flag.maximum:
             raise ToolkitError(f"{flag.flag} must be at most {flag.maximum}, got {value}")
     check_sizes = getattr(family(name).network, "check_sizes", None)
     if check_sizes is not None:

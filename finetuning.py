@@ -32,8 +32,9 @@ listener's videos with other listeners':
   keeps epochs as short as without it. The two do not combine.
 
 Each flag takes several values for `--inner_cv`, which tries every combination
-(an adapter takes no anchor) and keeps, per listener, the combination and number
-of epochs (0: keep init.save) with the best held-out CCC.
+(an adapter takes no anchor: it is tried without one) and keeps, per listener, the
+combination and number of epochs (0: keep init.save) with the best held-out CCC.
+Several values without `--inner_cv` are refused, as is an anchor with adapter alone.
 """
 import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
@@ -129,11 +130,13 @@ def methods_from_args(args):
         raise ToolkitError("--mix and --augment both add other listeners' videos: give one")
     combinations = [Method(finetune, anchor, mix) for finetune, anchor, mix
                     in itertools.product(dict.fromkeys(args.finetune), anchors, mixes)]
-    methods = [method for method in combinations  # an adapter has no init weights to anchor
-               if not (method.finetune == "adapter" and method.anchor)]
-    if not methods:
-        raise ToolkitError("--anchor pulls the weights that fine-tuning updates toward "
-                           "init.save's: it applies to --finetune all and head, not adapter")
+    if any(anchors) and set(args.finetune) == {"adapter"}:
+        raise ToolkitError(f"--anchor {max(anchors):g} pulls the weights that fine-tuning "
+                           "updates toward init.save's: it applies to --finetune all and head, "
+                           "not adapter")
+    # With all or head beside adapter, an adapter is tried without an anchor.
+    methods = list(dict.fromkeys(replace(method, anchor=0.0) if method.finetune == "adapter"
+                                 else method for method in combinations))
     if len(methods) > 1 and not args.inner_cv:
         names = ", ".join(method.name for method in methods)
         raise ToolkitError(f"{len(methods)} fine-tuning methods ({names}): "

@@ -319,13 +319,17 @@ def check_before_writing(plan):
     evaluated_with = []
     for path in plan.evaluated:
         saved = checkpoints.load_trained([path], plan.data, run.normalize, "cpu")[0]
+        checkpoints.check_evaluated_model(path, saved.network.config, run.settings)
         evaluated_with.append(Postprocessing.resolve(saved.checkpoint.get("postprocessing"),
                                                      path, **flags))
     for folder, flag in plan.outputs:
         runs.check_output_folder(folder, flag)
-    for folder in [folder for folder, _ in plan.outputs] + [run.tensorboard_dir]:
-        if folder:
-            utils.check_writable(folder)
+    folders = [folder for folder in [*(folder for folder, _ in plan.outputs),
+                                     run.tensorboard_dir] if folder]
+    for folder in folders:  # all of them before any is made: a refusal leaves none behind
+        utils.check_writable(folder, create=False)
+    for folder in folders:
+        utils.check_writable(folder)
     report_flat_annotations(plan, trained_with, evaluated_with)
 
 

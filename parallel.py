@@ -20,6 +20,8 @@ the epoch in progress. The request reaches local workers through a file they loo
 for after every epoch (they start with both signals blocked, so that a Ctrl-C sent
 to the whole terminal group cannot kill one mid-start); tasks not yet started are
 left out, and the run ends with KeyboardInterrupt once the running ones have saved.
+Around the whole command (`whole_run`, from runs.run_cli), a signal outside training
+stops it at once, and the worker processes end with the command, however it ends.
 """
 import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
 
@@ -91,23 +93,27 @@ _stop_file = None  # in a worker process: where its parent's stop request appear
 class StopRequests:
     """Turns Ctrl-C and SIGTERM into a request that training honours at the end of
     the epoch in progress, so that nothing but that epoch is lost. A second signal
-    stops at once. In a local worker process, the parent's request counts too.
+    stops at once. Requests nest: one made while an enclosing StopRequests was
+    listening counts here too (a signal between two tasks stops the next one's
+    training). In a local worker process, the parent's request counts too.
     Outside the main thread (where signals cannot be caught) only that does."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, until="the end of this epoch", on_request=None):
         self.signalled = False
-        self._until = until
+        self._until = until  # None: stop at once (KeyboardInterrupt), as `whole_run` does
         self._on_request = on_request
         self._previous = {}
+        self._outer = None  # the StopRequests listening before this one
 
     @property
     def requested(self):
-        return self.signalled or (_stop_file is not None and os.path.exists(_stop_file))
+        return (self.signalled or (self._outer is not None and self._outer.requested)
+                or (_stop_file is not None and os.path.exists(_stop_file)))
 
     def _handle(self, signum, frame):
-        if self.signalled:
+        if self._until is None or self.signalled or (self._outer and self._outer.requested):
             raise KeyboardInterrupt
         self.signalled = True
         if self._on_request:
@@ -117,7 +123,16 @@ class StopRequests:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            try:
+                for sig in self.SIGNALS:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+            except BaseException:  # a signal between the two: never leave one handler behind
+                self.__exit__()
+                raise
+            outer = getattr(self._previous[signal.SIGINT], "__self__", None)
+            self._outer = outer if isinstance(outer, StopRequests) else None
+            if self._on_request and self.requested:  # asked for before this one listened
+                self._on_request()
         return self
 
     def __exit__(self, *exc_info):
@@ -130,7 +145,42 @@ class _Stopped:
     """What a task returns from a worker when a stop request skipped or ended it."""
 
 
+@contextlib.contextmanager
+def whole_run():
+    """The stop handler of a whole command, from its first check to its last write (its
+    ledger row included). Outside training, where `StopRequests` waits for the end of
+    the epoch, Ctrl-C and SIGTERM stop it at once as a KeyboardInterrupt: a SIGTERM ends
+    the command as Ctrl-C does ("interrupted", status 130, locks released, no file
+    half-written), never killed outright. However the block ends, the local worker
+    processes it started end with it (`end_local_workers`)."""
+    with StopRequests(until=None):
+        try:
+            yield
+        finally:
+            with _signals_held():  # a signal now ends the command once they have ended
+                end_local_workers()
+
+
+def end_local_workers():
+    """End the worker processes that joblib keeps for reuse. Left alone, they outlive
+    a killed parent by minutes (their signals are blocked, see `_signals_blocked`),
+    and with them the resource trackers, whose pipes they hold, and joblib's folder in
+    /dev/shm. Ended here, nothing of a command outlives it: the trackers end as its
+    own end closes their pipes, and unlink what is left."""
+    reusable = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(reusable, "_executor", None)
+    if executor is not None:
+        # Asked, not killed: they are idle (joblib kills busy ones when a run breaks off),
+        # and a worker that exits itself releases its semaphores. joblib's executor then
+        # removes its temporary folders.
+        executor.terminate(kill_workers=False)
+
+
 # ---------------------------------------------------------------- the runner
+
+# How to go on after a stop request ended a run early (Runner.run's default).
+RERUN = "run the same command again, with --resume where the script has it, to continue"
+
 
 @dataclasses.dataclass(frozen=True)
 class Runner:
@@ -201,9 +251,10 @@ class Runner:
             return [self.path(v) for v in value]
         return value
 
-    def run(self, function, tasks, description):
+    def run(self, function, tasks, description, rerun=RERUN):
         """`[function(**task) for task in tasks]`, with a progress bar over finished
-        tasks. Raises KeyboardInterrupt when a stop request ended the run early."""
+        tasks. Raises KeyboardInterrupt when a stop request ended the run early (having
+        said that, and `rerun`: how to go on)."""
         function = importable(function)  # workers cannot import a script's __main__
         if self.scheduler:
             return _run_on_cluster(function, tasks, self.scheduler, description, self.threads)
@@ -211,7 +262,7 @@ class Runner:
             return _run_here(function, tasks, description, self.threads)
         jobs = min(self.jobs, len(tasks))
         threads = self.threads or max(1, available_cores() // jobs)
-        return _run_in_processes(function, tasks, jobs, threads, description)
+        return _run_in_processes(function, tasks, jobs, threads, description, rerun)
 
 
 def _progress(results, total, description):
@@ -245,7 +296,7 @@ def _run_here(function, tasks, description, threads=None):
     return results
 
 
-def _run_in_processes(function, tasks, jobs, threads, description):
+def _run_in_processes(function, tasks, jobs, threads, description, rerun=RERUN):
     """joblib processes on `threads` threads each. Large arrays in the arguments are
     memory-mapped (copy-on-write) into the workers, not copied."""
     from joblib import Parallel, delayed
@@ -268,9 +319,8 @@ def _run_in_processes(function, tasks, jobs, threads, description):
                                        "script has it") from None
     finished = sum(not isinstance(result, _Stopped) for result in results)
     if stop.signalled or finished < len(tasks):
-        print(f"stopped with {finished} of {len(tasks)} {description} finished: run the same "
-              "command again, with --resume where the script has it, to continue",
-              file=sys.stderr)
+        print(f"stopped with {finished} of {len(tasks)} {description} finished: "
+              f"{rerun}", file=sys.stderr)
         raise KeyboardInterrupt
     return results
 
@@ -286,6 +336,14 @@ def _signals_blocked():
     # starts: started now, it leaves the block alone.
     from multiprocessing import resource_tracker
     resource_tracker.ensure_running()
+    with _signals_held():
+        yield
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM held back in this thread for the block, and delivered when it
+    ends."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopRequests.SIGNALS)
     try:
         yield

@@ -5,6 +5,7 @@
     python plot.py subjects personal_AT/personalize.csv --out plots/personalize.png
     python plot.py stories cv_AT/crossval.csv --out plots/crossval.png
     python plot.py runs runs.csv --script crossval --out plots/runs.png
+    python plot.py curves models_AT models_ATV --out plots/curves.png
     python plot.py tune tune_AT                       # tune_AT/history.png, importances.png
 
 `predictions` draws predicted and annotated valence over time for chosen videos
@@ -14,12 +15,17 @@ cv_epochs.py with a band of one std over folds and the best epoch marked;
 per held-out story of crossval.py or cv_fusion.py (or score.py's by_story.csv), the
 generalized track; `runs` the mean CCC (with std bars) of the runs in the ledger
 (runs.py), labelled by the settings in which they differ and grouped by them;
+`curves` the training loss and validation CCC per epoch of training runs (their
+metrics.csv), the best epoch marked as picked on validation, and the CCC of the
+mean of the last epochs' predictions where --average_last gave one;
 `tune` a tune.py study's optimization history and parameter importances (two PNGs
 in its folder, or --out_dir).
 Several CSV files (or --pred_dir folders) are drawn side by side, named by --labels
 (default: their folder names).
 """
 import argparse
+import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -29,7 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
 import runs
 import utils
@@ -93,6 +99,13 @@ def get_args_parser():
     ledger.add_argument("--script", help="only this script's runs, e.g. crossval")
     ledger.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
                         help="only runs whose changed settings include these, e.g. loss=ccc")
+
+    curves = kinds.add_parser("curves", parents=common,
+                              help="training loss and validation CCC per epoch of training runs")
+    curves.add_argument("dir", nargs="+", metavar="MODEL_DIR",
+                        help="run folders holding metrics.csv (or their metrics.csv): "
+                             "train.py's --model_dir, or a fold, seed or subject folder "
+                             "(val_on_<story>, seed_<s>, subject_<s>)")
     add_tune_parser(kinds)
     return parser
 
@@ -466,8 +479,181 @@ def plot_runs(args):
 RUN_LABEL_WIDTH = 45  # characters of a run's settings per line, beside its bar
 
 
+# ---------------------------------------------------------------- training curves
+
+# metrics.csv's CCC of the mean of the last --average_last epochs' predictions (engine.py)
+AVERAGE_COLUMN = "val_ccc_average"
+TRAINING_SCRIPTS = "train.py, crossval.py or personalize.py"  # what writes metrics.csv
+
+
+def read_metrics(folder):
+    """A run's metrics.csv: epoch and train_loss in every row, val_ccc (NaN where the
+    epoch was not evaluated, --eval_freq) and val_ccc_average (--average_last: in its
+    last epochs only) where given."""
+    path = Path(folder) / runs.METRICS
+    if not path.is_file():
+        raise ToolkitError(no_metrics(Path(folder)))
+    table = read_csv(path, TRAINING_SCRIPTS)
+    table = numeric_columns(table, path, ["epoch", "train_loss"], TRAINING_SCRIPTS)
+    for column in ("val_ccc", AVERAGE_COLUMN):
+        if column in table.columns:
+            numbers = pd.to_numeric(table[column], errors="coerce")
+            if (numbers.isna() & table[column].notna()).any():
+                raise ToolkitError(f"{path}: column {column} is not numeric: pass a metrics.csv "
+                                   "written by training")
+            table[column] = numbers
+    if "val_ccc" not in table.columns:
+        raise ToolkitError(f"{path} has no column val_ccc: pass a metrics.csv written by "
+                           "training")
+    if table["val_ccc"].isna().all():
+        raise ToolkitError(f"{path} has no validation CCC yet (no epoch was evaluated, see "
+                           "--eval_freq): train further, or draw runs that were evaluated")
+    return table.sort_values("epoch")
+
+
+def no_metrics(folder):
+    """Why `folder` is no run to draw, and which folders in it are."""
+    if not folder.exists():
+        return f"{folder} does not exist: give a folder that {TRAINING_SCRIPTS} trained a model in"
+    inside = sorted(child.parent.name for child in folder.glob(f"*/{runs.METRICS}"))
+    if not inside:
+        return (f"{folder} has no {runs.METRICS}: give a folder that {TRAINING_SCRIPTS} trained "
+                "a model in")
+    return (f"{folder} has no {runs.METRICS}: it holds runs in {', '.join(inside[:4])}"
+            f"{', ...' if len(inside) > 4 else ''}: give those folders")
+
+
+def run_settings(folder):
+    """The flags of the command that trained the run in `folder` (its args.json, or
+    that of the folder above for a fold, seed or subject of a larger command); {}
+    where there is none."""
+    folder = Path(folder)
+    parts = (runs.FOLD_PREFIX, runs.seed_dir("", "").name, runs.subject_dir("", "").name)
+    above = [folder.absolute().parent] if folder.absolute().name.startswith(parts) else []
+    for candidate in (folder, *above):
+        record = candidate / runs.RUN_RECORD
+        if record.is_file():
+            try:
+                settings = json.loads(record.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ToolkitError(f"cannot read {record} ({str(error)[:80]}): restore it, or "
+                                   "move it away to draw the run without its settings") from None
+            return settings if isinstance(settings, dict) else {}
+    return {}
+
+
+def averaging_text(settings):
+    """'--ema 0.99' or '--swa_start 30' (the validation CCC is the averaged weights'),
+    or ''."""
+    if settings.get("ema") is not None:
+        return f"--ema {settings['ema']:g}"
+    if settings.get("swa_start") is not None:
+        return f"--swa_start {settings['swa_start']}"
+    return ""
+
+
+def draw_run(loss_axis, ccc_axis, table, colour, average_last=None):
+    """One run's curves: loss, validation CCC (where evaluated), the best epoch starred
+    and dotted, and the --average_last CCC dashed. Returns the legend's (handles,
+    texts): the CCC line, the star and the dashed line (None without one)."""
+    loss_axis.plot(table["epoch"], table["train_loss"], color=colour, linewidth=1.2)
+    scored = table[table["val_ccc"].notna()]
+    line, = ccc_axis.plot(scored["epoch"], scored["val_ccc"], color=colour, linewidth=1.2,
+                          marker="o" if len(scored) <= 30 else None, markersize=3)
+    best = scored.loc[scored["val_ccc"].idxmax()]  # the first of equals, as best.save's
+    star, = ccc_axis.plot(best["epoch"], best["val_ccc"], marker="*", markersize=14,
+                          color=colour, markeredgecolor="black", linestyle="none")
+    for axis in (loss_axis, ccc_axis):
+        axis.axvline(best["epoch"], color=colour, linewidth=0.8, linestyle=":")
+    texts = [f"best epoch {best['epoch']:g} (CCC {best['val_ccc']:.3f})", None]
+    averaged = (table.dropna(subset=[AVERAGE_COLUMN]) if AVERAGE_COLUMN in table.columns
+                else table.iloc[:0])
+    if averaged.empty:
+        return [line, star, None], texts
+    dashed, = ccc_axis.plot(averaged["epoch"], averaged[AVERAGE_COLUMN], color=colour,
+                            linewidth=1.6, linestyle="--", marker="s", markersize=3)
+    last = averaged.iloc[-1]
+    count = average_last or len(averaged)
+    texts[1] = (f"mean of the last {count} epochs' predictions: CCC "
+                f"{last[AVERAGE_COLUMN]:.3f} at epoch {last['epoch']:g}")
+    return [line, star, dashed], texts
+
+
+def plot_curves(args):
+    """Per run (metrics.csv): training loss (top) and validation CCC (bottom) per epoch,
+    the best epoch starred as picked on validation, and with --average_last the CCC of
+    the mean of the last epochs' predictions dashed. A run trained with --ema or
+    --swa_start (its args.json) says so: its validation CCC is the averaged weights'."""
+    # A run's metrics.csv stands for its folder.
+    folders = [Path(folder).parent if Path(folder).name == runs.METRICS and Path(folder).is_file()
+               else Path(folder) for folder in args.dir]
+    labels = labels_for(folders, args.labels) if args.labels else folder_labels(folders)
+    tables = [read_metrics(folder) for folder in folders]
+    settings = [run_settings(folder) for folder in folders]
+    one = len(tables) == 1
+    figure = new_figure(8, 6)
+    loss_axis, ccc_axis = figure.subplots(2, 1, sharex=True, height_ratios=[2, 3])
+    handles, names = [], []
+    for index, (table, label, flags) in enumerate(zip(tables, labels, settings)):
+        (line, star, dashed), (best, average) = draw_run(
+            loss_axis, ccc_axis, table, f"C{index % 10}", flags.get("average_last"))
+        name = f"{label} ({averaging_text(flags)})" if averaging_text(flags) else label
+        if one:
+            handles += [line, star, *([dashed] if dashed else [])]
+            names += [f"{name}: validation CCC", f"{best}, picked on validation",
+                      *([f"--average_last, {average}"] if dashed else [])]
+        else:
+            handles.append(line)
+            names.append(f"{name}: {best}" + (f"; {average}" if dashed else ""))
+    if not one:  # what the stars and dashes of every run mean, said once
+        handles.append(Line2D([], [], marker="*", markersize=12, color="grey",
+                              markeredgecolor="black", linestyle="none"))
+        names.append("star: the run's best epoch, picked on validation")
+        if any(AVERAGE_COLUMN in table and table[AVERAGE_COLUMN].notna().any() for table in tables):
+            handles.append(Line2D([], [], color="grey", linestyle="--"))
+            names.append("dashed: CCC of the mean of the last epochs' predictions "
+                         "(--average_last)")
+    averaging = sorted({averaging_text(flags).split()[0] for flags in settings
+                        if averaging_text(flags)})
+    if averaging:
+        handles.append(Line2D([], [], linestyle="none"))
+        names.append(f"{' and '.join(averaging)}: the validation CCC is of the averaged weights")
+    label_curve_axes(loss_axis, ccc_axis, tables)
+    outside_legend(figure, handles, names)
+    set_title(figure, args.title or ("Training curve" if one else "Training curves")
+              + ": training loss and validation CCC per epoch")
+    return figure
+
+
+def folder_labels(folders):
+    """Each run folder as given; several, from the folder above the one they share
+    (cv/val_on_1, cv/val_on_2), so that long common paths do not crowd the legend."""
+    if len(folders) == 1:
+        return [str(folders[0])]
+    paths = [Path(os.path.normpath(Path(folder).absolute())) for folder in folders]
+    common = Path(os.path.commonpath(paths))
+    return [str(path.relative_to(common.parent)) for path in paths]
+
+
+def label_curve_axes(loss_axis, ccc_axis, tables):
+    losses = pd.concat([table["train_loss"] for table in tables])
+    if (losses > 0).all() and losses.max() > 10 * losses.min():
+        loss_axis.set_yscale("log")  # a loss that falls by orders of magnitude
+        loss_axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        loss_axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 0.05, not 5 x 10^-2
+        loss_axis.yaxis.set_minor_formatter(NullFormatter())
+    loss_axis.set_ylabel("training loss")
+    ccc_axis.set_ylabel("validation CCC")
+    ccc_axis.set_xlabel("epoch")
+    if all((table["epoch"] % 1 == 0).all() for table in tables):
+        ccc_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (loss_axis, ccc_axis):
+        axis.grid(alpha=0.3)
+
+
 PLOTS = {"predictions": plot_predictions, "epochs": plot_epochs,
-         "subjects": plot_subjects, "stories": plot_stories, "runs": plot_runs}
+         "subjects": plot_subjects, "stories": plot_stories, "runs": plot_runs,
+         "curves": plot_curves}
 
 
 # ---------------------------------------------------------------- tune.py studies

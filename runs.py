@@ -301,6 +301,9 @@ def owned(folder):
     the folder is free again, with nothing to clean up."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if (folder / LOCK).is_dir():
+        raise ToolkitError(f"{folder / LOCK} is a folder: runs keep their lock of {folder} in a "
+                           "file there; move it away")
     with open(folder / LOCK, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

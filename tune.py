@@ -90,12 +90,14 @@ def main(args):
     if args.final:
         return final(args, train_set, url, attrs, run)
     tuning.check_study(tuning.existing_study(url, args.study_name), attrs, args.trials)
+    tuning.check_outputs(out_dir, tuning.SEARCH_OUTPUTS)
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], data=train_set, trains=True, runner=runner,
         options=replace(run, postprocessing_flags={"label_delay": tuning.MAX_LABEL_DELAY})))
     with runs.owned(out_dir):
         study = tuning.create_study(url, args.study_name, attrs)
         tuning.fail_dead_trials(study, out_dir, own_storage=args.storage is None)
+        tuning.clear_unkept_weights(study, out_dir)
         runs.write_run_record(args, out_dir)
         tuning.write_study_record(out_dir, args.storage, args.study_name)
         config = tuning.TuneConfig.from_args(args, run, attrs["models"], runner)
@@ -124,6 +126,7 @@ def final(args, train_set, url, attrs, run):
         name: getattr(chosen, name) for name in postprocessing.FLAGS})
     folder, record_name = ((out_dir / tuning.FOLD_ENSEMBLE_DIR, tuning.FOLD_ENSEMBLE_RECORD)
                            if weights else (out_dir / runs.FINAL_DIR, runs.FINAL_RECORD))
+    tuning.check_outputs(out_dir, tuning.FINAL_OUTPUTS[ensemble])
     options.check_before_writing(options.Plan(
         outputs=[(folder, "--out_dir")], options=run, data=test_set if weights else train_set,
         trains=not weights, evaluated=weights or []))

@@ -46,6 +46,7 @@ import fcntl
 import json
 import math
 import platform
+import sqlite3
 import sys
 import threading
 import time
@@ -276,7 +277,7 @@ class TuneConfig:
 
 # Flags whose values the search sets, and flags of training that tuning does not take.
 SEARCHED = ("lr", "weight_decay", "loss", "label_delay", "smooth", "smooth_window", "lowpass",
-            "calibrate", "ema", "swa_start", "average_last")
+            "calibrate", "ema", "swa_start", "average_last", "postprocessing_from")
 NOT_TAKEN = ("resume", "patience", "tensorboard", "eval_freq", "save_freq")
 MAX_LABEL_DELAY = max(param.values[1] for param in TRAINING if param.name == "label_delay")
 
@@ -343,9 +344,22 @@ def open_storage(url):
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
     except Exception as error:  # sqlalchemy's and the drivers' errors have no common base
-        reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        reason = str(error).splitlines()[0].strip() if str(error) else error.__class__.__name__
+        if sqlite_file(url) is not None and sqlite_file(url).is_file():  # the file, not the URL
+            raise ToolkitError(f"{shown_file(sqlite_file(url))} cannot be opened as an Optuna "
+                               f"study ({reason}): another program or Optuna version may have "
+                               "written it; restore it from a copy, or move it away to start a "
+                               "new study there") from None
         raise ToolkitError(f"--storage {url} cannot be opened ({reason}): give an RDB URL such "
                            "as sqlite:///tune_AT/study.db or postgresql://user@host/db") from None
+
+
+def shown_file(path):
+    """A study file as messages name it: relative to the current folder where it is
+    inside it (the default study file is named absolutely)."""
+    with contextlib.suppress(ValueError):
+        return Path(path).relative_to(Path.cwd())
+    return Path(path)
 
 
 def _engine_kwargs(url):
@@ -359,13 +373,63 @@ def sqlite_file(url):
 
 
 def check_storage(url):
-    """Refuse a --storage URL that cannot be opened, creating no SQLite file."""
+    """Refuse a --storage URL that cannot be opened, creating no SQLite file and
+    writing nothing into one."""
+    if in_memory(url):
+        raise ToolkitError(f"--storage {url} is an SQLite database in memory, which each "
+                           "connection and process sees empty and which ends with the command: "
+                           "give a file, e.g. sqlite:///tune_AT/study.db, or leave out --storage")
     path = sqlite_file(url)
     if path is None or path.exists():
+        check_study_file(url)
         open_storage(url)
     elif not path.parent.is_dir():
         raise ToolkitError(f"--storage {url} cannot be opened: the folder {path.parent} does "
                            "not exist")
+
+
+def in_memory(url):
+    """Whether an SQLite URL names a database in memory (sqlite://, sqlite:///:memory:)."""
+    if not url.startswith("sqlite:"):
+        return False
+    path = url.split("://", 1)[-1].lstrip("/").split("?")[0]
+    return path in ("", ":memory:") or "mode=memory" in url
+
+
+# Tables of every Optuna RDB storage: a file without them is another program's.
+OPTUNA_TABLES = {"studies", "study_directions", "trials", "trial_params", "trial_values",
+                 "version_info"}
+
+
+def check_study_file(url):
+    """Refuse, reading it only, an SQLite study file that is damaged, truncated or
+    not a file, or another program's database (Optuna would add its tables to it).
+    An empty file is a new study."""
+    path = sqlite_file(url)
+    if path is None or not path.exists():
+        return
+    path = shown_file(path)
+    if not path.is_file():
+        raise ToolkitError(f"{path} is not a file (a folder or other special file): the study "
+                           "is an SQLite file; move it away, or give another --out_dir or "
+                           "--storage")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro",
+                                                uri=True, timeout=60)) as database:
+            tables = {row[0] for row in database.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            problem = database.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as error:
+        problem = str(error)
+    if problem != "ok":
+        raise ToolkitError(f"{path} cannot be read as an Optuna study ({problem}): it is "
+                           "damaged, truncated or not an SQLite file; restore it from a copy, "
+                           "or move it away to start a new study there")
+    if tables and not OPTUNA_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ToolkitError(f"{path} is another program's SQLite database (its tables: {shown}), "
+                           "not an Optuna study: tune.py would add its tables to it; give tune.py "
+                           "a file of its own (another --out_dir or --storage)")
 
 
 def existing_study(url, name, must_exist=False):
@@ -375,6 +439,7 @@ def existing_study(url, name, must_exist=False):
         if must_exist:
             raise ToolkitError(f"no study at {url}: run tune.py without --final first")
         return None
+    check_study_file(url)
     storage = open_storage(url)
     if name not in optuna.get_all_study_names(storage):
         if must_exist:
@@ -454,6 +519,54 @@ def worker_tag(out_dir):
     return f"{platform.node()}:{Path(out_dir).resolve()}"
 
 
+def clear_unkept_weights(study, out_dir):
+    """Delete the weights that trials in `out_dir` left behind when killed (SIGKILL, a
+    power cut: a fold's best.save, last.save, epoch_<n>.save, or a half-written one),
+    keeping those that --keep_weights recorded for a completed trial. Called while this
+    process holds the output folder (runs.owned), so no trial there is alive."""
+    # By trial_<n>/val_on_<story>/<name>: the recorded paths are where the folder was
+    # when the trial ran, and it may have moved since.
+    kept = {Path(path).parts[-3:]
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            for path in (trial.user_attrs.get("fold_weights") or {}).values()}
+    cleared = 0
+    for fold in [path for path in Path(out_dir).glob("trial_*/*") if path.is_dir()]:
+        utils.remove_interrupted_writes(fold)
+        for checkpoint in fold.glob("*.save"):
+            if checkpoint.relative_to(out_dir).parts not in kept:
+                checkpoint.unlink()
+                cleared += 1
+    if cleared:
+        print(f"note: deleted {cleared} checkpoint(s) that stopped trials had left in "
+              f"{out_dir} (trials keep no weights, but for those --keep_weights recorded)",
+              file=sys.stderr)
+
+
+# What tune.py writes into --out_dir, as (name, is a folder, what it is): an earlier
+# thing of the other kind there is refused before the first trial.
+SEARCH_OUTPUTS = ((runs.RUN_RECORD, False, "its flags"), (runs.STUDY_RECORD, False,
+                  "where its study is"), (runs.TRIALS_TABLE, False, "the table of trials"),
+                  (runs.BEST_RECORD, False, "the chosen trial"),
+                  (runs.ASK_LOCK, False, "a lock of its processes"),
+                  (runs.LOCK, False, "the lock of the folder"))
+FINAL_OUTPUTS = {"retrain": ((runs.FINAL_DIR, True, "the final model"),
+                             (runs.FINAL_RECORD, False, "the final score")),
+                 "folds": ((FOLD_ENSEMBLE_DIR, True, "the fold ensemble's predictions"),
+                           (FOLD_ENSEMBLE_RECORD, False, "the fold ensemble's score"))}
+
+
+def check_outputs(out_dir, outputs):
+    """Refuse, before anything is written, a folder where tune.py writes a file (or a
+    file where it writes a folder) in `out_dir` (`outputs`, e.g. SEARCH_OUTPUTS):
+    found only after a trial, or the whole search, otherwise."""
+    for name, folder, what in outputs:
+        path = Path(out_dir) / name
+        if path.exists() and path.is_dir() != folder:  # a file is replaced whole, not a folder
+            kind, wanted = ("a file", "folder") if folder else ("a folder", "file")
+            raise ToolkitError(f"{path} is {kind}, but tune.py writes {what} there as a "
+                               f"{wanted}: move it away, or give another --out_dir")
+
+
 def fail_dead_trials(study, out_dir, own_storage):
     """Mark failed the trials left running by a killed tune.py. Called while this
     process holds the output folder (runs.owned), so no trial of its folder is alive:
@@ -472,19 +585,27 @@ def fail_dead_trials(study, out_dir, own_storage):
 
 # ---------------------------------------------------------------- training and scoring
 
+# What a stop request (Ctrl-C, SIGTERM) leaves to do: tune.py has no --resume, since a
+# trial keeps no weights to go on from; the plain rerun goes on with the study.
+RERUN = "run the same command again to go on with the study"
+TRIAL_STOPPED = f"this trial is marked failed (a trial keeps no weights to resume from): {RERUN}"
+FINAL_STOPPED = "run the same command again to train the chosen settings afresh"
+
+
 def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing,
-                      on_epoch=None):
+                      on_epoch=None, when_stopped=TRIAL_STOPPED):
     """Train a model of `settings` on `train_set` into `folder` and return its
     per-second predictions of `eval_set` as the run reports them at its end (the
     averaged weights', or the mean of its last --average_last epochs') and the model;
-    `on_epoch` as engine.fit's."""
+    `on_epoch` and `when_stopped` as engine.fit's."""
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
     engine.seed_everything(settings.seed)
     model = settings.new_model(train_set.input_dims, device)
     summary = engine.fit(model, train_set.with_scaler(scaler), eval_set.with_scaler(scaler),
                          folder, settings, device, progress=False,
-                         postprocessing=postprocessing, on_epoch=on_epoch)
+                         postprocessing=postprocessing, on_epoch=on_epoch,
+                         when_stopped=when_stopped)
     return summary["predictions"], model
 
 
@@ -635,9 +756,13 @@ def _ask_lock(config):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def next_trial(study, config):
+def next_trial(study, config, stop=None):
     """A new trial, tagged with this process, or None once finished and running
-    trials reach --trials."""
+    trials reach --trials. After a stop request (`stop`, parallel.StopRequests), no
+    new trial starts: KeyboardInterrupt."""
+    if stop is not None and stop.requested:
+        print(f"stopped between trials: {RERUN}", file=sys.stderr)
+        raise KeyboardInterrupt
     with _ask_lock(config):
         counted = finished_trials(study, (TrialState.COMPLETE, TrialState.PRUNED,
                                           TrialState.RUNNING))
@@ -668,7 +793,7 @@ def run_trials(runner, train_set, config, jobs):
         tasks = [dict(train_set=train_set, config=config, worker=worker)
                  for worker in range(jobs)]
         with reporting_progress(open_storage(config.storage), config):
-            return runner.run(run_worker, tasks, "tuning processes")
+            return runner.run(run_worker, tasks, "tuning processes", RERUN)
     train_data = runner.data(train_set, datasets.load_pool, train_dir=Path(config.train_dir),
                              test_dir=None, mods=train_set.mods, stories=train_set.stories,
                              subjects=train_set.subjects)
@@ -677,7 +802,7 @@ def run_trials(runner, train_set, config, jobs):
         tasks = [dict(train_set=train_data, config=config, worker=worker)
                  for worker in range(min(threads, config.trials))]
         with reporting_progress(served, config):
-            return runner.run(run_worker, tasks, "trial loops")
+            return runner.run(run_worker, tasks, "trial loops", RERUN)
 
 
 # ---------------------------------------------------------------- progress
@@ -825,17 +950,18 @@ def run_worker(train_set, config, worker=0):
     starts. Returns the numbers of the trials it finished."""
     study = load_worker_study(config, worker)
     done, failed_in_a_row = [], 0
-    while (trial := next_trial(study, config)) is not None:
-        state, error = tell(study, trial, train_set, config)
-        if error is None:
-            done.append(trial.number)
-            failed_in_a_row = 0
-            continue
-        failed_in_a_row += 1
-        print(f"note: trial {trial.number} failed: {error}", file=sys.stderr)
-        if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
-            raise ToolkitError(f"{failed_in_a_row} trials in a row failed (the last: {error}): "
-                               "check the data and flags with crossval.py")
+    with parallel.StopRequests("the end of the epoch in progress; no new trial starts") as stop:
+        while (trial := next_trial(study, config, stop)) is not None:
+            state, error = tell(study, trial, train_set, config)
+            if error is None:
+                done.append(trial.number)
+                failed_in_a_row = 0
+                continue
+            failed_in_a_row += 1
+            print(f"note: trial {trial.number} failed: {error}", file=sys.stderr)
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                raise ToolkitError(f"{failed_in_a_row} trials in a row failed (the last: "
+                                   f"{error}): check the data and flags with crossval.py")
     return done
 
 
@@ -1073,7 +1199,7 @@ def run_final(train_set, test_set, out_dir, settings, run, postprocessing):
     videos once, at the last epoch; returns the validation result."""
     folder = Path(out_dir) / runs.FINAL_DIR
     per_second, _ = train_and_predict(train_set, test_set, folder, settings, run,
-                                      postprocessing)
+                                      postprocessing, when_stopped=FINAL_STOPPED)
     result = score_videos(test_set.videos, per_second, calibrated(postprocessing, train_set))
     utils.write_predictions(runs.predictions_dir(folder, "test"), test_set.videos,
                             result["frames"])

@@ -214,12 +214,20 @@ def remove_interrupted_writes(directory, names=None):
                 path.unlink()
 
 
-def check_writable(directory):
-    """Fail early, before hours of work, if results cannot be written to `directory`."""
+def check_writable(directory, create=True):
+    """Fail early, before hours of work, if results cannot be written to `directory`.
+    Without `create`, a folder not there yet is not made: its nearest existing parent
+    must be a folder this process can write into (so that a command with several
+    output folders checks them all before making any)."""
     directory = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):  # nameless where it can be: nothing to leave
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        existing = next(folder for folder in [directory, *directory.absolute().parents]
+                        if folder.exists())
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=existing):  # nameless where it can be: nothing to leave
             pass
     except OSError as error:
         raise ToolkitError(f"cannot write to {directory} ({error.strerror}): "

@@ -229,3 +229,91 @@ def test_summary_rows_alone_are_refused(tmp_path, capsys):
     path.write_text("subject,before_ccc,after_ccc\nMean,0.1,0.2\n")
     assert "has no row for a single subject" in plot_error(
         capsys, "subjects", path, "--out", tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- training curves (issue 36)
+
+def write_run(folder, epochs=12, eval_freq=1, average_last=None, seed=0, **flags):
+    """A run folder as training leaves it: metrics.csv (val_ccc where evaluated,
+    val_ccc_average in the last --average_last epochs) and args.json with `flags`."""
+    rng = np.random.default_rng(seed)
+    epoch = np.arange(1, epochs + 1)
+    evaluated = (epoch % eval_freq == 0) | (epoch > epochs - (average_last or 0))
+    table = pd.DataFrame({"epoch": epoch, "train_loss": 0.5 / epoch + rng.uniform(0, 0.02, epochs),
+                          "val_ccc": np.where(evaluated,
+                                              0.6 - 0.4 / epoch + rng.normal(0, 0.03, epochs),
+                                              np.nan)})
+    if average_last:
+        table["val_ccc_average"] = np.where(epoch > epochs - average_last,
+                                            table["val_ccc"] - 0.01, np.nan)
+    utils.write_csv(table, folder / "metrics.csv")
+    utils.write_json({"ema": None, "swa_start": None, "average_last": average_last, **flags},
+                     folder / "args.json")
+    return table
+
+
+def test_curves_draw_loss_ccc_the_best_epoch_and_the_average(tmp_path):
+    table = write_run(tmp_path / "models_AT", eval_freq=2, average_last=4, ema=0.99)
+    loss_axis, ccc_axis = draw("curves", tmp_path / "models_AT").axes
+    loss, = loss_axis.get_lines()[:1]
+    np.testing.assert_allclose(loss.get_ydata(), table["train_loss"])
+    ccc, star, dashed = [line for line in ccc_axis.get_lines() if line.get_linestyle() != ":"]
+    scored = table.dropna(subset=["val_ccc"])
+    np.testing.assert_allclose(ccc.get_xdata(), scored["epoch"])  # evaluated epochs only
+    best = scored.loc[scored["val_ccc"].idxmax()]
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (best["epoch"], best["val_ccc"])
+    np.testing.assert_allclose(dashed.get_xdata(), [9, 10, 11, 12])
+    texts = legend_texts(ccc_axis.figure)
+    assert texts[:2] == [f"{tmp_path / 'models_AT'} (--ema 0.99): validation CCC",
+                         f"best epoch {best['epoch']:g} (CCC {best['val_ccc']:.3f}), picked on "
+                         "validation"]
+    assert texts[2].startswith("--average_last, mean of the last 4 epochs' predictions: CCC ")
+    assert texts[3] == "--ema: the validation CCC is of the averaged weights"
+    assert ccc_axis.get_xlabel() == "epoch" and loss_axis.get_ylabel() == "training loss"
+
+
+@pytest.mark.parametrize("count", [1, 3, 10])
+def test_curves_of_1_3_and_10_runs_keep_every_text_on_the_figure(tmp_path, count):
+    from test_reliability_runs import overrun
+    folders = []
+    for run in range(count):  # long names, as crossval.py's folds of a described run
+        folder = tmp_path / f"cv_audio_text_lr1e-4_run_{run}" / "val_on_1"
+        flags = [{}, {"ema": 0.99}, {"swa_start": 5}][run % 3]
+        write_run(folder, epochs=20 + run, average_last=3 if run % 2 else None, seed=run, **flags)
+        folders.append(folder)
+    figure = draw("curves", *folders)
+    assert overrun(figure) == [0, 0, 0, 0]
+    texts = legend_texts(figure)
+    # One run by the folder given; several from the folder above the one they share.
+    names = [folder if count == 1 else folder.relative_to(tmp_path.parent) for folder in folders]
+    assert all(any(text.startswith(f"{name}") for text in texts) for name in names)
+    if count > 1:
+        assert "star: the run's best epoch, picked on validation" in texts
+        assert "--ema and --swa_start: the validation CCC is of the averaged weights" in texts
+    out = run_plot("curves", *folders, "--out", tmp_path / f"curves_{count}.png")
+    width, height = png_size(out)
+    assert 600 <= width <= 2500 and 400 <= height <= 2500
+
+
+def test_curves_refuse_a_folder_without_metrics_naming_the_runs_inside(tmp_path, capsys):
+    write_run(tmp_path / "cv" / "val_on_1")
+    write_run(tmp_path / "cv" / "val_on_2")
+    error = plot_error(capsys, "curves", tmp_path / "cv", "--out", tmp_path / "x.png")
+    assert error == (f"error: {tmp_path / 'cv'} has no metrics.csv: it holds runs in val_on_1, "
+                     "val_on_2: give those folders\n")
+    (tmp_path / "cv" / "val_on_1" / "metrics.csv").write_text("epoch,train_loss,val_ccc\n1,x,0.1\n")
+    assert "column train_loss is empty or not numeric" in plot_error(
+        capsys, "curves", tmp_path / "cv" / "val_on_1", "--out", tmp_path / "x.png")
+    (tmp_path / "cv" / "val_on_2" / "args.json").unlink()
+    (tmp_path / "cv" / "args.json").write_text("{not json")  # a fold's is its command's
+    assert f"cannot read {tmp_path / 'cv' / 'args.json'}" in plot_error(
+        capsys, "curves", tmp_path / "cv" / "val_on_2", "--out", tmp_path / "x.png")
+    assert "does not exist" in plot_error(capsys, "curves", tmp_path / "nowhere", "--out",
+                                          tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_curves_take_a_runs_metrics_file_for_its_folder(tmp_path):
+    write_run(tmp_path / "m", swa_start=3)
+    figure = draw("curves", tmp_path / "m" / "metrics.csv")
+    assert legend_texts(figure)[0] == f"{tmp_path / 'm'} (--swa_start 3): validation CCC"

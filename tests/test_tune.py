@@ -138,6 +138,9 @@ def test_final_scores_the_best_settings_on_the_validation_stories(study_of_two):
     (("--trials", 2, "--final", "--ensemble", "folds"),
      "which were not kept: search with --keep_weights"),
     (("--trials", 3, "--scheduler", "tcp://127.0.0.1:1"), "cannot reach the Dask scheduler"),
+    (("--trials", 3, "--storage", "sqlite:///:memory:"), "is an SQLite database in memory, "
+     "which each connection and process sees empty"),
+    (("--trials", 3, "--storage", "sqlite://"), "is an SQLite database in memory"),
 ])
 def test_bad_input_is_refused_in_one_line_leaving_the_study_as_it_was(study_of_two, argv,
                                                                        message):
@@ -492,3 +495,128 @@ def test_a_trials_held_out_predictions_are_the_mean_its_average_last_reports(
     for got, first, second in zip(per_second, *by_epoch):
         np.testing.assert_allclose(got, (first + second) / 2, rtol=0, atol=1e-6)
         assert not np.allclose(got, second)
+
+
+# ---------------------------------------------------------------- issue 36
+
+def test_an_output_that_is_a_folder_is_refused_before_the_first_trial(study_of_two):
+    (study_of_two / "trials.csv").unlink()
+    (study_of_two / "trials.csv").mkdir()
+    files = {path: digest(path) for path in study_of_two.rglob("*") if path.is_file()}
+    result = tune("--trials", 3, "--out_dir", study_of_two, "--ledger", "none")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr == (f"error: {study_of_two / 'trials.csv'} is a folder, but tune.py "
+                             "writes the table of trials there as a file: move it away, or give "
+                             "another --out_dir\n")
+    assert len(load_study(study_of_two).trials) == 2  # no trial ran
+    assert {path: digest(path) for path in study_of_two.rglob("*") if path.is_file()} == files
+    (study_of_two / "final.json").mkdir()
+    result = tune("--trials", 2, "--out_dir", study_of_two, "--final", "--ledger", "none")
+    assert result.returncode == 1 and "final.json is a folder" in result.stderr
+    assert not (study_of_two / "final").exists()
+
+
+def foreign_database(path):
+    import sqlite3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as database:
+        database.execute("CREATE TABLE measurements (subject INTEGER, valence REAL)")
+    return path
+
+
+def test_a_study_file_optuna_cannot_open_is_named_not_as_a_storage_flag(study_of_two, tmp_path):
+    import sqlite3
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    with sqlite3.connect(folder / "study.db") as database:  # Optuna's tables, not its columns
+        for table in tuning.OPTUNA_TABLES:
+            database.execute(f"CREATE TABLE {table} (x)")
+    result = tune("--out_dir", folder, "--ledger", "none", "--trials", 2)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {folder / 'study.db'} cannot be opened as an Optuna "
+                                    "study (")
+    assert "restore it from a copy, or move it away" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["foreign", "garbage", "truncated", "folder"])
+def test_a_study_file_that_is_not_a_readable_study_is_named_with_what_to_do(study_of_two,
+                                                                             tmp_path, kind):
+    folder = tmp_path / "new_tune"
+    study_file = folder / "study.db"
+    if kind == "foreign":
+        foreign_database(study_file)
+    elif kind == "folder":
+        study_file.mkdir(parents=True)
+    else:
+        folder.mkdir()
+        whole = (study_of_two / "study.db").read_bytes()
+        study_file.write_bytes(b"\x00garbage" * 400 if kind == "garbage" else
+                               whole[:len(whole) // 2])
+    files = sorted(path.name for path in folder.iterdir())
+    before = digest(study_file) if study_file.is_file() else None
+    expected = {"foreign": f"{study_file} is another program's SQLite database (its tables: "
+                           "measurements), not an Optuna study: tune.py would add its tables to "
+                           "it; give tune.py a file of its own (another --out_dir or --storage)",
+                "garbage": f"{study_file} cannot be read as an Optuna study (file is not a "
+                           "database): it is damaged, truncated or not an SQLite file; restore it "
+                           "from a copy, or move it away to start a new study there",
+                "truncated": f"{study_file} cannot be read as an Optuna study (",
+                "folder": f"{study_file} is not a file"}[kind]
+    for argv in (("--trials", 2), ("--trials", 2, "--final")):
+        result = tune("--out_dir", folder, "--ledger", "none", *argv)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: {expected}") and "--storage sqlite" not in \
+            result.stderr
+    if kind != "folder":  # the study file also named through plot.py tune and --storage
+        tuning.write_study_record(folder, None, "tune")
+        result = run_in_process("plot.py", "tune", str(folder))
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {expected}")
+        (folder / "study.json").unlink()
+        result = tune("--out_dir", tmp_path / "elsewhere", "--storage", f"sqlite:///{study_file}",
+                      "--trials", 2, "--ledger", "none")
+        assert result.stderr.startswith(f"error: {expected}") and result.returncode == 1
+        assert digest(study_file) == before  # read, never written
+    assert sorted(path.name for path in folder.iterdir()) == files
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_weights_left_by_a_killed_trial_go_and_kept_ones_stay(recipe_study):
+    study = optuna.load_study(study_name="tune", storage=tuning.default_storage(recipe_study))
+    dead = study.ask()  # as a tune.py killed mid-trial (SIGKILL) leaves it
+    dead_fold = recipe_study / f"trial_{dead.number:04d}" / "val_on_2"
+    dead_fold.mkdir(parents=True)
+    for name in ("best.save", "last.save", ".best.save.abcd1234.tmp"):
+        (dead_fold / name).write_bytes(b"weights")
+    kept = sorted(recipe_study.glob("trial_*/val_on_*/epoch_1.save"))
+    assert len(kept) == 4  # recorded by --keep_weights for the two completed trials
+    stray = kept[0].parent / "best.save"  # a completed trial's fold keeps only its epoch_1.save
+    stray.write_bytes(b"weights")
+    result = tune_recipe("--trials", 2, "--out_dir", recipe_study, "--ledger", "none")
+    assert result.returncode == 0, result.stderr
+    assert "note: deleted 3 checkpoint(s) that stopped trials had left" in result.stderr
+    assert sorted(recipe_study.rglob("*.save")) == kept
+    assert list(dead_fold.iterdir()) == [] and not stray.exists()
+
+
+def test_ctrl_c_advises_the_plain_rerun(study_of_two, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import wait_until
+    process = subprocess.Popen([sys.executable, str(ROOT / "tune.py"), *TUNE[1:TUNE.index(
+        "--epochs")], "--epochs", "1000", *TUNE[TUNE.index("--epochs") + 2:], "--trials", "1",
+        "--out_dir", str(tmp_path / "stopped"), "--ledger", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stopped" / "trial_0000" / "val_on_2" / "metrics.csv"
+    try:
+        wait_until(lambda: process.poll() is not None or metrics.is_file(), tmp_path)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" not in stderr and "last.save" not in stderr
+    assert f"{tuning.TRIAL_STOPPED}\n" in stderr  # the plain rerun, tested above, goes on
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert not list((tmp_path / "stopped").rglob("*.save"))
+    assert load_study(tmp_path / "stopped").trials[0].state == TrialState.FAIL
