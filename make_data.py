@@ -41,35 +41,57 @@ import utils
 from datasets import ANNOTATION_FOLDER, MODALITY_FOLDERS, video_name
 from utils import FPS, ToolkitError
 
-PRESETS = ("easy", "realistic")
+PRESETS = ("easy", "realistic", "unstable")
 OFFICIAL_TEST_STORIES = (3, 6, 7)
+# The sizes of each preset where the flags are not given: --preset unstable has the
+# real annotations' shape (10 listeners; stories 1, 2, 4, 5, 8 of 300-450 s; the
+# published 2+2+1-d audio/text/face features) and leaves the test stories out.
+DEFAULT_SIZES = {"subjects": 10, "stories": 8, "seconds": 300, "length_spread": 0.3,
+                 "dims": "990,300,4096,4096", "testing": True}
+UNSTABLE_SIZES = {**DEFAULT_SIZES, "seconds": 375, "length_spread": 0.2, "dims": "2,2,1,1",
+                  "testing": False}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("make_data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", default="./data", help="where to write (default: %(default)s)")
-    parser.add_argument("--subjects", type=int, default=10, help="listeners (default: %(default)s)")
-    parser.add_argument("--stories", type=int, default=8, help="stories (default: %(default)s)")
-    parser.add_argument("--seconds", type=int, default=300,
-                        help="mean story length in seconds (default: %(default)s)")
-    parser.add_argument("--length_spread", type=float, default=0.3,
-                        help="story lengths vary by up to this fraction (default: %(default)s)")
+    parser.add_argument("--subjects", type=int, default=None,
+                        help="listeners (default: 10)")
+    parser.add_argument("--stories", type=int, default=None,
+                        help="stories (default: 8; --preset unstable writes stories 1, 2, 4, "
+                             "5, 8 of them, see --no-testing)")
+    parser.add_argument("--seconds", type=int, default=None,
+                        help="mean story length in seconds (default: 300; 375 with --preset "
+                             "unstable)")
+    parser.add_argument("--length_spread", type=float, default=None,
+                        help="story lengths vary by up to this fraction (default: 0.3; 0.2 with "
+                             "--preset unstable, whose every recording of a story differs in "
+                             "length)")
     parser.add_argument("--val_stories", type=int, nargs="*", default=[1], metavar="STORY",
                         help="validation stories (default: 1, the official split)")
     parser.add_argument("--test_stories", type=int, nargs="*", default=None, metavar="STORY",
                         help="test stories, with dummy annotations (default: 3 6 7, the "
                              "official split, those of them up to --stories); the others "
                              "train")
-    parser.add_argument("--dims", default="990,300,4096,4096",
-                        help="audio,text,v_sub,v_act dimensions (default: %(default)s)")
+    parser.add_argument("--dims", default=None,
+                        help="audio,text,v_sub,v_act dimensions (default: 990,300,4096,4096; "
+                             "2,2,1,1 with --preset unstable, the published features' sizes)")
+    parser.add_argument("--testing", action=argparse.BooleanOptionalAction, default=None,
+                        help="write the test stories with dummy annotations to Testing; "
+                             "--no-testing leaves them out, the other stories keeping their "
+                             "numbers (default: --testing; --no-testing with --preset unstable, "
+                             "which has the released annotations' stories 1, 2, 4, 5, 8)")
     parser.add_argument("--format", choices=["npy", "csv"], default="npy",
                         help="feature file format (default: %(default)s)")
     parser.add_argument("--preset", choices=PRESETS, default="easy",
                         help="easy: a clear signal that every command learns in a few epochs "
                              "(for trying the toolkit); realistic: the statistics of the real "
                              "OMG-Empathy annotations, little agreement between listeners and a "
-                             "weak signal in the features (for comparing methods) "
-                             "(default: %(default)s)")
+                             "weak signal in the features (for comparing methods); unstable: "
+                             "the real data's shape and its unstable training, a relation "
+                             "between features and valence whose strength and sign differ by "
+                             "story, so that single epochs are a lottery (for comparing methods "
+                             "that average epochs) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the split folders if --out_dir already has them")
@@ -228,6 +250,78 @@ def make_realistic_video(rng, projections, story, listener, mods):
     return valence, _features(rng, projections, latents, n_seconds, mods)
 
 
+# ---------------------------------------------------------------- the unstable preset
+
+# How the storyteller's expressed emotion (what the audio and text features follow)
+# relates to what the listeners feel, by story: 1 they feel what is told, below 0 they
+# feel against it (a bitter story told cheerfully). Trained on stories 2, 4, 5, 8 the
+# relation is positive on the whole, but each batch pulls it its own way.
+STORY_RELATIONS = {1: 0.8, 2: -0.6, 3: 0.5, 4: -0.3, 5: 0.6, 6: 0.3, 7: -0.4, 8: 0.8}
+
+
+def story_relation(story):
+    """STORY_RELATIONS, repeated for stories beyond 8."""
+    return STORY_RELATIONS[(story - 1) % len(STORY_RELATIONS) + 1]
+
+
+def make_unstable_story(rng, n_frames, relation):
+    """A story whose listeners feel `relation` times what the storyteller expresses,
+    plus what the features do not show; like make_realistic_story otherwise."""
+    timescale = math.exp(rng.uniform(math.log(4), math.log(18)))
+    expressed = smooth_noise(rng, n_frames + FPS, timescale * FPS)
+    unseen = smooth_noise(rng, n_frames + FPS, timescale * FPS)
+    return {"expressed": expressed,
+            "trajectory": relation * expressed + math.sqrt(1 - relation ** 2) * unseen,
+            "mood": rng.normal(0, 0.1), "shared": rng.uniform(0.3, 0.5),
+            "nuisance": smooth_noise(rng, n_frames // FPS + 2, 10)}
+
+
+def make_unstable_video(rng, projections, story, listener, n_frames, mods):
+    """Annotation (25 fps, `n_frames`) and features (per second) of one listener and
+    story: annotated as make_realistic_video's, with the audio and text features
+    following what the storyteller expresses, not what the listeners feel."""
+    n_seconds = math.ceil(n_frames / FPS)
+    trajectory = story["trajectory"][:n_frames]
+    lagged = np.concatenate([np.full(listener["delay"] * FPS, trajectory[0]), trajectory])[:n_frames]
+    own_timescale = math.exp(rng.uniform(math.log(2), math.log(30)))
+    idiosyncratic = smooth_noise(rng, n_frames, own_timescale * FPS)
+    response = math.sqrt(story["shared"]) * lagged + math.sqrt(1 - story["shared"]) * idiosyncratic
+    scale = listener["scale"] * math.exp(rng.normal(0, 0.35))
+    mean = listener["offset"] + story["mood"] + rng.normal(0, 0.12)
+    jitter = 0.05 * smooth_noise(rng, n_frames, FPS // 3)  # the hand on the slider
+    continuous = np.tanh(mean + scale * response) + jitter
+    valence = held_steps(rng, continuous, listener["hold"], listener["neutral"])
+
+    expressed = per_second_mean(story["expressed"][:n_frames], n_seconds)
+    own = per_second_mean(valence, n_seconds)
+    nuisance = story["nuisance"][:n_seconds]
+    speaking = (rng.random(n_seconds) < 0.85).astype(np.float32)
+    identity = np.broadcast_to(listener["identity"], (n_seconds, 2))
+    latents = {
+        "audio": (np.column_stack([expressed, nuisance, smooth_noise(rng, n_seconds, 20)]), 4.0),
+        "text": (np.column_stack([expressed * speaking, nuisance * speaking, speaking]), 5.0),
+        "v_sub": (np.column_stack([own, identity, smooth_noise(rng, n_seconds, 2)]), 12.0),
+        "v_act": (np.column_stack([0.1 * expressed, smooth_noise(rng, n_seconds, 2),
+                                   smooth_noise(rng, n_seconds, 8)]), 12.0),
+    }
+    return valence, _features(rng, projections, latents, n_seconds, mods)
+
+
+def generate_unstable_videos(rng, dims, subjects, stories, seconds, length_spread):
+    """generate_videos for --preset unstable: every listener's recording of a story
+    has its own length, within `length_spread` of `seconds`."""
+    projections = Projections(rng, dims)
+    listeners = make_realistic_listeners(rng, subjects)
+    shortest, longest = seconds * (1 - length_spread), seconds * (1 + length_spread)
+    for story in stories:
+        story_state = make_unstable_story(rng, int(longest * FPS), story_relation(story))
+        for subject, listener in enumerate(listeners, start=1):
+            n_frames = int(rng.uniform(shortest, longest) * FPS)
+            valence, features = make_unstable_video(rng, projections, story_state, listener,
+                                                    n_frames, list(dims))
+            yield subject, story, valence, features
+
+
 def _features(rng, projections, latents, n_seconds, mods):
     features = {}
     for mod in mods:
@@ -262,11 +356,12 @@ def parse_dims(text):
 
 
 def generate_videos(rng, dims, subjects, stories, seconds, length_spread, realistic):
-    """(subject, story, 25 fps valence, {mod: per-second features}) of every video,
-    story by story, all drawn from `rng` in this order (so a seed gives one dataset)."""
+    """(subject, story, 25 fps valence, {mod: per-second features}) of every video of
+    `stories` (story numbers), story by story, all drawn from `rng` in this order (so
+    a seed gives one dataset)."""
     projections = Projections(rng, dims)
     listeners = (make_realistic_listeners if realistic else make_listeners)(rng, subjects)
-    for story in range(1, stories + 1):
+    for story in stories:
         n_frames = int(seconds * rng.uniform(1 - length_spread, 1 + length_spread) * FPS)
         if realistic:
             story_state = make_realistic_story(rng, n_frames)
@@ -283,20 +378,30 @@ def generate_videos(rng, dims, subjects, stories, seconds, length_spread, realis
             yield subject, story, valence, features
 
 
+def preset_sizes(args):
+    """The size flags given, and the preset's defaults for the others."""
+    defaults = UNSTABLE_SIZES if args.preset == "unstable" else DEFAULT_SIZES
+    return {name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in defaults.items()}
+
+
 def main(args):
-    dims = parse_dims(args.dims)
-    if args.subjects < 1 or args.stories < 2 or args.seconds < 10:
+    sizes = preset_sizes(args)
+    dims = parse_dims(sizes["dims"])
+    n_stories = sizes["stories"]
+    if sizes["subjects"] < 1 or n_stories < 2 or sizes["seconds"] < 10:
         raise ToolkitError("make_data.py needs --subjects >= 1, --stories >= 2 and "
                            "--seconds >= 10")
-    if not 0 <= args.length_spread < 0.9:
+    if not 0 <= sizes["length_spread"] < 0.9:
         raise ToolkitError(f"--length_spread must be at least 0 and below 0.9, got "
-                           f"{args.length_spread}")
+                           f"{sizes['length_spread']}")
     test_stories = (args.test_stories if args.test_stories is not None
-                    else [story for story in OFFICIAL_TEST_STORIES if story <= args.stories])
-    check_split(args.stories, args.val_stories, test_stories)
+                    else [story for story in OFFICIAL_TEST_STORIES if story <= n_stories])
+    check_split(n_stories, args.val_stories, test_stories)
     out_dir = Path(args.out_dir)
     split = {story: split_of(story, args.val_stories, test_stories)
-             for story in range(1, args.stories + 1)}
+             for story in range(1, n_stories + 1)
+             if sizes["testing"] or story not in test_stories}
     splits = sorted(set(split.values()))
     existing = [out_dir / split for split in splits if (out_dir / split).exists()]
     if existing and not args.overwrite:
@@ -307,13 +412,17 @@ def main(args):
         shutil.rmtree(folder)
 
     rng = np.random.default_rng(args.seed)
-    for subject, story, valence, features in generate_videos(
-            rng, dims, args.subjects, args.stories, args.seconds, args.length_spread,
-            args.preset == "realistic"):
+    if args.preset == "unstable":
+        videos = generate_unstable_videos(rng, dims, sizes["subjects"], list(split),
+                                          sizes["seconds"], sizes["length_spread"])
+    else:
+        videos = generate_videos(rng, dims, sizes["subjects"], list(split), sizes["seconds"],
+                                 sizes["length_spread"], args.preset == "realistic")
+    for subject, story, valence, features in videos:
         write_video(out_dir / split[story], video_name(subject, story), valence, features,
                     args.format, dummy=split[story] == "Testing")
-    print(f"wrote {args.subjects} subjects x {args.stories} stories ({args.preset} preset) to "
-          + ", ".join(str(out_dir / split) for split in splits))
+    print(f"wrote {sizes['subjects']} subjects x {len(split)} stories ({args.preset} preset) "
+          "to " + ", ".join(str(out_dir / split) for split in splits))
 
 
 if __name__ == "__main__":
