@@ -17,8 +17,6 @@ as it takes tens of times as long. The first line names the CPU and its bfloat16
 hardware. A second table times every model family (--model) on the AT data in
 float32.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import argparse
 import os
 import resource
@@ -30,18 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-import datasets
-import families
+from empathy import datasets, families
 import make_data
-import parallel
-import utils
-from precision import fast_bf16_cpu
-from utils import LazyModule
+from empathy import parallel, utils
+from empathy.precision import fast_bf16_cpu
 
 # imported on first use, so that --help loads no torch
-torch = LazyModule("torch")
-engine = LazyModule("engine")
-models = LazyModule("models")
 
 ROOT = Path(__file__).resolve().parent
 MODELS = {"AT": ["audio", "text"], "ATV": ["audio", "text", "v_sub"]}
@@ -134,6 +126,7 @@ def gemm_throughput(device, precision="fp32", size=2048, repeats=10, rounds=5):
     """Matrix-multiply GFLOP/s of this machine in `precision` with the current threads:
     the best of several rounds, so that a busy moment does not flatter the ratio to it.
     A product that takes over a second (bfloat16 without hardware support) is timed once."""
+    import torch
     dtype = getattr(torch, DTYPES[precision])
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -156,6 +149,7 @@ def gemm_throughput(device, precision="fp32", size=2048, repeats=10, rounds=5):
 
 
 def synchronize(device):
+    import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -164,6 +158,7 @@ def precisions(device, epochs, slow_bf16=False):
     """{precision: timed epochs} on `device`: fp32 and bf16; on a CPU without fast
     bfloat16 (where it takes tens of times as long) bf16 only with `slow_bf16`, for
     one epoch."""
+    import torch
     if torch.device(device).type == "cuda":
         return {"fp32": epochs, **({"bf16": epochs} if torch.cuda.is_bf16_supported() else {})}
     if fast_bf16_cpu():
@@ -173,6 +168,7 @@ def precisions(device, epochs, slow_bf16=False):
 
 def cpu_description():
     """'AMD EPYC; capability AVX2; amx_bf16 no, avx512_bf16 no; fast bf16 no'."""
+    import torch
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     names = [line.split(":", 1)[1].strip() for line in text.splitlines()
@@ -188,6 +184,8 @@ def cpu_description():
 def start_training(train_set, device, precision="fp32", family=families.DEFAULT_MODEL):
     """A seeded model of `family` with its default sizes and the default training
     settings, and a function that trains it one epoch."""
+    from empathy import engine, models
+    import torch
     engine.seed_everything(1)
     model = models.create(family, train_set.input_dims).to(device)
     optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
@@ -204,6 +202,7 @@ def time_training(npy_dir, mods, device, epochs, precision="fp32", family=famili
     """Median seconds of a training step and of an evaluation pass of `family`, and the
     largest difference between batched and per-video evaluation; with the trained
     model, its training pieces and the validation set."""
+    from empathy import engine
     train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), mods)
     model, segments, train_epoch = start_training(train_set, device, precision, family)
 
@@ -239,6 +238,7 @@ def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
 
 def batched_vs_alone(model, video_set, device, precision="fp32"):
     """Largest difference between predicting all videos as one batch and one by one."""
+    from empathy import engine
     batched = engine.predict(model, video_set, device, precision=precision)
     alone = [engine.predict(model, video_set.subset([video]), device, precision=precision)[0]
              for video in video_set.videos]
@@ -313,6 +313,8 @@ def warm_up_torch():
     """One optimizer step of a tiny model: loads what every run loads whatever its data
     (the optimizer's first step imports torch._dynamo, about 70 MiB; oneDNN's LSTM
     and GEMM set up), so that the baseline holds Python and torch, not our data."""
+    from empathy import engine, models
+    import torch
     model = models.create(families.DEFAULT_MODEL, {"audio": 4})
     optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
     model(({"audio": torch.zeros(6, 4)}), torch.tensor([4, 2])).sum().backward()
@@ -320,6 +322,7 @@ def warm_up_torch():
 
 
 def rss_probe(spec):
+    from empathy import engine
     name, precision, folder = spec.split(":", 2)
     warm_up_torch()
     baseline = high_water_rss()
@@ -351,6 +354,8 @@ def epoch_seconds(npy_dir, threads, processes):
 def epoch_probe(spec, epochs=3):
     """Prints the fastest of `epochs` timed epochs: the ceiling compares what the
     machine can do on 1 and 2 threads, so moments slowed by other load are left out."""
+    from empathy import engine
+    import torch
     threads, folder = spec.split(":", 1)
     torch.set_num_threads(int(threads))
     train_set, _ = datasets.load_train_test(*split_dirs(Path(folder)), MODELS["AT"])
@@ -400,6 +405,7 @@ def model_rows(npy_dir, device, precision, epochs):
 
 def run_benchmark(data_root, epochs, cv_epochs, cuda, slow_bf16=False, subjects=10, seconds=300,
                   in_process_only=False):
+    import torch
     npy_dir = generate(data_root, "npy", subjects, seconds)
     csv_dir = generate(data_root, "csv", subjects, seconds)
     threads = torch.get_num_threads()
@@ -459,8 +465,8 @@ def averaging_rows(npy_dir, epochs):
     `epochs` epochs after a warm-up, through engine.TrainingRun as engine.fit runs it.
     The variants take turns epoch by epoch, each first in turn, so that other load
     slows them alike."""
-    import options
-    from postprocessing import Postprocessing
+    from empathy import engine, models, options
+    from empathy.postprocessing import Postprocessing
     train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), MODELS["AT"])
     training_runs = {}
     with tempfile.TemporaryDirectory() as model_root:

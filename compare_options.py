@@ -43,12 +43,11 @@ import numpy as np
 import pandas as pd
 
 import crossval
-import datasets
-import finetuning
+from empathy import datasets, finetuning
 import personalize
-import runs
+from empathy import layout, ledger, tables
 import train
-import utils
+from empathy import utils
 
 # (name, crossval.py flags, whether it re-evaluates the default run instead of training)
 VARIANTS = [
@@ -106,7 +105,7 @@ def get_args_parser():
                         help="run only these options, by folder name, e.g. default loss_ccc "
                              "smooth_4 (the filtering options and personalization need the "
                              "default run)")
-    parser.add_argument("--ledger", default=runs.DEFAULT_LEDGER, metavar="PATH",
+    parser.add_argument("--ledger", default=ledger.DEFAULT_LEDGER, metavar="PATH",
                         help="ledger to which every cross-validation and personalization run "
                              "appends its row (see runs.py); 'none' to skip (default: %(default)s)")
     parser.add_argument("--personal_epochs", type=int, default=10, metavar="N",
@@ -146,18 +145,18 @@ def variant_folder(out_dir, name):
 
 def default_fold_model(out_dir):
     """The checkpoint personalization starts from, as the user guide's: story 1's fold."""
-    return runs.fold_dir(variant_folder(out_dir, "default"), 1) / runs.BEST
+    return layout.fold_dir(variant_folder(out_dir, "default"), 1) / layout.BEST
 
 
 def copy_best_checkpoints(source, target):
     """The default run's best.save and last.save of every fold, for re-evaluating it
     another way."""
-    for story in runs.fold_stories(source):
-        for name in (runs.BEST, runs.LAST):
-            checkpoint = runs.fold_dir(source, story) / name
+    for story in layout.fold_stories(source):
+        for name in (layout.BEST, layout.LAST):
+            checkpoint = layout.fold_dir(source, story) / name
             if not checkpoint.is_file():
                 continue
-            destination = runs.fold_dir(target, story) / name
+            destination = layout.fold_dir(target, story) / name
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(checkpoint, destination)
 
@@ -166,7 +165,7 @@ def run_recorded(script, argv, ledger, results_of):
     """`script`'s main on `argv`, its run appended to the `ledger` (if any) as if
     it had been run from the command line."""
     parser = script.get_args_parser()
-    return runs.run_recorded(script.main, parser, parser.parse_args(argv), ledger, results_of,
+    return ledger.run_recorded(script.main, parser, parser.parse_args(argv), ledger, results_of,
                              command=" ".join([parser.prog, *argv]))
 
 
@@ -175,7 +174,7 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
     folder = variant_folder(out_dir, name)
     if reevaluate:
         default = variant_folder(out_dir, "default")
-        if not (default / runs.CROSSVAL_TABLE).is_file():
+        if not (default / layout.CROSSVAL_TABLE).is_file():
             raise utils.ToolkitError(f"{name} re-evaluates the default run, but {default} has "
                                      "none: include default in --only")
         copy_best_checkpoints(default, folder)
@@ -183,9 +182,9 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
     else:
         argv = common + ["--out_dir", str(folder), "--overwrite", *flags]
     start = time.perf_counter()
-    table = run_recorded(crossval, argv, ledger, runs.crossval_results)
+    table = run_recorded(crossval, argv, ledger, tables.crossval_results)
     seconds = time.perf_counter() - start
-    summary = runs.crossval_results(table)
+    summary = tables.crossval_results(table)
     return {"option": name, "mean_ccc": summary["mean_ccc"], "std_ccc": summary["std_ccc"],
             "mean_minus_std": summary["mean_minus_std"], "seconds": seconds}
 
@@ -199,7 +198,7 @@ def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
                                  "include default in --only, on data whose story 1 validates")
     folder = Path(out_dir) / f"personal_{variant_folder(out_dir, name).name}"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(init, folder / runs.INIT_CHECKPOINT)
+    shutil.copyfile(init, folder / layout.INIT_CHECKPOINT)
     argv = [*common, "--out_dir", str(folder), "--epochs", str(epochs), "--overwrite",
             "--save_freq", str(epochs), *flags]
     start = time.perf_counter()
@@ -255,7 +254,7 @@ def validation_curve(model_dir):
     """(reportable CCC, best CCC, its epoch, std over the last epochs) of a training run
     from its metrics.csv (the first seed's with --seeds): the last epoch's, or of the
     --average_last average at the last epoch."""
-    metrics = pd.read_csv(runs.run_checkpoints(model_dir, runs.METRICS)[0])
+    metrics = pd.read_csv(layout.run_checkpoints(model_dir, layout.METRICS)[0])
     last = metrics.iloc[-1]
     reported = last.get("val_ccc_average", np.nan)
     reported = last["val_ccc"] if pd.isna(reported) else reported
@@ -267,9 +266,9 @@ def validation_curve(model_dir):
 def seeds_validation(model_dir, train_dir, test_dir, mods):
     """The validation CCC of a --seeds run's average prediction at the last epoch
     (every seed's last.save), as train.py --test scores best.save's."""
-    engine = importlib.import_module("engine")  # loads torch: not for --help
+    engine = importlib.import_module("empathy.engine")  # loads torch: not for --help
     train_set, val_set = datasets.load_train_test(train_dir, test_dir, mods.split(","))
-    trained, saved = engine.load_for_evaluation(runs.run_checkpoints(model_dir, runs.LAST),
+    trained, saved = engine.load_for_evaluation(layout.run_checkpoints(model_dir, layout.LAST),
                                                 train_set, False, {}, "cpu", [val_set])
     return engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
 
@@ -288,28 +287,28 @@ def run_recipe(name, flags, kind, common, out_dir, jobs, ledger=None):
         if "--seeds" in flags:
             row["val_ccc"] = seeds_validation(folder / "val", *common[1:6:2])
         table = run_recorded(crossval, [*cv, "--out_dir", str(folder / "cv")], ledger,
-                             runs.crossval_results)
-        row["cv"] = f"{len(table) - len(runs.SUMMARY_ROWS)} folds"
+                             tables.crossval_results)
+        row["cv"] = f"{len(table) - len(tables.SUMMARY_ROWS)} folds"
     else:  # over the training stories only; story 1 (the test folder) is scored once
         training = [str(story) for story in datasets.load_videos(common[1], ["audio"]).stories]
         cv += ["--stories", *training, "--out_dir", str(folder / "cv")]
         if kind == "ensemble":
             table = run_recorded(crossval, [*cv, "--ensemble_dir", common[3]], ledger,
-                                 runs.crossval_results)
-            ensemble = pd.read_csv(folder / "cv" / runs.ENSEMBLE_TABLE).set_index("model")
+                                 tables.crossval_results)
+            ensemble = pd.read_csv(folder / "cv" / layout.ENSEMBLE_TABLE).set_index("model")
             row["val_ccc"] = ensemble.loc["ensemble", "ccc"]
         else:
             table = run_recorded(crossval, [*cv, "--choose_postprocessing"], ledger,
-                                 runs.crossval_results)
+                                 tables.crossval_results)
             run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"),
                                  "--overwrite", "--postprocessing_from", str(folder / "cv")],
                          ledger, train.ledger_results)
             row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
                 validation_curve(folder / "val")
         row["cv"] = f"{len(training)} training folds"
-    summary = runs.crossval_results(table)  # the last epoch's (or its average's)
+    summary = tables.crossval_results(table)  # the last epoch's (or its average's)
     if kind == "chosen_postprocessing":  # the chosen candidate's own CV: picked on those folds
-        choice = json.loads((folder / "cv" / runs.POSTPROCESSING_CHOICE).read_text())
+        choice = json.loads((folder / "cv" / layout.POSTPROCESSING_CHOICE).read_text())
         summary = {"mean_ccc": choice["cv_mean"], "std_ccc": choice["cv_std"]}
         row["cv"] += f", {choice['flags'] or 'none'} picked on them"
     row.update(cv_mean=summary["mean_ccc"], cv_std=summary["std_ccc"],
@@ -348,12 +347,12 @@ def compare_recipes(args):
                                  f"got {epochs}")
     common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir, "--mods", mods,
               "--epochs", str(epochs), "--save_freq", str(epochs)]
-    ledger = runs.ledger_path(args)
+    ledger_file = ledger.ledger_path(args)
     utils.check_writable(args.out_dir)
-    runs.write_run_record(args, args.out_dir)
-    table = pd.DataFrame([run_recipe(name, flags, kind, common, args.out_dir, args.jobs, ledger)
+    layout.write_run_record(args, args.out_dir)
+    table = pd.DataFrame([run_recipe(name, flags, kind, common, args.out_dir, args.jobs, ledger_file)
                           for name, flags, kind in recipes])
-    utils.write_csv(table, Path(args.out_dir) / runs.RECIPES_TABLE)
+    utils.write_csv(table, Path(args.out_dir) / layout.RECIPES_TABLE)
     print(f"\nrecipes, --mods {mods} --epochs {epochs}, story 1 validating:")
     print(recipes_markdown(table))
     return table
@@ -375,21 +374,21 @@ def main(args):
     if args.personal_epochs < 0:
         raise utils.ToolkitError(f"--personal_epochs must be 0 or more, got {args.personal_epochs}")
     personal_variants = chosen_personal_variants(args.out_dir, args.personal_only)
-    ledger = runs.ledger_path(args)
+    ledger_file = ledger.ledger_path(args)
     utils.check_writable(args.out_dir)
-    runs.write_run_record(args, args.out_dir)
-    rows = [run_variant(name, flags, reevaluate, common, args.out_dir, ledger)
+    layout.write_run_record(args, args.out_dir)
+    rows = [run_variant(name, flags, reevaluate, common, args.out_dir, ledger_file)
             for name, flags, reevaluate in VARIANTS if name in chosen]
     table = pd.DataFrame(rows)
-    utils.write_csv(table, Path(args.out_dir) / runs.COMPARE_TABLE)
+    utils.write_csv(table, Path(args.out_dir) / layout.COMPARE_TABLE)
     personal = None
     if args.personal_epochs and "default" in chosen:
         personal_common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir,
                            "--mods", args.mods, "--lr", str(args.lr), "--jobs", str(args.jobs)]
         personal = pd.DataFrame([run_personalization(name, flags, personal_common, args.out_dir,
-                                                     args.personal_epochs, ledger)
+                                                     args.personal_epochs, ledger_file)
                                  for name, flags in personal_variants])
-        utils.write_csv(personal, Path(args.out_dir) / runs.PERSONALIZE_TABLE)
+        utils.write_csv(personal, Path(args.out_dir) / layout.PERSONALIZE_TABLE)
     print(f"\nheld-out CCC of crossval.py --mods {args.mods} --epochs {args.epochs} --lr {args.lr}:")
     print(markdown(table))
     if personal is not None:

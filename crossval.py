@@ -32,17 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import datasets
-import options
-import parallel
-import postprocessing
-import runs
-import utils
-from utils import LazyModule, ToolkitError
+from empathy import datasets, layout, ledger, options, parallel, postprocessing, tables, utils
+from empathy.utils import ToolkitError
 
 # imported on first use: --help loads no torch
-checkpoints = LazyModule("checkpoints")
-engine = LazyModule("engine")
 
 
 def get_args_parser():
@@ -50,7 +43,7 @@ def get_args_parser():
         "crossval.py", description="Cross-validate a fusion model across stories.",
         parents=[options.get_data_args_parser(), options.get_training_args_parser(),
                  options.get_model_args_parser(), options.get_fold_args_parser(),
-                 runs.get_ledger_args_parser()])
+                 ledger.get_ledger_args_parser()])
     group = parser.add_argument_group("what to run")
     group.add_argument("--test", action="store_true",
                        help="evaluate the saved folds without training")
@@ -106,7 +99,7 @@ def load_ensemble_videos(folder, pooled, subjects=None):
     shared = sorted(set(videos.stories) & set(pooled.stories))
     if shared:
         raise ToolkitError(f"--ensemble_dir {folder} holds story {shared[0]}, which the folds "
-                           f"hold too ({runs.fold_name(shared[0])}): an ensemble is scored on "
+                           f"hold too ({layout.fold_name(shared[0])}): an ensemble is scored on "
                            "videos none of its models trained on; leave the story out of "
                            "--stories, or give another folder")
     videos = videos.select(subjects=subjects)
@@ -119,7 +112,7 @@ def load_ensemble_videos(folder, pooled, subjects=None):
 def check_last_checkpoints(out_dir, stories, flag):
     """Every fold's last.save, which `flag` needs, exists (checked before any write)."""
     for story in stories:
-        for path in runs.run_checkpoints(runs.fold_dir(out_dir, story), runs.LAST):
+        for path in layout.run_checkpoints(layout.fold_dir(out_dir, story), layout.LAST):
             if not path.is_file():
                 raise ToolkitError(f"{flag}: {path} does not exist (it holds the fold's last "
                                    "epoch): train the folds with crossval.py first, or "
@@ -130,15 +123,15 @@ def saved_checkpoints(args, out_dir, stories, checkpoint):
     """--test: the checkpoints to evaluate (each fold's first seed's, for the check
     before writing), every one asked for checked to exist; a last.save that no
     flag needs may be missing (a fold copied without it): its columns are NaN."""
-    runs.check_fold_checkpoints(out_dir, stories, [args.test_epoch])
+    layout.check_fold_checkpoints(out_dir, stories, [args.test_epoch])
     if args.choose_postprocessing:
         check_last_checkpoints(out_dir, stories, "--choose_postprocessing")
     if args.ensemble_dir and args.test_epoch is None:
         check_last_checkpoints(out_dir, stories, "--ensemble_dir")
     evaluated = []
     for story in stories:
-        for name in (checkpoint, runs.LAST):
-            paths = runs.run_checkpoints(runs.fold_dir(out_dir, story), name)
+        for name in (checkpoint, layout.LAST):
+            paths = layout.run_checkpoints(layout.fold_dir(out_dir, story), name)
             if paths[0].is_file() and paths[0] not in evaluated:
                 evaluated.append(paths[0])
     return evaluated
@@ -149,24 +142,27 @@ def saved_checkpoints(args, out_dir, stories, checkpoint):
 def train_fold(pooled, story, out_dir, run):
     """Train the fold that holds out `story` (every seed, options.RunOptions `run`);
     returns fit()'s summaries."""
+    from empathy import engine
     device = run.device
     train_set, val_set = datasets.fold_sets(pooled, story)
     scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
     return engine.fit_seeds(lambda: run.settings.new_model(pooled.input_dims, device),
                             train_set.with_scaler(scaler), val_set.with_scaler(scaler),
-                            runs.fold_dir(out_dir, story), run, device)
+                            layout.fold_dir(out_dir, story), run, device)
 
 
 def load_fold(train_set, folder, checkpoint, run, evaluated=()):
     """A fold's saved models `checkpoint` (one per seed) and the post-processing to
     evaluate them with."""
-    return engine.load_for_evaluation(runs.run_checkpoints(folder, checkpoint), train_set,
+    from empathy import engine
+    return engine.load_for_evaluation(layout.run_checkpoints(folder, checkpoint), train_set,
                                       run.normalize, run.postprocessing_flags, run.device,
                                       evaluated)
 
 
 def predict_average(trained, video_set, run):
     """Per-second predictions of every video: the mean of the seeds' models'."""
+    from empathy import engine
     per_seed = [engine.predict(model.network, video_set.with_scaler(model.scaler), run.device,
                                precision=run.settings.precision) for model in trained]
     return [np.mean(rows, axis=0) for rows in zip(*per_seed)]
@@ -182,13 +178,14 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, run, features=False):
     """Evaluate a fold's checkpoint (every seed's) on its training and held-out videos,
     write the held-out predictions to <out_dir>/cv_pred/ (and features if asked);
     then its last.save (`last_columns`)."""
+    from empathy import engine
     device, precision = run.device, run.settings.precision
     train_set, val_set = datasets.fold_sets(pooled, story)
-    folder = runs.fold_dir(out_dir, story)
+    folder = layout.fold_dir(out_dir, story)
     trained, saved = load_fold(train_set, folder, checkpoint, run, [val_set])
     train_result = engine.evaluate_seeds(trained, train_set, device, saved, precision)
     val_result = engine.evaluate_seeds(trained, val_set, device, saved, precision)
-    utils.write_predictions(Path(out_dir) / runs.CV_PREDICTIONS, val_set.videos,
+    utils.write_predictions(Path(out_dir) / layout.CV_PREDICTIONS, val_set.videos,
                             val_result["frames"])
     if features:
         engine.extract_features(trained, train_set, val_set, folder, device, saved.label_delay,
@@ -201,14 +198,14 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, run, features=False):
 
 
 def last_columns(train_set, val_set, folder, run):
-    """The columns of the fold's last.save (runs.FOLD_COLUMNS), where nothing is
+    """The columns of the fold's last.save (tables.FOLD_COLUMNS), where nothing is
     picked on the held-out story: its CCC there (of the averaged weights with --ema
     or --swa_start: last.save's "model") and its epoch; NaN for a fold without one.
     With --average_last, "average_last_ccc" is that of the mean of the last epochs'
     predictions that last.save keeps."""
-    if not all(path.is_file() for path in runs.run_checkpoints(folder, runs.LAST)):
+    if not all(path.is_file() for path in layout.run_checkpoints(folder, layout.LAST)):
         return {"last_ccc": np.nan, "last_epoch": ""}
-    last, saved = load_fold(train_set, folder, runs.LAST, run)
+    last, saved = load_fold(train_set, folder, layout.LAST, run)
     scored = postprocessing.score_videos(val_set.videos, predict_average(last, val_set, run), saved)
     columns = {"last_ccc": scored["ccc"], "last_epoch": epoch_of(last)}
     kept = kept_averages(last, val_set)
@@ -221,6 +218,7 @@ def last_columns(train_set, val_set, folder, run):
 def kept_averages(last, val_set):
     """The mean over seeds of the --average_last predictions of the held-out videos
     that the fold's last.save models keep (checkpoints.averaged_predictions), or None."""
+    from empathy import checkpoints
     kept = [checkpoints.averaged_predictions(model.checkpoint, val_set) for model in last]
     if any(predictions is None for predictions in kept):
         return None
@@ -249,12 +247,12 @@ def fold_ensemble(pooled, videos, out_dir, checkpoint, run):
     rows, per_fold = [], []
     for story in pooled.stories:
         train_set, _ = datasets.fold_sets(pooled, story)
-        trained, saved = load_fold(train_set, runs.fold_dir(out_dir, story), checkpoint, run,
+        trained, saved = load_fold(train_set, layout.fold_dir(out_dir, story), checkpoint, run,
                                    [videos])
         per_fold.append(predict_average(trained, videos, run))
         own = postprocessing.unscored(postprocessing.score_videos(
             videos.videos, per_fold[-1], saved), videos.videos)
-        rows.append({"model": runs.fold_name(story), "epoch": epoch_of(trained),
+        rows.append({"model": layout.fold_name(story), "epoch": epoch_of(trained),
                      "ccc": own["ccc"]})
     mean = [np.mean(rows_of_video, axis=0) for rows_of_video in zip(*per_fold)]
     together = saved.with_listener_stats(pooled.videos) if saved.calibrate else saved
@@ -274,7 +272,7 @@ def choose_postprocessing(pooled, out_dir, run):
     folds = {}
     for story in pooled.stories:
         train_set, val_set = datasets.fold_sets(pooled, story)
-        last, saved = load_fold(train_set, runs.fold_dir(out_dir, story), runs.LAST, run)
+        last, saved = load_fold(train_set, layout.fold_dir(out_dir, story), layout.LAST, run)
         # what the fold reports: with --average_last, the mean of its last epochs' predictions
         held_out = kept_averages(last, val_set) or predict_average(last, val_set, run)
         folds[story] = (train_set.videos, val_set.videos, held_out)
@@ -283,7 +281,7 @@ def choose_postprocessing(pooled, out_dir, run):
         {"candidate": postprocessing.as_flags(candidate), "smooth": candidate.smooth,
          "lowpass": candidate.lowpass, "calibrate": candidate.calibrate,
          "mean_ccc": np.mean(list(scores.values())), "std_ccc": np.std(list(scores.values())),
-         **{runs.fold_name(story): value for story, value in scores.items()},
+         **{layout.fold_name(story): value for story, value in scores.items()},
          "chosen": "*" if index == best else ""}
         for index, (candidate, scores) in enumerate(scored)])
     chosen, scores = scored[best]
@@ -298,37 +296,37 @@ def main(args):
     mods = datasets.parse_mods(args.mods)
     settings = options.TrainingSettings.from_args(args)
     out_dir = Path(args.out_dir)
-    checkpoint = runs.checkpoint_name(args.test_epoch)
+    checkpoint = layout.checkpoint_name(args.test_epoch)
     runner = parallel.Runner.from_args(args)
     pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
     ensemble_videos = (load_ensemble_videos(args.ensemble_dir, pooled, args.subjects)
                        if args.ensemble_dir else None)
     folders = [folder for story in pooled.stories
-               for _, folder in settings.seed_runs(runs.fold_dir(out_dir, story))]
+               for _, folder in settings.seed_runs(layout.fold_dir(out_dir, story))]
     evaluated = []
     if args.test:
         evaluated = saved_checkpoints(args, out_dir, pooled.stories, checkpoint)
         resumes = {}
     else:
         check_test_epoch(args.test_epoch, settings)
-        resumes = runs.check_fresh_runs(folders, args.resume, args.overwrite)
+        resumes = layout.check_fresh_runs(folders, args.resume, args.overwrite)
     run = options.RunOptions.from_args(args, settings, resumes, runner)
     resumed = [resumed_run for story in pooled.stories  # every fold trains on some of pooled
-               for resumed_run in run.resumed_runs(runs.fold_dir(runner.path(out_dir), story))]
+               for resumed_run in run.resumed_runs(layout.fold_dir(runner.path(out_dir), story))]
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], options=run, data=pooled, trains=not args.test,
         resumed=resumed, evaluated=evaluated, runner=runner))
-    with runs.owned(out_dir):
+    with layout.owned(out_dir):
         if not args.test:
-            runs.check_fresh_runs(folders, args.resume, args.overwrite)  # none began meanwhile
-            runs.write_run_record(args, out_dir)
+            layout.check_fresh_runs(folders, args.resume, args.overwrite)  # none began meanwhile
+            layout.write_run_record(args, out_dir)
         pooled_for_tasks = datasets.pool_for_tasks(pooled, runner, args.train_dir, args.test_dir,
                                                    args.stories, args.subjects)
         tasks = [dict(pooled=pooled_for_tasks, story=story, out_dir=runner.path(out_dir), run=run,
                       checkpoint=checkpoint, features=args.features, test_only=args.test)
                  for story in pooled.stories]
-        table = runs.crossval_table(runner.run(run_fold, tasks, "folds"))
-        utils.write_csv(table, out_dir / runs.CROSSVAL_TABLE)
+        table = tables.crossval_table(runner.run(run_fold, tasks, "folds"))
+        utils.write_csv(table, out_dir / layout.CROSSVAL_TABLE)
         print_crossval(table, checkpoint)
         if ensemble_videos is not None:
             write_ensemble(pooled, ensemble_videos, out_dir, args, run)
@@ -344,7 +342,7 @@ def print_crossval(table, checkpoint):
     print(f"cross-validation of {checkpoint} per held-out story:")
     print(utils.format_table(table))
     picked = ("the epoch with the best CCC on the held-out story itself: picked on the "
-              "held-out story, not a number to report" if checkpoint == runs.BEST else
+              "held-out story, not a number to report" if checkpoint == layout.BEST else
               "the same epoch in every fold: picked on the held-out stories if it was chosen "
               "by looking at them (cv_epochs.py)")
     print(f"val_ccc, val_epoch: {checkpoint}, {picked}")
@@ -357,10 +355,10 @@ def print_crossval(table, checkpoint):
 
 def write_ensemble(pooled, videos, out_dir, args, run):
     """The fold ensemble on --ensemble_dir: predictions, table, and what it printed."""
-    checkpoint = runs.LAST if args.test_epoch is None else runs.checkpoint_name(args.test_epoch)
+    checkpoint = layout.LAST if args.test_epoch is None else layout.checkpoint_name(args.test_epoch)
     table, frames = fold_ensemble(pooled, videos, out_dir, checkpoint, run)
-    utils.write_predictions(out_dir / runs.ENSEMBLE_PREDICTIONS, videos.videos, frames)
-    utils.write_csv(table, out_dir / runs.ENSEMBLE_TABLE)
+    utils.write_predictions(out_dir / layout.ENSEMBLE_PREDICTIONS, videos.videos, frames)
+    utils.write_csv(table, out_dir / layout.ENSEMBLE_TABLE)
     print(f"fold ensemble on {args.ensemble_dir} ({len(videos)} videos): each fold's "
           f"{checkpoint}, and the mean of their per-second predictions (nothing chosen on "
           "these videos):")
@@ -368,24 +366,24 @@ def write_ensemble(pooled, videos, out_dir, args, run):
     if table["ccc"].isna().all():
         print(f"the videos of {args.ensemble_dir} have no annotations (or constant ones): "
               "predictions written, no CCC")
-    print(f"ensemble predictions in {out_dir / runs.ENSEMBLE_PREDICTIONS}, table in "
-          f"{out_dir / runs.ENSEMBLE_TABLE}")
+    print(f"ensemble predictions in {out_dir / layout.ENSEMBLE_PREDICTIONS}, table in "
+          f"{out_dir / layout.ENSEMBLE_TABLE}")
 
 
 def write_choice(pooled, out_dir, run):
     """--choose_postprocessing: every candidate, and the choice, written and printed."""
     table, record = choose_postprocessing(pooled, out_dir, run)
-    utils.write_csv(table, out_dir / runs.POSTPROCESSING_CANDIDATES)
-    utils.write_json(record, out_dir / runs.POSTPROCESSING_CHOICE)
+    utils.write_csv(table, out_dir / layout.POSTPROCESSING_CANDIDATES)
+    utils.write_json(record, out_dir / layout.POSTPROCESSING_CHOICE)
     print("post-processing of the folds' held-out predictions of last.save, CCC mean +- std "
           "over folds:")
     for row in table.itertuples():
         print(f"  {row.candidate:<28} {row.mean_ccc:.4f} +- {row.std_ccc:.4f}"
               f"{'   <- chosen (best mean)' if row.chosen else ''}")
     print(f"chosen: {record['flags']} (CV {record['cv_mean']:.4f} +- {record['cv_std']:.4f}), in "
-          f"{out_dir / runs.POSTPROCESSING_CHOICE}; train.py and personalize.py take it with "
+          f"{out_dir / layout.POSTPROCESSING_CHOICE}; train.py and personalize.py take it with "
           f"--postprocessing_from {out_dir}")
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), runs.crossval_results)
+    ledger.run_cli(main, get_args_parser(), tables.crossval_results)

@@ -16,20 +16,15 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-import datasets
-import options
-import parallel
-import runs
-import utils
+from empathy import datasets, layout, ledger, options, parallel, utils
 
-engine = utils.LazyModule("engine")  # imported on first use: --help loads no torch
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "cv_epochs.py", description="Find the epoch that is best across all folds.",
         parents=[options.get_data_args_parser(), options.get_fold_args_parser(),
-                 runs.get_ledger_args_parser()])
+                 ledger.get_ledger_args_parser()])
     group = parser.add_argument_group("epochs")
     group.add_argument("--epoch_min", type=int, default=100, help="first epoch (default: %(default)s)")
     group.add_argument("--epoch_max", type=int, default=2000, help="last epoch (default: %(default)s)")
@@ -47,8 +42,9 @@ def epochs_to_check(epoch_min, epoch_max, epoch_step):
 def load_fold_epoch(pooled, story, out_dir, epoch, run, evaluated=()):
     """A fold's training and held-out videos, its models (one per seed) at `epoch` and
     the post-processing to score them with."""
+    from empathy import engine
     train_set, val_set = datasets.fold_sets(pooled, story)
-    paths = runs.run_checkpoints(runs.fold_dir(out_dir, story), runs.checkpoint_name(epoch))
+    paths = layout.run_checkpoints(layout.fold_dir(out_dir, story), layout.checkpoint_name(epoch))
     trained, saved = engine.load_for_evaluation(paths, train_set, run.normalize,
                                                 run.postprocessing_flags, run.device,
                                                 [val_set] if evaluated else [])
@@ -58,9 +54,10 @@ def load_fold_epoch(pooled, story, out_dir, epoch, run, evaluated=()):
 def evaluate_fold_epochs(pooled, story, out_dir, epochs, run):
     """Held-out CCC of one fold at each epoch (of its seeds' average prediction):
     {"story", "scores": {epoch: ccc}}."""
+    from empathy import engine
     scores = {}
     # Off where stderr is no terminal, and in worker processes, as the runner's bar is.
-    for epoch in tqdm(epochs, desc=runs.fold_name(story), unit="epoch", leave=False,
+    for epoch in tqdm(epochs, desc=layout.fold_name(story), unit="epoch", leave=False,
                       dynamic_ncols=True, disable=None if run.progress else True):
         _, val_set, trained, saved = load_fold_epoch(pooled, story, out_dir, epoch, run,
                                                      evaluated=epoch == epochs[0])
@@ -70,15 +67,16 @@ def evaluate_fold_epochs(pooled, story, out_dir, epochs, run):
 
 
 def extract_fold_features(pooled, story, out_dir, epoch, run):
+    from empathy import engine
     train_set, val_set, trained, saved = load_fold_epoch(pooled, story, out_dir, epoch, run)
-    engine.extract_features(trained, train_set, val_set, runs.fold_dir(out_dir, story),
+    engine.extract_features(trained, train_set, val_set, layout.fold_dir(out_dir, story),
                             run.device, saved.label_delay, run.settings.precision)
 
 
 def epoch_table(folds, epochs):
     """One row per epoch: mean, std and mean-std of the held-out CCC over folds,
     then each fold's CCC."""
-    per_fold = pd.DataFrame({runs.fold_name(fold["story"]): [fold["scores"][e] for e in epochs]
+    per_fold = pd.DataFrame({layout.fold_name(fold["story"]): [fold["scores"][e] for e in epochs]
                              for fold in folds})
     values = per_fold.to_numpy()
     table = pd.DataFrame({"epoch": epochs, "mean_ccc": values.mean(axis=1),
@@ -101,17 +99,17 @@ def main(args):
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
     pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
-    runs.check_fold_checkpoints(out_dir, pooled.stories, epochs,
+    layout.check_fold_checkpoints(out_dir, pooled.stories, epochs,
                                 "--epoch_min/--epoch_max/--epoch_step")
     run = options.RunOptions.from_args(args, options.TrainingSettings.from_args(args), {},
                                        runner)
-    first_epoch = [path for story in pooled.stories for path in runs.run_checkpoints(
-        runs.fold_dir(out_dir, story), runs.checkpoint_name(epochs[0]))]
+    first_epoch = [path for story in pooled.stories for path in layout.run_checkpoints(
+        layout.fold_dir(out_dir, story), layout.checkpoint_name(epochs[0]))]
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], options=run, data=pooled, evaluated=first_epoch,
         runner=runner))
-    with runs.owned(out_dir):
-        runs.write_run_record(args, out_dir, runs.CV_EPOCHS_RUN_RECORD)
+    with layout.owned(out_dir):
+        layout.write_run_record(args, out_dir, layout.CV_EPOCHS_RUN_RECORD)
         return evaluate_and_extract(pooled, epochs, out_dir, args, run, runner)
 
 
@@ -124,7 +122,7 @@ def evaluate_and_extract(pooled, epochs, out_dir, args, run, runner):
                        [dict(story=s, epochs=epochs, **common) for s in pooled.stories], "folds")
     table = epoch_table(folds, epochs)
     best_epoch = int(table.loc[table["mean_ccc"].idxmax(), "epoch"])
-    utils.write_csv(table, out_dir / runs.CV_EPOCHS_TABLE)
+    utils.write_csv(table, out_dir / layout.CV_EPOCHS_TABLE)
     print(utils.format_table(table[["epoch", "mean_ccc", "std_ccc", "mean_minus_std"]]))
     print(f"best epoch: {best_epoch} (mean CCC {table['mean_ccc'].max():.4f})")
 
@@ -136,4 +134,4 @@ def evaluate_and_extract(pooled, epochs, out_dir, args, run, runner):
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), ledger_results)
+    ledger.run_cli(main, get_args_parser(), ledger_results)

@@ -21,20 +21,15 @@ they are joblib pickles, so use only folders you made or trust.
 import argparse
 from pathlib import Path
 
-import datasets
-import parallel
-import postprocessing
-import runs
-import svr_fusion
-import utils
-from utils import ToolkitError
+from empathy import datasets, layout, ledger, parallel, postprocessing, svr_fusion, tables, utils
+from empathy.utils import ToolkitError
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "cv_fusion.py", parents=[svr_fusion.get_args_parser(),
                                  parallel.get_parallel_args_parser("fit folds"),
-                                 runs.get_ledger_args_parser()],
+                                 ledger.get_ledger_args_parser()],
         description="Cross-validate decision-level fusion across stories.")
     parser.add_argument("cv_dirs", nargs="+", metavar="CV_DIR",
                         help="crossval.py output folders holding val_on_<story>/feat_train "
@@ -56,21 +51,21 @@ def list_folds(cv_dirs):
     if not first.is_dir():
         raise ToolkitError(f"cross-validation folder {first} does not exist: run crossval.py "
                            f"--out_dir {first} --features first, or fix the path")
-    stories = runs.fold_stories(first)
+    stories = layout.fold_stories(first)
     if not stories:
         raise ToolkitError(f"{first} has no val_on_<story> folders: give a crossval.py "
                            "--out_dir, after crossval.py --features has run")
     for cv_dir in cv_dirs[1:]:
         for story in stories:
-            if not runs.fold_dir(cv_dir, story).is_dir():
-                raise ToolkitError(f"{runs.fold_dir(cv_dir, story)} does not exist but "
-                                   f"{runs.fold_dir(first, story)} does: every CV_DIR needs the "
+            if not layout.fold_dir(cv_dir, story).is_dir():
+                raise ToolkitError(f"{layout.fold_dir(cv_dir, story)} does not exist but "
+                                   f"{layout.fold_dir(first, story)} does: every CV_DIR needs the "
                                    "same folds (cross-validate both models on the same stories)")
     return stories
 
 
 def fold_folder(cv_dir, story, side):
-    folder = runs.features_dir(runs.fold_dir(cv_dir, story), side)
+    folder = layout.features_dir(layout.fold_dir(cv_dir, story), side)
     if not folder.is_dir():
         raise ToolkitError(f"{folder} does not exist: extract the fold's features with "
                            "crossval.py --features (or cv_epochs.py)")
@@ -84,13 +79,13 @@ def load_fold(cv_dirs, story, annotations, in_names):
         folders = [[fold_folder(cv_dir, story, side)] for cv_dir in cv_dirs]
         sets[side], dims[side] = svr_fusion.load_fused_videos(folders, annotations, in_names)
     svr_fusion.check_same_dims(dims["train"], dims["test"], in_names)
-    where = runs.fold_dir(cv_dirs[0], story)
+    where = layout.fold_dir(cv_dirs[0], story)
     if any(video.story != story for video in sets["test"]):
-        raise ToolkitError(f"{runs.features_dir(where, 'test')} holds videos of other stories "
+        raise ToolkitError(f"{layout.features_dir(where, 'test')} holds videos of other stories "
                            f"than {story}: it is not this fold's held-out story; re-run "
                            "crossval.py --features")
     if any(video.story == story for video in sets["train"]):
-        raise ToolkitError(f"{runs.features_dir(where, 'train')} holds videos of the held-out "
+        raise ToolkitError(f"{layout.features_dir(where, 'train')} holds videos of the held-out "
                            f"story {story}: re-run crossval.py --features")
     return sets["train"], sets["test"], dims["train"]
 
@@ -123,7 +118,7 @@ def fold_tasks(folds, saved, args, in_names, settings, runner):
 
 
 def model_path(out_dir, story):
-    return runs.fold_dir(out_dir, story) / runs.FUSION_MODEL
+    return layout.fold_dir(out_dir, story) / layout.FUSION_MODEL
 
 
 def load_fold_models(out_dir, folds, in_names, flags):
@@ -143,7 +138,7 @@ def run_fold(story, fold, out_dir, settings, in_names, saved=None, postprocessin
     `postprocessing_flags` given), score it and write its outputs; returns its row
     of the cross-validation table."""
     train_videos, test_videos, dims = fold
-    fold_dir = runs.fold_dir(out_dir, story)
+    fold_dir = layout.fold_dir(out_dir, story)
     if saved:
         model, c = saved["model"], saved["C"]
         postprocessing = svr_fusion.saved_postprocessing(saved, postprocessing_flags or {},
@@ -152,9 +147,9 @@ def run_fold(story, fold, out_dir, settings, in_names, saved=None, postprocessin
         model, c, postprocessing = svr_fusion.fit_and_save(
             train_videos, settings, in_names, dims, model_path(out_dir, story), verbose=False)
     train_result = svr_fusion.predict_and_write(model, train_videos, postprocessing,
-                                                runs.predictions_dir(fold_dir, "train"))
+                                                layout.predictions_dir(fold_dir, "train"))
     test_result = svr_fusion.predict_and_write(model, test_videos, postprocessing,
-                                               out_dir / runs.CV_PREDICTIONS)
+                                               out_dir / layout.CV_PREDICTIONS)
     return {"story": story, "train_ccc": train_result["ccc"], "val_ccc": test_result["ccc"],
             "C": c}
 
@@ -168,10 +163,10 @@ def main(args):
     saved = (load_fold_models(out_dir, folds, in_names, postprocessing.flags_given(args))
              if args.test else {})
     runner.check()
-    runs.check_output_folder(out_dir, "--out_dir")
+    layout.check_output_folder(out_dir, "--out_dir")
     # Every input has been checked: only now is anything written.
     utils.check_writable(out_dir)
-    with runs.owned(out_dir):
+    with layout.owned(out_dir):
         return fit_and_score(folds, saved, args, in_names, settings, runner)
 
 
@@ -181,16 +176,16 @@ def fit_and_score(folds, saved, args, in_names, settings, runner):
     rows = runner.run(run_fold, fold_tasks(folds, saved, args, in_names, settings, runner),
                       "folds")
     for row in rows:  # printed here: parallel folds would print out of order, or remotely
-        print(f"{runs.fold_name(row['story'])}: C {row['C']:g}, train CCC "
+        print(f"{layout.fold_name(row['story'])}: C {row['C']:g}, train CCC "
               f"{row['train_ccc']:.4f}, val CCC {row['val_ccc']:.4f}")
-    table = runs.crossval_table(rows)
-    utils.write_csv(table, out_dir / runs.CROSSVAL_TABLE)
-    runs.write_run_record(args, out_dir, runs.TEST_RUN_RECORD if args.test else runs.RUN_RECORD)
+    table = tables.crossval_table(rows)
+    utils.write_csv(table, out_dir / layout.CROSSVAL_TABLE)
+    layout.write_run_record(args, out_dir, layout.TEST_RUN_RECORD if args.test else layout.RUN_RECORD)
     print(utils.format_table(table))
-    print(f"results in {out_dir / runs.CROSSVAL_TABLE}, held-out predictions in "
-          f"{out_dir / runs.CV_PREDICTIONS}")
+    print(f"results in {out_dir / layout.CROSSVAL_TABLE}, held-out predictions in "
+          f"{out_dir / layout.CV_PREDICTIONS}")
     return table
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), runs.crossval_results)
+    ledger.run_cli(main, get_args_parser(), tables.crossval_results)

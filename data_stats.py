@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import datasets
-import runs
-import utils
-from utils import FPS, ToolkitError
+from empathy import datasets, layout, utils
+from empathy.utils import FPS, ToolkitError
 
 GRIDS = (0.1, 0.05, 0.025, 0.02, 0.01, 0.005, 0.001)  # coarsest first
 COLUMNS = ["statistic", "over", "count", "mean", "median", "min", "max"]
@@ -193,7 +191,7 @@ def _pearson_columns(features, target):
 def main(args):
     mods = datasets.parse_mods(args.mods) if args.mods.strip() else []
     out = Path(args.out)
-    runs.check_output_folder(out, "--out")  # never over an annotation or feature file
+    layout.check_output_folder(out, "--out")  # never over an annotation or feature file
     if out.is_dir():
         raise ToolkitError(f"--out {out} is a folder: give the CSV file to write, e.g. "
                            f"{out / 'data_stats.csv'}")

@@ -43,11 +43,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-import face_features
-import parallel
-from datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, check_regular_file,
+from empathy import face_features, parallel
+from empathy.datasets import (ANNOTATION_FOLDER, MODALITY_FOLDERS, VIDEO_FILE, check_regular_file,
                       feature_width, parse_mods, parse_video_name, read_annotation, video_name)
-from utils import (FPS, ToolkitError, atomic_path, check_writable, run_cli, save_array,
+from empathy.utils import (FPS, ToolkitError, atomic_path, check_writable, run_cli, save_array,
                    write_csv, write_json)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")

@@ -24,15 +24,12 @@ pass --test only models that you made or that come from someone you trust.
 import argparse
 from pathlib import Path
 
-import postprocessing
-import runs
-import svr_fusion
-import utils
+from empathy import layout, ledger, postprocessing, svr_fusion, utils
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "fusion.py", parents=[svr_fusion.get_args_parser(), runs.get_ledger_args_parser()],
+        "fusion.py", parents=[svr_fusion.get_args_parser(), ledger.get_ledger_args_parser()],
         description="Decision-level fusion of several models' features with an RBF SVR.")
     parser.add_argument("feat_dirs", nargs="+", metavar="FEAT_DIR",
                         help="feature folders written by train.py --features (copied into "
@@ -46,7 +43,7 @@ def get_args_parser():
     group.add_argument("--pred_dir", default="./fusion_preds",
                        help="where predictions, the model and args.json go (default: %(default)s)")
     group.add_argument("--model_path", help="where to save the fitted model (default: "
-                                            f"<pred_dir>/{runs.FUSION_MODEL})")
+                                            f"<pred_dir>/{layout.FUSION_MODEL})")
     return parser
 
 
@@ -59,7 +56,7 @@ def main(args):
     in_names = svr_fusion.input_names(args.feat_dirs, args.in_names)
     settings = svr_fusion.SVRSettings.from_args(args)
     pred_dir = Path(args.pred_dir)
-    model_path = Path(args.model_path) if args.model_path else pred_dir / runs.FUSION_MODEL
+    model_path = Path(args.model_path) if args.model_path else pred_dir / layout.FUSION_MODEL
     saved = svr_fusion.load_model(args.test) if args.test else None
     train_videos, test_videos, dims = svr_fusion.load_split(
         args.feat_dirs, in_names, args.train_dir, args.test_dir, args.test_set,
@@ -68,23 +65,23 @@ def main(args):
         svr_fusion.check_compatible(saved, in_names, dims, args.test)
         saved_postprocessing = svr_fusion.saved_postprocessing(
             saved, postprocessing.flags_given(args), args.test)
-    runs.check_output_folder(pred_dir, "--pred_dir")
+    layout.check_output_folder(pred_dir, "--pred_dir")
     if not saved:
         svr_fusion.check_model_path(model_path)
     # Every input has been checked: only now is anything written.
     utils.check_writable(pred_dir)
-    with runs.owned(pred_dir):
+    with layout.owned(pred_dir):
         if saved:
             results = svr_fusion.predict_saved(saved["model"], saved_postprocessing, test_videos,
                                                pred_dir)
         else:
             results = svr_fusion.fit_and_predict(settings, in_names, dims, train_videos,
                                                  test_videos, pred_dir, model_path)
-        runs.write_run_record(args, pred_dir, runs.TEST_RUN_RECORD if saved else runs.RUN_RECORD)
+        layout.write_run_record(args, pred_dir, layout.TEST_RUN_RECORD if saved else layout.RUN_RECORD)
     utils.print_results(results)
     print(f"predictions written to {pred_dir}" + ("" if saved else f", model to {model_path}"))
     return results
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), ledger_results)
+    ledger.run_cli(main, get_args_parser(), ledger_results)

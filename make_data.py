@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 
-import utils
-from datasets import ANNOTATION_FOLDER, MODALITY_FOLDERS, video_name
-from utils import FPS, ToolkitError
+from empathy import utils
+from empathy.datasets import ANNOTATION_FOLDER, MODALITY_FOLDERS, video_name
+from empathy.utils import FPS, ToolkitError
 
 PRESETS = ("easy", "realistic", "unstable")
 OFFICIAL_TEST_STORIES = (3, 6, 7)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nbformat
 
-import utils
+from empathy import utils
 
 ROOT = Path(__file__).resolve().parent
 SHELL_FENCE = "```shell"

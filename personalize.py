@@ -34,17 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import datasets
-import finetuning
-import options
-import parallel
-import runs
-import utils
-from utils import LazyModule, ToolkitError
+from empathy import datasets, finetuning, layout, ledger, options, parallel, tables, utils
+from empathy.utils import ToolkitError
 
 # imported on first use (they load torch), so that --help and the flag checks need none
-checkpoints = LazyModule("checkpoints")
-engine = LazyModule("engine")
 
 
 def get_args_parser():
@@ -52,7 +45,7 @@ def get_args_parser():
         "personalize.py", description="Fine-tune a trained model for each listener.",
         parents=[options.get_data_args_parser(), options.get_training_args_parser(),
                  parallel.get_parallel_args_parser("fine-tune subjects"),
-                 finetuning.get_args_parser(), runs.get_ledger_args_parser()])
+                 finetuning.get_args_parser(), ledger.get_ledger_args_parser()])
     group = parser.add_argument_group("subjects")
     group.add_argument("--out_dir", default="./personal",
                        help="folder holding init.save; gets subject_<s>/ and pred_test/ "
@@ -73,7 +66,7 @@ def get_args_parser():
 
 
 def init_checkpoint(out_dir):
-    path = Path(out_dir) / runs.INIT_CHECKPOINT
+    path = Path(out_dir) / layout.INIT_CHECKPOINT
     if not path.is_file():
         raise ToolkitError(f"{path} does not exist: copy the model to start from there, e.g. "
                            f"mkdir -p {out_dir} && cp cv_AT/val_on_1/best.save {path}")
@@ -86,6 +79,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     `run`) with the method of `methods` (finetuning.Method) and the number of epochs
     that `inner_cv` chooses, if asked; returns its CCC before and after (of the
     seeds' average prediction, with their mean and std) and what it got."""
+    from empathy import checkpoints, engine
     device = run.device
     flags = run.postprocessing_flags or {}
     init = checkpoints.load_trained([init_checkpoint(out_dir)], train_all, run.normalize, device)[0]
@@ -94,7 +88,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     postprocessing = engine.saved_postprocessing([init], flags, train_all)
     precision = run.settings.precision
     before = engine.evaluate(init.network, test_set, device, postprocessing, precision)
-    subject_folder = runs.subject_dir(out_dir, subject)
+    subject_folder = layout.subject_dir(out_dir, subject)
     tuning = finetuning.SubjectTuning(train_all, subject, init, run, postprocessing, augment)
 
     method, epochs = methods[0], run.settings.epochs
@@ -114,7 +108,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
         tuned, tuned_postprocessing = engine.load_for_evaluation(
-            runs.run_checkpoints(subject_folder, runs.LAST), train_set, run.normalize, flags,
+            layout.run_checkpoints(subject_folder, layout.LAST), train_set, run.normalize, flags,
             device, [test_set])
         if chosen.settings.average_last:  # the mean of the last epochs' predictions, per seed
             after = engine.score_seed_predictions(
@@ -122,7 +116,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
                 tuned_postprocessing)
         else:
             after = engine.evaluate_seeds(tuned, test_set, device, tuned_postprocessing, precision)
-    utils.write_predictions(runs.predictions_dir(out_dir, "test"), test_set.videos,
+    utils.write_predictions(layout.predictions_dir(out_dir, "test"), test_set.videos,
                             after["frames"])
     row["after_ccc"] = after["ccc"]
     if list(methods) != [finetuning.DEFAULT]:  # say what the subject got
@@ -174,7 +168,7 @@ def subject_table(rows):
 def ledger_results(table):
     """The ledger's results: the subjects' CCC after fine-tuning (the personalized track)."""
     subjects = table[table["subject"] != "Mean"]
-    return runs.spread_results(subjects["after_ccc"])
+    return tables.spread_results(subjects["after_ccc"])
 
 
 def main(args):
@@ -192,27 +186,27 @@ def main(args):
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
     folders, inner = subject_folders(train_all, subjects, out_dir, settings, args.inner_cv,
                                      methods)
-    resumes = runs.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
+    resumes = layout.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
     run = options.RunOptions.from_args(args, settings, resumes, runner)
     resumed = [(folder, seed_settings) for subject in subjects for folder, seed_settings
-               in run.resumed_runs(runner.path(runs.subject_dir(out_dir, subject)))]
+               in run.resumed_runs(runner.path(layout.subject_dir(out_dir, subject)))]
     resumed += [(folder, settings) for folder in inner if resumes[folder]]  # one seed each
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], options=run, data=train_all, trains=True, base=init,
         resumed=resumed, runner=runner, split_dirs=(args.train_dir, args.test_dir),
         base_checks=[finetuning.base_check(methods)]))
     finetuning.check_resumed_methods(folders, inner, resumes, methods)
-    with runs.owned(out_dir):
+    with layout.owned(out_dir):
         # none began meanwhile
-        runs.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
-        runs.write_run_record(args, out_dir)
+        layout.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
+        layout.write_run_record(args, out_dir)
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
                       out_dir=runner.path(out_dir), run=run, augment=args.augment,
                       inner_cv=args.inner_cv, methods=methods)
                  for subject in subjects]
         table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
-        utils.write_csv(table, out_dir / runs.PERSONALIZE_TABLE)
+        utils.write_csv(table, out_dir / layout.PERSONALIZE_TABLE)
     print("CCC per subject on the test videos, before and after fine-tuning:")
     print(utils.format_table(table))
     return table
@@ -222,7 +216,7 @@ def subject_folders(train_all, subjects, out_dir, settings, inner_cv, methods):
     """The run folders of the subjects (one per seed) and, with --inner_cv, of their
     inner cross-validation folds ({folder: its method})."""
     folders = [folder for subject in subjects
-               for _, folder in settings.seed_runs(runs.subject_dir(out_dir, subject))]
+               for _, folder in settings.seed_runs(layout.subject_dir(out_dir, subject))]
     inner = {folder: method for subject in subjects if inner_cv
              for folder, method in
              finetuning.inner_cv_folders(train_all, subject, out_dir, methods).items()}
@@ -230,4 +224,4 @@ def subject_folders(train_all, subjects, out_dir, settings, inner_cv, methods):
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), ledger_results)
+    ledger.run_cli(main, get_args_parser(), ledger_results)

@@ -37,11 +37,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
-import runs
-import utils
-from datasets import (list_videos, parse_video_name, read_annotation, read_prediction,
+from empathy import layout
+
+from empathy import ledger, utils
+from empathy.datasets import (list_videos, parse_video_name, read_annotation, read_prediction,
                       video_name)
-from utils import FPS, ToolkitError
+from empathy.utils import FPS, ToolkitError
 
 DEFAULT_VIDEOS = 2
 # 1000 dpi already makes a 10 x 6 inch figure 60 megapixels; beyond it memory runs out.
@@ -92,12 +93,12 @@ def get_args_parser():
                          help="crossval.csv of crossval.py or cv_fusion.py, or by_story.csv "
                               "of score.py")
 
-    ledger = kinds.add_parser("runs", parents=common,
-                              help="mean CCC of the runs in the ledger, by their settings")
-    ledger.add_argument("csv", nargs="?", default=runs.DEFAULT_LEDGER,
-                        help="the ledger CSV (default: %(default)s)")
-    ledger.add_argument("--script", help="only this script's runs, e.g. crossval")
-    ledger.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
+    runs = kinds.add_parser("runs", parents=common,
+                            help="mean CCC of the runs in the ledger, by their settings")
+    runs.add_argument("csv", nargs="?", default=ledger.DEFAULT_LEDGER,
+                      help="the ledger CSV (default: %(default)s)")
+    runs.add_argument("--script", help="only this script's runs, e.g. crossval")
+    runs.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
                         help="only runs whose changed settings include these, e.g. loss=ccc")
 
     curves = kinds.add_parser("curves", parents=common,
@@ -343,7 +344,7 @@ def plot_epochs(args):
         axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2,
                           label=f"{label}: mean ± std over folds" if one else None)
         if one:
-            folds = [column for column in table.columns if column.startswith(runs.FOLD_PREFIX)]
+            folds = [column for column in table.columns if column.startswith(layout.FOLD_PREFIX)]
             for index, column in enumerate(folds):
                 axis.plot(epochs, table[column], color=line.get_color(), linewidth=0.6,
                           alpha=0.5, linestyle="--",
@@ -444,30 +445,30 @@ def plot_stories(args):
 
 
 def plot_runs(args):
-    ledger = runs.select(runs.read_ledger(args.csv), args.script, args.where)
-    ledger = ledger[ledger["mean_ccc"].notna()]
-    if ledger.empty:
+    rows = ledger.select(ledger.read_ledger(args.csv), args.script, args.where)
+    rows = rows[rows["mean_ccc"].notna()]
+    if rows.empty:
         raise ToolkitError(f"no run with a CCC in {args.csv} matches --script/--where: "
                            "choose runs that were scored")
-    ledger = ledger.assign(label=runs.run_labels(ledger))
-    ledger = ledger.sort_values(["label", "script", "time"], kind="stable")  # a setting's runs together
-    scripts = list(dict.fromkeys(ledger["script"]))
+    rows = rows.assign(label=ledger.run_labels(rows))
+    rows = rows.sort_values(["label", "script", "time"], kind="stable")  # a setting's runs together
+    scripts = list(dict.fromkeys(rows["script"]))
     # Horizontal bars, the first run on top: a run's label (its settings and folder) is
     # read beside its bar, as long as it is; slanted under vertical bars, labels ran
     # into each other and off the figure's left edge.
     names = [f"{textwrap.fill(label, RUN_LABEL_WIDTH)}\n{Path(str(folder)).name}"
-             for label, folder in zip(ledger["label"], ledger["out_dir"])]
+             for label, folder in zip(rows["label"], rows["out_dir"])]
     lines = sum(name.count("\n") + 1 for name in names)
     figure = new_figure(9, 1.6 + 0.16 * lines + 0.2 * len(names))
     axis = figure.subplots()
-    positions = np.arange(len(ledger))[::-1]
+    positions = np.arange(len(rows))[::-1]
     for index, script in enumerate(scripts):
-        mine = (ledger["script"] == script).to_numpy()
-        axis.barh(positions[mine], ledger["mean_ccc"][mine], 0.7,
-                  xerr=ledger["std_ccc"][mine].fillna(0), capsize=3, label=script,
+        mine = (rows["script"] == script).to_numpy()
+        axis.barh(positions[mine], rows["mean_ccc"][mine], 0.7,
+                  xerr=rows["std_ccc"][mine].fillna(0), capsize=3, label=script,
                   color=f"C{index}", edgecolor="black", linewidth=0.5)
     axis.set_yticks(positions, names, fontsize=8)
-    axis.set_ylim(-0.6, len(ledger) - 0.4)
+    axis.set_ylim(-0.6, len(rows) - 0.4)
     axis.axvline(0, color="grey", linewidth=0.6)
     axis.grid(axis="x", alpha=0.3)
     axis.set_xlabel("mean CCC (bars: ± std)")
@@ -490,7 +491,7 @@ def read_metrics(folder):
     """A run's metrics.csv: epoch and train_loss in every row, val_ccc (NaN where the
     epoch was not evaluated, --eval_freq) and val_ccc_average (--average_last: in its
     last epochs only) where given."""
-    path = Path(folder) / runs.METRICS
+    path = Path(folder) / layout.METRICS
     if not path.is_file():
         raise ToolkitError(no_metrics(Path(folder)))
     table = read_csv(path, TRAINING_SCRIPTS)
@@ -515,11 +516,11 @@ def no_metrics(folder):
     """Why `folder` is no run to draw, and which folders in it are."""
     if not folder.exists():
         return f"{folder} does not exist: give a folder that {TRAINING_SCRIPTS} trained a model in"
-    inside = sorted(child.parent.name for child in folder.glob(f"*/{runs.METRICS}"))
+    inside = sorted(child.parent.name for child in folder.glob(f"*/{layout.METRICS}"))
     if not inside:
-        return (f"{folder} has no {runs.METRICS}: give a folder that {TRAINING_SCRIPTS} trained "
+        return (f"{folder} has no {layout.METRICS}: give a folder that {TRAINING_SCRIPTS} trained "
                 "a model in")
-    return (f"{folder} has no {runs.METRICS}: it holds runs in {', '.join(inside[:4])}"
+    return (f"{folder} has no {layout.METRICS}: it holds runs in {', '.join(inside[:4])}"
             f"{', ...' if len(inside) > 4 else ''}: give those folders")
 
 
@@ -528,10 +529,10 @@ def run_settings(folder):
     that of the folder above for a fold, seed or subject of a larger command); {}
     where there is none."""
     folder = Path(folder)
-    parts = (runs.FOLD_PREFIX, runs.seed_dir("", "").name, runs.subject_dir("", "").name)
+    parts = (layout.FOLD_PREFIX, layout.seed_dir("", "").name, layout.subject_dir("", "").name)
     above = [folder.absolute().parent] if folder.absolute().name.startswith(parts) else []
     for candidate in (folder, *above):
-        record = candidate / runs.RUN_RECORD
+        record = candidate / layout.RUN_RECORD
         if record.is_file():
             try:
                 settings = json.loads(record.read_text(encoding="utf-8"))
@@ -585,7 +586,7 @@ def plot_curves(args):
     the mean of the last epochs' predictions dashed. A run trained with --ema or
     --swa_start (its args.json) says so: its validation CCC is the averaged weights'."""
     # A run's metrics.csv stands for its folder.
-    folders = [Path(folder).parent if Path(folder).name == runs.METRICS and Path(folder).is_file()
+    folders = [Path(folder).parent if Path(folder).name == layout.METRICS and Path(folder).is_file()
                else Path(folder) for folder in args.dir]
     labels = labels_for(folders, args.labels) if args.labels else folder_labels(folders)
     tables = [read_metrics(folder) for folder in folders]
@@ -668,7 +669,7 @@ def plot_tune(args):
     import warnings
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as optuna_plots
-    import tuning
+    from empathy import tuning
     if not MIN_DPI <= args.dpi <= MAX_DPI:
         raise ToolkitError(f"--dpi must be from {MIN_DPI} to {MAX_DPI}, got {args.dpi}")
     study = tuning.study_of(args.dir)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-import runs
-import utils
-from datasets import ROW_TOLERANCE, list_videos, read_annotation, read_prediction, video_name
-from utils import FPS, ToolkitError
+from empathy import layout, utils
+from empathy.datasets import ROW_TOLERANCE, list_videos, read_annotation, read_prediction, video_name
+from empathy.utils import FPS, ToolkitError
 
 
 def get_args_parser():
@@ -62,7 +61,7 @@ def check_length(path, frames, annotation_path, annotation_frames):
 
 def main(args):
     if args.out_dir:
-        runs.check_output_folder(args.out_dir, "--out_dir")  # never over the annotations
+        layout.check_output_folder(args.out_dir, "--out_dir")  # never over the annotations
     per_video, by_story, by_subject = utils.summarize_ccc(
         score_folders(args.annotations_dir, args.predictions_dir))
     for title, table in (("CCC per video", per_video),

@@ -12,20 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-import datasets
-import options
-import postprocessing
-import runs
-import utils
-from utils import LazyModule, ToolkitError
+from empathy import datasets, layout, ledger, options, postprocessing, tables, utils
+from empathy.utils import ToolkitError
 
-engine = LazyModule("engine")  # imported on first use: --help loads no torch
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "train.py", parents=[options.get_data_args_parser(), options.get_training_args_parser(),
-                             options.get_model_args_parser(), runs.get_ledger_args_parser()],
+                             options.get_model_args_parser(), ledger.get_ledger_args_parser()],
         description="Train, test, or extract features from a fusion model (--model).")
     group = parser.add_argument_group("what to run")
     group.add_argument("--model_dir", default="./models",
@@ -84,8 +79,9 @@ def run_options(args, resumes=None):
 
 def train_new_model(args, model_dir, train_set, test_set):
     """Training: every check before the first write, then one model per seed."""
+    from empathy import engine
     settings = options.TrainingSettings.from_args(args)
-    resumes = runs.check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
+    resumes = layout.check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
                                     args.resume, args.overwrite)
     run = run_options(args, resumes)
     options.check_before_writing(options.Plan(
@@ -94,15 +90,15 @@ def train_new_model(args, model_dir, train_set, test_set):
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
     train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
-    with runs.owned(model_dir):
+    with layout.owned(model_dir):
         # Again, now that no other run can start here: one may have finished meanwhile.
-        runs.check_fresh_runs(list(resumes), args.resume, args.overwrite)
-        runs.write_run_record(args, model_dir)
+        layout.check_fresh_runs(list(resumes), args.resume, args.overwrite)
+        layout.write_run_record(args, model_dir)
         summaries = engine.fit_seeds(lambda: settings.new_model(train_set.input_dims, device),
                                      train_set, test_set, model_dir, run, device)
     print_training_summaries(summaries, model_dir)
     if settings.seeds > 1:
-        trained, saved = engine.load_for_evaluation(runs.run_checkpoints(model_dir), train_set,
+        trained, saved = engine.load_for_evaluation(layout.run_checkpoints(model_dir), train_set,
                                                     args.normalize, {}, device)
         average = engine.evaluate_seeds(trained, test_set, device, saved, settings.precision)
         best = [summary["best_ccc"] for summary in summaries]
@@ -120,7 +116,7 @@ def print_training_summaries(summaries, model_dir):
     the validation videos."""
     for summary in summaries:
         stop = " (stopped by --patience)" if summary["stopped_early"] else ""
-        where = runs.seed_dir(model_dir, summary["seed"]) if len(summaries) > 1 else model_dir
+        where = layout.seed_dir(model_dir, summary["seed"]) if len(summaries) > 1 else model_dir
         print(f"{last_label(summary)} {summary['last_ccc']:.4f}; best validation CCC "
               f"{summary['best_ccc']:.4f} at epoch {summary['best_epoch']}, picked on "
               f"validation{stop} (checkpoints in {where})")
@@ -139,7 +135,7 @@ def ledger_results(returned):
     of the --average_last average: nothing picked on validation) and their best
     epochs (training), or the test and training CCC (--test)."""
     if isinstance(returned, list):
-        return runs.spread_results([summary["last_ccc"] for summary in returned],
+        return tables.spread_results([summary["last_ccc"] for summary in returned],
                                    best_epoch=" ".join(str(s["best_epoch"]) for s in returned))
     return {"mean_ccc": returned["test"]["ccc"], "train_ccc": returned["train"]["ccc"]}
 
@@ -147,7 +143,8 @@ def ledger_results(returned):
 def predict_saved(args, model_dir, train_set, test_set):
     """--test and --features: evaluate a saved model (every seed's, for a --seeds run);
     returns the evaluations of --test (None for --features alone)."""
-    paths = [Path(args.load)] if args.load else runs.run_checkpoints(model_dir)
+    from empathy import engine
+    paths = [Path(args.load)] if args.load else layout.run_checkpoints(model_dir)
     run = run_options(args)
     outputs = ([(args.pred_dir, "--pred_dir")] if args.test else []) + \
               ([(args.feat_dir, "--feat_dir")] if args.features else [])
@@ -163,10 +160,10 @@ def predict_saved(args, model_dir, train_set, test_set):
     if args.features:
         engine.extract_features(trained, train_set, test_set, args.feat_dir, device,
                                 saved.label_delay, args.precision)
-        print(f"features written to {runs.features_dir(args.feat_dir, 'train')} and "
-              f"{runs.features_dir(args.feat_dir, 'test')}")
+        print(f"features written to {layout.features_dir(args.feat_dir, 'train')} and "
+              f"{layout.features_dir(args.feat_dir, 'test')}")
     return results
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), ledger_results)
+    ledger.run_cli(main, get_args_parser(), ledger_results)

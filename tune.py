@@ -24,14 +24,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-import datasets
-import families
-import options
-import parallel
-import postprocessing
-import runs
-import tuning
-import utils
+from empathy import (datasets, families, layout, ledger, options, parallel, postprocessing, tuning,
+                     utils)
 
 
 def get_args_parser():
@@ -39,7 +33,7 @@ def get_args_parser():
         "tune.py", description="Search settings with Optuna by cross-validation over the "
                                "training stories.",
         parents=[options.get_data_args_parser(), options.get_training_args_parser(),
-                 options.get_fold_args_parser(), runs.get_ledger_args_parser()])
+                 options.get_fold_args_parser(), ledger.get_ledger_args_parser()])
     # Searched per trial, or not taken: a value given for them is refused (tuning.check_flags).
     parser.set_defaults(out_dir="./tune_out", lr=None, weight_decay=None, loss=None,
                         eval_freq=None, save_freq=None, ema=None, swa_start=None,
@@ -94,16 +88,16 @@ def main(args):
     options.check_before_writing(options.Plan(
         outputs=[(out_dir, "--out_dir")], data=train_set, trains=True, runner=runner,
         options=replace(run, postprocessing_flags={"label_delay": tuning.MAX_LABEL_DELAY})))
-    with runs.owned(out_dir):
+    with layout.owned(out_dir):
         study = tuning.create_study(url, args.study_name, attrs)
         tuning.fail_dead_trials(study, out_dir, own_storage=args.storage is None)
         tuning.clear_unkept_weights(study, out_dir)
-        runs.write_run_record(args, out_dir)
+        layout.write_run_record(args, out_dir)
         tuning.write_study_record(out_dir, args.storage, args.study_name)
         config = tuning.TuneConfig.from_args(args, run, attrs["models"], runner)
         tuning.run_trials(runner, train_set, config, args.jobs)
         table, best = tuning.write_outputs(study, out_dir, args.select)
-    print(f"{len(table)} finished trials in {out_dir / runs.TRIALS_TABLE}")
+    print(f"{len(table)} finished trials in {out_dir / layout.TRIALS_TABLE}")
     if best is not None:
         print(f"{best['select']}: trial {best['trial']}, {args.objective} CCC "
               f"{best['value']:.4f}: {' '.join(best['flags'])}")
@@ -125,12 +119,12 @@ def final(args, train_set, url, attrs, run):
     run = replace(run, settings=settings, postprocessing_flags={
         name: getattr(chosen, name) for name in postprocessing.FLAGS})
     folder, record_name = ((out_dir / tuning.FOLD_ENSEMBLE_DIR, tuning.FOLD_ENSEMBLE_RECORD)
-                           if weights else (out_dir / runs.FINAL_DIR, runs.FINAL_RECORD))
+                           if weights else (out_dir / layout.FINAL_DIR, layout.FINAL_RECORD))
     tuning.check_outputs(out_dir, tuning.FINAL_OUTPUTS[ensemble])
     options.check_before_writing(options.Plan(
         outputs=[(folder, "--out_dir")], options=run, data=test_set if weights else train_set,
         trains=not weights, evaluated=weights or []))
-    with runs.owned(out_dir):
+    with layout.owned(out_dir):
         if weights:
             result = tuning.run_fold_ensemble(train_set, test_set, out_dir, weights, run, chosen)
         else:
@@ -161,4 +155,4 @@ def results_of(returned):
 
 
 if __name__ == "__main__":
-    runs.run_cli(main, get_args_parser(), results_of)
+    ledger.run_cli(main, get_args_parser(), results_of)

@@ -66,7 +66,7 @@ def run_in_process(*argv, cwd=None):
     import io
     import os
     import subprocess
-    import utils
+    from empathy import utils
     module = importlib.import_module(Path(argv[0]).stem)
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
     previous = os.getcwd()

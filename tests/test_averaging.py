@@ -7,13 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoints
-import datasets
-import engine
-import models
+from empathy import checkpoints, datasets, engine, models
 import train
 from conftest import run_in_process
-from utils import ToolkitError
+from empathy.utils import ToolkitError
 
 DIMS = {"audio": 24, "text": 16}
 SIZES = {"lstm": [], "gru": ["--hidden_dim", "16"], "tcn": ["--tcn_channels", "16"],

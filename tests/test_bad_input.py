@@ -21,12 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import checkpoints
-import datasets
-import models
-import postprocessing
-import runs
-import utils
+from empathy import checkpoints, datasets, ledger, models, postprocessing, utils
 from conftest import write_tiny_data
 
 FEATURE = "CombinedAudio/Subject_1_Story_2.npy"
@@ -93,7 +88,7 @@ def run_script(script, argv):
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             if hasattr(module, "ledger_results"):
-                runs.run_cli(module.main, module.get_args_parser(), module.ledger_results, argv)
+                ledger.run_cli(module.main, module.get_args_parser(), module.ledger_results, argv)
             else:
                 utils.run_cli(module.main, module.get_args_parser(), argv)
         status = 0

@@ -7,9 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import datasets
-import families
-import models
+from empathy import datasets, families, models
 
 
 @pytest.mark.parametrize("dims", [{"audio": 7, "text": 5}, {"audio": 7, "text": 5, "v_sub": 11}])

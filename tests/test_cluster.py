@@ -25,7 +25,7 @@ import crossval
 import cv_epochs
 import cv_fusion
 import personalize
-import utils
+from empathy import utils
 from conftest import ROOT
 
 RUN_TIMEOUT_S = 120   # one script run on the cluster

@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import checkpoints
+from empathy import checkpoints
 import crossval
 import cv_epochs
-import datasets
-import engine
+from empathy import datasets, engine
 import personalize
-import utils
+from empathy import utils
 from conftest import run_in_process, run_script
 
 

@@ -11,14 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import checkpoints
+from empathy import checkpoints
 import crossval
-import datasets
-import engine
+from empathy import datasets, engine
 import personalize
-import runs
+from empathy import tables
 import train
-import utils
+from empathy import utils
 from conftest import run_in_process
 
 MODS = ["audio", "text"]
@@ -131,7 +130,7 @@ def test_last_ccc_is_the_ccc_of_last_save_beside_the_picked_epoch(workspace):
     assert summary.loc["Mean-Std", "last_ccc"] == pytest.approx(
         folds["last_ccc"].mean() - folds["last_ccc"].std(ddof=0))
     assert summary[["val_epoch", "last_epoch"]].iloc[3:].isna().all().all()
-    results = runs.crossval_results(table)  # the ledger's: the last epoch, nothing picked
+    results = tables.crossval_results(table)  # the ledger's: the last epoch, nothing picked
     assert results["mean_ccc"] == pytest.approx(folds["last_ccc"].mean())
     assert results["std_ccc"] == pytest.approx(folds["last_ccc"].std(ddof=0))
 

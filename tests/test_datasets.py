@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-import datasets
-from datasets import FeatureScaler, load_videos, parse_mods, per_second
-from utils import ToolkitError
+from empathy import datasets
+from empathy.datasets import FeatureScaler, load_videos, parse_mods, per_second
+from empathy.utils import ToolkitError
 
 
 def write_split(folder, videos, mods=("audio",), file_format="csv", suffix=""):

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 import extract_features
-import face_features
+from empathy import face_features
 import media
-from utils import run_cli
+from empathy.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FRAMES = 115

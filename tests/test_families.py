@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import families
+from empathy import checkpoints, families
 import crossval
 import cv_epochs
-import models
+from empathy import models
 import personalize
-import precision
+from empathy import precision
 import train
-from utils import ToolkitError
+from empathy.utils import ToolkitError
 
 DIMS = {"audio": 5, "text": 3}
 # Small sizes through each family's own flags, and the flag a --resume must keep.

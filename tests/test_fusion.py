@@ -16,12 +16,11 @@ from sklearn.preprocessing import MinMaxScaler
 from sklearn.svm import SVR
 
 import cv_fusion
-import datasets
+from empathy import datasets
 import fusion
-import runs
-import svr_fusion
+from empathy import layout, svr_fusion
 import train
-import utils
+from empathy import utils
 
 MODELS = {"AT": "audio,text", "ATV": "audio,text,v_sub"}
 POOLED_STORIES = [1, 2, 4, 5]  # tiny data: stories 2, 4, 5 train, 1 validates, 3 tests
@@ -143,7 +142,7 @@ def test_guide_fusion_command(workspace, capsys):
     assert [path.name for path in test_files] == [f"Subject_{s}_Story_1.csv" for s in (1, 2, 3)]
     assert not list(out.glob("*.csv"))
     assert len(list((out / "pred_train").glob("*.csv"))) == 9
-    assert (out / runs.FUSION_MODEL).is_file() and (out / "args.json").is_file()
+    assert (out / layout.FUSION_MODEL).is_file() and (out / "args.json").is_file()
     for path in test_files:
         prediction = pd.read_csv(path)
         assert list(prediction.columns) == ["valence"]
@@ -156,7 +155,7 @@ def test_guide_fusion_command(workspace, capsys):
     assert results["train"]["ccc"] == pytest.approx(
         recomputed_ccc(workspace, sorted((out / "pred_train").glob("*.csv"))), abs=1e-5)
 
-    record = joblib.load(out / runs.FUSION_MODEL)
+    record = joblib.load(out / layout.FUSION_MODEL)
     assert record["in_names"] == ["feat_AT", "feat_ATV"] and record["input_dims"] == [128, 128]
     assert record["C"] == 0.01 and record["normalize"] and record["gamma"] == "auto"
     assert [name for name, _ in record["model"].steps] == ["scale", "svr"]
@@ -166,7 +165,7 @@ def test_guide_fusion_command(workspace, capsys):
     tested = run_fusion("feat_AT", "feat_ATV", "--test", "fusion_preds/fusion_model.joblib",
                         "--pred_dir", "tested")
     assert "train" not in tested and tested["test"]["ccc"] == results["test"]["ccc"]
-    assert {path.name for path in (workspace / "tested").iterdir()} - {runs.LOCK} == \
+    assert {path.name for path in (workspace / "tested").iterdir()} - {layout.LOCK} == \
         {"pred_test", "test_args.json"}
     for path in test_files:
         assert (workspace / "tested" / "pred_test" / path.name).read_bytes() == path.read_bytes()
@@ -238,7 +237,7 @@ def test_c_grid_is_chosen_on_training_stories_only(workspace, monkeypatch, capsy
     assert [column for column in table.columns if column.startswith("story")] == \
         ["story 2", "story 4", "story 5"]
     assert best == table.loc[table["mean"].idxmax(), "C"]
-    assert joblib.load(workspace / "fusion_preds" / runs.FUSION_MODEL)["C"] == best
+    assert joblib.load(workspace / "fusion_preds" / layout.FUSION_MODEL)["C"] == best
     assert "chosen C" in capsys.readouterr().out
 
 
@@ -359,7 +358,7 @@ def test_guide_cv_fusion_command(cv_workspace, capsys):
         assert np.allclose(written[column][4:], [np.mean(values), np.std(values),
                                                  np.mean(values) - np.std(values)], atol=1e-5)
     for story in POOLED_STORIES:
-        record = joblib.load(runs.fold_dir(out, story) / runs.FUSION_MODEL)
+        record = joblib.load(layout.fold_dir(out, story) / layout.FUSION_MODEL)
         assert record["in_names"] == ["AT", "ATV"] and record["normalize"]
         assert not any(f"Story_{story}" in name for name in record["train_videos"])
 

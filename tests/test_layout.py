@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoints
-import families
-import models
+from empathy import checkpoints, families, models
 import train
 from conftest import ROOT
-from utils import ToolkitError
+from empathy.utils import ToolkitError
 
 SCRIPTS = {"train", "crossval", "cv_epochs", "personalize", "fusion", "cv_fusion"}
 DRIVERS = {"compare_options.py", "make_notebook.py"}  # they run scripts by design

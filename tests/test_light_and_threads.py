@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import parallel
-import runs
-import thread_policy
+from empathy import ledger, parallel, thread_policy
 from test_plot import tables, predictions  # noqa: F401  fixtures
 from test_runs import write_ledger
 
@@ -101,20 +99,20 @@ def test_every_script_is_a_command_here():
 
 
 def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, tmp_path):  # noqa: F811
-    ledger = tmp_path / "runs.csv"
-    write_ledger(ledger, [("cv_a", '{"loss": "ccc"}', 0.3, 0.1), ("cv_b", "{}", 0.2, 0.05)])
+    ledger_csv = tmp_path / "runs.csv"
+    write_ledger(ledger_csv, [("cv_a", '{"loss": "ccc"}', 0.3, 0.1), ("cv_b", "{}", 0.2, 0.05)])
     annotations, predicted = predictions
     plots = tmp_path / "plots"
     commands = [
         ["score.py", annotations, predicted, "--out_dir", tmp_path / "scores"],
-        ["runs.py", ledger],
+        ["runs.py", ledger_csv],
         ["data_stats.py", tiny_data / "Training", "--out", tmp_path / "stats.csv"],
         ["plot.py", "predictions", "--pred_dir", predicted, "--annotations", annotations,
          "--out", plots / "p.png"],
         ["plot.py", "epochs", tables["cv_epochs"], "--out", plots / "e.png"],
         ["plot.py", "subjects", tables["personal"], "--out", plots / "s.png"],
         ["plot.py", "stories", tables["crossval"], "--out", plots / "c.png"],
-        ["plot.py", "runs", ledger, "--out", plots / "r.png"],
+        ["plot.py", "runs", ledger_csv, "--out", plots / "r.png"],
         *[[script, "--help"] for script in COMMANDS],
     ]
     commands = [[str(ROOT / command[0]), *map(str, command[1:])] for command in commands]
@@ -126,4 +124,4 @@ def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, 
     assert sorted(path.name for path in plots.iterdir()) == ["c.png", "e.png", "p.png", "r.png",
                                                              "s.png"]
     assert (tmp_path / "scores").is_dir() and (tmp_path / "stats.csv").stat().st_size > 0
-    assert "cv_a" in done.stdout and runs.read_ledger(ledger).shape[0] == 2
+    assert "cv_a" in done.stdout and ledger.read_ledger(ledger_csv).shape[0] == 2

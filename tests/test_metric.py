@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from postprocessing import expand_to_frames
-from utils import ccc, summarize_ccc
+from empathy.postprocessing import expand_to_frames
+from empathy.utils import ccc, summarize_ccc
 
 
 def test_ccc_matches_hand_computed_value():

@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-import checkpoints
-import models
-from models import FusionLSTM
-from utils import ToolkitError
+from empathy import checkpoints, models
+from empathy.models import FusionLSTM
+from empathy.utils import ToolkitError
 
 DIMS = {"audio": 7, "text": 5, "v_sub": 9}
 

@@ -9,20 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoints
+from empathy import checkpoints
 import crossval
 import cv_epochs
-import datasets
-import engine
-import models
+from empathy import datasets, engine, models
 import personalize
-import postprocessing
-import runs
+from empathy import layout, postprocessing
 import score
 import train
-import utils
+from empathy import utils
 from conftest import run_in_process
-from utils import FPS, ToolkitError
+from empathy.utils import FPS, ToolkitError
 
 
 def run(module, *argv):
@@ -261,8 +258,8 @@ def test_patience_stops_training_and_resume_keeps_it_stopped(in_tmp, capsys):
         "--patience", 2, "--save_freq", 1, "--resume")
     assert len(pd.read_csv(in_tmp / "m" / "metrics.csv")) == 3
     # A fold that stopped early counts with its final model at later epochs.
-    assert runs.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
-    assert runs.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
+    assert layout.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
+    assert layout.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
 
 
 def test_patience_in_crossval_and_cv_epochs(in_tmp):
@@ -375,12 +372,12 @@ def test_compare_options_tables_each_option(in_tmp, capsys):
     out = capsys.readouterr().out
     assert "| `--smooth 4` |" in out and "| `--inner_cv --calibrate` |" in out
     # every run is in the ledger, as if run from the command line
-    import runs
-    ledger = runs.read_ledger(in_tmp / "runs.csv")
-    assert list(ledger["script"]) == ["crossval.py"] * 4 + ["personalize.py"] * 4
-    assert list(ledger["mean_ccc"][:4]) == pytest.approx(list(table["mean_ccc"]))
-    assert ledger["command"][1].startswith("crossval.py --train_dir ./data/Training") and \
-        ledger["command"][1].endswith("--loss ccc")
+    from empathy import ledger
+    rows = ledger.read_ledger(in_tmp / "runs.csv")
+    assert list(rows["script"]) == ["crossval.py"] * 4 + ["personalize.py"] * 4
+    assert list(rows["mean_ccc"][:4]) == pytest.approx(list(table["mean_ccc"]))
+    assert rows["command"][1].startswith("crossval.py --train_dir ./data/Training") and \
+        rows["command"][1].endswith("--loss ccc")
     with pytest.raises(ToolkitError, match="unknown option dropout; choose from default, loss_ccc"):
         run(compare_options, "--only", "dropout")
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoints
+from empathy import checkpoints
 import crossval
-import runs
+from empathy import layout
 import train
 from conftest import ROOT
 from test_reliability import assert_one_line_error, command, files_under, wait_for_epochs  # noqa: F401
@@ -21,7 +21,7 @@ TRAIN = ["--mods", "audio", "--epochs", "2", "--save_freq", "1", "--model_dir", 
 
 def test_a_folder_in_use_by_another_run_is_refused_and_left_alone(in_tmp, command):
     (in_tmp / "m").mkdir()
-    with runs.owned(in_tmp / "m"):  # as a run in progress holds it (flock is per open file)
+    with layout.owned(in_tmp / "m"):  # as a run in progress holds it (flock is per open file)
         result = command("train.py", *TRAIN)
     assert_one_line_error(result, "m is in use by a run in progress (pid ")
     assert files_under(in_tmp / "m") == [".lock"]
@@ -87,7 +87,7 @@ def test_a_kill_between_metrics_and_checkpoint_loses_no_row(in_tmp, monkeypatch)
     real_save = checkpoints.save_checkpoint
 
     def killed_at_epoch_3(path, checkpoint):
-        if checkpoint["epoch"] == 3 and path.name == runs.LAST:
+        if checkpoint["epoch"] == 3 and path.name == layout.LAST:
             raise KeyboardInterrupt  # as SIGKILL would, between the two writes
         real_save(path, checkpoint)
     monkeypatch.setattr(checkpoints, "save_checkpoint", killed_at_epoch_3)

@@ -8,16 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoints
-import datasets
-import engine
-import families
-import finetuning
-import models
+from empathy import checkpoints, datasets, engine, families, finetuning, models
 import personalize
 import train
 from conftest import assert_same_checkpoints, run_in_process, write_tiny_data
-from utils import ToolkitError
+from empathy.utils import ToolkitError
 
 MODS = "audio,text"
 

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import datasets
+from empathy import datasets
 import plot
-import runs
-import utils
+from empathy import tables, utils
 from conftest import run_in_process, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -80,8 +79,8 @@ def tables(tmp_path):
              "by_story": tmp_path / "scores_AT" / "by_story.csv"}
     utils.write_csv(cv_epochs, paths["cv_epochs"])
     utils.write_csv(personal, paths["personal"])
-    utils.write_csv(runs.crossval_table(folds), paths["crossval"])
-    utils.write_csv(runs.crossval_table([{**f, "val_ccc": f["val_ccc"] + 0.05} for f in folds]),
+    utils.write_csv(tables.crossval_table(folds), paths["crossval"])
+    utils.write_csv(tables.crossval_table([{**f, "val_ccc": f["val_ccc"] + 0.05} for f in folds]),
                     paths["crossval_atv"])
     utils.write_csv(pd.DataFrame({"story": [1, 3], "ccc": [0.2, 0.4]}), paths["by_story"])
     return paths

@@ -12,15 +12,12 @@ import torch
 
 import crossval
 import cv_epochs
-import datasets
-import engine
-import models
-import options
+from empathy import datasets, engine, models, options
 import personalize
-import precision
+from empathy import precision
 import train
-import utils
-from utils import ToolkitError
+from empathy import utils
+from empathy.utils import ToolkitError
 
 # bf16 keeps 8 bits of mantissa (relative error up to 2^-9 per rounding). Through the
 # embeddings, the LSTM's 30 steps and the decoder, the tiny model's predictions (of

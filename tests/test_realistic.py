@@ -11,16 +11,14 @@ import torch
 
 import crossval
 import data_stats
-import datasets
+from empathy import datasets
 import fusion
 import personalize
-import postprocessing
-import runs
-import svr_fusion
+from empathy import layout, ledger, postprocessing, svr_fusion
 import train
-import utils
+from empathy import utils
 from conftest import write_tiny_data
-from utils import FPS, ToolkitError
+from empathy.utils import FPS, ToolkitError
 
 
 def run(module, *argv):
@@ -129,7 +127,7 @@ def test_a_checkpoint_from_a_newer_version_is_refused_by_name():
 
 def test_a_bad_lowpass_flag_writes_nothing(in_tmp, capsys):
     with pytest.raises(SystemExit) as stopped:
-        runs.run_cli(train.main, train.get_args_parser(), train.ledger_results,
+        ledger.run_cli(train.main, train.get_args_parser(), train.ledger_results,
                      ["--mods", "audio,text", "--epochs", "1", "--model_dir", "m", "--lowpass", "30"])
     assert stopped.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -188,13 +186,13 @@ def test_fusion_saves_its_calibration_and_test_uses_it(in_tmp, capsys):
     run(train, "--mods", "audio,text", "--epochs", 1, "--model_dir", "m")
     run(train, "--mods", "audio,text", "--model_dir", "m", "--feat_dir", "f", "--features")
     fitted = run(fusion, "f", "--calibrate", "--pred_dir", "fused")
-    record = svr_fusion.load_model(in_tmp / "fused" / runs.FUSION_MODEL)
+    record = svr_fusion.load_model(in_tmp / "fused" / layout.FUSION_MODEL)
     train_set = datasets.load_videos(in_tmp / "data" / "Training", ["audio"])
     assert record["postprocessing"]["calibrate"]
     assert record["postprocessing"]["listener_stats"] == postprocessing.listener_statistics(train_set.videos)
-    tested = run(fusion, "f", "--test", in_tmp / "fused" / runs.FUSION_MODEL, "--pred_dir", "again")
+    tested = run(fusion, "f", "--test", in_tmp / "fused" / layout.FUSION_MODEL, "--pred_dir", "again")
     assert tested["test"]["ccc"] == pytest.approx(fitted["test"]["ccc"], abs=1e-12)
-    plain = run(fusion, "f", "--test", in_tmp / "fused" / runs.FUSION_MODEL, "--pred_dir", "raw",
+    plain = run(fusion, "f", "--test", in_tmp / "fused" / layout.FUSION_MODEL, "--pred_dir", "raw",
                 "--no-calibrate")
     assert plain["test"]["ccc"] != pytest.approx(fitted["test"]["ccc"], abs=1e-6)
 

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-import engine
+from empathy import engine
 import train
-import utils
+from empathy import utils
 from conftest import ROOT, assert_same_checkpoints, run_script, wait_until
 from test_datasets import bad_input_cases
 

@@ -115,7 +115,7 @@ def test_several_fine_tuning_values_without_inner_cv_are_refused(workspace, flag
 
 def test_an_adapter_beside_anchored_methods_is_tried_without_an_anchor():
     import argparse
-    import finetuning
+    from empathy import finetuning
     parser = argparse.ArgumentParser(parents=[finetuning.get_args_parser()])
     parser.add_argument("--inner_cv", action="store_true")
     methods = finetuning.methods_from_args(parser.parse_args(
@@ -138,8 +138,8 @@ def test_an_unwritable_folder_leaves_no_other_output_folder_behind(workspace, sc
 
 
 def test_a_nan_dropout_never_reaches_training():
-    import families
-    from utils import ToolkitError
+    from empathy import families
+    from empathy.utils import ToolkitError
     with pytest.raises(ToolkitError, match="--dropout must be a number from 0.0 to 0.9"):
         families.check_options("gru", {"dropout": float("nan")})
 

@@ -15,9 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-import parallel
-import runs
-import utils
+from empathy import ledger, parallel, tables, utils
 from conftest import write_tiny_data
 
 DATA = ["--mods", "audio"]
@@ -25,7 +23,7 @@ SAVED = ["--epochs", "1", "--save_freq", "1"]
 CV = ["--out_dir", "cv", "--stories", "1", "2"]
 NEW_CV = ["--out_dir", "new", "--stories", "1", "2"]
 EPOCHS_1_2 = ["--epoch_min", "1", "--epoch_max", "2", "--epoch_step", "1"]
-SCRIPT_RESULTS = {"crossval.py": runs.crossval_results}  # the others: their ledger_results
+SCRIPT_RESULTS = {"crossval.py": tables.crossval_results}  # the others: their ledger_results
 
 
 # ---------------------------------------------------------------- the workspace
@@ -53,7 +51,7 @@ def workspace_master(tmp_path_factory):
         run(personalize, *DATA, *SAVED, "--out_dir", "p")
         run(fusion, "featA", "--pred_dir", "fz")
         for out_dir in ("m", "cv"):
-            runs.append_row("runs.csv", {"script": "train.py", "out_dir": out_dir,
+            ledger.append_row("runs.csv", {"script": "train.py", "out_dir": out_dir,
                                          "settings": '{"epochs": 1}', "mean_ccc": 0.25,
                                          "std_ccc": 0.05, "wall_s": 3.5})
     return root
@@ -99,7 +97,7 @@ class Result:
 @pytest.fixture
 def command(capfd):
     """A script's command line run in this process as its __main__ runs it (with its
-    ledger, through runs.run_cli, where the script keeps one); stdout and stderr
+    ledger, through ledger.run_cli, where the script keeps one); stdout and stderr
     captured at the file descriptors, so that worker processes' output counts too."""
     import importlib
 
@@ -112,7 +110,7 @@ def command(capfd):
             if results_of is None:
                 utils.run_cli(module.main, parser, list(argv))
             else:
-                runs.run_cli(module.main, parser, results_of, list(argv))
+                ledger.run_cli(module.main, parser, results_of, list(argv))
             code = 0
         except SystemExit as exit_info:
             code = exit_info.code
@@ -165,7 +163,7 @@ def fusion_file(content):
 
 
 def fusion_record(**fields):
-    import svr_fusion
+    from empathy import svr_fusion
     return lambda: {"kind": svr_fusion.MODEL_KIND, **fields}
 
 
@@ -180,7 +178,7 @@ def ledger_row(**fields):
     """A ledger line: a good row with `fields` changed (as CSV text)."""
     row = {"time": "2024-01-01T10:00:00", "script": "train.py", "out_dir": "m",
            "settings": '{"epochs": 1}', "mean_ccc": "0.2", "wall_s": "1.0", **fields}
-    return ",".join(_csv_field(row.get(name, "")) for name in runs.COLUMNS)
+    return ",".join(_csv_field(row.get(name, "")) for name in ledger.COLUMNS)
 
 
 def _csv_field(text):
@@ -461,7 +459,7 @@ def test_dummy_test_annotations_are_not_reported_as_a_score(workspace, command):
     assert "the test videos have constant annotations (a test split's dummy values): " \
            "predictions written, no CCC" in result.stdout
     assert list((workspace / "out" / "pred_test").iterdir())
-    assert runs.read_ledger("runs.csv")["mean_ccc"].isna().iloc[-1]  # no 0.0 as a score
+    assert ledger.read_ledger("runs.csv")["mean_ccc"].isna().iloc[-1]  # no 0.0 as a score
 
 
 # ---------------------------------------------------------------- rough edges
@@ -525,7 +523,7 @@ def plot_inputs(folder, count):
                                       "before_ccc": rng.uniform(-0.1, 0.5, count),
                                       "after_ccc": rng.uniform(-0.1, 0.5, count)}),
                         run_dir / "personalize.csv")
-        utils.write_csv(runs.crossval_table([{"story": story, "train_ccc": 0.5,
+        utils.write_csv(tables.crossval_table([{"story": story, "train_ccc": 0.5,
                                               "val_ccc": rng.uniform(-0.1, 0.5)}
                                              for story in range(1, count + 1)]),
                         run_dir / "crossval.csv")
@@ -534,7 +532,7 @@ def plot_inputs(folder, count):
             tables[kind].append(str(run_dir / name))
         settings = {"mods": ["audio,text", "audio", "audio,text,v_sub,v_act"][run % 3],
                     "lr": [1e-5, 1e-4][run % 2], "hidden_size": 64 * (1 + run // 6)}
-        runs.append_row(folder / "a_ledger_kept_in_a_folder_with_a_long_name" / "runs.csv",
+        ledger.append_row(folder / "a_ledger_kept_in_a_folder_with_a_long_name" / "runs.csv",
                         {"script": ["crossval.py", "train.py"][run % 2],
                          "out_dir": f"experiments/cv_{run}_with_a_descriptive_name",
                          "settings": json.dumps(settings), "mean_ccc": rng.uniform(0, 0.5),

@@ -9,18 +9,19 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import crossval
-import engine
-import plot
+from empathy import engine
 import runs
+import plot
+from empathy import ledger, tables
 import train
 from conftest import ROOT, run_script
-from utils import ToolkitError
+from empathy.utils import ToolkitError
 
 
 def run_recorded(module, *argv):
     """A script's command line as run_cli runs it: parsed, run, and recorded."""
-    return runs.run_cli(module.main, module.get_args_parser(), getattr(module, "ledger_results",
-                                                                      runs.crossval_results),
+    return ledger.run_cli(module.main, module.get_args_parser(), getattr(module, "ledger_results",
+                                                                      tables.crossval_results),
                         argv=[str(arg) for arg in argv])
 
 
@@ -29,51 +30,51 @@ def test_two_runs_append_two_rows_with_their_settings_and_results(in_tmp, capsys
                              "--model_dir", "m", "--ledger", "ledger.csv")
     results = run_recorded(train, "--mods", "audio,text", "--model_dir", "m", "--test",
                            "--pred_dir", "p", "--ledger", "ledger.csv")
-    ledger = runs.read_ledger(in_tmp / "ledger.csv")
-    assert len(ledger) == 2 and list(ledger["script"]) == ["train.py", "train.py"]
-    first, second = runs.settings_of(ledger)
+    rows = ledger.read_ledger(in_tmp / "ledger.csv")
+    assert len(rows) == 2 and list(rows["script"]) == ["train.py", "train.py"]
+    first, second = ledger.settings_of(rows)
     assert first == {"epochs": 2, "lr": 0.001, "mods": "audio,text"}
     assert second == {"mods": "audio,text", "test": True, "pred_dir": "p"}
-    assert list(ledger["out_dir"]) == ["m", "m"]
-    assert list(ledger["train_dir"]) == ["./data/Training"] * 2
+    assert list(rows["out_dir"]) == ["m", "m"]
+    assert list(rows["train_dir"]) == ["./data/Training"] * 2
     best = torch.load(in_tmp / "m" / "best.save", weights_only=True)
     # training: the last epoch's validation CCC (nothing picked), and the best epoch
     metrics = pd.read_csv(in_tmp / "m" / "metrics.csv")
-    assert ledger["mean_ccc"][0] == pytest.approx(summaries[0]["last_ccc"]) == \
+    assert rows["mean_ccc"][0] == pytest.approx(summaries[0]["last_ccc"]) == \
         pytest.approx(metrics["val_ccc"].iloc[-1])
-    assert ledger["best_epoch"][0] == str(best["best_epoch"])
-    assert ledger["mean_ccc"][1] == pytest.approx(results["test"]["ccc"])
-    assert ledger["train_ccc"][1] == pytest.approx(results["train"]["ccc"])
-    assert np.isnan(ledger["train_ccc"][0]) and (ledger["wall_s"] > 0).all()
-    assert ledger["versions"][0].startswith("python 3.") and f"torch {torch.__version__}" in \
-        ledger["versions"][0]
+    assert rows["best_epoch"][0] == str(best["best_epoch"])
+    assert rows["mean_ccc"][1] == pytest.approx(results["test"]["ccc"])
+    assert rows["train_ccc"][1] == pytest.approx(results["train"]["ccc"])
+    assert np.isnan(rows["train_ccc"][0]) and (rows["wall_s"] > 0).all()
+    assert rows["versions"][0].startswith("python 3.") and f"torch {torch.__version__}" in \
+        rows["versions"][0]
     if (ROOT / ".git").exists():
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
-        assert ledger["commit"][0].removesuffix("+dirty") == head
+        assert rows["commit"][0].removesuffix("+dirty") == head
 
 
 def test_the_command_column_holds_the_command_line(in_tmp):
     result = run_script("crossval.py", "--mods", "audio,text", "--epochs", "1", "--out_dir", "cv",
                         "--stories", "1", "2", cwd=in_tmp)
     assert result.returncode == 0, result.stderr
-    ledger = runs.read_ledger(in_tmp / "runs.csv")  # the default ledger, in the working folder
-    assert ledger["command"][0].endswith("crossval.py --mods audio,text --epochs 1 --out_dir cv "
+    rows = ledger.read_ledger(in_tmp / "runs.csv")  # the default rows, in the working folder
+    assert rows["command"][0].endswith("crossval.py --mods audio,text --epochs 1 --out_dir cv "
                                          "--stories 1 2")
     table = pd.read_csv(in_tmp / "cv" / "crossval.csv").set_index("story")
     # the last epoch's CCC over folds: nothing picked on the held-out stories
-    assert ledger["mean_ccc"][0] == pytest.approx(table.loc["Mean", "last_ccc"])
-    assert ledger["std_ccc"][0] == pytest.approx(table.loc["Std", "last_ccc"])
-    assert ledger["mean_minus_std"][0] == pytest.approx(table.loc["Mean-Std", "last_ccc"])
-    assert ledger["train_ccc"][0] == pytest.approx(table.loc["Mean", "train_ccc"])
+    assert rows["mean_ccc"][0] == pytest.approx(table.loc["Mean", "last_ccc"])
+    assert rows["std_ccc"][0] == pytest.approx(table.loc["Std", "last_ccc"])
+    assert rows["mean_minus_std"][0] == pytest.approx(table.loc["Mean-Std", "last_ccc"])
+    assert rows["train_ccc"][0] == pytest.approx(table.loc["Mean", "train_ccc"])
 
 
 APPENDER = """
 import sys
 sys.path.insert(0, {root!r})
-import runs
+from empathy import ledger, tables
 for index in range(300):
-    runs.append_row({path!r}, {{"script": "w{worker}", "command": "x" * 500, "wall_s": index}})
+    ledger.append_row({path!r}, {{"script": "w{worker}", "command": "x" * 500, "wall_s": index}})
 """
 
 
@@ -83,11 +84,11 @@ def test_processes_appending_at_once_lose_nothing(tmp_path):
                                                                        worker=worker)])
                for worker in range(3)]
     assert [worker.wait() for worker in workers] == [0, 0, 0]
-    ledger = runs.read_ledger(path)
-    assert len(ledger) == 900
+    rows = ledger.read_ledger(path)
+    assert len(rows) == 900
     for worker in range(3):
-        assert sorted(ledger[ledger["script"] == f"w{worker}"]["wall_s"]) == list(range(300))
-    assert (ledger["command"] == "x" * 500).all()
+        assert sorted(rows[rows["script"] == f"w{worker}"]["wall_s"]) == list(range(300))
+    assert (rows["command"] == "x" * 500).all()
 
 
 def test_a_failed_or_stopped_run_appends_nothing(in_tmp, monkeypatch):
@@ -122,7 +123,7 @@ def test_ledger_none_writes_no_ledger_and_a_foreign_csv_is_refused(in_tmp, capsy
 
 def write_ledger(path, rows):
     for row in rows:
-        runs.append_row(path, {"script": "crossval.py", "out_dir": row[0], "settings": row[1],
+        ledger.append_row(path, {"script": "crossval.py", "out_dir": row[0], "settings": row[1],
                                "mean_ccc": row[2], "std_ccc": row[3]})
 
 
@@ -130,16 +131,16 @@ def test_runs_py_filters_by_script_and_setting(tmp_path, capsys):
     path = tmp_path / "ledger.csv"
     write_ledger(path, [("cv_a", '{"loss": "ccc", "epochs": 5}', 0.3, 0.1),
                         ("cv_b", '{"epochs": 5}', 0.2, 0.05)])
-    runs.append_row(path, {"script": "train.py", "out_dir": "m", "settings": "{}"})
+    ledger.append_row(path, {"script": "train.py", "out_dir": "m", "settings": "{}"})
     shown = runs.main(runs.get_args_parser().parse_args([str(path), "--script", "crossval",
                                                          "--where", "loss=ccc"]))
     assert list(shown["out_dir"]) == ["cv_a"]
-    assert list(runs.select(runs.read_ledger(path), where=["epochs=5"])["out_dir"]) == ["cv_a", "cv_b"]
+    assert list(ledger.select(ledger.read_ledger(path), where=["epochs=5"])["out_dir"]) == ["cv_a", "cv_b"]
     assert "cv_a" in capsys.readouterr().out
     with pytest.raises(ToolkitError, match="--where loss: write KEY=VALUE"):
-        runs.select(runs.read_ledger(path), where=["loss"])
+        ledger.select(ledger.read_ledger(path), where=["loss"])
     with pytest.raises(ToolkitError, match="does not exist"):
-        runs.read_ledger(tmp_path / "missing.csv")
+        ledger.read_ledger(tmp_path / "missing.csv")
 
 
 def test_plot_runs_draws_each_runs_mean_and_std_labelled_by_what_differs(tmp_path):
@@ -147,7 +148,7 @@ def test_plot_runs_draws_each_runs_mean_and_std_labelled_by_what_differs(tmp_pat
     write_ledger(path, [("cv_a", '{"loss": "ccc", "epochs": 5}', 0.3, 0.1),
                         ("cv_b", '{"epochs": 5}', 0.2, 0.05),
                         ("cv_c", '{"epochs": 5, "calibrate": true}', 0.25, 0.02)])
-    runs.append_row(path, {"script": "train.py", "out_dir": "feat", "settings": "{}"})  # no CCC
+    ledger.append_row(path, {"script": "train.py", "out_dir": "feat", "settings": "{}"})  # no CCC
     args = plot.get_args_parser().parse_args(["runs", str(path), "--out", str(tmp_path / "r.png")])
     figure = plot.plot_runs(args)
     axis = figure.axes[0]

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import datasets
+from empathy import datasets
 import score
-import utils
+from empathy import utils
 from conftest import run_in_process, write_tiny_data
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import crossval
-import runs
+from empathy import layout
 from conftest import ROOT, wait_until
 
 MARK = "OMG_STOP_WINDOW_RUN"  # an environment variable that every process of a run inherits
@@ -87,9 +87,9 @@ def test_sigterm_anywhere_in_a_jobs_run_ends_it_whole(in_tmp, blocking_git, poin
          "--save_freq", "1", "--ledger", "runs.csv"],
         cwd=in_tmp, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    reached = {"starting": lambda: (in_tmp / "cv" / runs.RUN_RECORD).is_file(),
+    reached = {"starting": lambda: (in_tmp / "cv" / layout.RUN_RECORD).is_file(),
                "training": lambda: all(len(path.read_text().splitlines()) > 1 for path in [
-                   in_tmp / "cv" / fold / runs.METRICS for fold in ("val_on_1", "val_on_2")]
+                   in_tmp / "cv" / fold / layout.METRICS for fold in ("val_on_1", "val_on_2")]
                    if path.is_file()) and len(list((in_tmp / "cv").glob("*/metrics.csv"))) == 2,
                "ledger row": lambda: (in_tmp / "git_called").is_file()}[point]
 
@@ -113,7 +113,7 @@ def test_sigterm_anywhere_in_a_jobs_run_ends_it_whole(in_tmp, blocking_git, poin
     assert shm_of(process.pid) == []
     assert not (in_tmp / "runs.csv").exists()  # an interrupted run has no ledger row
     if point == "ledger row":  # the table was written whole before the signal
-        table = pd.read_csv(in_tmp / "cv" / runs.CROSSVAL_TABLE)
+        table = pd.read_csv(in_tmp / "cv" / layout.CROSSVAL_TABLE)
         assert list(table["story"][:2]) == ["1", "2"]
     trained = [pd.read_csv(path)["epoch"].max() for path in (in_tmp / "cv").glob("*/metrics.csv")]
     epochs = str(max([2, *trained]) + (point == "training"))  # a long run: one epoch more

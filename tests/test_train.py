@@ -5,10 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoints
-import datasets
-import engine
-import models
+from empathy import checkpoints, datasets, engine, models
 import train
 from conftest import assert_same_checkpoints, run_in_process, run_script
 

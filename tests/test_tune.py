@@ -14,9 +14,9 @@ from distributed import LocalCluster  # before dask.config.set: it adds distribu
 from optuna.trial import TrialState
 from pathlib import Path
 
-import tuning
+from empathy import tuning
 from conftest import ROOT, run_in_process
-from postprocessing import Postprocessing
+from empathy.postprocessing import Postprocessing
 
 # The TCN is the quickest family on the tiny data; one epoch per fold, two folds.
 TUNE = ("tune.py", "--mods", "audio,text", "--epochs", "1", "--models", "tcn", "--seed", "3",
@@ -200,7 +200,7 @@ def test_plot_tune_needs_two_completed_trials(study_of_two, tmp_path):
 def test_post_processing_is_scored_from_saved_predictions(study_of_two):
     """A fold's saved per-second predictions give the trial's fold CCC again."""
     import numpy as np
-    import datasets
+    from empathy import datasets
     trial = load_study(study_of_two).trials[0]
     train_set = tuning.load_training_stories("data/Training", ["audio", "text"], [2, 4])
     folds = {}
@@ -393,10 +393,8 @@ def test_one_se_needs_two_completed_trials(study_of_two, tmp_path):
 
 def test_fold_ensemble_is_the_mean_of_the_kept_fold_models_predictions(recipe_study):
     import numpy as np
-    import checkpoints
-    import datasets
-    import engine
-    from postprocessing import score_videos
+    from empathy import checkpoints, datasets, engine
+    from empathy.postprocessing import score_videos
     best = json.loads((recipe_study / "best.json").read_text())
     result = tune_recipe("--trials", 2, "--out_dir", recipe_study,
                          "--ledger", "none", "--final", "--ensemble", "folds")
@@ -475,10 +473,7 @@ def test_a_trials_held_out_predictions_are_the_mean_its_average_last_reports(
     """train_and_predict returns what the run reports at its end: with --average_last 2,
     the mean of the last two epochs' per-second predictions, not the last model's."""
     import numpy as np
-    import checkpoints
-    import datasets
-    import engine
-    import options
+    from empathy import checkpoints, datasets, engine, options
     train_set = tuning.load_training_stories(tiny_data_master / "Training", ["audio", "text"],
                                              [2, 4])
     fold_train, held_out = datasets.fold_sets(train_set, 4)

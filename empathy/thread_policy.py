@@ -12,9 +12,10 @@ two runs at 1.03-1.09 s per epoch each, about what two runs can get from two cor
 sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a run alone 25% (0.62 s), since
 every parallel loop then starts by waking its threads.
 
-libgomp reads the setting once, when it is loaded, so every module that imports
-torch imports this module first (a test checks it); worker processes inherit it
-through the environment. Whoever sets OpenMP's wait policy themselves wins: nothing
+libgomp reads the setting once, when it is loaded, so the package applies it on
+import (empathy/__init__.py), before any of its modules can load torch; scripts
+reach torch only through the package (a test checks it), and worker processes
+inherit the setting through the environment. Whoever sets OpenMP's wait policy themselves wins: nothing
 is changed when OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME (Intel's OpenMP) is
 set. Thread counts are left to torch (one per physical core) and to --threads.
 """
@@ -28,6 +29,3 @@ def apply(environ=os.environ):
     """Sets the spin count in `environ` unless the user chose a wait policy."""
     if not any(name in environ for name in USER_SETTINGS):
         environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-
-
-apply()

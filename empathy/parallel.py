@@ -20,11 +20,9 @@ the epoch in progress. The request reaches local workers through a file they loo
 for after every epoch (they start with both signals blocked, so that a Ctrl-C sent
 to the whole terminal group cannot kill one mid-start); tasks not yet started are
 left out, and the run ends with KeyboardInterrupt once the running ones have saved.
-Around the whole command (`whole_run`, from runs.run_cli), a signal outside training
+Around the whole command (`whole_run`, from ledger.run_cli), a signal outside training
 stops it at once, and the worker processes end with the command, however it ends.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import argparse
 import contextlib
 import dataclasses
@@ -41,11 +39,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import LazyModule, ToolkitError
+from .utils import ToolkitError
 
 # Imported on first use: fusion.py, cv_fusion.py and extract_features.py need none
 # to start (their --help included).
-torch = LazyModule("torch")
 
 
 def get_parallel_args_parser(what):
@@ -275,6 +272,7 @@ def _progress(results, total, description):
 def _threads(count):
     """torch on `count` intra-op threads (None: as it is, torch not even loaded) for the
     block."""
+    import torch
     if not count:
         yield
         return
@@ -360,6 +358,7 @@ def _exit_codes(error):
 def _call_in_worker(function, threads, stop_file, task):
     """A task in a joblib worker: on `threads` threads, honouring the parent's stop
     request (a task that has not started by then does not start)."""
+    import torch
     global _stop_file
     _stop_file = stop_file
     torch.set_num_threads(threads)

@@ -16,20 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-import datasets
-import families
-import parallel
-import postprocessing
-import precision
-import runs
-import utils
-from postprocessing import Postprocessing
-from utils import LazyModule, ToolkitError
+from . import datasets, families, layout, parallel, postprocessing, precision, utils
+from .postprocessing import Postprocessing
+from .utils import ToolkitError
 
 # Loaded on first use (they load torch): the flags, --help and the flag checks need none.
-checkpoints = LazyModule("checkpoints")
-engine = LazyModule("engine")
-models = LazyModule("models")
 
 
 # ---------------------------------------------------------------- flags
@@ -200,6 +191,7 @@ class TrainingSettings:
 
     def new_model(self, input_dims, device):
         """A freshly initialized model of the --model family and sizes."""
+        from . import models
         return models.create(self.model, input_dims, **self.model_options).to(device)
 
     def seed_runs(self, model_dir):
@@ -207,7 +199,7 @@ class TrainingSettings:
         seed, seed_<s>/ inside it for several."""
         if self.seeds == 1:
             return [(self, Path(model_dir))]
-        return [(replace(self, seed=seed), runs.seed_dir(model_dir, seed))
+        return [(replace(self, seed=seed), layout.seed_dir(model_dir, seed))
                 for seed in range(self.seed, self.seed + self.seeds)]
 
 
@@ -238,6 +230,7 @@ class RunOptions:
 
     @property
     def device(self):
+        from . import engine
         return engine.get_device(self.cuda)
 
     def check_trainable(self, train_set, postprocessing=None):
@@ -294,6 +287,7 @@ def check_before_writing(plan):
     started from, resumed or evaluated against the data and flags, then the output
     folders (only these checks create a folder). Then notes on what the run will do
     that is legitimate but surprising."""
+    from . import checkpoints
     run = plan.options
     flags = run.postprocessing_flags or {}
     run.settings.check()
@@ -323,7 +317,7 @@ def check_before_writing(plan):
         evaluated_with.append(Postprocessing.resolve(saved.checkpoint.get("postprocessing"),
                                                      path, **flags))
     for folder, flag in plan.outputs:
-        runs.check_output_folder(folder, flag)
+        layout.check_output_folder(folder, flag)
     folders = [folder for folder in [*(folder for folder, _ in plan.outputs),
                                      run.tensorboard_dir] if folder]
     for folder in folders:  # all of them before any is made: a refusal leaves none behind
@@ -383,7 +377,7 @@ def check_tensorboard_dir(tensorboard_dir):
     """--tensorboard must name a folder outside the data (and, checked with the output
     folders, one that can be written), checked before training."""
     if tensorboard_dir:
-        runs.check_output_folder(tensorboard_dir, "--tensorboard")
+        layout.check_output_folder(tensorboard_dir, "--tensorboard")
         if Path(tensorboard_dir).exists() and not Path(tensorboard_dir).is_dir():
             raise ToolkitError(f"--tensorboard {tensorboard_dir} is a file: give a folder for the "
                                "event files, e.g. tb")

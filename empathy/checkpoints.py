@@ -8,8 +8,6 @@ and, for resuming, the optimizer and random-generator states. Only tensors and
 plain values, so that it loads with `torch.load(weights_only=True)`. The original
 release's plain state_dicts load too.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +15,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import datasets
-import families
-import models
-import runs
-import utils
-from postprocessing import FLAGS, Postprocessing
-from utils import ToolkitError
+from . import datasets, families, layout, models, utils
+from .postprocessing import FLAGS, Postprocessing
+from .utils import ToolkitError
 
 
 # ---------------------------------------------------------------- files
@@ -225,7 +219,7 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
     (the saved optimizer and weights would silently go on with the old ones):
     `settings` (options.TrainingSettings), `normalize` and `postprocessing` (each
     of its flags: label delay, smoothing, low-pass, calibration)."""
-    path = Path(folder) / runs.LAST
+    path = Path(folder) / layout.LAST
     network, state = load_model(path, mods, input_dims)
     if "optimizer" not in state:
         raise ToolkitError(f"{path} has no optimizer state: it cannot be resumed; train "
@@ -239,7 +233,7 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
     if lacking:  # found here, not after args.json was rewritten
         raise ToolkitError(f"{path} lacks {' and '.join(lacking)}: it cannot be resumed "
                            "exactly; train again with --overwrite, or restore the run's "
-                           f"{runs.LAST}")
+                           f"{layout.LAST}")
     if settings.model_options is not None:  # None: fine-tuning, whose model is init.save's
         _check_same_model(path, network.config, settings)
     saved = state.get("training", {})
@@ -258,7 +252,7 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
         raise ToolkitError(f"--resume: {path} was trained {trained} --normalize: resume "
                            f"{trained} it, or start afresh with --overwrite")
     _check_same_postprocessing(path, state, postprocessing)
-    read_history(Path(folder) / runs.METRICS, state["epoch"])  # refuses a corrupt one
+    read_history(Path(folder) / layout.METRICS, state["epoch"])  # refuses a corrupt one
 
 
 def _check_same_postprocessing(path, state, postprocessing):

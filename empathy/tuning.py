@@ -61,18 +61,11 @@ import pandas as pd
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-import datasets
-import families
-import options
-import parallel
-import runs
-import utils
-from postprocessing import Postprocessing, score_videos
-from utils import LazyModule, ToolkitError
+from . import datasets, families, layout, ledger, options, parallel, utils
+from .postprocessing import Postprocessing, score_videos
+from .utils import ToolkitError
 
 # Imported on first use: tune.py --help loads no torch.
-checkpoints = LazyModule("checkpoints")
-engine = LazyModule("engine")
 
 OBJECTIVES = ("mean", "mean_minus_std")
 SELECTIONS = ("best", "one_se")
@@ -256,10 +249,10 @@ class TuneConfig:
     @classmethod
     def from_args(cls, args, run, families, runner):
         """From tune.py's flags; paths as the trials of `runner` (parallel.Runner) get them."""
-        ledger = runs.ledger_path(args)
+        ledger_file = ledger.ledger_path(args)
         return cls(run, tuple(families), args.objective, runner.path(args.out_dir),
                    args.storage or default_storage(args.out_dir), args.study_name, args.trials,
-                   ledger and ledger.absolute(), " ".join(sys.argv), str(args.train_dir),
+                   ledger_file and ledger_file.absolute(), " ".join(sys.argv), str(args.train_dir),
                    worker_tag(args.out_dir), keep_weights=args.keep_weights)
 
     def settings_for(self, params):
@@ -324,7 +317,7 @@ def base_run(args):
 
 
 def default_storage(out_dir):
-    return f"sqlite:///{Path(out_dir).absolute() / runs.STUDY_FILE}"
+    return f"sqlite:///{Path(out_dir).absolute() / layout.STUDY_FILE}"
 
 
 def study_attrs(args, train_set):
@@ -523,7 +516,7 @@ def clear_unkept_weights(study, out_dir):
     """Delete the weights that trials in `out_dir` left behind when killed (SIGKILL, a
     power cut: a fold's best.save, last.save, epoch_<n>.save, or a half-written one),
     keeping those that --keep_weights recorded for a completed trial. Called while this
-    process holds the output folder (runs.owned), so no trial there is alive."""
+    process holds the output folder (layout.owned), so no trial there is alive."""
     # By trial_<n>/val_on_<story>/<name>: the recorded paths are where the folder was
     # when the trial ran, and it may have moved since.
     kept = {Path(path).parts[-3:]
@@ -544,13 +537,13 @@ def clear_unkept_weights(study, out_dir):
 
 # What tune.py writes into --out_dir, as (name, is a folder, what it is): an earlier
 # thing of the other kind there is refused before the first trial.
-SEARCH_OUTPUTS = ((runs.RUN_RECORD, False, "its flags"), (runs.STUDY_RECORD, False,
-                  "where its study is"), (runs.TRIALS_TABLE, False, "the table of trials"),
-                  (runs.BEST_RECORD, False, "the chosen trial"),
-                  (runs.ASK_LOCK, False, "a lock of its processes"),
-                  (runs.LOCK, False, "the lock of the folder"))
-FINAL_OUTPUTS = {"retrain": ((runs.FINAL_DIR, True, "the final model"),
-                             (runs.FINAL_RECORD, False, "the final score")),
+SEARCH_OUTPUTS = ((layout.RUN_RECORD, False, "its flags"), (layout.STUDY_RECORD, False,
+                  "where its study is"), (layout.TRIALS_TABLE, False, "the table of trials"),
+                  (layout.BEST_RECORD, False, "the chosen trial"),
+                  (layout.ASK_LOCK, False, "a lock of its processes"),
+                  (layout.LOCK, False, "the lock of the folder"))
+FINAL_OUTPUTS = {"retrain": ((layout.FINAL_DIR, True, "the final model"),
+                             (layout.FINAL_RECORD, False, "the final score")),
                  "folds": ((FOLD_ENSEMBLE_DIR, True, "the fold ensemble's predictions"),
                            (FOLD_ENSEMBLE_RECORD, False, "the fold ensemble's score"))}
 
@@ -569,7 +562,7 @@ def check_outputs(out_dir, outputs):
 
 def fail_dead_trials(study, out_dir, own_storage):
     """Mark failed the trials left running by a killed tune.py. Called while this
-    process holds the output folder (runs.owned), so no trial of its folder is alive:
+    process holds the output folder (layout.owned), so no trial of its folder is alive:
     in the folder's own study file, every running trial is dead; in a shared
     --storage, those that a process of this folder on this machine started."""
     tag = worker_tag(out_dir)
@@ -598,6 +591,7 @@ def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing
     per-second predictions of `eval_set` as the run reports them at its end (the
     averaged weights', or the mean of its last --average_last epochs') and the model;
     `on_epoch` and `when_stopped` as engine.fit's."""
+    from . import engine
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
     engine.seed_everything(settings.seed)
@@ -612,7 +606,7 @@ def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing
 def fold_weights(folder, settings):
     """The checkpoint that --keep_weights keeps of a fold: its last epoch's (with
     --ema or --swa_start, the averaged weights)."""
-    return Path(folder) / runs.checkpoint_name(settings.epochs)
+    return Path(folder) / layout.checkpoint_name(settings.epochs)
 
 
 def run_fold(train_set, story, trial_dir, settings, run, label_delay, on_epoch=None,
@@ -622,7 +616,7 @@ def run_fold(train_set, story, trial_dir, settings, run, label_delay, on_epoch=N
     checkpoint once the fold has trained). Returns (training videos, held-out videos,
     predictions)."""
     fold_train, held_out = datasets.fold_sets(train_set, story)
-    folder = runs.fold_dir(trial_dir, story)
+    folder = layout.fold_dir(trial_dir, story)
     kept = None
     try:
         per_second, _ = train_and_predict(fold_train, held_out, folder, settings, run,
@@ -632,7 +626,7 @@ def run_fold(train_set, story, trial_dir, settings, run, label_delay, on_epoch=N
         for checkpoint in folder.glob("*.save"):  # copies of the weights, per fold and trial
             if checkpoint != kept:
                 checkpoint.unlink()
-    with utils.atomic_path(folder / runs.HELD_OUT_PREDICTIONS) as temporary:
+    with utils.atomic_path(folder / layout.HELD_OUT_PREDICTIONS) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **{video.name: rows for video, rows in zip(held_out.videos,
                                                                        per_second)})
@@ -663,7 +657,7 @@ def run_trial(trial, train_set, config):
     params = sample_training(trial, config.families, config.base.settings.epochs)
     # Held-out CCC every epoch, for the pruner only: the objective takes the last epoch's.
     settings = replace(config.settings_for(params), eval_freq=1)
-    trial_dir = runs.trial_dir(config.out_dir, trial.number)
+    trial_dir = layout.trial_dir(config.out_dir, trial.number)
     folds, raw = {}, {}
     try:
         for fold, story in enumerate(train_set.stories):
@@ -684,7 +678,7 @@ def run_trial(trial, train_set, config):
     trial.set_user_attr("std", float(np.std(values)))
     if config.keep_weights:
         trial.set_user_attr("fold_weights", {
-            str(story): str(fold_weights(runs.fold_dir(trial_dir, story), settings).resolve())
+            str(story): str(fold_weights(layout.fold_dir(trial_dir, story), settings).resolve())
             for story in folds})
     return objective_value(scores, config.objective)
 
@@ -748,7 +742,7 @@ def _ask_lock(config):
         with Lock(config.served_as):
             yield
         return
-    with open(Path(config.out_dir) / runs.ASK_LOCK, "a", encoding="utf-8") as handle:
+    with open(Path(config.out_dir) / layout.ASK_LOCK, "a", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -991,15 +985,15 @@ def record_trial(config, trial, seconds):
     if config.ledger is None:
         return
     attrs = trial.user_attrs
-    runs.append_row(config.ledger, {
+    ledger.append_row(config.ledger, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": "tune.py",
         "command": f"{config.command} # trial {trial.number}",
-        "out_dir": str(runs.trial_dir(config.out_dir, trial.number)),
+        "out_dir": str(layout.trial_dir(config.out_dir, trial.number)),
         "settings": json_text({"trial": trial.number, **trial.params}),
         "train_dir": config.train_dir, "test_dir": "",
         "mean_ccc": attrs["mean"], "std_ccc": attrs["std"],
         "mean_minus_std": attrs["mean"] - attrs["std"], "train_ccc": "", "best_epoch": "",
-        "wall_s": round(seconds, 2), "versions": runs.versions(), "commit": runs.toolkit_commit()})
+        "wall_s": round(seconds, 2), "versions": ledger.versions(), "commit": ledger.toolkit_commit()})
 
 
 def json_text(data):
@@ -1157,22 +1151,22 @@ def write_outputs(study, out_dir, rule="best"):
               "best trial", file=sys.stderr)
         rule = "best"
     table, best = trials_table(study), best_record(study, rule)
-    utils.write_csv(table, Path(out_dir) / runs.TRIALS_TABLE)
+    utils.write_csv(table, Path(out_dir) / layout.TRIALS_TABLE)
     if best is not None:
-        utils.write_json(best, Path(out_dir) / runs.BEST_RECORD)
+        utils.write_json(best, Path(out_dir) / layout.BEST_RECORD)
     return table, best
 
 
 def write_study_record(out_dir, storage, name):
     """study.json: --storage (None: the folder's own study.db, wherever it moves) and the name."""
-    utils.write_json({"storage": storage, "study_name": name}, Path(out_dir) / runs.STUDY_RECORD)
+    utils.write_json({"storage": storage, "study_name": name}, Path(out_dir) / layout.STUDY_RECORD)
 
 
 def study_of(out_dir):
     """The study of a tune.py output folder (plot.py tune, --final)."""
-    record = Path(out_dir) / runs.STUDY_RECORD
+    record = Path(out_dir) / layout.STUDY_RECORD
     if not record.is_file():
-        raise ToolkitError(f"{out_dir} holds no study ({runs.STUDY_RECORD} is missing): give the "
+        raise ToolkitError(f"{out_dir} holds no study ({layout.STUDY_RECORD} is missing): give the "
                            "--out_dir of a tune.py run")
     saved = json.loads(record.read_text())
     return existing_study(saved["storage"] or default_storage(out_dir), saved["study_name"],
@@ -1197,11 +1191,11 @@ def final_settings(study, base, rule="best"):
 def run_final(train_set, test_set, out_dir, settings, run, postprocessing):
     """Train the chosen settings on every training video, and score the validation
     videos once, at the last epoch; returns the validation result."""
-    folder = Path(out_dir) / runs.FINAL_DIR
+    folder = Path(out_dir) / layout.FINAL_DIR
     per_second, _ = train_and_predict(train_set, test_set, folder, settings, run,
                                       postprocessing, when_stopped=FINAL_STOPPED)
     result = score_videos(test_set.videos, per_second, calibrated(postprocessing, train_set))
-    utils.write_predictions(runs.predictions_dir(folder, "test"), test_set.videos,
+    utils.write_predictions(layout.predictions_dir(folder, "test"), test_set.videos,
                             result["frames"])
     return result
 
@@ -1234,6 +1228,7 @@ def run_fold_ensemble(train_set, test_set, out_dir, paths, run, postprocessing):
     of every training story) and scored once, its 25 fps predictions written to
     final_folds/pred_test/; returns engine.evaluate_seeds's result ("seed_ccc": each
     fold model's own CCC)."""
+    from . import checkpoints, engine
     if run.settings.average_last:
         print(f"note: each fold model predicts with its last weights: the mean of its last "
               f"{run.settings.average_last} epochs' predictions (--average_last), which its "
@@ -1242,6 +1237,6 @@ def run_fold_ensemble(train_set, test_set, out_dir, paths, run, postprocessing):
     result = engine.evaluate_seeds(trained, test_set, run.device,
                                    calibrated(postprocessing, train_set),
                                    run.settings.precision)
-    utils.write_predictions(runs.predictions_dir(Path(out_dir) / FOLD_ENSEMBLE_DIR, "test"),
+    utils.write_predictions(layout.predictions_dir(Path(out_dir) / FOLD_ENSEMBLE_DIR, "test"),
                             test_set.videos, result["frames"])
     return result

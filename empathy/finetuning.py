@@ -36,8 +36,6 @@ Each flag takes several values for `--inner_cv`, which tries every combination
 combination and number of epochs (0: keep init.save) with the best held-out CCC.
 Several values without `--inner_cv` are refused, as is an anchor with adapter alone.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import argparse
 import itertools
 import math
@@ -46,14 +44,10 @@ from pathlib import Path
 
 import pandas as pd
 
-import runs
-import utils
-from utils import LazyModule, ToolkitError
+from . import layout, utils
+from .utils import ToolkitError
 
 # imported on first use, so that personalize.py's --help and flag checks load no torch
-torch = LazyModule("torch")
-checkpoints = LazyModule("checkpoints")
-engine = LazyModule("engine")
 
 FINETUNE_METHODS = ("all", "head", "adapter")
 ADAPTER_RANK = 1  # 2 x 128 + 2 = 258 parameters with the default decoder
@@ -150,6 +144,7 @@ def methods_from_args(args):
 def base_check(methods):
     """A check of the model to fine-tune (options.Plan.base_checks): it has the
     layers that each method needs."""
+    import torch
     def check(network, path):
         for method in methods:
             if method.finetune == "head":
@@ -237,6 +232,7 @@ class MixedBatches:
         self.own_per_batch = batch_size - self.others_per_batch
 
     def __call__(self, generator):
+        import torch
         own = [self.own[i] for i in torch.randperm(len(self.own), generator=generator).tolist()]
         if self.own_per_batch:
             chunks = [own[start:start + self.own_per_batch]
@@ -254,6 +250,7 @@ class MixedBatches:
         return batches
 
     def _draw_others(self, count, generator):
+        import torch
         drawn = []
         while len(drawn) < count:
             drawn += [self.others[i] for i in
@@ -288,6 +285,7 @@ class SubjectTuning:
         again rather than copied: building it draws from the just-seeded random
         generator, as it always has, so the dropout masks, and with them the numbers,
         stay those of earlier versions (tests/test_unchanged.py)."""
+        from . import checkpoints
         network = checkpoints.load_trained([self.init.path], self.train_all, self.run.normalize,
                                            self.run.device)[0].network
         return prepare(network, method)
@@ -304,6 +302,7 @@ def choose_method(tuning, methods, subject_folder):
     keeps init.save) with the best mean CCC on the subject's own training stories,
     each held out in turn (init.save fine-tuned on the others, scored every
     --eval_freq epochs); writes the curves to <subject_folder>/inner_cv.csv."""
+    from . import engine
     run = tuning.run
     own_videos = tuning.train_all.select(subjects=[tuning.subject])
     stories = own_videos.stories
@@ -313,7 +312,7 @@ def choose_method(tuning, methods, subject_folder):
     held_out = {story: own_videos.select(stories=[story]) for story in stories}
     # Epoch 0 calibrates (--calibrate) as engine.fit does the fold's fine-tuned model,
     # with the statistics of the other stories: init.save's own include the held-out one.
-    start = {runs.fold_name(story): engine.evaluate(
+    start = {layout.fold_name(story): engine.evaluate(
         tuning.init.network, videos, run.device,
         tuning.postprocessing.with_listener_stats(
             own_videos.select(exclude_stories=[story]).videos),
@@ -329,15 +328,15 @@ def choose_method(tuning, methods, subject_folder):
                        resume=run.resumes_run(folder), progress=run.progress,
                        postprocessing=tuning.postprocessing, tensorboard_dir=run.tensorboard_dir,
                        finetuning=tuning.finetuning(method, inner_settings))
-            history = pd.read_csv(folder / runs.METRICS).dropna(subset=["val_ccc"])
-            curves[runs.fold_name(story)] = history.set_index("epoch")["val_ccc"]
+            history = pd.read_csv(folder / layout.METRICS).dropna(subset=["val_ccc"])
+            curves[layout.fold_name(story)] = history.set_index("epoch")["val_ccc"]
         rows += [{**method.record, "epoch": epoch, **scores}
                  for epoch, scores in pd.DataFrame(curves).iterrows()]
     table = pd.DataFrame(rows)
     table["mean_ccc"] = table[list(start)].mean(axis=1)
     if not several:  # one method: the curves of its epochs alone
         table = table.drop(columns=list(DEFAULT.record))
-    utils.write_csv(table, Path(subject_folder) / runs.INNER_CV_TABLE)
+    utils.write_csv(table, Path(subject_folder) / layout.INNER_CV_TABLE)
     best = table.loc[table["mean_ccc"].idxmax()]  # the first best: ties keep init.save
     method = (Method(best["finetune"], float(best["anchor"]), float(best["mix"]))
               if several else methods[0])
@@ -351,7 +350,7 @@ def inner_cv_folders(train_all, subject, out_dir, methods):
     if len(stories) < 2:
         raise ToolkitError(f"--inner_cv needs two or more training stories of subject {subject}, "
                            f"who has {len(stories)}: leave out --inner_cv or that subject")
-    subject_folder = runs.subject_dir(out_dir, subject)
+    subject_folder = layout.subject_dir(out_dir, subject)
     return {inner_fold_dir(subject_folder, story, method, len(methods) > 1): method
             for method in methods for story in stories}
 
@@ -361,18 +360,19 @@ def inner_cv_folders(train_all, subject, out_dir, methods):
 def inner_fold_dir(subject_folder, story, method, several):
     """A fold of the inner cross-validation: inner_val_on_<story>/ for one method,
     inner_<method>/val_on_<story>/ when --inner_cv compares several."""
-    return runs.inner_fold_dir(subject_folder, story, method.name if several else None)
+    return layout.inner_fold_dir(subject_folder, story, method.name if several else None)
 
 
 def saved_method(path):
     """The method a checkpoint was fine-tuned with (the default for one without a record)."""
+    from . import checkpoints
     record = checkpoints.load_checkpoint(path).get("finetuning") or {}
     return Method(**{key: record[key] for key in ("finetune", "anchor", "mix") if key in record})
 
 
 def check_resumed(folder, method):
     """Refuse a --resume of a run in `folder` that was fine-tuned another way."""
-    path = Path(folder) / runs.LAST
+    path = Path(folder) / layout.LAST
     saved = saved_method(path)
     if saved != method:
         raise ToolkitError(f"--resume: {path} was fine-tuned with {describe(saved)}, not "

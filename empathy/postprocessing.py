@@ -1,3 +1,4 @@
+from . import layout
 """Post-processing: how per-second predictions become the 25 fps predictions that are
 written and scored (label delay, smoothing or low-pass, calibration), its flags, and
 scoring a set of videos with it.
@@ -18,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-import runs
-from utils import FPS, ToolkitError, ccc, to_length
+from .utils import FPS, ToolkitError, ccc, to_length
 
 def expand_to_frames(per_second, n_frames):
     """Repeat each per-second value FPS times, then cut or pad (repeating the last
@@ -422,7 +422,7 @@ def choice_record(chosen, scores, mods, normalize, stories, subjects):
 def read_choice(folder):
     """The record that crossval.py --choose_postprocessing wrote in `folder`
     (--postprocessing_from), checked."""
-    path = Path(folder) / runs.POSTPROCESSING_CHOICE
+    path = Path(folder) / layout.POSTPROCESSING_CHOICE
     if not Path(folder).is_dir():
         raise ToolkitError(f"--postprocessing_from {folder} does not exist: give the --out_dir "
                            "of a crossval.py --choose_postprocessing run")

@@ -9,7 +9,7 @@ import argparse
 import importlib
 from dataclasses import dataclass, field
 
-from utils import ToolkitError
+from .utils import ToolkitError
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Family:
     that reading the flags loads no torch) and the flags that size it."""
     class_name: str
     flags: tuple = ()
-    module: str = "models"
+    module: str = "empathy.models"
 
     @property
     def network(self):

@@ -5,14 +5,11 @@ fp32 runs no autocast context at all, so float32 results are exactly those of a
 toolkit without the flag; bf16 and fp16 autocast the forward pass while weights,
 optimizer state and checkpoints stay float32.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import contextlib
 from pathlib import Path
 
-from utils import LazyModule, ToolkitError
+from .utils import ToolkitError
 
-torch = LazyModule("torch")  # loaded on first use: the flags' choices need no torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # names in torch
@@ -22,6 +19,7 @@ def fast_bf16_cpu():
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without
     either, PyTorch's bfloat16 matrix products run ~50x slower than float32 (measured on
     an AMD EPYC with AVX2 only: 1.3 against 60-100 GFLOP/s)."""
+    import torch
     checks = [getattr(torch.cpu, name, None)
               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(checks):
@@ -33,6 +31,7 @@ def fast_bf16_cpu():
 
 def check_precision(precision, device):
     """Refuse, in one line, a --precision this device cannot run well."""
+    import torch
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise ToolkitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision}")
@@ -50,6 +49,7 @@ def check_precision(precision, device):
 def autocast(precision, device):
     """The context that runs a forward pass in `precision`: none at all for fp32, so
     float32 runs exactly as they did before the flag; weights stay float32 throughout."""
+    import torch
     device = torch.device(device)
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -66,6 +66,7 @@ def autocast(precision, device):
 @contextlib.contextmanager
 def _onednn_disabled():
     # Not torch.backends.mkldnn.flags(): it also sets TF32, which warns on every use.
+    import torch
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
@@ -76,6 +77,7 @@ def _onednn_disabled():
 
 def grad_scaler(precision, device):
     """A gradient scaler for fp16 (its small range underflows gradients); None otherwise."""
+    import torch
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(torch.device(device).type)

@@ -5,8 +5,6 @@ and data (datasets.VideoSet); it reads and writes checkpoints through
 checkpoints.py and output names through runs.py. One `train_one_epoch`, one
 `evaluate`, one `fit`.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import contextlib
 import ctypes
 import math
@@ -20,13 +18,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import parallel
-import runs
-import utils
-from postprocessing import Postprocessing, report_unseen_listeners, score_videos, unscored
-from precision import autocast, check_precision, grad_scaler
-from utils import ToolkitError
+from . import checkpoints, layout, parallel, utils
+from .postprocessing import Postprocessing, report_unseen_listeners, score_videos, unscored
+from .precision import autocast, check_precision, grad_scaler
+from .utils import ToolkitError
 
 EMBED_CHUNK_ROWS = 2048  # rows embedded at once in evaluation: bounds memory, not speed
 
@@ -359,9 +354,9 @@ class TrainingRun:
     def resume(self):
         """Continue from last.save: weights (trained and averaged), optimizer,
         generators, progress and the --average_last sums."""
-        state = checkpoints.load_checkpoint(self.model_dir / runs.LAST, self.device)
+        state = checkpoints.load_checkpoint(self.model_dir / layout.LAST, self.device)
         if "optimizer" not in state:
-            raise ToolkitError(f"{self.model_dir / runs.LAST} has no optimizer state: it cannot "
+            raise ToolkitError(f"{self.model_dir / layout.LAST} has no optimizer state: it cannot "
                                "be resumed; train again with --overwrite")
         # With averaging, "model" holds the average and "trained_model" what the optimizer moves.
         self.model.load_state_dict(state.get("trained_model", state["model"]))
@@ -376,7 +371,7 @@ class TrainingRun:
         self.epoch, self.best_ccc, self.best_epoch = (state["epoch"], state["best_ccc"],
                                                       state["best_epoch"])
         self.stopped_early = bool(state.get("stopped_early"))
-        self.history = checkpoints.read_history(self.model_dir / runs.METRICS, self.epoch)
+        self.history = checkpoints.read_history(self.model_dir / layout.METRICS, self.epoch)
         self.stale_evaluations = sum(1 for row in self.history if row["epoch"] > self.best_epoch
                                      and not math.isnan(row["val_ccc"]))
 
@@ -433,7 +428,7 @@ class TrainingRun:
             self.stale_evaluations += 1
             if row["val_ccc"] > self.best_ccc:
                 self.best_ccc, self.best_epoch, self.stale_evaluations = row["val_ccc"], self.epoch, 0
-                self.save(runs.BEST)
+                self.save(layout.BEST)
         self.stopped_early = (settings.patience is not None
                               and self.stale_evaluations >= settings.patience)
         return row
@@ -443,10 +438,10 @@ class TrainingRun:
         order: a kill between the two writes then costs no row for good (--resume
         drops the rows after last.save's epoch and trains them again)."""
         self.history.append(row)
-        utils.write_csv(pd.DataFrame(self.history), self.model_dir / runs.METRICS)
+        utils.write_csv(pd.DataFrame(self.history), self.model_dir / layout.METRICS)
         if self.epoch % self.settings.save_freq == 0:
-            self.save(runs.checkpoint_name(self.epoch))
-            self.save(runs.LAST, with_optimizer=True)
+            self.save(layout.checkpoint_name(self.epoch))
+            self.save(layout.LAST, with_optimizer=True)
 
     def check_converging(self, value, what):
         """Stop a run whose loss (or validation CCC) became NaN or inf: its weights are
@@ -547,12 +542,12 @@ def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None, when_s
                       file=sys.stderr)
                 raise KeyboardInterrupt
             if stop.requested:
-                run.save(runs.LAST, with_optimizer=True)
-                print(f"stopped after epoch {run.epoch}; {run.model_dir / runs.LAST} holds it: "
+                run.save(layout.LAST, with_optimizer=True)
+                print(f"stopped after epoch {run.epoch}; {run.model_dir / layout.LAST} holds it: "
                       "run the same command with --resume to continue", file=sys.stderr)
                 raise KeyboardInterrupt
     if run.epoch > start_epoch:
-        run.save(runs.LAST, with_optimizer=True)
+        run.save(layout.LAST, with_optimizer=True)
 
 
 @contextlib.contextmanager
@@ -614,12 +609,12 @@ def write_test_predictions(trained, train_set, test_set, pred_dir, device, postp
         per_seed = [kept_or_predicted(t, video_set, device, precision) for t in trained]
         results[name] = unscored(score_seed_predictions(per_seed, video_set, postprocessing),
                                  video_set.videos)
-        utils.write_predictions(runs.predictions_dir(pred_dir, name), video_set.videos,
+        utils.write_predictions(layout.predictions_dir(pred_dir, name), video_set.videos,
                                 results[name]["frames"])
         if len(trained) > 1:
             for model, frames in zip(trained, results[name]["seed_frames"]):
                 seed = model.checkpoint["training"]["seed"]
-                utils.write_predictions(runs.predictions_dir(runs.seed_dir(pred_dir, seed), name),
+                utils.write_predictions(layout.predictions_dir(layout.seed_dir(pred_dir, seed), name),
                                         video_set.videos, frames)
     return results
 
@@ -649,7 +644,7 @@ def extract_features(trained, train_set, test_set, feat_dir, device, label_delay
         per_seed = [predict(t.network, video_set.with_scaler(t.scaler), device,
                             with_features=True, precision=precision)[1] for t in trained]
         features = [np.concatenate(video_features, axis=1) for video_features in zip(*per_seed)]
-        write_features(runs.features_dir(feat_dir, name), video_set,
+        write_features(layout.features_dir(feat_dir, name), video_set,
                        [_delayed_rows(rows, shift) for rows in features])
 
 

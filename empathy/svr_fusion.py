@@ -10,10 +10,10 @@ them. Output names come from runs.py.
 A saved model is a joblib pickle (see `model_record`), and loading a pickle can run
 arbitrary code: `load_model` is only ever called on a path the user named.
 """
-import thread_policy  # noqa: F401  first: how OpenMP threads wait, set before torch loads
-
 import argparse
+import contextlib
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,17 +25,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 from sklearn.svm import SVR
 
-import datasets
-import postprocessing
-import runs
-import utils
-from postprocessing import (Postprocessing, flattened_listeners, report_constant_listeners,
+from . import datasets, layout, postprocessing, utils
+from .postprocessing import (Postprocessing, flattened_listeners, report_constant_listeners,
                             report_unseen_listeners, score_videos, unscored)
-from utils import ToolkitError
+from .utils import ToolkitError
 
 # Imported on first use (--normalize's scaler): fusion.py and cv_fusion.py start
 # without it.
-torch = utils.LazyModule("torch")
 
 MODEL_KIND = "omg-empathy decision-level fusion SVR"
 SVR_CACHE_MB = 500  # libsvm kernel cache; 200 to 1000 MB fit 10,000 rows equally fast
@@ -125,11 +121,11 @@ def find_feature_folder(feat_dir, split_dir, side):
 
     The guide's copy `<split_dir>/<feat_dir>` comes first (or the nested
     `<split_dir>/<feat_dir>/feat_<side>` that `cp -r` makes when the destination
-    exists), then train.py's own `<feat_dir>/feat_<side>` (runs.features_dir).
+    exists), then train.py's own `<feat_dir>/feat_<side>` (layout.features_dir).
     """
-    copied, written = Path(split_dir) / feat_dir, runs.features_dir(feat_dir, side)
+    copied, written = Path(split_dir) / feat_dir, layout.features_dir(feat_dir, side)
     if copied.is_dir():
-        nested = runs.features_dir(copied, side)
+        nested = layout.features_dir(copied, side)
         if _has_videos(copied) and _has_videos(nested):
             raise ToolkitError(f"{copied} holds features and also a {nested.name} folder of "
                                "features (left by a second `cp -r`): keep one of them")
@@ -274,11 +270,13 @@ class FeatureScaling(TransformerMixin, BaseEstimator):
     MOD = "fused"  # FeatureScaler keeps statistics per modality: the fused rows are one
 
     def fit(self, rows, targets=None):
+        import torch
         rows = torch.tensor(np.asarray(rows, dtype=np.float32))
         self.state_ = datasets.FeatureScaler.fit_rows({self.MOD: [rows]}).state_dict()
         return self
 
     def transform(self, rows):
+        import torch
         scaler = datasets.FeatureScaler.from_state_dict(self.state_)
         copy = torch.tensor(np.asarray(rows, dtype=np.float32))  # scale_ works in place
         return scaler.scale_(self.MOD, copy).numpy()
@@ -376,21 +374,40 @@ def save_model(path, record):
         joblib.dump(record, temporary)
 
 
+# Models saved before the library moved into the package pickled its classes by their
+# old top-level module paths; unpickling finds them here.
+FORMER_MODULE_PATHS = {"svr_fusion": __name__}
+
+
+@contextlib.contextmanager
+def former_module_paths():
+    """While loading: the former module names resolve to the package's modules."""
+    added = [name for name in FORMER_MODULE_PATHS if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = sys.modules[FORMER_MODULE_PATHS[name]]
+    try:
+        yield
+    finally:
+        for name in added:
+            del sys.modules[name]
+
+
 def load_model(path):
-    """A model saved by save_model. joblib unpickles, which can run code: callers
-    load only a path the user named."""
+    """A model saved by save_model (by today's code or before the package). joblib
+    unpickles, which can run code: callers load only a path the user named."""
     path = Path(path)
     if not path.is_file():
         raise ToolkitError(f"fusion model {path} does not exist: fit one with fusion.py "
-                           f"(it writes <pred_dir>/{runs.FUSION_MODEL}) or fix the path")
+                           f"(it writes <pred_dir>/{layout.FUSION_MODEL}) or fix the path")
     try:
-        record = joblib.load(path)
+        with former_module_paths():
+            record = joblib.load(path)
     except Exception as error:  # unpickling raises many types for files of other kinds
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ToolkitError(f"cannot read fusion model {path} ({reason[:120]}): give a "
-                           f"{runs.FUSION_MODEL} written by fusion.py or cv_fusion.py") from None
+                           f"{layout.FUSION_MODEL} written by fusion.py or cv_fusion.py") from None
     if not isinstance(record, dict) or record.get("kind") != MODEL_KIND:
-        raise ToolkitError(f"{path} is not a fusion model: give a {runs.FUSION_MODEL} written "
+        raise ToolkitError(f"{path} is not a fusion model: give a {layout.FUSION_MODEL} written "
                            "by fusion.py or cv_fusion.py")
     problem = _record_problem(record)
     if problem:
@@ -435,7 +452,7 @@ def check_model_path(path):
     if path.is_dir() or (path.exists() and path.suffix != ".joblib"):
         raise ToolkitError(f"--model_path {path} exists and is not a fusion model (.joblib): "
                            "choose a new path ending in .joblib")
-    runs.check_output_folder(path.parent, "--model_path")
+    layout.check_output_folder(path.parent, "--model_path")
     utils.check_writable(path.parent)
 
 
@@ -461,7 +478,7 @@ def fit_and_predict(settings, in_names, dims, train_videos, test_videos, pred_di
     predictions of both sides into <pred_dir>/pred_train and pred_test."""
     model, _, postprocessing = fit_and_save(train_videos, settings, in_names, dims, model_path)
     results = {"train": predict_and_write(model, train_videos, postprocessing,
-                                          runs.predictions_dir(pred_dir, "train"))}
+                                          layout.predictions_dir(pred_dir, "train"))}
     return {**results, **predict_saved(model, postprocessing, test_videos, pred_dir)}
 
 
@@ -470,5 +487,5 @@ def predict_saved(model, postprocessing, test_videos, pred_dir):
     report_unseen_listeners(postprocessing, test_videos)
     report_constant_listeners(flattened_listeners(postprocessing))
     return {"test": unscored(predict_and_write(model, test_videos, postprocessing,
-                                               runs.predictions_dir(pred_dir, "test")),
+                                               layout.predictions_dir(pred_dir, "test")),
                              test_videos)}
