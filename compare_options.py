@@ -166,7 +166,7 @@ def run_recorded(script, argv, ledger, results_of):
     it had been run from the command line."""
     parser = script.get_args_parser()
     return ledger.run_recorded(script.main, parser, parser.parse_args(argv), ledger, results_of,
-                             command=" ".join([parser.prog, *argv]))
+                               command=" ".join([parser.prog, *argv]))
 
 
 def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):

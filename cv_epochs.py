@@ -100,7 +100,7 @@ def main(args):
     runner = parallel.Runner.from_args(args)
     pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
     layout.check_fold_checkpoints(out_dir, pooled.stories, epochs,
-                                "--epoch_min/--epoch_max/--epoch_step")
+                                  "--epoch_min/--epoch_max/--epoch_step")
     run = options.RunOptions.from_args(args, options.TrainingSettings.from_args(args), {},
                                        runner)
     first_epoch = [path for story in pooled.stories for path in layout.run_checkpoints(

@@ -99,7 +99,7 @@ def get_args_parser():
                       help="the ledger CSV (default: %(default)s)")
     runs.add_argument("--script", help="only this script's runs, e.g. crossval")
     runs.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="only runs whose changed settings include these, e.g. loss=ccc")
+                      help="only runs whose changed settings include these, e.g. loss=ccc")
 
     curves = kinds.add_parser("curves", parents=common,
                               help="training loss and validation CCC per epoch of training runs")

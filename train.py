@@ -82,7 +82,7 @@ def train_new_model(args, model_dir, train_set, test_set):
     from empathy import engine
     settings = options.TrainingSettings.from_args(args)
     resumes = layout.check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
-                                    args.resume, args.overwrite)
+                                      args.resume, args.overwrite)
     run = run_options(args, resumes)
     options.check_before_writing(options.Plan(
         outputs=[(model_dir, "--model_dir")], options=run, data=train_set, trains=True,
@@ -136,7 +136,7 @@ def ledger_results(returned):
     epochs (training), or the test and training CCC (--test)."""
     if isinstance(returned, list):
         return tables.spread_results([summary["last_ccc"] for summary in returned],
-                                   best_epoch=" ".join(str(s["best_epoch"]) for s in returned))
+                                     best_epoch=" ".join(str(s["best_epoch"]) for s in returned))
     return {"mean_ccc": returned["test"]["ccc"], "train_ccc": returned["train"]["ccc"]}
 
 

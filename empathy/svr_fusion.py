@@ -27,7 +27,7 @@ from sklearn.svm import SVR
 
 from . import datasets, layout, postprocessing, utils
 from .postprocessing import (Postprocessing, flattened_listeners, report_constant_listeners,
-                            report_unseen_listeners, score_videos, unscored)
+                             report_unseen_listeners, score_videos, unscored)
 from .utils import ToolkitError
 
 # Imported on first use (--normalize's scaler): fusion.py and cv_fusion.py start

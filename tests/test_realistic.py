@@ -128,7 +128,7 @@ def test_a_checkpoint_from_a_newer_version_is_refused_by_name():
 def test_a_bad_lowpass_flag_writes_nothing(in_tmp, capsys):
     with pytest.raises(SystemExit) as stopped:
         ledger.run_cli(train.main, train.get_args_parser(), train.ledger_results,
-                     ["--mods", "audio,text", "--epochs", "1", "--model_dir", "m", "--lowpass", "30"])
+                       ["--mods", "audio,text", "--epochs", "1", "--model_dir", "m", "--lowpass", "30"])
     assert stopped.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --lowpass 30 Hz is not below the Nyquist frequency of 25 fps predictions "

@@ -52,8 +52,8 @@ def workspace_master(tmp_path_factory):
         run(fusion, "featA", "--pred_dir", "fz")
         for out_dir in ("m", "cv"):
             ledger.append_row("runs.csv", {"script": "train.py", "out_dir": out_dir,
-                                         "settings": '{"epochs": 1}', "mean_ccc": 0.25,
-                                         "std_ccc": 0.05, "wall_s": 3.5})
+                                           "settings": '{"epochs": 1}', "mean_ccc": 0.25,
+                                           "std_ccc": 0.05, "wall_s": 3.5})
     return root
 
 
@@ -524,8 +524,8 @@ def plot_inputs(folder, count):
                                       "after_ccc": rng.uniform(-0.1, 0.5, count)}),
                         run_dir / "personalize.csv")
         utils.write_csv(tables.crossval_table([{"story": story, "train_ccc": 0.5,
-                                              "val_ccc": rng.uniform(-0.1, 0.5)}
-                                             for story in range(1, count + 1)]),
+                                                "val_ccc": rng.uniform(-0.1, 0.5)}
+                                               for story in range(1, count + 1)]),
                         run_dir / "crossval.csv")
         for kind, name in (("epochs", "cv_epochs.csv"), ("subjects", "personalize.csv"),
                            ("stories", "crossval.csv")):
@@ -533,7 +533,7 @@ def plot_inputs(folder, count):
         settings = {"mods": ["audio,text", "audio", "audio,text,v_sub,v_act"][run % 3],
                     "lr": [1e-5, 1e-4][run % 2], "hidden_size": 64 * (1 + run // 6)}
         ledger.append_row(folder / "a_ledger_kept_in_a_folder_with_a_long_name" / "runs.csv",
-                        {"script": ["crossval.py", "train.py"][run % 2],
+                          {"script": ["crossval.py", "train.py"][run % 2],
                          "out_dir": f"experiments/cv_{run}_with_a_descriptive_name",
                          "settings": json.dumps(settings), "mean_ccc": rng.uniform(0, 0.5),
                          "std_ccc": 0.05})

@@ -22,7 +22,7 @@ def run_recorded(module, *argv):
     """A script's command line as run_cli runs it: parsed, run, and recorded."""
     return ledger.run_cli(module.main, module.get_args_parser(), getattr(module, "ledger_results",
                                                                       tables.crossval_results),
-                        argv=[str(arg) for arg in argv])
+                          argv=[str(arg) for arg in argv])
 
 
 def test_two_runs_append_two_rows_with_their_settings_and_results(in_tmp, capsys):
@@ -60,7 +60,7 @@ def test_the_command_column_holds_the_command_line(in_tmp):
     assert result.returncode == 0, result.stderr
     rows = ledger.read_ledger(in_tmp / "runs.csv")  # the default rows, in the working folder
     assert rows["command"][0].endswith("crossval.py --mods audio,text --epochs 1 --out_dir cv "
-                                         "--stories 1 2")
+                                       "--stories 1 2")
     table = pd.read_csv(in_tmp / "cv" / "crossval.csv").set_index("story")
     # the last epoch's CCC over folds: nothing picked on the held-out stories
     assert rows["mean_ccc"][0] == pytest.approx(table.loc["Mean", "last_ccc"])
@@ -124,7 +124,7 @@ def test_ledger_none_writes_no_ledger_and_a_foreign_csv_is_refused(in_tmp, capsy
 def write_ledger(path, rows):
     for row in rows:
         ledger.append_row(path, {"script": "crossval.py", "out_dir": row[0], "settings": row[1],
-                               "mean_ccc": row[2], "std_ccc": row[3]})
+                                 "mean_ccc": row[2], "std_ccc": row[3]})
 
 
 def test_runs_py_filters_by_script_and_setting(tmp_path, capsys):
