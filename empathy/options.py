@@ -230,8 +230,7 @@ class RunOptions:
 
     @property
     def device(self):
-        from . import engine
-        return engine.get_device(self.cuda)
+        return precision.get_device(self.cuda)
 
     def check_trainable(self, train_set, postprocessing=None):
         """Refuse, before anything is written, a --split or --label_delay (that of

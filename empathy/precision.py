@@ -1,14 +1,35 @@
-"""Arithmetic precision (--precision): which precisions this device runs well, and the
-contexts that run a forward pass in one.
+"""Where and how the arithmetic runs: the device (--cuda), and the precision
+(--precision): which precisions this device runs well, and the contexts that run a
+forward pass in one.
 
 fp32 runs no autocast context at all, so float32 results are exactly those of a
 toolkit without the flag; bf16 and fp16 autocast the forward pass while weights,
 optimizer state and checkpoints stay float32.
 """
 import contextlib
+import sys
 from pathlib import Path
 
 from .utils import ToolkitError
+
+
+_warned_no_cuda = False
+
+
+def get_device(cuda):
+    """The device a script runs on: the GPU when `--cuda` is given and one exists.
+    Asking for one without having it warns once and falls back to the CPU."""
+    import torch
+    global _warned_no_cuda
+    if not cuda:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not _warned_no_cuda:
+        print("warning: --cuda given but no GPU is available; running on the CPU",
+              file=sys.stderr)
+        _warned_no_cuda = True
+    return torch.device("cpu")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

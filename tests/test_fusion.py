@@ -268,6 +268,31 @@ def test_a_model_saved_with_scikit_learns_min_max_scaler_predicts_as_it_did(work
             (workspace / "expected" / name).read_bytes()
 
 
+def test_a_model_saved_before_the_package_keeps_loading(workspace, monkeypatch):
+    """Fusion models written before the library moved into empathy/ pickled
+    FeatureScaling as svr_fusion.FeatureScaling; they load and predict as before."""
+    import pickle
+    import sys
+    run_fusion("feat_AT", "feat_ATV", "--normalize", "--pred_dir", "new")
+    record = joblib.load(workspace / "new" / layout.FUSION_MODEL)
+    old_file = workspace / "old_fusion_model.joblib"
+    # Pickle it as the code before the package did: the class under its old module path.
+    with monkeypatch.context() as old_layout:
+        old_layout.setattr(svr_fusion.FeatureScaling, "__module__", "svr_fusion")
+        old_layout.setitem(sys.modules, "svr_fusion", svr_fusion)
+        joblib.dump(record, old_file)
+    assert b"svr_fusion" in old_file.read_bytes() and b"empathy." not in old_file.read_bytes()
+    assert "svr_fusion" not in sys.modules
+    with pytest.raises(ModuleNotFoundError, match="svr_fusion"):
+        with open(old_file, "rb") as handle:
+            pickle.load(handle)  # plain unpickling cannot find the old path
+    loaded = svr_fusion.load_model(old_file)
+    assert "svr_fusion" not in sys.modules  # the old name is only there while loading
+    assert isinstance(loaded["model"].steps[0][1], svr_fusion.FeatureScaling)
+    rows = np.random.default_rng(1).normal(size=(7, sum(record["input_dims"]))).astype(np.float32)
+    assert np.array_equal(loaded["model"].predict(rows), record["model"].predict(rows))
+
+
 def test_normalize_is_the_lstm_feature_scaler_as_a_pipeline_step():
     rng = np.random.default_rng(0)
     rows = (rng.normal(size=(40, 5)) * [1, 10, 100, 1e-3, 1]

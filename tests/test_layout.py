@@ -1,41 +1,99 @@
-"""The shape of the code (issue 24): the library apart from the scripts, small
-functions, and a model family that is one class plus one registry entry."""
+"""The shape of the code (issues 24 and 35): the scripts at the top level, the library
+in the package empathy/ under them with no import cycle, small functions, and a model
+family that is one class plus one registry entry."""
 import ast
+import graphlib
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from empathy import checkpoints, families, models
 import train
 from conftest import ROOT
+from empathy import checkpoints, families, models
 from empathy.utils import ToolkitError
 
-SCRIPTS = {"train", "crossval", "cv_epochs", "personalize", "fusion", "cv_fusion"}
-DRIVERS = {"compare_options.py", "make_notebook.py"}  # they run scripts by design
-PROJECT_FILES = sorted(ROOT.glob("*.py"))
+PACKAGE = "empathy"
+TOP_LEVEL_FILES = sorted(ROOT.glob("*.py"))
+PACKAGE_FILES = sorted((ROOT / PACKAGE).glob("*.py"))
+PUBLIC_FACES = {"datasets", "models", "utils"}  # the design card's names, kept at the top
+DRIVERS = {"compare_options", "make_notebook", "bench"}  # they run scripts by design
+SCRIPTS = {path.stem for path in TOP_LEVEL_FILES if path.stem not in PUBLIC_FACES}
+
+
+def imports(path, level=None):
+    """The import statements of `path`, outside `if TYPE_CHECKING:` blocks (those load
+    nothing); `level` keeps only absolute (0) or relative (1) ones."""
+    tree = ast.parse(path.read_text())
+    checked_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                    and ast.unparse(block.test) == "TYPE_CHECKING" for node in ast.walk(block)}
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+            and id(node) not in checked_only
+            and (level is None or getattr(node, "level", 0) == level)]
 
 
 def imported_modules(path):
-    tree = ast.parse(path.read_text())
+    """Top-level names of the modules that `path` imports absolutely."""
     names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+    for node in imports(path, level=0):
+        names |= ({alias.name.split(".")[0] for alias in node.names}
+                  if isinstance(node, ast.Import) else {node.module.split(".")[0]})
     return names
 
 
-@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda path: path.name)
-def test_no_module_imports_a_script(path):
-    if path.name in DRIVERS:
+def package_dependencies(path):
+    """The package modules that the package module `path` imports, anywhere in it."""
+    found = set()
+    for node in imports(path):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == PACKAGE):
+            found |= ({alias.name for alias in node.names} if node.module in (None, PACKAGE)
+                      else {node.module.split(".")[0]})
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE + "."):
+            found.add(node.module.split(".")[1])
+    return found - {"thread_policy"} if path.stem == "__init__" else found
+
+
+def test_the_top_level_holds_the_scripts_and_the_design_cards_names():
+    for path in TOP_LEVEL_FILES:
+        text = path.read_text()
+        if path.stem in PUBLIC_FACES:  # the package's public face, nothing of its own
+            assert [ast.unparse(node) for node in imports(path)] == \
+                [f"from {PACKAGE}.{path.stem} import *"], path.name
+        else:
+            assert 'if __name__ == "__main__":' in text, f"{path.name} is library: move it " \
+                f"into {PACKAGE}/"
+    assert {"train", "crossval", "cv_epochs", "personalize", "fusion", "cv_fusion"} <= SCRIPTS
+
+
+@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda path: path.name)
+def test_the_package_imports_no_script_nor_anything_of_the_top_level(path):
+    assert not imported_modules(path) & (SCRIPTS | PUBLIC_FACES), \
+        f"{path.name} imports from the top level"
+
+
+@pytest.mark.parametrize("path", [path for path in TOP_LEVEL_FILES if path.stem in SCRIPTS],
+                         ids=lambda path: path.name)
+def test_scripts_import_the_package_not_each_other(path):
+    if path.stem in DRIVERS:
         return
-    assert not imported_modules(path) & SCRIPTS, f"{path.name} imports a script"
+    assert not imported_modules(path) & (SCRIPTS | PUBLIC_FACES), \
+        f"{path.name} imports a script or a public face instead of {PACKAGE}"
 
 
-@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda path: path.name)
+def test_the_package_has_no_import_cycle():
+    """Not even through an import inside a function: each module sits on a layer and
+    imports only from the layers below it."""
+    graph = {path.stem: package_dependencies(path) for path in PACKAGE_FILES}
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as cycle:
+        pytest.fail(f"import cycle: {' -> '.join(cycle.args[1])}")
+    assert set(order) >= {path.stem for path in PACKAGE_FILES}
+
+
+@pytest.mark.parametrize("path", TOP_LEVEL_FILES + PACKAGE_FILES,
+                         ids=lambda path: str(path.relative_to(ROOT)))
 def test_no_function_is_longer_than_a_screen(path):
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
             for node in ast.walk(ast.parse(path.read_text()))
@@ -46,7 +104,7 @@ def test_no_function_is_longer_than_a_screen(path):
 
 def test_thin_train_and_a_small_utils():
     assert len((ROOT / "train.py").read_text().splitlines()) <= 350
-    assert len((ROOT / "utils.py").read_text().splitlines()) <= 420
+    assert len((ROOT / PACKAGE / "utils.py").read_text().splitlines()) <= 420
 
 
 # ---------------------------------------------------------------- a new model family

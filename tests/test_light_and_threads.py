@@ -1,5 +1,5 @@
-"""The thread policy reaches torch (every module that imports it sets the policy
-first, and worker processes inherit it; a user's own setting wins), and the
+"""The thread policy reaches torch (the package sets it on import, before any of its
+modules can load torch, and worker processes inherit it; a user's own setting wins), and the
 commands that only read files, and every script's --help, load no torch."""
 import ast
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from empathy import ledger, parallel, thread_policy
-from test_plot import tables, predictions  # noqa: F401  fixtures
+from test_plot import table_files, predictions  # noqa: F401  fixtures
 from test_runs import write_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,34 +25,50 @@ def test_the_spin_count_is_set_unless_the_user_chose_a_wait_policy(setting):
                        else before)
 
 
-def first_import(tree):
-    return next(node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
-
-
-def imports_openmp_users(tree):
-    """Whether the module imports torch or scikit-learn anywhere (also in a function,
-    or on first use through utils.LazyModule)."""
-    for node in ast.walk(tree):
+def imports_openmp_users(tree, anywhere=True):
+    """The lines where the module imports torch or scikit-learn: anywhere (also in a
+    function), or only at module level."""
+    nodes = ast.walk(tree) if anywhere else tree.body
+    lines = []
+    for node in nodes:
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom)
-                 else [argument.value for argument in node.args
-                       if isinstance(argument, ast.Constant) and isinstance(argument.value, str)]
-                 if isinstance(node, ast.Call) and "LazyModule" in ast.unparse(node.func) else [])
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         if any(name.split(".")[0] in ("torch", "sklearn") for name in names):
-            return True
-    return False
+            lines.append(node.lineno)
+    return lines
 
 
-def test_every_module_importing_torch_sets_the_policy_first():
-    users = []
+def imports_the_package(tree):
+    return any(isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "empathy"
+               or isinstance(node, ast.Import) and node.names[0].name.split(".")[0] == "empathy"
+               for node in tree.body)
+
+
+def test_scripts_reach_torch_only_after_the_package_set_the_policy():
+    """The package applies the policy on import (empathy/__init__.py), so no module
+    carries an import-order rule: a script imports torch or scikit-learn only inside
+    its functions, which run after its module-level import of the package."""
     for path in sorted(ROOT.glob("*.py")):
         tree = ast.parse(path.read_text())
+        assert not imports_openmp_users(tree, anywhere=False), \
+            f"{path.name}: import torch inside the function that needs it, after the package"
         if imports_openmp_users(tree):
-            users.append(path.name)
-            node = first_import(tree)
-            assert isinstance(node, ast.Import) and node.names[0].name == "thread_policy", \
-                f"{path.name}: make `import thread_policy` its first import"
-    assert {"datasets.py", "engine.py", "models.py", "parallel.py", "svr_fusion.py"} <= set(users)
+            assert imports_the_package(tree), f"{path.name}: import the package at module level"
+    package = sorted((ROOT / "empathy").glob("*.py"))
+    rules = [path.name for path in package if "thread_policy" in path.read_text()
+             and path.name not in ("__init__.py", "thread_policy.py")]
+    assert not rules, f"{rules}: the package sets the thread policy; its modules need not"
+
+
+@pytest.mark.parametrize("module", ["empathy.models", "empathy.engine", "models", "datasets"])
+def test_any_first_import_sets_the_policy_before_torch_loads(module):
+    check = (f"import sys, os, {module}, torch; "
+             "print(os.environ.get('GOMP_SPINCOUNT'))")
+    environ = {name: value for name, value in os.environ.items()
+               if name not in thread_policy.USER_SETTINGS}
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [thread_policy.SPIN_COUNT]
 
 
 def spin_count_in_worker(_):
@@ -61,7 +77,7 @@ def spin_count_in_worker(_):
 
 def test_worker_processes_inherit_the_policy_and_a_user_setting_wins():
     # a fresh interpreter that imports the library gets the policy before torch loads
-    check = ("import sys, os, engine; assert 'torch' in sys.modules; "
+    check = ("import sys, os; from empathy import engine; assert 'torch' in sys.modules; "
              "print(os.environ.get('GOMP_SPINCOUNT'))")
     environ = {name: value for name, value in os.environ.items()
                if name not in thread_policy.USER_SETTINGS}
@@ -98,7 +114,7 @@ def test_every_script_is_a_command_here():
             "compare_options.py", "fusion.py", "score.py", "plot.py"} <= set(COMMANDS)
 
 
-def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, tmp_path):  # noqa: F811
+def test_commands_that_read_files_load_no_torch(tiny_data, table_files, predictions, tmp_path):  # noqa: F811
     ledger_csv = tmp_path / "runs.csv"
     write_ledger(ledger_csv, [("cv_a", '{"loss": "ccc"}', 0.3, 0.1), ("cv_b", "{}", 0.2, 0.05)])
     annotations, predicted = predictions
@@ -109,9 +125,9 @@ def test_commands_that_read_files_load_no_torch(tiny_data, tables, predictions, 
         ["data_stats.py", tiny_data / "Training", "--out", tmp_path / "stats.csv"],
         ["plot.py", "predictions", "--pred_dir", predicted, "--annotations", annotations,
          "--out", plots / "p.png"],
-        ["plot.py", "epochs", tables["cv_epochs"], "--out", plots / "e.png"],
-        ["plot.py", "subjects", tables["personal"], "--out", plots / "s.png"],
-        ["plot.py", "stories", tables["crossval"], "--out", plots / "c.png"],
+        ["plot.py", "epochs", table_files["cv_epochs"], "--out", plots / "e.png"],
+        ["plot.py", "subjects", table_files["personal"], "--out", plots / "s.png"],
+        ["plot.py", "stories", table_files["crossval"], "--out", plots / "c.png"],
         ["plot.py", "runs", ledger_csv, "--out", plots / "r.png"],
         *[[script, "--help"] for script in COMMANDS],
     ]

@@ -59,7 +59,7 @@ def plot_error(capsys, *argv):
 
 
 @pytest.fixture
-def tables(tmp_path):
+def table_files(tmp_path):
     """CSV files shaped like those cv_epochs.py, personalize.py, crossval.py and
     score.py write, with made-up numbers."""
     epochs = np.arange(10, 101, 10)
@@ -98,9 +98,9 @@ def predictions(tiny_data, tmp_path):
     return annotations, folder
 
 
-def test_epochs_plot_marks_the_best_epoch(tables, tmp_path, capsys):
-    table = pd.read_csv(tables["cv_epochs"])
-    axis, = draw("epochs", tables["cv_epochs"]).axes
+def test_epochs_plot_marks_the_best_epoch(table_files, tmp_path, capsys):
+    table = pd.read_csv(table_files["cv_epochs"])
+    axis, = draw("epochs", table_files["cv_epochs"]).axes
     mean, *folds, best = axis.get_lines()[:5]
     np.testing.assert_allclose(mean.get_ydata(), table["mean_ccc"])
     np.testing.assert_allclose([line.get_ydata() for line in folds],
@@ -111,24 +111,24 @@ def test_epochs_plot_marks_the_best_epoch(tables, tmp_path, capsys):
         legend_texts(axis.figure)
     assert axis.get_xlabel() == "epoch"
 
-    out = run_plot("epochs", tables["cv_epochs"], "--out", tmp_path / "plots" / "cv_epochs.png")
+    out = run_plot("epochs", table_files["cv_epochs"], "--out", tmp_path / "plots" / "cv_epochs.png")
     assert_sensible_png(out)
     assert f"wrote {out}" in capsys.readouterr().out
 
 
-def test_subjects_plot_draws_one_or_several_runs(tables, tmp_path):
-    axis, = draw("subjects", tables["personal"], tables["personal"], "--labels", "AT", "ATV").axes
+def test_subjects_plot_draws_one_or_several_runs(table_files, tmp_path):
+    axis, = draw("subjects", table_files["personal"], table_files["personal"], "--labels", "AT", "ATV").axes
     before, after = [0.1, 0.2, -0.1], [0.3, 0.25, 0.1]
     assert bar_heights(axis) == pytest.approx(before + after + before + after)
     assert [tick.get_text() for tick in axis.get_xticklabels()] == ["1", "2", "3"]
     assert "ATV: after fine-tuning (mean 0.217)" in legend_texts(axis.figure)
-    assert_sensible_png(run_plot("subjects", tables["personal"], "--out", tmp_path / "one.png"))
-    assert_sensible_png(run_plot("subjects", tables["personal"], tables["personal"],
+    assert_sensible_png(run_plot("subjects", table_files["personal"], "--out", tmp_path / "one.png"))
+    assert_sensible_png(run_plot("subjects", table_files["personal"], table_files["personal"],
                                  "--labels", "AT", "ATV", "--out", tmp_path / "two.png"))
 
 
-def test_stories_plot_reads_crossval_and_score_tables(tables, tmp_path):
-    axis, = draw("stories", tables["crossval"], tables["by_story"], "--labels", "AT", "scored").axes
+def test_stories_plot_reads_crossval_and_score_tables(table_files, tmp_path):
+    axis, = draw("stories", table_files["crossval"], table_files["by_story"], "--labels", "AT", "scored").axes
     nan = float("nan")
     np.testing.assert_allclose(bar_heights(axis), [0.4, 0.2, nan, 0.3, 0.2, nan, 0.4, nan])
     assert [tick.get_text() for tick in axis.get_xticklabels()] == ["1", "2", "3", "4"]
@@ -136,7 +136,7 @@ def test_stories_plot_reads_crossval_and_score_tables(tables, tmp_path):
     assert dashed == pytest.approx([0.3, 0.3])  # each run's mean
     assert legend_texts(axis.figure) == [f"AT (mean 0.300 ± {np.std([0.4, 0.2, 0.3]):.3f})",
                                          "scored (mean 0.300 ± 0.100)"]
-    out = run_plot("stories", tables["crossval"], tables["crossval_atv"], tables["by_story"],
+    out = run_plot("stories", table_files["crossval"], table_files["crossval_atv"], table_files["by_story"],
                    "--labels", "AT", "ATV", "scored", "--title", "Per story",
                    "--out", tmp_path / "stories.png")
     assert_sensible_png(out)
@@ -171,8 +171,8 @@ def test_default_videos_are_the_first_two_predicted():
     assert plot.choose_videos(None, annotations, predictions) == [(2, 1), (3, 1)]
 
 
-def test_command_line_writes_a_png(tables, tmp_path):
-    result = run_script("plot.py", "stories", str(tables["crossval"]), "--out",
+def test_command_line_writes_a_png(table_files, tmp_path):
+    result = run_script("plot.py", "stories", str(table_files["crossval"]), "--out",
                         str(tmp_path / "stories.png"))
     assert result.returncode == 0, result.stderr
     assert_sensible_png(tmp_path / "stories.png")
@@ -187,13 +187,13 @@ def test_missing_file_is_one_error_line(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_wrong_columns_are_named(tables, tmp_path, capsys):
+def test_wrong_columns_are_named(table_files, tmp_path, capsys):
     out = tmp_path / "x.png"
-    error = plot_error(capsys, "epochs", tables["personal"], "--out", out)
+    error = plot_error(capsys, "epochs", table_files["personal"], "--out", out)
     assert "has no column epoch,mean_ccc,std_ccc" in error and "cv_epochs.py" in error
-    error = plot_error(capsys, "subjects", tables["cv_epochs"], "--out", out)
+    error = plot_error(capsys, "subjects", table_files["cv_epochs"], "--out", out)
     assert "has no column subject,before_ccc,after_ccc" in error
-    error = plot_error(capsys, "stories", tables["personal"], "--out", out)
+    error = plot_error(capsys, "stories", table_files["personal"], "--out", out)
     assert "has no column story" in error
     assert not out.exists()
 
@@ -206,12 +206,12 @@ def test_empty_or_non_numeric_tables_are_refused(tmp_path, capsys, content):
     assert str(path) in error
 
 
-def test_bad_options_are_refused(tables, predictions, tmp_path, capsys):
+def test_bad_options_are_refused(table_files, predictions, tmp_path, capsys):
     annotations, folder = predictions
     assert "does not end in .png" in plot_error(
-        capsys, "epochs", tables["cv_epochs"], "--out", tmp_path / "x.jpg")
+        capsys, "epochs", table_files["cv_epochs"], "--out", tmp_path / "x.jpg")
     assert "--labels names 2 input(s) but 1 were given" in plot_error(
-        capsys, "epochs", tables["cv_epochs"], "--labels", "a", "b", "--out", tmp_path / "x.png")
+        capsys, "epochs", table_files["cv_epochs"], "--labels", "a", "b", "--out", tmp_path / "x.png")
     assert "is not a video name" in plot_error(
         capsys, "predictions", "--pred_dir", folder, "--annotations", annotations,
         "--videos", "Story_1", "--out", tmp_path / "x.png")

@@ -14,7 +14,7 @@ from distributed import LocalCluster  # before dask.config.set: it adds distribu
 from optuna.trial import TrialState
 from pathlib import Path
 
-from empathy import tuning
+from empathy import precision, tuning
 from conftest import ROOT, run_in_process
 from empathy.postprocessing import Postprocessing
 
@@ -404,7 +404,7 @@ def test_fold_ensemble_is_the_mean_of_the_kept_fold_models_predictions(recipe_st
     assert sorted(path.name for path in trial_dir.rglob("*.save")) == ["epoch_1.save"] * 2
     train_set = tuning.load_training_stories("data/Training", ["audio", "text"], [2, 4])
     test_set = datasets.load_videos("data/Validation", train_set.mods)
-    cpu, per_fold = engine.get_device(False), []
+    cpu, per_fold = precision.get_device(False), []
     for story, path in best["fold_weights"].items():
         model = checkpoints.load_trained([path], train_set, False, cpu)[0]
         per_fold.append(engine.predict(model.network, test_set, cpu))
@@ -483,7 +483,7 @@ def test_a_trials_held_out_predictions_are_the_mean_its_average_last_reports(
                                         average_last=2)
     per_second, _ = tuning.train_and_predict(fold_train, held_out, tmp_path, settings,
                                              options.RunOptions(settings), Postprocessing())
-    cpu = engine.get_device(False)
+    cpu = precision.get_device(False)
     by_epoch = [engine.predict(checkpoints.load_trained([tmp_path / f"epoch_{epoch}.save"],
                                                         fold_train, False, cpu)[0].network,
                                held_out, cpu) for epoch in (1, 2)]
