@@ -161,15 +161,15 @@ def copy_best_checkpoints(source, target):
             shutil.copyfile(checkpoint, destination)
 
 
-def run_recorded(script, argv, ledger, results_of):
-    """`script`'s main on `argv`, its run appended to the `ledger` (if any) as if
+def run_recorded(script, argv, ledger_file, results_of):
+    """`script`'s main on `argv`, its run appended to `ledger_file` (if any) as if
     it had been run from the command line."""
     parser = script.get_args_parser()
-    return ledger.run_recorded(script.main, parser, parser.parse_args(argv), ledger, results_of,
-                               command=" ".join([parser.prog, *argv]))
+    return ledger.run_recorded(script.main, parser, parser.parse_args(argv), ledger_file,
+                               results_of, command=" ".join([parser.prog, *argv]))
 
 
-def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
+def run_variant(name, flags, reevaluate, common, out_dir, ledger_file=None):
     """Cross-validate one option; returns its table row."""
     folder = variant_folder(out_dir, name)
     if reevaluate:
@@ -182,14 +182,14 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger=None):
     else:
         argv = common + ["--out_dir", str(folder), "--overwrite", *flags]
     start = time.perf_counter()
-    table = run_recorded(crossval, argv, ledger, tables.crossval_results)
+    table = run_recorded(crossval, argv, ledger_file, tables.crossval_results)
     seconds = time.perf_counter() - start
     summary = tables.crossval_results(table)
     return {"option": name, "mean_ccc": summary["mean_ccc"], "std_ccc": summary["std_ccc"],
             "mean_minus_std": summary["mean_minus_std"], "seconds": seconds}
 
 
-def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
+def run_personalization(name, flags, common, out_dir, epochs, ledger_file=None):
     """Fine-tune the default run's story-1 model per listener; returns its table row
     (the mean over listeners of their CCC before and after)."""
     init = default_fold_model(out_dir)
@@ -202,7 +202,7 @@ def run_personalization(name, flags, common, out_dir, epochs, ledger=None):
     argv = [*common, "--out_dir", str(folder), "--epochs", str(epochs), "--overwrite",
             "--save_freq", str(epochs), *flags]
     start = time.perf_counter()
-    table = run_recorded(personalize, argv, ledger, personalize.ledger_results)
+    table = run_recorded(personalize, argv, ledger_file, personalize.ledger_results)
     mean = table.set_index("subject").loc["Mean"]
     subjects = table[table["subject"] != "Mean"]
     return {"option": name, "before_ccc": mean["before_ccc"], "after_ccc": mean["after_ccc"],
@@ -273,7 +273,7 @@ def seeds_validation(model_dir, train_dir, test_dir, mods):
     return engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
 
 
-def run_recipe(name, flags, kind, common, out_dir, jobs, ledger=None):
+def run_recipe(name, flags, kind, common, out_dir, jobs, ledger_file=None):
     """One row of the recipes' table."""
     folder = variant_folder(out_dir, name)
     start = time.perf_counter()
@@ -281,28 +281,28 @@ def run_recipe(name, flags, kind, common, out_dir, jobs, ledger=None):
     cv = [*common, *flags, "--jobs", str(jobs), "--overwrite"]
     if kind == "train":
         run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"), "--overwrite"],
-                     ledger, train.ledger_results)
+                     ledger_file, train.ledger_results)
         row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
             validation_curve(folder / "val")
         if "--seeds" in flags:
             row["val_ccc"] = seeds_validation(folder / "val", *common[1:6:2])
-        table = run_recorded(crossval, [*cv, "--out_dir", str(folder / "cv")], ledger,
+        table = run_recorded(crossval, [*cv, "--out_dir", str(folder / "cv")], ledger_file,
                              tables.crossval_results)
         row["cv"] = f"{len(table) - len(tables.SUMMARY_ROWS)} folds"
     else:  # over the training stories only; story 1 (the test folder) is scored once
         training = [str(story) for story in datasets.load_videos(common[1], ["audio"]).stories]
         cv += ["--stories", *training, "--out_dir", str(folder / "cv")]
         if kind == "ensemble":
-            table = run_recorded(crossval, [*cv, "--ensemble_dir", common[3]], ledger,
+            table = run_recorded(crossval, [*cv, "--ensemble_dir", common[3]], ledger_file,
                                  tables.crossval_results)
             ensemble = pd.read_csv(folder / "cv" / layout.ENSEMBLE_TABLE).set_index("model")
             row["val_ccc"] = ensemble.loc["ensemble", "ccc"]
         else:
-            table = run_recorded(crossval, [*cv, "--choose_postprocessing"], ledger,
+            table = run_recorded(crossval, [*cv, "--choose_postprocessing"], ledger_file,
                                  tables.crossval_results)
             run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"),
                                  "--overwrite", "--postprocessing_from", str(folder / "cv")],
-                         ledger, train.ledger_results)
+                         ledger_file, train.ledger_results)
             row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
                 validation_curve(folder / "val")
         row["cv"] = f"{len(training)} training folds"
@@ -350,7 +350,8 @@ def compare_recipes(args):
     ledger_file = ledger.ledger_path(args)
     utils.check_writable(args.out_dir)
     layout.write_run_record(args, args.out_dir)
-    table = pd.DataFrame([run_recipe(name, flags, kind, common, args.out_dir, args.jobs, ledger_file)
+    table = pd.DataFrame([run_recipe(name, flags, kind, common, args.out_dir, args.jobs,
+                                     ledger_file)
                           for name, flags, kind in recipes])
     utils.write_csv(table, Path(args.out_dir) / layout.RECIPES_TABLE)
     print(f"\nrecipes, --mods {mods} --epochs {epochs}, story 1 validating:")

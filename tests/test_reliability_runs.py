@@ -509,7 +509,7 @@ def plot_inputs(folder, count):
     """`count` runs of every table plot.py draws, each of `count` subjects or stories
     (and a ledger of `count` runs), with long names, as real runs have."""
     rng = np.random.default_rng(count)
-    tables = {"epochs": [], "subjects": [], "stories": []}
+    table_files = {"epochs": [], "subjects": [], "stories": []}
     for run in range(count):
         run_dir = folder / f"cv_audio_text_lr1e-4_run_{run}"
         run_dir.mkdir(parents=True)
@@ -529,15 +529,15 @@ def plot_inputs(folder, count):
                         run_dir / "crossval.csv")
         for kind, name in (("epochs", "cv_epochs.csv"), ("subjects", "personalize.csv"),
                            ("stories", "crossval.csv")):
-            tables[kind].append(str(run_dir / name))
+            table_files[kind].append(str(run_dir / name))
         settings = {"mods": ["audio,text", "audio", "audio,text,v_sub,v_act"][run % 3],
                     "lr": [1e-5, 1e-4][run % 2], "hidden_size": 64 * (1 + run // 6)}
         ledger.append_row(folder / "a_ledger_kept_in_a_folder_with_a_long_name" / "runs.csv",
                           {"script": ["crossval.py", "train.py"][run % 2],
-                         "out_dir": f"experiments/cv_{run}_with_a_descriptive_name",
-                         "settings": json.dumps(settings), "mean_ccc": rng.uniform(0, 0.5),
-                         "std_ccc": 0.05})
-    return tables, folder / "a_ledger_kept_in_a_folder_with_a_long_name" / "runs.csv"
+                           "out_dir": f"experiments/cv_{run}_with_a_descriptive_name",
+                           "settings": json.dumps(settings), "mean_ccc": rng.uniform(0, 0.5),
+                           "std_ccc": 0.05})
+    return table_files, folder / "a_ledger_kept_in_a_folder_with_a_long_name" / "runs.csv"
 
 
 def overrun(figure):
