@@ -1,20 +1,11 @@
-"""The ledger: one row per run of the toolkit's scripts, in one CSV.
+"""Print the ledger: one row per finished run of the toolkit's scripts, in runs.csv.
 
-    python crossval.py --mods audio,text --out_dir cv_AT          # appends a row to ./runs.csv
-    python runs.py                                                 # prints the ledger
+    python runs.py                                                 # prints ./runs.csv
     python runs.py runs.csv --script crossval --where loss=ccc
     python plot.py runs runs.csv --out plots/runs.png
 
-Every run of train.py, crossval.py, cv_epochs.py, personalize.py, fusion.py and
-cv_fusion.py that finishes appends one row to the ledger (`--ledger PATH`, default
-./runs.csv; `--ledger none` skips it): when it ended, the script, the full command,
-its output folder, the settings that differ from the script's defaults (as JSON),
-the data folders, the results (mean, std and mean-std CCC, training CCC, best epoch),
-the wall time, and the package versions and git commit of the toolkit. A run that
-fails or is stopped appends nothing. Rows are appended under an exclusive lock
-(fcntl), each in one write, so runs that finish at once lose nothing.
-
-The ledger itself (writing and reading) is `empathy/ledger.py`; this is its command line.
+What a row holds, and how rows are written, is empathy/ledger.py's docstring; this is
+the ledger's command line.
 """
 import argparse
 
