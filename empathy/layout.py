@@ -1,8 +1,8 @@
 """The output layout: where results lie, the names that spell it, and the checks
 that a run starts fresh or resumes what it began.
 
-`datasets.py` draws the input tree; this is the output tree of
-the scripts, whose names and patterns only the functions below spell:
+empathy/datasets.py draws the input tree; this is the output tree of the scripts,
+whose names and patterns only the names and functions below spell:
 
     <model_dir>/                 a model folder (train.py --model_dir; a fold; a subject)
         args.json                the command's flags and command line (write_run_record)
@@ -36,7 +36,6 @@ the scripts, whose names and patterns only the functions below spell:
     <out_dir of compare_options.py>/  args.json, compare.csv, personalize.csv, a
                                  crossval.py folder per option, personal_<option>/
 """
-
 import contextlib
 import fcntl
 import math
@@ -46,7 +45,6 @@ import re
 import sys
 import time
 from pathlib import Path
-
 
 from . import datasets, utils
 from .utils import ToolkitError

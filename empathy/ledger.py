@@ -12,10 +12,9 @@ its output folder, the settings that differ from the script's defaults (as JSON)
 the data folders, the results (mean, std and mean-std CCC, training CCC, best epoch),
 the wall time, and the package versions and git commit of the toolkit. A run that
 fails or is stopped appends nothing. Rows are appended under an exclusive lock
-(fcntl), each in one write, so runs that finish at once lose nothing.
-
+(fcntl), each in one write, so runs that finish at once lose nothing. runs.py at
+the top level is its command line.
 """
-
 import argparse
 import csv
 import fcntl
