@@ -107,10 +107,13 @@ def test_make_notebook_check_flags_a_stale_notebook(tmp_path, capsys):
 
 
 def copy_scripts(folder):
-    """The notebook's working folder: the toolkit's scripts and README.ipynb, no data."""
+    """The notebook's working folder: the toolkit's scripts, its package and
+    README.ipynb, no data."""
     folder.mkdir()
     for path in [*ROOT.glob("*.py"), ROOT / "README.ipynb"]:
         shutil.copy(path, folder)
+    shutil.copytree(ROOT / "empathy", folder / "empathy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     return folder
 
 
