@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from empathy import datasets, families
 import make_data
-from empathy import parallel, utils
+from empathy import datasets, families, parallel, utils
 from empathy.precision import fast_bf16_cpu
 
 # imported on first use, so that --help loads no torch
@@ -182,20 +181,13 @@ def cpu_description():
 
 
 def start_training(train_set, device, precision="fp32", family=families.DEFAULT_MODEL):
-    """A seeded model of `family` with its default sizes and the default training
-    settings, and a function that trains it one epoch."""
-    from empathy import engine, models
-    import torch
+    """The training (engine.TrainingRun, which neither validates nor saves) of a seeded
+    model of `family` with its default sizes and the default training settings."""
+    from empathy import engine, models, options
     engine.seed_everything(1)
     model = models.create(family, train_set.input_dims).to(device)
-    optimizer = engine.build_optimizer(model, 1e-5, 5e-4)
-    segments = train_set.training_segments(5)
-    generator = torch.Generator().manual_seed(1)
-
-    def train_epoch():
-        engine.train_one_epoch(model, optimizer, train_set, segments, 25, generator, device,
-                              precision=precision)
-    return model, segments, train_epoch
+    settings = options.TrainingSettings(precision=precision)
+    return engine.TrainingRun(model, engine.Training(train_set, settings, device))
 
 
 def time_training(npy_dir, mods, device, epochs, precision="fp32", family=families.DEFAULT_MODEL):
@@ -204,11 +196,12 @@ def time_training(npy_dir, mods, device, epochs, precision="fp32", family=famili
     model, its training pieces and the validation set."""
     from empathy import engine
     train_set, val_set = datasets.load_train_test(*split_dirs(npy_dir), mods)
-    model, segments, train_epoch = start_training(train_set, device, precision, family)
+    run = start_training(train_set, device, precision, family)
+    model = run.model
 
     def one_epoch():
         start = time.perf_counter()
-        train_epoch()
+        engine.train_one_epoch(run)
         synchronize(device)
         middle = time.perf_counter()
         engine.evaluate(model, val_set, device, precision=precision)
@@ -223,7 +216,7 @@ def time_training(npy_dir, mods, device, epochs, precision="fp32", family=famili
     train_seconds, eval_seconds = np.median(timings, axis=0)
     measured = {"train_s": train_seconds, "eval_s": eval_seconds,
                 "batched_vs_alone": batched_vs_alone(model, val_set, device, precision)}
-    return measured, model, segments, val_set
+    return measured, model, run.segments, val_set
 
 
 def time_epochs(npy_dir, mods, device, epochs, precision="fp32"):
@@ -329,12 +322,12 @@ def rss_probe(spec):
     train_set, val_set = datasets.load_train_test(*split_dirs(Path(folder)), MODELS[name])
     feature_bytes = sum(storage.numel() * 4 for video_set in (train_set, val_set)
                         for storage in video_set.features.values())
-    model, _, train_epoch = start_training(train_set, "cpu", precision)
+    run = start_training(train_set, "cpu", precision)
     with engine.reused_heap():  # as in engine.fit
-        train_epoch()
-        engine.evaluate(model, val_set, "cpu", precision=precision)
+        engine.train_one_epoch(run)
+        engine.evaluate(run.model, val_set, "cpu", precision=precision)
     # as --test and --features do after training
-    engine.evaluate(model, train_set, "cpu", precision=precision)
+    engine.evaluate(run.model, train_set, "cpu", precision=precision)
     print(baseline, high_water_rss(), feature_bytes)
 
 
@@ -359,13 +352,13 @@ def epoch_probe(spec, epochs=3):
     threads, folder = spec.split(":", 1)
     torch.set_num_threads(int(threads))
     train_set, _ = datasets.load_train_test(*split_dirs(Path(folder)), MODELS["AT"])
-    _, _, train_epoch = start_training(train_set, "cpu")
+    run = start_training(train_set, "cpu")
     seconds = []
     with engine.reused_heap():  # as in engine.fit
-        train_epoch()  # warm-up
+        engine.train_one_epoch(run)  # warm-up
         for _ in range(epochs):
             start = time.perf_counter()
-            train_epoch()
+            engine.train_one_epoch(run)
             seconds.append(time.perf_counter() - start)
     print(min(seconds))
 
@@ -476,8 +469,9 @@ def averaging_rows(npy_dir, epochs):
             engine.seed_everything(1)
             model = models.create(families.DEFAULT_MODEL, train_set.input_dims)
             folder = Path(model_root) / str(len(training_runs))
-            training_runs[label] = engine.TrainingRun(model, train_set, folder, settings, "cpu",
-                                                      Postprocessing())
+            training_runs[label] = engine.TrainingRun(
+                model, engine.Training(train_set, settings, "cpu"),
+                engine.Validation(val_set, Postprocessing()), folder)
             training_runs[label].model_dir.mkdir()
         seconds = {label: [] for label in training_runs}
         with engine.reused_heap():
@@ -485,7 +479,7 @@ def averaging_rows(npy_dir, epochs):
                 turns = list(training_runs.items())
                 for label, run in turns[epoch % len(turns):] + turns[:epoch % len(turns)]:
                     start = time.perf_counter()
-                    run.train_epoch(val_set)
+                    run.train_epoch()
                     if epoch:  # the first is a warm-up
                         seconds[label].append(time.perf_counter() - start)
     median = {label: float(np.median(values)) for label, values in seconds.items()}

@@ -32,7 +32,6 @@ cross-validate over the training stories only, and score story 1 once.
     python compare_options.py --recipes --train_dir data_unstable/Training --test_dir data_unstable/Validation
 """
 import argparse
-import importlib
 import json
 import re
 import shutil
@@ -43,11 +42,9 @@ import numpy as np
 import pandas as pd
 
 import crossval
-from empathy import datasets, finetuning
 import personalize
-from empathy import layout, ledger, tables
 import train
-from empathy import utils
+from empathy import datasets, finetuning, layout, ledger, tables, utils
 
 # (name, crossval.py flags, whether it re-evaluates the default run instead of training)
 VARIANTS = [
@@ -254,7 +251,8 @@ def validation_curve(model_dir):
     """(reportable CCC, best CCC, its epoch, std over the last epochs) of a training run
     from its metrics.csv (the first seed's with --seeds): the last epoch's, or of the
     --average_last average at the last epoch."""
-    metrics = pd.read_csv(layout.run_checkpoints(model_dir, layout.METRICS)[0])
+    from empathy import checkpoints
+    metrics = pd.read_csv(checkpoints.run_checkpoints(model_dir, layout.METRICS)[0])
     last = metrics.iloc[-1]
     reported = last.get("val_ccc_average", np.nan)
     reported = last["val_ccc"] if pd.isna(reported) else reported
@@ -266,10 +264,11 @@ def validation_curve(model_dir):
 def seeds_validation(model_dir, train_dir, test_dir, mods):
     """The validation CCC of a --seeds run's average prediction at the last epoch
     (every seed's last.save), as train.py --test scores best.save's."""
-    engine = importlib.import_module("empathy.engine")  # loads torch: not for --help
+    from empathy import checkpoints, engine
     train_set, val_set = datasets.load_train_test(train_dir, test_dir, mods.split(","))
-    trained, saved = engine.load_for_evaluation(layout.run_checkpoints(model_dir, layout.LAST),
-                                                train_set, False, {}, "cpu", [val_set])
+    trained, saved = engine.load_for_evaluation(
+        checkpoints.run_checkpoints(model_dir, layout.LAST), train_set, False, {}, "cpu",
+        [val_set])
     return engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from empathy import datasets, layout, ledger, options, parallel, postprocessing, tables, utils
+from empathy import (command, datasets, layout, ledger, options, parallel, postprocessing,
+                     tables, utils)
 from empathy.utils import ToolkitError
 
 # imported on first use: --help loads no torch
@@ -111,8 +112,9 @@ def load_ensemble_videos(folder, pooled, subjects=None):
 
 def check_last_checkpoints(out_dir, stories, flag):
     """Every fold's last.save, which `flag` needs, exists (checked before any write)."""
+    from empathy import checkpoints
     for story in stories:
-        for path in layout.run_checkpoints(layout.fold_dir(out_dir, story), layout.LAST):
+        for path in checkpoints.run_checkpoints(layout.fold_dir(out_dir, story), layout.LAST):
             if not path.is_file():
                 raise ToolkitError(f"{flag}: {path} does not exist (it holds the fold's last "
                                    "epoch): train the folds with crossval.py first, or "
@@ -123,7 +125,8 @@ def saved_checkpoints(args, out_dir, stories, checkpoint):
     """--test: the checkpoints to evaluate (each fold's first seed's, for the check
     before writing), every one asked for checked to exist; a last.save that no
     flag needs may be missing (a fold copied without it): its columns are NaN."""
-    layout.check_fold_checkpoints(out_dir, stories, [args.test_epoch])
+    from empathy import checkpoints
+    checkpoints.check_fold_checkpoints(out_dir, stories, [args.test_epoch])
     if args.choose_postprocessing:
         check_last_checkpoints(out_dir, stories, "--choose_postprocessing")
     if args.ensemble_dir and args.test_epoch is None:
@@ -131,7 +134,7 @@ def saved_checkpoints(args, out_dir, stories, checkpoint):
     evaluated = []
     for story in stories:
         for name in (checkpoint, layout.LAST):
-            paths = layout.run_checkpoints(layout.fold_dir(out_dir, story), name)
+            paths = checkpoints.run_checkpoints(layout.fold_dir(out_dir, story), name)
             if paths[0].is_file() and paths[0] not in evaluated:
                 evaluated.append(paths[0])
     return evaluated
@@ -154,8 +157,8 @@ def train_fold(pooled, story, out_dir, run):
 def load_fold(train_set, folder, checkpoint, run, evaluated=()):
     """A fold's saved models `checkpoint` (one per seed) and the post-processing to
     evaluate them with."""
-    from empathy import engine
-    return engine.load_for_evaluation(layout.run_checkpoints(folder, checkpoint), train_set,
+    from empathy import checkpoints, engine
+    return engine.load_for_evaluation(checkpoints.run_checkpoints(folder, checkpoint), train_set,
                                       run.normalize, run.postprocessing_flags, run.device,
                                       evaluated)
 
@@ -192,8 +195,7 @@ def evaluate_fold(pooled, story, out_dir, checkpoint, run, features=False):
                                 precision)
     row = {"story": story, "train_ccc": train_result["ccc"], "val_ccc": val_result["ccc"]}
     if len(trained) > 1:
-        row.update(val_ccc_seed_mean=np.mean(val_result["seed_ccc"]),
-                   val_ccc_seed_std=np.std(val_result["seed_ccc"]))
+        row.update(tables.seed_columns("val_ccc", val_result["seed_ccc"]))
     return {**row, "val_epoch": epoch_of(trained), **last_columns(train_set, val_set, folder, run)}
 
 
@@ -203,7 +205,8 @@ def last_columns(train_set, val_set, folder, run):
     or --swa_start: last.save's "model") and its epoch; NaN for a fold without one.
     With --average_last, "average_last_ccc" is that of the mean of the last epochs'
     predictions that last.save keeps."""
-    if not all(path.is_file() for path in layout.run_checkpoints(folder, layout.LAST)):
+    from empathy import checkpoints
+    if not all(path.is_file() for path in checkpoints.run_checkpoints(folder, layout.LAST)):
         return {"last_ccc": np.nan, "last_epoch": ""}
     last, saved = load_fold(train_set, folder, layout.LAST, run)
     scored = postprocessing.score_videos(val_set.videos, predict_average(last, val_set, run), saved)
@@ -258,9 +261,8 @@ def fold_ensemble(pooled, videos, out_dir, checkpoint, run):
     together = saved.with_listener_stats(pooled.videos) if saved.calibrate else saved
     ensemble = postprocessing.unscored(postprocessing.score_videos(videos.videos, mean, together),
                                        videos.videos)
-    table = pd.DataFrame(rows + [
-        {"model": "Mean", "epoch": "", "ccc": np.mean([row["ccc"] for row in rows])},
-        {"model": "ensemble", "epoch": "", "ccc": ensemble["ccc"]}])
+    table = tables.with_summary_rows(pd.DataFrame(rows), "model", ["ccc"], rows=("Mean",))
+    table.loc[len(table)] = {"model": "ensemble", "epoch": "", "ccc": ensemble["ccc"]}
     return table, ensemble["frames"]
 
 
@@ -277,13 +279,14 @@ def choose_postprocessing(pooled, out_dir, run):
         held_out = kept_averages(last, val_set) or predict_average(last, val_set, run)
         folds[story] = (train_set.videos, val_set.videos, held_out)
     scored, best = postprocessing.compare_candidates(folds, saved.label_delay)
+    spreads = [tables.spread(pd.Series(scores.values(), dtype=float)) for _, scores in scored]
     table = pd.DataFrame([
         {"candidate": postprocessing.as_flags(candidate), "smooth": candidate.smooth,
          "lowpass": candidate.lowpass, "calibrate": candidate.calibrate,
-         "mean_ccc": np.mean(list(scores.values())), "std_ccc": np.std(list(scores.values())),
+         "mean_ccc": spread.mean, "std_ccc": spread.std,
          **{layout.fold_name(story): value for story, value in scores.items()},
          "chosen": "*" if index == best else ""}
-        for index, (candidate, scores) in enumerate(scored)])
+        for index, ((candidate, scores), spread) in enumerate(zip(scored, spreads))])
     chosen, scores = scored[best]
     record = postprocessing.choice_record(chosen, scores, pooled.mods, last[0].scaler is not None,
                                           pooled.stories, pooled.subjects)
@@ -301,25 +304,18 @@ def main(args):
     pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
     ensemble_videos = (load_ensemble_videos(args.ensemble_dir, pooled, args.subjects)
                        if args.ensemble_dir else None)
-    folders = [folder for story in pooled.stories
-               for _, folder in settings.seed_runs(layout.fold_dir(out_dir, story))]
-    evaluated = []
+    runs, evaluated = [], []
     if args.test:
         evaluated = saved_checkpoints(args, out_dir, pooled.stories, checkpoint)
-        resumes = {}
     else:
         check_test_epoch(args.test_epoch, settings)
-        resumes = layout.check_fresh_runs(folders, args.resume, args.overwrite)
-    run = options.RunOptions.from_args(args, settings, resumes, runner)
-    resumed = [resumed_run for story in pooled.stories  # every fold trains on some of pooled
-               for resumed_run in run.resumed_runs(layout.fold_dir(runner.path(out_dir), story))]
-    options.check_before_writing(options.Plan(
-        outputs=[(out_dir, "--out_dir")], options=run, data=pooled, trains=not args.test,
-        resumed=resumed, evaluated=evaluated, runner=runner))
-    with layout.owned(out_dir):
-        if not args.test:
-            layout.check_fresh_runs(folders, args.resume, args.overwrite)  # none began meanwhile
-            layout.write_run_record(args, out_dir)
+        runs = [seed_run for story in pooled.stories
+                for seed_run in settings.seed_runs(layout.fold_dir(out_dir, story))]
+    plan = options.Plan(outputs=[(out_dir, "--out_dir")],
+                        options=options.RunOptions.from_args(args, settings, runner=runner),
+                        data=pooled, trains=not args.test, evaluated=evaluated, runner=runner)
+    with command.Command(args, plan, out_dir, runs, record=None if args.test else
+                         layout.RUN_RECORD) as run:
         pooled_for_tasks = datasets.pool_for_tasks(pooled, runner, args.train_dir, args.test_dir,
                                                    args.stories, args.subjects)
         tasks = [dict(pooled=pooled_for_tasks, story=story, out_dir=runner.path(out_dir), run=run,

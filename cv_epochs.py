@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from empathy import datasets, layout, ledger, options, parallel, utils
+from empathy import command, datasets, layout, ledger, options, parallel, tables, utils
 
 
 
@@ -42,9 +42,10 @@ def epochs_to_check(epoch_min, epoch_max, epoch_step):
 def load_fold_epoch(pooled, story, out_dir, epoch, run, evaluated=()):
     """A fold's training and held-out videos, its models (one per seed) at `epoch` and
     the post-processing to score them with."""
-    from empathy import engine
+    from empathy import checkpoints, engine
     train_set, val_set = datasets.fold_sets(pooled, story)
-    paths = layout.run_checkpoints(layout.fold_dir(out_dir, story), layout.checkpoint_name(epoch))
+    paths = checkpoints.run_checkpoints(layout.fold_dir(out_dir, story),
+                                        layout.checkpoint_name(epoch))
     trained, saved = engine.load_for_evaluation(paths, train_set, run.normalize,
                                                 run.postprocessing_flags, run.device,
                                                 [val_set] if evaluated else [])
@@ -78,11 +79,8 @@ def epoch_table(folds, epochs):
     then each fold's CCC."""
     per_fold = pd.DataFrame({layout.fold_name(fold["story"]): [fold["scores"][e] for e in epochs]
                              for fold in folds})
-    values = per_fold.to_numpy()
-    table = pd.DataFrame({"epoch": epochs, "mean_ccc": values.mean(axis=1),
-                          "std_ccc": values.std(axis=1)})
-    table["mean_minus_std"] = table["mean_ccc"] - table["std_ccc"]
-    return pd.concat([table, per_fold], axis=1)
+    return pd.concat([pd.DataFrame({"epoch": epochs}), tables.summary_columns(per_fold),
+                      per_fold], axis=1)
 
 
 def ledger_results(returned):
@@ -94,22 +92,19 @@ def ledger_results(returned):
 
 
 def main(args):
+    from empathy import checkpoints
     mods = datasets.parse_mods(args.mods)
     epochs = epochs_to_check(args.epoch_min, args.epoch_max, args.epoch_step)
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
     pooled = datasets.load_pool(args.train_dir, args.test_dir, mods, args.stories, args.subjects)
-    layout.check_fold_checkpoints(out_dir, pooled.stories, epochs,
-                                  "--epoch_min/--epoch_max/--epoch_step")
-    run = options.RunOptions.from_args(args, options.TrainingSettings.from_args(args), {},
-                                       runner)
-    first_epoch = [path for story in pooled.stories for path in layout.run_checkpoints(
+    checkpoints.check_fold_checkpoints(out_dir, pooled.stories, epochs,
+                                       "--epoch_min/--epoch_max/--epoch_step")
+    first_epoch = [path for story in pooled.stories for path in checkpoints.run_checkpoints(
         layout.fold_dir(out_dir, story), layout.checkpoint_name(epochs[0]))]
-    options.check_before_writing(options.Plan(
-        outputs=[(out_dir, "--out_dir")], options=run, data=pooled, evaluated=first_epoch,
-        runner=runner))
-    with layout.owned(out_dir):
-        layout.write_run_record(args, out_dir, layout.CV_EPOCHS_RUN_RECORD)
+    plan = options.Plan(outputs=[(out_dir, "--out_dir")], data=pooled, evaluated=first_epoch,
+                        options=options.RunOptions.from_args(args, runner=runner), runner=runner)
+    with command.Command(args, plan, out_dir, record=layout.CV_EPOCHS_RUN_RECORD) as run:
         return evaluate_and_extract(pooled, epochs, out_dir, args, run, runner)
 
 

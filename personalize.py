@@ -29,12 +29,13 @@ personalize.csv then says what each subject got (finetune, anchor, mix, epochs).
 """
 import argparse
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from empathy import datasets, finetuning, layout, ledger, options, parallel, tables, utils
+from empathy import (command, datasets, finetuning, layout, ledger, options, parallel, tables,
+                     utils)
 from empathy.utils import ToolkitError
 
 # imported on first use (they load torch), so that --help and the flag checks need none
@@ -108,7 +109,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
         # Fine-tuning ends after the last epoch (or where --patience stopped it): last.save.
         # The fine-tuned models calibrate with the statistics of the videos they were tuned on.
         tuned, tuned_postprocessing = engine.load_for_evaluation(
-            layout.run_checkpoints(subject_folder, layout.LAST), train_set, run.normalize, flags,
+            checkpoints.run_checkpoints(subject_folder, layout.LAST), train_set, run.normalize, flags,
             device, [test_set])
         if chosen.settings.average_last:  # the mean of the last epochs' predictions, per seed
             after = engine.score_seed_predictions(
@@ -125,8 +126,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     if inner_cv:
         row["epochs"] = epochs
     if run.settings.seeds > 1:
-        row.update(after_ccc_seed_mean=np.mean(after["seed_ccc"]),
-                   after_ccc_seed_std=np.std(after["seed_ccc"]))
+        row.update(tables.seed_columns("after_ccc", after["seed_ccc"]))
     return row
 
 
@@ -150,19 +150,19 @@ def choose_subjects(train_all, test_all, requested, augment):
 
 
 def subject_table(rows):
+    """personalize.csv: a row per subject, then their Mean (of the subjects that have
+    a value); no mean of the methods."""
     columns = [name for name in ("before_ccc", "after_ccc", *finetuning.DEFAULT.record, "epochs",
                                  "after_ccc_seed_mean", "after_ccc_seed_std") if name in rows[0]]
-    table = pd.DataFrame(rows, columns=["subject", *columns])
-    method_columns = [name for name in columns if name in finetuning.DEFAULT.record]
-    mean = table[[name for name in columns if name not in method_columns]].mean()
-    summary = pd.DataFrame([{"subject": "Mean", **mean,  # no mean of the methods
-                             **{name: "" for name in method_columns}}])
-    if "epochs" in table:  # whole numbers, not 3.0000 (their mean too, where it is one)
-        table = table.astype({"epochs": object})
-        summary = summary.astype({"epochs": object})
-        epochs = round(float(mean["epochs"]), 2)
-        summary.loc[0, "epochs"] = int(epochs) if epochs.is_integer() else epochs
-    return pd.concat([table.astype({"subject": object}), summary], ignore_index=True)
+    whole = {"epochs": object} if "epochs" in columns else {}  # whole numbers, not 3.0000
+    table = pd.DataFrame(rows, columns=["subject", *columns]).astype(whole)
+    table = tables.with_summary_rows(
+        table, "subject", [name for name in columns if name not in finetuning.DEFAULT.record],
+        rows=("Mean",), skipna=True)
+    if whole:  # their mean too, where it is one
+        epochs = round(float(table["epochs"].iloc[-1]), 2)
+        table.loc[len(table) - 1, "epochs"] = int(epochs) if epochs.is_integer() else epochs
+    return table
 
 
 def ledger_results(table):
@@ -184,22 +184,15 @@ def main(args):
     train_all, test_all = datasets.load_train_test(args.train_dir, args.test_dir, mods,
                                                    args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
-    folders, inner = subject_folders(train_all, subjects, out_dir, settings, args.inner_cv,
-                                     methods)
-    resumes = layout.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
-    run = options.RunOptions.from_args(args, settings, resumes, runner)
-    resumed = [(folder, seed_settings) for subject in subjects for folder, seed_settings
-               in run.resumed_runs(runner.path(layout.subject_dir(out_dir, subject)))]
-    resumed += [(folder, settings) for folder in inner if resumes[folder]]  # one seed each
-    options.check_before_writing(options.Plan(
-        outputs=[(out_dir, "--out_dir")], options=run, data=train_all, trains=True, base=init,
-        resumed=resumed, runner=runner, split_dirs=(args.train_dir, args.test_dir),
-        base_checks=[finetuning.base_check(methods)]))
-    finetuning.check_resumed_methods(folders, inner, resumes, methods)
-    with layout.owned(out_dir):
-        # none began meanwhile
-        layout.check_fresh_runs(folders + list(inner), args.resume, args.overwrite)
-        layout.write_run_record(args, out_dir)
+    runs, inner = subject_runs(train_all, subjects, out_dir, settings, args.inner_cv, methods)
+    plan = options.Plan(
+        outputs=[(out_dir, "--out_dir")], data=train_all, trains=True, base=init,
+        options=options.RunOptions.from_args(args, settings, runner=runner), runner=runner,
+        split_dirs=(args.train_dir, args.test_dir), base_checks=[finetuning.base_check(methods)])
+    check_methods = partial(finetuning.check_resumed_methods, [folder for _, folder in runs],
+                            inner, methods=methods)
+    runs += [(settings, folder) for folder in inner]  # an inner fold trains one seed
+    with command.Command(args, plan, out_dir, runs, checks=[check_methods]) as run:
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
                       out_dir=runner.path(out_dir), run=run, augment=args.augment,
@@ -212,15 +205,15 @@ def main(args):
     return table
 
 
-def subject_folders(train_all, subjects, out_dir, settings, inner_cv, methods):
-    """The run folders of the subjects (one per seed) and, with --inner_cv, of their
-    inner cross-validation folds ({folder: its method})."""
-    folders = [folder for subject in subjects
-               for _, folder in settings.seed_runs(layout.subject_dir(out_dir, subject))]
+def subject_runs(train_all, subjects, out_dir, settings, inner_cv, methods):
+    """The runs of the subjects, (settings of a seed, its folder) per seed, and with
+    --inner_cv the folders of their inner cross-validation folds ({folder: its method})."""
+    runs = [seed_run for subject in subjects
+            for seed_run in settings.seed_runs(layout.subject_dir(out_dir, subject))]
     inner = {folder: method for subject in subjects if inner_cv
              for folder, method in
              finetuning.inner_cv_folders(train_all, subject, out_dir, methods).items()}
-    return folders, inner
+    return runs, inner
 
 
 if __name__ == "__main__":

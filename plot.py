@@ -37,9 +37,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from empathy import layout
 
-from empathy import ledger, utils
+from empathy import layout, ledger, utils
 from empathy.datasets import (list_videos, parse_video_name, read_annotation, read_prediction,
                       video_name)
 from empathy.utils import FPS, ToolkitError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from empathy import datasets, layout, ledger, options, postprocessing, tables, utils
+from empathy import command, datasets, layout, ledger, options, tables, utils
 from empathy.utils import ToolkitError
 
 
@@ -71,35 +71,23 @@ def main(args):
     return train_new_model(args, model_dir, train_set, test_set)
 
 
-def run_options(args, resumes=None):
-    return options.RunOptions(options.TrainingSettings.from_args(args), args.normalize,
-                              args.cuda, postprocessing.flags_given(args), args.tensorboard,
-                              resumes)
-
-
 def train_new_model(args, model_dir, train_set, test_set):
     """Training: every check before the first write, then one model per seed."""
-    from empathy import engine
+    from empathy import checkpoints, engine
     settings = options.TrainingSettings.from_args(args)
-    resumes = layout.check_fresh_runs([folder for _, folder in settings.seed_runs(model_dir)],
-                                      args.resume, args.overwrite)
-    run = run_options(args, resumes)
-    options.check_before_writing(options.Plan(
-        outputs=[(model_dir, "--model_dir")], options=run, data=train_set, trains=True,
-        resumed=run.resumed_runs(model_dir), split_dirs=(args.train_dir, args.test_dir)))
-    device = run.device
-    scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
-    train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
-    with layout.owned(model_dir):
-        # Again, now that no other run can start here: one may have finished meanwhile.
-        layout.check_fresh_runs(list(resumes), args.resume, args.overwrite)
-        layout.write_run_record(args, model_dir)
+    plan = options.Plan(outputs=[(model_dir, "--model_dir")],
+                        options=options.RunOptions.from_args(args, settings), data=train_set,
+                        trains=True, split_dirs=(args.train_dir, args.test_dir))
+    with command.Command(args, plan, model_dir, runs=settings.seed_runs(model_dir)) as run:
+        device = run.device
+        scaler = datasets.FeatureScaler.fit(train_set) if args.normalize else None
+        train_set, test_set = train_set.with_scaler(scaler), test_set.with_scaler(scaler)
         summaries = engine.fit_seeds(lambda: settings.new_model(train_set.input_dims, device),
                                      train_set, test_set, model_dir, run, device)
     print_training_summaries(summaries, model_dir)
     if settings.seeds > 1:
-        trained, saved = engine.load_for_evaluation(layout.run_checkpoints(model_dir), train_set,
-                                                    args.normalize, {}, device)
+        trained, saved = engine.load_for_evaluation(checkpoints.run_checkpoints(model_dir),
+                                                    train_set, args.normalize, {}, device)
         average = engine.evaluate_seeds(trained, test_set, device, saved, settings.precision)
         best = [summary["best_ccc"] for summary in summaries]
         last = [summary["last_ccc"] for summary in summaries]
@@ -143,9 +131,9 @@ def ledger_results(returned):
 def predict_saved(args, model_dir, train_set, test_set):
     """--test and --features: evaluate a saved model (every seed's, for a --seeds run);
     returns the evaluations of --test (None for --features alone)."""
-    from empathy import engine
-    paths = [Path(args.load)] if args.load else layout.run_checkpoints(model_dir)
-    run = run_options(args)
+    from empathy import checkpoints, engine
+    paths = [Path(args.load)] if args.load else checkpoints.run_checkpoints(model_dir)
+    run = options.RunOptions.from_args(args)
     outputs = ([(args.pred_dir, "--pred_dir")] if args.test else []) + \
               ([(args.feat_dir, "--feat_dir")] if args.features else [])
     options.check_before_writing(options.Plan(outputs, run, data=train_set, evaluated=paths))

@@ -24,8 +24,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from empathy import (datasets, families, layout, ledger, options, parallel, postprocessing, tuning,
-                     utils)
+from empathy import (command, datasets, families, layout, ledger, options, parallel,
+                     postprocessing, tuning, utils)
 
 
 def get_args_parser():
@@ -85,14 +85,13 @@ def main(args):
         return final(args, train_set, url, attrs, run)
     tuning.check_study(tuning.existing_study(url, args.study_name), attrs, args.trials)
     tuning.check_outputs(out_dir, tuning.SEARCH_OUTPUTS)
-    options.check_before_writing(options.Plan(
+    plan = options.Plan(
         outputs=[(out_dir, "--out_dir")], data=train_set, trains=True, runner=runner,
-        options=replace(run, postprocessing_flags={"label_delay": tuning.MAX_LABEL_DELAY})))
-    with layout.owned(out_dir):
+        options=replace(run, postprocessing_flags={"label_delay": tuning.MAX_LABEL_DELAY}))
+    with command.Command(args, plan, out_dir):
         study = tuning.create_study(url, args.study_name, attrs)
         tuning.fail_dead_trials(study, out_dir, own_storage=args.storage is None)
         tuning.clear_unkept_weights(study, out_dir)
-        layout.write_run_record(args, out_dir)
         tuning.write_study_record(out_dir, args.storage, args.study_name)
         config = tuning.TuneConfig.from_args(args, run, attrs["models"], runner)
         tuning.run_trials(runner, train_set, config, args.jobs)
@@ -121,10 +120,10 @@ def final(args, train_set, url, attrs, run):
     folder, record_name = ((out_dir / tuning.FOLD_ENSEMBLE_DIR, tuning.FOLD_ENSEMBLE_RECORD)
                            if weights else (out_dir / layout.FINAL_DIR, layout.FINAL_RECORD))
     tuning.check_outputs(out_dir, tuning.FINAL_OUTPUTS[ensemble])
-    options.check_before_writing(options.Plan(
-        outputs=[(folder, "--out_dir")], options=run, data=test_set if weights else train_set,
-        trains=not weights, evaluated=weights or []))
-    with layout.owned(out_dir):
+    plan = options.Plan(outputs=[(folder, "--out_dir")], options=run,
+                        data=test_set if weights else train_set, trains=not weights,
+                        evaluated=weights or [])
+    with command.Command(args, plan, out_dir, record=None):  # final.json records it
         if weights:
             result = tuning.run_fold_ensemble(train_set, test_set, out_dir, weights, run, chosen)
         else:

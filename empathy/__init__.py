@@ -13,6 +13,7 @@ From the bottom up (a module imports only those above it in this list, or none):
     precision        --precision: float32, bf16 or fp16 autocast
     postprocessing   smoothing, low-pass, calibration, label delay, chosen on folds
     options          the shared flags, their checks, and the settings they make
+    command          the run protocol: every check, the lock and args.json before a write
     checkpoints      the self-describing .save files: writing, reading, checking
     engine           fit, train_one_epoch, evaluate, predict, weight averaging
     finetuning       personalize.py's per-listener methods and inner folds
@@ -22,6 +23,7 @@ From the bottom up (a module imports only those above it in this list, or none):
 
 Importing the package first sets how OpenMP threads wait (`thread_policy`), before
 any of its modules can load torch: no module depends on the order of imports.
+docs/architecture.md draws the layers and follows one train.py run through them.
 """
 from . import thread_policy
 

@@ -1,17 +1,20 @@
 """The training engine: training, evaluation, prediction, seeds and devices.
 
-Scripts call it with explicit settings (options.TrainingSettings, options.RunOptions)
-and data (datasets.VideoSet); it reads and writes checkpoints through
-checkpoints.py and output names through runs.py. One `train_one_epoch`, one
-`evaluate`, one `fit`.
+Scripts call `fit` with three named objects: a `Training` (the videos, device,
+options.TrainingSettings and fine-tuning method), a `Validation` (the videos and
+their post-processing) and the `Hooks` they add (progress bar, TensorBoard,
+per-epoch callback); `fit_seeds` builds them from options.RunOptions. It reads
+and writes checkpoints through checkpoints.py and output names through layout.py.
+One `train_one_epoch`, one `evaluate`, one `fit`.
 """
 import contextlib
 import ctypes
 import math
 import random
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -23,6 +26,9 @@ from .postprocessing import Postprocessing, report_unseen_listeners, score_video
 from .precision import autocast, check_precision, grad_scaler
 from .utils import ToolkitError
 
+if TYPE_CHECKING:  # the annotations only
+    from . import datasets, options
+
 EMBED_CHUNK_ROWS = 2048  # rows embedded at once in evaluation: bounds memory, not speed
 
 
@@ -33,24 +39,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-_warned_no_cuda = False
-
-
-def get_device(cuda):
-    """The device a script runs on: the GPU when `--cuda` is given and one exists.
-    Asking for one without having it warns once and falls back to the CPU."""
-    global _warned_no_cuda
-    if not cuda:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not _warned_no_cuda:
-        print("warning: --cuda given but no GPU is available; running on the CPU",
-              file=sys.stderr)
-        _warned_no_cuda = True
-    return torch.device("cpu")
 
 
 # mallopt parameters (glibc's malloc.h)
@@ -187,43 +175,41 @@ def shuffled_batches(segments, batch_size, generator):
             for batch_indices in order.split(batch_size)]
 
 
-def train_one_epoch(model, optimizer, train_set, segments, batch_size, generator, device,
-                    loss_name="mse", precision="fp32", grad_scaler=None, batches=None,
-                    penalty=None, after_step=None):
-    """One pass over the training pieces in a fresh random order (or over the
-    batches that `batches(generator)` draws, lists of pieces).
+def train_one_epoch(run):
+    """One pass over the training pieces of `run` (a TrainingRun) in a fresh random
+    order, or over the batches that its fine-tuning method draws (--mix).
 
-    The loss (`utils.LOSSES[loss_name]`) is computed in float32 over each batch's valid
-    steps; the forward pass runs in `precision` (see precision.autocast), with
-    `grad_scaler` (precision.grad_scaler) for fp16. `penalty(model)`, if given, is
-    added to the loss that is minimized (not to the one reported); `after_step(model)`,
-    if given, runs after every optimizer step (--ema's update).
+    The loss (`utils.LOSSES[settings.loss]`) is computed in float32 over each batch's
+    valid steps; the forward pass runs in `settings.precision` (see precision.autocast),
+    with the run's gradient scaler for fp16. The fine-tuning method's penalty
+    (--anchor) is added to the loss that is minimized (not to the one reported);
+    --ema's average takes in the weights after every optimizer step.
     Returns {"loss": its mean over batches, weighted by their steps}.
     """
+    model, optimizer, scaler = run.model, run.optimizer, run.grad_scaler
+    settings, device, penalty = run.settings, run.device, run.penalty
     model.train()
-    loss_function = utils.LOSSES[loss_name]
+    loss_function = utils.LOSSES[settings.loss]
     total_loss, total_steps = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    epoch_batches = (batches(generator) if batches is not None
-                     else shuffled_batches(segments, batch_size, generator))
-    for batch_segments in epoch_batches:
-        batch = train_set.gather(batch_segments, device)
-        with autocast(precision, device):
+    for batch_segments in run.epoch_batches():
+        batch = run.training.train_set.gather(batch_segments, device)
+        with autocast(settings.precision, device):
             embedded = model.embed(batch.inputs)
             batch.inputs = None  # dropout copied the rows it needs: free the gathered ones early
             predictions = model.forward_embedded(embedded, batch.lengths)
         loss = loss_function(predictions.float(), batch.targets)  # .float(): no-op in fp32
         objective = loss if penalty is None else loss + penalty(model)
-        if grad_scaler is None:
+        if scaler is None:
             objective.backward()
             optimizer.step()
         else:
-            grad_scaler.scale(objective).backward()
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)  # gradients freed before the next batch
-        if after_step is not None:
-            after_step(model)
+        if run.weight_average is not None:
+            run.weight_average.after_step(model)
         total_loss += loss.item() * batch.targets.numel()
         total_steps += batch.targets.numel()
     return {"loss": total_loss / total_steps}
@@ -320,24 +306,66 @@ def score_seed_predictions(per_seed, video_set, postprocessing):
 
 # ---------------------------------------------------------------- training
 
+@dataclass(frozen=True)
+class Training:
+    """What `fit` trains on, where and how: the training videos, the device, one
+    seed's hyper-parameters (options.TrainingSettings, --precision among them) and
+    personalize.py's method (finetuning.SubjectFineTuning: its weight decay, the
+    penalty it adds to the loss, how it draws batches, and its record in every
+    checkpoint; None trains as everything else does)."""
+    train_set: "datasets.VideoSet"
+    settings: "options.TrainingSettings"
+    device: torch.device
+    finetuning: object = None
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What `fit` validates on and how: the videos, and the post-processing
+    (postprocessing.Postprocessing; None: the defaults) that scores their predictions.
+    Its label delay also shifts the training targets, so that the model learns
+    what it is scored on."""
+    val_set: "datasets.VideoSet"
+    postprocessing: Postprocessing = None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a script adds to `fit`'s epochs: a progress bar; every epoch's scalars
+    in TensorBoard under `tensorboard_dir` (see `curves`); `on_epoch(row)`, called
+    with each epoch's metrics row once it is recorded (tune.py's pruner; an
+    exception it raises ends training there); and `when_stopped`, for a run that is
+    never resumed (a tune.py trial): what to do after a stop request instead of
+    --resume, so that no last.save is saved then."""
+    progress: bool = True
+    tensorboard_dir: Path = None
+    on_epoch: Callable = None
+    when_stopped: str = None
+
+    @classmethod
+    def of(cls, run):
+        """The hooks that a command's flags ask for (options.RunOptions)."""
+        return cls(progress=run.progress, tensorboard_dir=run.tensorboard_dir)
+
+
 class TrainingRun:
     """One model's training in one folder: the model with its optimizer, gradient
     scaler and shuffling generator, and the progress that checkpoints save and
-    --resume restores (epoch, best score, metrics history, --patience count)."""
+    --resume restores (epoch, best score, metrics history, --patience count).
+    Without `validation` and `model_dir` it only trains (train_one_epoch: bench.py)."""
 
-    def __init__(self, model, train_set, model_dir, settings, device, postprocessing,
-                 finetuning=None):
-        self.model, self.train_set, self.model_dir = model, train_set, Path(model_dir)
-        self.settings, self.device, self.postprocessing = settings, device, postprocessing
-        # personalize.py's method (finetuning.SubjectFineTuning): its weight decay,
-        # penalty, batches and record; None trains as everything else does.
-        self.finetuning = finetuning
+    def __init__(self, model, training, validation=None, model_dir=None):
+        self.model, self.training, self.validation = model, training, validation
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        settings, finetuning, train_set = training.settings, training.finetuning, training.train_set
+        self.settings, self.device = settings, training.device  # read at every step
         self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay
                                          if finetuning is None else finetuning.weight_decay)
-        self.grad_scaler = grad_scaler(settings.precision, device)
+        self.grad_scaler = grad_scaler(settings.precision, self.device)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.segments = train_set.training_segments(settings.split)
-        self.batches = finetuning.batches(train_set) if finetuning is not None else None
+        self.draw_batches = finetuning.batches(train_set) if finetuning is not None else None
+        self.penalty = finetuning.penalty if finetuning is not None else None  # --anchor's
         self.weight_average = WeightAverage.of(model, settings)  # --ema, --swa_start
         self.prediction_average = PredictionAverage.of(settings)  # --average_last
         self.predictions = None  # the last evaluation's per-second predictions
@@ -350,6 +378,13 @@ class TrainingRun:
         weights with --ema or --swa_start, else the trained ones."""
         return (self.weight_average.network(self.model) if self.weight_average is not None
                 else self.model)
+
+    def epoch_batches(self):
+        """The next epoch's batches (lists of pieces): every training piece once, or
+        those that the fine-tuning method draws."""
+        if self.draw_batches is not None:
+            return self.draw_batches(self.generator)
+        return shuffled_batches(self.segments, self.settings.batch_size, self.generator)
 
     def resume(self):
         """Continue from last.save: weights (trained and averaged), optimizer,
@@ -376,11 +411,12 @@ class TrainingRun:
                                      and not math.isnan(row["val_ccc"]))
 
     def save(self, name, with_optimizer=False):
+        finetuning = self.training.finetuning
         record = {"training": asdict(self.settings),
-                  "postprocessing": asdict(self.postprocessing),
+                  "postprocessing": asdict(self.validation.postprocessing),
                   "stopped_early": self.stopped_early}
-        if self.finetuning is not None:
-            record["finetuning"] = self.finetuning.record
+        if finetuning is not None:
+            record["finetuning"] = finetuning.record
         if with_optimizer and self.grad_scaler is not None:  # fp16: its loss scale, for --resume
             record["grad_scaler"] = self.grad_scaler.state_dict()
         if self.weight_average is not None:
@@ -389,24 +425,21 @@ class TrainingRun:
                 record["trained_model"] = self.model.state_dict()
         if with_optimizer and self.prediction_average is not None:
             record["prediction_average"] = self.prediction_average.state_dict()
+        scaler = self.training.train_set.scaler  # --normalize's, saved with the weights
         checkpoints.save_checkpoint(self.model_dir / name, checkpoints.make_checkpoint(
-            self.network, self.train_set.scaler, self.epoch, self.best_ccc, self.best_epoch,
+            self.network, scaler, self.epoch, self.best_ccc, self.best_epoch,
             self.optimizer if with_optimizer else None,
             checkpoints.rng_state(self.generator) if with_optimizer else None, record))
 
-    def train_epoch(self, val_set):
+    def train_epoch(self):
         """Train one epoch, evaluate if it is time, save best.save on a new best;
         returns the epoch's metrics row."""
         self.epoch += 1
         settings = self.settings
-        average = self.weight_average
-        stats = train_one_epoch(self.model, self.optimizer, self.train_set, self.segments,
-                                settings.batch_size, self.generator, self.device, settings.loss,
-                                settings.precision, self.grad_scaler, self.batches,
-                                self.finetuning.penalty if self.finetuning is not None else None,
-                                average.after_step if average is not None else None)
-        if average is not None:
-            average.after_epoch(self.model, self.epoch)
+        val_set, postprocessing = self.validation.val_set, self.validation.postprocessing
+        stats = train_one_epoch(self)
+        if self.weight_average is not None:
+            self.weight_average.after_epoch(self.model, self.epoch)
         self.check_converging(stats["loss"], "training loss")
         row = {"epoch": self.epoch, "train_loss": stats["loss"], "val_ccc": math.nan}
         averaging_predictions = (self.prediction_average is not None
@@ -417,14 +450,13 @@ class TrainingRun:
                 or averaging_predictions):
             self.predictions = predict(self.network, val_set, self.device,
                                        precision=settings.precision)
-            row["val_ccc"] = score_videos(val_set.videos, self.predictions,
-                                          self.postprocessing)["ccc"]
+            row["val_ccc"] = score_videos(val_set.videos, self.predictions, postprocessing)["ccc"]
             self.check_converging(row["val_ccc"], "validation CCC")
             if averaging_predictions:
                 self.prediction_average.add(self.predictions,
                                             [video.name for video in val_set.videos])
                 row["val_ccc_average"] = score_videos(
-                    val_set.videos, self.prediction_average.mean(), self.postprocessing)["ccc"]
+                    val_set.videos, self.prediction_average.mean(), postprocessing)["ccc"]
             self.stale_evaluations += 1
             if row["val_ccc"] > self.best_ccc:
                 self.best_ccc, self.best_epoch, self.stale_evaluations = row["val_ccc"], self.epoch, 0
@@ -451,94 +483,91 @@ class TrainingRun:
                                f"{what} is {value}): lower --lr (now {self.settings.lr:g}) or "
                                "pass --normalize if the features are large")
 
-    def held_out_predictions(self, val_set):
-        """The run's per-second predictions of `val_set` as it reports them at its end:
-        the mean of the last --average_last epochs', else the last model's."""
+    def held_out_predictions(self):
+        """The run's per-second predictions of the validation videos as it reports them
+        at its end: the mean of the last --average_last epochs', else the last model's."""
         if self.prediction_average is not None and self.prediction_average.count:
             return self.prediction_average.mean()
         if self.predictions is None:  # nothing trained in this process: a finished run
-            self.predictions = predict(self.network, val_set, self.device,
+            self.predictions = predict(self.network, self.validation.val_set, self.device,
                                        precision=self.settings.precision)
         return self.predictions
 
-    def summary(self, val_set):
-        """fit's summary: the best epoch (picked on `val_set`), and what can be
-        reported: the last epoch's validation CCC and per-second predictions
+    def summary(self):
+        """fit's summary: the best epoch (picked on the validation videos), and what
+        can be reported: the last epoch's validation CCC and per-second predictions
         ("last_ccc", "predictions"; with --average_last, of the average)."""
-        predictions = self.held_out_predictions(val_set)
+        predictions = self.held_out_predictions()
         averaged = self.prediction_average.count if self.prediction_average is not None else 0
+        last_ccc = score_videos(self.validation.val_set.videos, predictions,
+                                self.validation.postprocessing)["ccc"]
         return {"best_ccc": self.best_ccc, "best_epoch": self.best_epoch, "epoch": self.epoch,
                 "stopped_early": self.stopped_early, "predictions": predictions,
-                "averaged_epochs": averaged,
-                "last_ccc": score_videos(val_set.videos, predictions, self.postprocessing)["ccc"]}
+                "averaged_epochs": averaged, "last_ccc": last_ccc}
 
 
-def fit(model, train_set, val_set, model_dir, settings, device, resume=False, progress=True,
-        postprocessing=None, tensorboard_dir=None, on_epoch=None, finetuning=None,
-        when_stopped=None):
-    """Train `model` on `train_set`, checking `val_set` every `eval_freq` epochs.
+def fit(model, training, validation, model_dir, hooks=Hooks(), resume=False):
+    """Train `model` as `training` says (a Training) into `model_dir`, checking
+    `validation` (a Validation) every --eval_freq epochs; with `resume`, go on from
+    its last.save. `hooks` (a Hooks): what the script adds to every epoch.
 
     Writes into `model_dir`: best.save (best validation CCC), epoch_<N>.save every
     `save_freq` epochs, last.save (with optimizer state, for --resume) every
     `save_freq` epochs, at the end, and when Ctrl-C or SIGTERM stops the run at the
     end of the epoch in progress; and metrics.csv after every epoch. With
     `settings.patience`, training ends once that many evaluations in a row have not
-    beaten the best. `postprocessing` (see postprocessing.Postprocessing) sets the
-    label delay of the training targets and how validation predictions are scored.
-    With `tensorboard_dir`, every epoch's scalars also go to TensorBoard (see
-    `curves`). `on_epoch`, if given, is called with each epoch's metrics row once it
-    is recorded (tune.py's pruner); an exception it raises ends training there.
-    `finetuning` (finetuning.SubjectFineTuning) is personalize.py's method: what it
-    penalizes, how it draws batches, and its record in every checkpoint.
-    `when_stopped`, for a run that is never resumed (a tune.py trial), is what to do
-    after a stop request instead of --resume: no last.save is saved then.
-    With --ema or --swa_start (`settings`), the averaged weights are validated and
-    saved; with --average_last K, the last K epochs' predictions are averaged too.
-    Returns {"best_ccc", "best_epoch" (picked on `val_set`), "epoch", "stopped_early",
-    "last_ccc", "predictions" (what can be reported: see TrainingRun.summary)}.
+    beaten the best. With --ema or --swa_start (`settings`), the averaged weights
+    are validated and saved; with --average_last K, the last K epochs' predictions
+    are averaged too.
+    Returns {"best_ccc", "best_epoch" (picked on the validation videos), "epoch",
+    "stopped_early", "last_ccc", "predictions" (what can be reported: see
+    TrainingRun.summary)}.
     """
     model_dir = Path(model_dir)
     utils.check_writable(model_dir)
     # A run killed mid-write (a lost cluster worker) left temporaries; this run owns the folder.
     utils.remove_interrupted_writes(model_dir)
-    settings.check()
-    check_precision(settings.precision, device)
+    training.settings.check()
+    check_precision(training.settings.precision, training.device)
     # Calibration maps predictions to the statistics of the training videos: saved in
     # every checkpoint, so that a model evaluated later calibrates as it was trained.
-    postprocessing = (postprocessing or Postprocessing()).with_listener_stats(train_set.videos)
+    postprocessing = ((validation.postprocessing or Postprocessing())
+                      .with_listener_stats(training.train_set.videos))
     if not resume:
-        report_unseen_listeners(postprocessing, val_set.videos)
+        report_unseen_listeners(postprocessing, validation.val_set.videos)
     if postprocessing.delay_frames:
-        train_set = train_set.with_label_delay(postprocessing.delay_frames)
-    run = TrainingRun(model, train_set, model_dir, settings, device, postprocessing, finetuning)
+        delayed = training.train_set.with_label_delay(postprocessing.delay_frames)
+        training = replace(training, train_set=delayed)
+    run = TrainingRun(model, training, replace(validation, postprocessing=postprocessing),
+                      model_dir)
     if resume:
         run.resume()
     if not run.stopped_early:
-        _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch, when_stopped)
-    return run.summary(val_set)
+        _train_epochs(run, hooks)
+    return run.summary()
 
 
-def _train_epochs(run, val_set, progress, tensorboard_dir, on_epoch=None, when_stopped=None):
+def _train_epochs(run, hooks):
     """Train from the run's epoch to --epochs, or until --patience or a stop request."""
     start_epoch, settings = run.epoch, run.settings
     with tqdm(range(start_epoch + 1, settings.epochs + 1), desc=run.model_dir.name, unit="epoch",
-              disable=not progress, leave=False, dynamic_ncols=True) as bar, \
+              disable=not hooks.progress, leave=False, dynamic_ncols=True) as bar, \
             parallel.StopRequests() as stop, reused_heap(), \
-            curves(tensorboard_dir, run.model_dir) as log_epoch:
+            curves(hooks.tensorboard_dir, run.model_dir) as log_epoch:
         for _ in bar:
-            row = run.train_epoch(val_set)
+            row = run.train_epoch()
             run.record(row)
             log_epoch(row, run.optimizer.param_groups[0]["lr"])
-            if on_epoch is not None:
-                on_epoch(row)
+            if hooks.on_epoch is not None:
+                hooks.on_epoch(row)
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_ccc=f"{row['val_ccc']:.3f}",
                             best=f"{run.best_ccc:.3f}@{run.best_epoch}")
             if run.stopped_early:
                 tqdm.write(f"{run.model_dir}: stopped at epoch {run.epoch}, the validation CCC "
                            f"has not improved for {settings.patience} evaluations (--patience)")
                 break
-            if stop.requested and when_stopped:
-                print(f"stopped after epoch {run.epoch} of {run.model_dir}: {when_stopped}",
+            if stop.requested and hooks.when_stopped:
+                print(f"stopped after epoch {run.epoch} of {run.model_dir}: {hooks.when_stopped}",
                       file=sys.stderr)
                 raise KeyboardInterrupt
             if stop.requested:
@@ -579,14 +608,13 @@ def fit_seeds(make_model, train_set, val_set, model_dir, run, device, postproces
     """`fit` once per seed of `run.settings` (options.RunOptions; see
     `TrainingSettings.seed_runs`), each seeded before `make_model()` builds its
     starting model, with the run's post-processing unless `postprocessing` is given
-    (and `finetuning`, see `fit`). Returns fit's summary per seed, with "seed"."""
+    (and `finetuning`, see `Training`). Returns fit's summary per seed, with "seed"."""
     summaries = []
     for seed_settings, folder in run.settings.seed_runs(model_dir):
         seed_everything(seed_settings.seed)
-        summary = fit(make_model(), train_set, val_set, folder, seed_settings, device,
-                      resume=run.resumes_run(folder), progress=run.progress,
-                      postprocessing=postprocessing or run.postprocessing,
-                      tensorboard_dir=run.tensorboard_dir, finetuning=finetuning)
+        summary = fit(make_model(), Training(train_set, seed_settings, device, finetuning),
+                      Validation(val_set, postprocessing or run.postprocessing), folder,
+                      Hooks.of(run), resume=run.resumes_run(folder))
         summaries.append({"seed": seed_settings.seed, **summary})
     return summaries
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import layout, utils
+from . import layout, tables, utils
 from .utils import ToolkitError
 
 # imported on first use, so that personalize.py's --help and flag checks load no torch
@@ -182,7 +182,7 @@ def prepare(network, method):
 
 
 class SubjectFineTuning:
-    """What the training engine (engine.fit's `finetuning`) needs of one method for
+    """What the training engine (engine.Training's `finetuning`) needs of one method for
     one subject: the weight decay, the penalty added to the loss (None: none), the
     batches of an epoch, and the record kept in every checkpoint."""
 
@@ -323,17 +323,18 @@ def choose_method(tuning, methods, subject_folder):
         for story in stories:
             folder = inner_fold_dir(subject_folder, story, method, several)
             engine.seed_everything(inner_settings.seed)
-            engine.fit(tuning.model(method), tuning.videos(method).select(exclude_stories=[story]),
-                       held_out[story], folder, inner_settings, run.device,
-                       resume=run.resumes_run(folder), progress=run.progress,
-                       postprocessing=tuning.postprocessing, tensorboard_dir=run.tensorboard_dir,
-                       finetuning=tuning.finetuning(method, inner_settings))
+            engine.fit(tuning.model(method),
+                       engine.Training(tuning.videos(method).select(exclude_stories=[story]),
+                                       inner_settings, run.device,
+                                       tuning.finetuning(method, inner_settings)),
+                       engine.Validation(held_out[story], tuning.postprocessing), folder,
+                       engine.Hooks.of(run), resume=run.resumes_run(folder))
             history = pd.read_csv(folder / layout.METRICS).dropna(subset=["val_ccc"])
             curves[layout.fold_name(story)] = history.set_index("epoch")["val_ccc"]
         rows += [{**method.record, "epoch": epoch, **scores}
                  for epoch, scores in pd.DataFrame(curves).iterrows()]
     table = pd.DataFrame(rows)
-    table["mean_ccc"] = table[list(start)].mean(axis=1)
+    table["mean_ccc"] = tables.spread(table[list(start)], axis=1, skipna=True).mean
     if not several:  # one method: the curves of its epochs alone
         table = table.drop(columns=list(DEFAULT.record))
     utils.write_csv(table, Path(subject_folder) / layout.INNER_CV_TABLE)

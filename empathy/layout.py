@@ -38,7 +38,6 @@ whose names and patterns only the names and functions below spell:
 """
 import contextlib
 import fcntl
-import math
 import os
 import platform
 import re
@@ -130,67 +129,6 @@ def saved_epochs(folder):
     """The epochs N of the epoch_<N>.save files in `folder`, in order."""
     return sorted(int(match.group(1)) for path in Path(folder).glob("epoch_*.save")
                   if (match := EPOCH_CHECKPOINT.fullmatch(path.name)))
-
-
-def run_checkpoints(run_dir, name=BEST):
-    """The checkpoints `name` of the run in `run_dir`: its own, or one per seed_<s>/
-    folder of a --seeds run. A run that --patience stopped before the epoch of
-    `epoch_<N>.save` stands for it with its last.save (training ended there)."""
-    run_dir = Path(run_dir)
-    folders = ([run_dir] if (run_dir / LAST).exists() or (run_dir / name).exists()
-               else sorted((path for path in run_dir.glob("seed_*") if path.is_dir()),
-                           key=lambda path: path.name) or [run_dir])
-    return [_checkpoint_or_stop(folder, name) for folder in folders]
-
-
-def _checkpoint_or_stop(folder, name):
-    path = folder / name
-    epoch = EPOCH_CHECKPOINT.fullmatch(name)
-    if path.is_file() or not epoch or not (folder / LAST).is_file():
-        return path
-    from . import checkpoints  # torch, only when a checkpoint must be read
-    last = checkpoints.load_checkpoint(folder / LAST)
-    if last.get("stopped_early") and last["epoch"] < int(epoch.group(1)):
-        return folder / LAST
-    return path
-
-
-def check_fold_checkpoints(out_dir, stories, epochs=(None,), epoch_flags="--test_epoch"):
-    """Every fold must hold every checkpoint asked for, before any work starts;
-    `epoch_flags` are the flags that chose the epochs, which the error advises on."""
-    for story in stories:
-        for epoch in epochs:
-            for path in run_checkpoints(fold_dir(out_dir, story), checkpoint_name(epoch)):
-                if not path.is_file():
-                    raise ToolkitError(f"{path} does not exist"
-                                       f"{_saved_advice(path.parent, epoch, epoch_flags)}")
-
-
-def _saved_advice(folder, epoch, epoch_flags):
-    """' (saved epochs: 10-50 every 10): choose ...' for a missing checkpoint in `folder`."""
-    saved = saved_epochs(folder)
-    if not saved:
-        return (" (run crossval.py without --test first)" if epoch is None or
-                not (Path(folder) / METRICS).is_file() else
-                " (the run saved no epoch_<N>.save: train it with crossval.py --save_freq N)")
-    advice = f" (saved epochs: {_ranges(saved)})"
-    if epoch is None:
-        return advice
-    if "/" not in epoch_flags:
-        return f"{advice}: give {epoch_flags} one of them"
-    step = math.gcd(*(b - a for a, b in zip(saved, saved[1:]))) if len(saved) > 1 else 1
-    return (f"{advice}: choose {epoch_flags} among them, e.g. --epoch_min {saved[0]} "
-            f"--epoch_max {saved[-1]} --epoch_step {step}")
-
-
-def _ranges(epochs):
-    """[10, 20, 30, 50] -> '10-30 every 10, 50' (short lists of saved epochs)."""
-    if len(epochs) < 3:
-        return ", ".join(map(str, epochs))
-    step = epochs[1] - epochs[0]
-    if all(b - a == step for a, b in zip(epochs, epochs[1:])):
-        return f"{epochs[0]}-{epochs[-1]} every {step}"
-    return ", ".join(map(str, epochs[:20])) + (" ..." if len(epochs) > 20 else "")
 
 
 def check_fresh_model_dir(model_dir, resume, overwrite):

@@ -217,12 +217,20 @@ class RunOptions:
     progress: bool = True
 
     @classmethod
-    def from_args(cls, args, settings, resumes, runner):
-        """From parsed flags, with paths as the tasks of `runner` (parallel.Runner) get them."""
-        return cls(settings, args.normalize, args.cuda, postprocessing.flags_given(args),
-                   runner.path(getattr(args, "tensorboard", None)),
-                   {runner.path(folder): resume for folder, resume in resumes.items()},
-                   runner.in_this_process)
+    def from_args(cls, args, settings=None, resumes=None, runner=None):
+        """From parsed flags (`settings` defaults to theirs), with paths as the tasks of
+        `runner` (parallel.Runner; default: here, one after another) get them."""
+        runner = runner or parallel.Runner()
+        run = cls(settings or TrainingSettings.from_args(args), args.normalize, args.cuda,
+                  postprocessing.flags_given(args), runner.path(getattr(args, "tensorboard", None)),
+                  progress=runner.in_this_process)
+        return run.resuming(resumes or {}, runner)
+
+    def resuming(self, resumes, runner=None):
+        """These options with `resumes` ({run folder: whether it continues from its
+        last.save}), the folders as the tasks of `runner` get them."""
+        path = runner.path if runner is not None else Path
+        return replace(self, resumes={path(folder): resume for folder, resume in resumes.items()})
 
     @property
     def postprocessing(self):

@@ -1,4 +1,3 @@
-from . import layout
 """Post-processing: how per-second predictions become the 25 fps predictions that are
 written and scored (label delay, smoothing or low-pass, calibration), its flags, and
 scoring a set of videos with it.
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import layout
 from .utils import FPS, ToolkitError, ccc, to_length
+
 
 def expand_to_frames(per_second, n_frames):
     """Repeat each per-second value FPS times, then cut or pad (repeating the last

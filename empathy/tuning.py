@@ -61,7 +61,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from . import datasets, families, layout, ledger, options, parallel, utils
+from . import datasets, families, layout, ledger, options, parallel, tables, utils
 from .postprocessing import Postprocessing, score_videos
 from .utils import ToolkitError
 
@@ -590,16 +590,15 @@ def train_and_predict(train_set, eval_set, folder, settings, run, postprocessing
     """Train a model of `settings` on `train_set` into `folder` and return its
     per-second predictions of `eval_set` as the run reports them at its end (the
     averaged weights', or the mean of its last --average_last epochs') and the model;
-    `on_epoch` and `when_stopped` as engine.fit's."""
+    `on_epoch` and `when_stopped` as engine.Hooks'."""
     from . import engine
     device = run.device
     scaler = datasets.FeatureScaler.fit(train_set) if run.normalize else None
     engine.seed_everything(settings.seed)
     model = settings.new_model(train_set.input_dims, device)
-    summary = engine.fit(model, train_set.with_scaler(scaler), eval_set.with_scaler(scaler),
-                         folder, settings, device, progress=False,
-                         postprocessing=postprocessing, on_epoch=on_epoch,
-                         when_stopped=when_stopped)
+    summary = engine.fit(model, engine.Training(train_set.with_scaler(scaler), settings, device),
+                         engine.Validation(eval_set.with_scaler(scaler), postprocessing), folder,
+                         engine.Hooks(progress=False, on_epoch=on_epoch, when_stopped=when_stopped))
     return summary["predictions"], model
 
 
@@ -645,8 +644,8 @@ def rescore(folds, postprocessing):
 
 
 def objective_value(scores, objective):
-    values = np.array(list(scores.values()), dtype=float)
-    return float(values.mean() - (values.std() if objective == "mean_minus_std" else 0.0))
+    spread = tables.spread(pd.Series(scores.values(), dtype=float))
+    return float(spread.mean_minus_std if objective == "mean_minus_std" else spread.mean)
 
 
 def run_trial(trial, train_set, config):
@@ -672,10 +671,10 @@ def run_trial(trial, train_set, config):
             trial.set_user_attr("fold_ccc", {str(story): value for story, value in raw.items()})
         raise
     scores = rescore(folds, sample_postprocessing(trial, params["label_delay"]))
-    values = list(scores.values())
+    spread = tables.spread(pd.Series(scores.values(), dtype=float))
     trial.set_user_attr("fold_ccc", {str(story): value for story, value in scores.items()})
-    trial.set_user_attr("mean", float(np.mean(values)))
-    trial.set_user_attr("std", float(np.std(values)))
+    trial.set_user_attr("mean", float(spread.mean))
+    trial.set_user_attr("std", float(spread.std))
     if config.keep_weights:
         trial.set_user_attr("fold_weights", {
             str(story): str(fold_weights(layout.fold_dir(trial_dir, story), settings).resolve())
@@ -686,7 +685,7 @@ def run_trial(trial, train_set, config):
 # ---------------------------------------------------------------- pruning
 
 def epoch_reporter(trial, finished, fold, epochs):
-    """engine.fit's on_epoch for fold number `fold` of a trial: after each epoch it
+    """engine.Hooks' on_epoch for fold number `fold` of a trial: after each epoch it
     reports the trial's running CCC at step fold * epochs + epoch - 1, and stops the
     trial (optuna.TrialPruned) if the pruner says so.
 

@@ -7,12 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from empathy import checkpoints
 import crossval
 import cv_epochs
-from empathy import datasets, engine
 import personalize
-from empathy import utils
+from empathy import checkpoints, datasets, engine, utils
 from conftest import run_in_process, run_script
 
 

@@ -11,13 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from empathy import checkpoints
 import crossval
-from empathy import datasets, engine
 import personalize
-from empathy import tables
 import train
-from empathy import utils
+from empathy import checkpoints, datasets, engine, tables, utils
 from conftest import run_in_process
 
 MODS = ["audio", "text"]

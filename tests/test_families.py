@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from empathy import checkpoints, families
 import crossval
 import cv_epochs
-from empathy import models
 import personalize
-from empathy import precision
+from empathy import checkpoints, families, models, precision
 import train
 from empathy.utils import ToolkitError
 

@@ -16,11 +16,9 @@ from sklearn.preprocessing import MinMaxScaler
 from sklearn.svm import SVR
 
 import cv_fusion
-from empathy import datasets
 import fusion
-from empathy import layout, svr_fusion
 import train
-from empathy import utils
+from empathy import datasets, layout, svr_fusion, utils
 
 MODELS = {"AT": "audio,text", "ATV": "audio,text,v_sub"}
 POOLED_STORIES = [1, 2, 4, 5]  # tiny data: stories 2, 4, 5 train, 1 validates, 3 tests

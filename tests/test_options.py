@@ -9,15 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from empathy import checkpoints
 import crossval
 import cv_epochs
-from empathy import datasets, engine, models
 import personalize
-from empathy import layout, postprocessing
 import score
 import train
-from empathy import utils
+from empathy import checkpoints, datasets, engine, models, options, postprocessing, utils
 from conftest import run_in_process
 from empathy.utils import FPS, ToolkitError
 
@@ -61,13 +58,12 @@ def test_training_with_ccc_loss_minimises_one_minus_batch_ccc(tiny_data):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    optimizer = engine.build_optimizer(model, 1e-3, 0)
-    generator = torch.Generator().manual_seed(0)
-    first = engine.train_one_epoch(model, optimizer, train_set, segments, len(segments), generator,
-                                  "cpu", "ccc")
+    settings = options.TrainingSettings(lr=1e-3, weight_decay=0, split=1,
+                                        batch_size=len(segments), seed=0, loss="ccc")
+    run = engine.TrainingRun(model, engine.Training(train_set, settings, "cpu"))
+    first = engine.train_one_epoch(run)
     assert first["loss"] == pytest.approx(expected, abs=1e-5)
-    losses = [engine.train_one_epoch(model, optimizer, train_set, segments, len(segments),
-                                    generator, "cpu", "ccc")["loss"] for _ in range(30)]
+    losses = [engine.train_one_epoch(run)["loss"] for _ in range(30)]
     assert losses[-1] < first["loss"] - 0.2
 
 
@@ -258,8 +254,8 @@ def test_patience_stops_training_and_resume_keeps_it_stopped(in_tmp, capsys):
         "--patience", 2, "--save_freq", 1, "--resume")
     assert len(pd.read_csv(in_tmp / "m" / "metrics.csv")) == 3
     # A fold that stopped early counts with its final model at later epochs.
-    assert layout.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
-    assert layout.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
+    assert checkpoints.run_checkpoints(in_tmp / "m", "epoch_8.save") == [in_tmp / "m" / "last.save"]
+    assert checkpoints.run_checkpoints(in_tmp / "m", "epoch_2.save") == [in_tmp / "m" / "epoch_2.save"]
 
 
 def test_patience_in_crossval_and_cv_epochs(in_tmp):

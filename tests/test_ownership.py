@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from empathy import checkpoints
 import crossval
-from empathy import layout
+from empathy import checkpoints, layout
 import train
 from conftest import ROOT
 from test_reliability import assert_one_line_error, command, files_under, wait_for_epochs  # noqa: F401

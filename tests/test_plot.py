@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from empathy import datasets
 import plot
-from empathy import tables, utils
+from empathy import datasets, tables, utils
 from conftest import run_in_process, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,12 +11,10 @@ import torch
 
 import crossval
 import data_stats
-from empathy import datasets
 import fusion
 import personalize
-from empathy import layout, ledger, postprocessing, svr_fusion
 import train
-from empathy import utils
+from empathy import datasets, layout, ledger, postprocessing, svr_fusion, utils
 from conftest import write_tiny_data
 from empathy.utils import FPS, ToolkitError
 

@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from empathy import engine
 import train
-from empathy import utils
+from empathy import engine, utils
 from conftest import ROOT, assert_same_checkpoints, run_script, wait_until
 from test_datasets import bad_input_cases
 

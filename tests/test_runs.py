@@ -9,10 +9,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import crossval
-from empathy import engine
 import runs
 import plot
-from empathy import ledger, tables
+from empathy import engine, ledger, tables
 import train
 from conftest import ROOT, run_script
 from empathy.utils import ToolkitError

@@ -2,9 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from empathy import datasets
 import score
-from empathy import utils
+from empathy import datasets, utils
 from conftest import run_in_process, write_tiny_data
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from empathy import checkpoints, datasets, engine, models
+from empathy import checkpoints, datasets, engine, models, options
 import train
 from conftest import assert_same_checkpoints, run_in_process, run_script
 
@@ -103,17 +103,16 @@ def test_same_seed_same_predictions(in_tmp):
 def test_optimizer_matches_plain_adam_bit_for_bit(tiny_data):
     """build_optimizer's faster settings must not change a single bit of training."""
     train_set = datasets.load_videos(tiny_data / "Training", ["audio", "text", "v_sub"])
-    segments = train_set.training_segments(5)
+    training = engine.Training(train_set, options.TrainingSettings(lr=1e-3, batch_size=4), "cpu")
     state_dicts = []
-    for make_optimizer in (engine.build_optimizer,
-                           lambda model, lr, decay: torch.optim.Adam(model.parameters(), lr=lr,
-                                                                     weight_decay=decay)):
+    for plain_adam in (False, True):
         torch.manual_seed(1)
         model = models.create("lstm", train_set.input_dims)
-        optimizer = make_optimizer(model, 1e-3, 5e-4)
+        run = engine.TrainingRun(model, training)  # with build_optimizer's Adam
+        if plain_adam:
+            run.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
         for _ in range(3):
-            engine.train_one_epoch(model, optimizer, train_set, segments, 4,
-                                  torch.Generator().manual_seed(1), "cpu")
+            engine.train_one_epoch(run)
         state_dicts.append(model.state_dict())
     for key, value in state_dicts[0].items():
         assert torch.equal(value.view(torch.int32), state_dicts[1][key].view(torch.int32)), key
