@@ -44,7 +44,7 @@ import pandas as pd
 import crossval
 import personalize
 import train
-from empathy import datasets, finetuning, layout, ledger, tables, utils
+from empathy import datasets, finetuning, layout, ledger, postprocessing, tables, utils
 
 # (name, crossval.py flags, whether it re-evaluates the default run instead of training)
 VARIANTS = [
@@ -79,7 +79,11 @@ RECIPES = [
     ("+ --ema 0.99 --average_last 10", [*HONEST_BASE, "--ema", "0.99", "--average_last", "10"],
      "train"),
     ("fold ensemble of the training folds", HONEST_BASE, "ensemble"),
+    ("+ post-processing chosen by CV", HONEST_BASE, "chosen_postprocessing"),
     ("+ --swa_start 21, post-processing chosen by CV", [*HONEST_BASE, "--swa_start", "21"],
+     "chosen_postprocessing"),
+    ("+ --swa_start 1", [*HONEST_BASE, "--swa_start", "1"], "train"),
+    ("+ --swa_start 1, post-processing chosen by CV", [*HONEST_BASE, "--swa_start", "1"],
      "chosen_postprocessing"),
     ("+ --seeds 5", [*HONEST_BASE, "--seeds", "5"], "train"),
 ]
@@ -272,6 +276,21 @@ def seeds_validation(model_dir, train_dir, test_dir, mods):
     return engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
 
 
+def without_chosen(flags):
+    """`flags` less those that a post-processing choice sets (--calibrate, --smooth,
+    --lowpass, ...): --postprocessing_from brings the choice, which may differ."""
+    chosen = {f"--{name}" for name in postprocessing.CHOSEN}
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in chosen:
+            skip = flag != "--calibrate"  # the others take a value
+        else:
+            kept.append(flag)
+    return kept
+
+
 def run_recipe(name, flags, kind, common, out_dir, jobs, ledger_file=None):
     """One row of the recipes' table."""
     folder = variant_folder(out_dir, name)
@@ -299,8 +318,9 @@ def run_recipe(name, flags, kind, common, out_dir, jobs, ledger_file=None):
         else:
             table = run_recorded(crossval, [*cv, "--choose_postprocessing"], ledger_file,
                                  tables.crossval_results)
-            run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"),
-                                 "--overwrite", "--postprocessing_from", str(folder / "cv")],
+            run_recorded(train, [*common, *without_chosen(flags), "--model_dir",
+                                 str(folder / "val"), "--overwrite", "--postprocessing_from",
+                                 str(folder / "cv")],
                          ledger_file, train.ledger_results)
             row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
                 validation_curve(folder / "val")

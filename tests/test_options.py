@@ -378,6 +378,17 @@ def test_compare_options_tables_each_option(in_tmp, capsys):
         run(compare_options, "--only", "dropout")
 
 
+def test_a_recipe_that_takes_a_chosen_postprocessing_leaves_out_its_own_flags():
+    """--postprocessing_from refuses a --calibrate or filter beside a choice that differs
+    (a choice without --calibrate once stopped a recipe of --calibrate): the recipe's
+    train.py run gives the choice alone."""
+    import compare_options
+    flags = ["--normalize", "--calibrate", "--lowpass", "0.1", "--smooth", "2",
+             "--smooth_window", "gaussian", "--lr", "1e-4", "--swa_start", "21"]
+    assert compare_options.without_chosen(flags) == ["--normalize", "--lr", "1e-4",
+                                                     "--swa_start", "21"]
+
+
 def test_compare_recipes_tables_what_can_be_reported_beside_what_was_picked(in_tmp, capsys):
     import compare_options
     table = run(compare_options, "--recipes", "ema_0_99",
