@@ -14,10 +14,13 @@ Then personalization: the default run's model for the fold that holds out story 
 (as the user guide copies cv_AT/val_on_1/best.save) is fine-tuned per listener with
 personalize.py, with and without --inner_cv and --calibrate, and with each
 fine-tuning method of finetuning.py (--finetune head, adapter, --anchor, --mix, and
---inner_cv choosing among them), into <out_dir>/personal_<option>/; a second table
-(the personalized track: the mean over listeners of their story-1 CCC before and
-after, and how many listeners got worse) is written to <out_dir>/personalize.csv.
---personal_only runs some of its rows.
+--mix_weighting, and --inner_cv choosing among them), into
+<out_dir>/personal_<option>/. Each --inner_cv row comes again with --inner_init, its
+inner folds starting from a crossval.py run over the training stories
+(<out_dir>/training_stories_cv/, made once). A second table (the personalized track:
+the mean over listeners of their story-1 CCC before and after, how many listeners got
+worse, the gain --inner_cv estimated beside the one measured, and the disk each run
+takes) is written to <out_dir>/personalize.csv. --personal_only runs some of its rows.
 
 --recipes compares whole recipes instead, as the real data asks (validation CCC
 that swings from epoch to epoch): each is trained once with story 1 validating
@@ -132,12 +135,19 @@ PERSONAL_VARIANTS = [
     ("--inner_cv --finetune adapter", ["--inner_cv", "--finetune", "adapter"]),
     ("--inner_cv --anchor 0.01 0.1 1", ["--inner_cv", "--anchor", "0.01", "0.1", "1"]),
     ("--inner_cv --mix 0.25 0.5", ["--inner_cv", "--mix", "0.25", "0.5"]),
+    ("--inner_cv --mix 0.5 --mix_weighting uniform similar",
+     ["--inner_cv", "--mix", "0.5", "--mix_weighting", "uniform", "similar"]),
     ("--inner_cv among all methods", ["--inner_cv", "--finetune", "all", "head", "adapter",
                                       "--anchor", "0", "0.1", "--mix", "0", "0.5"]),
     ("--inner_cv --calibrate --finetune head", ["--inner_cv", "--calibrate", "--finetune", "head"]),
     ("--inner_cv --calibrate --finetune adapter",
      ["--inner_cv", "--calibrate", "--finetune", "adapter"]),
 ]
+# Each --inner_cv row again with --inner_init: its inner folds start from a crossval.py run
+# over the training stories (TRAINING_STORIES_CV, run once and shared by the rows).
+TRAINING_STORIES_CV = "training_stories_cv"
+PERSONAL_VARIANTS += [(f"{name} --inner_init", [*flags, "--inner_init", TRAINING_STORIES_CV])
+                      for name, flags in PERSONAL_VARIANTS if "--inner_cv" in flags]
 
 
 def variant_folder(out_dir, name):
@@ -190,26 +200,54 @@ def run_variant(name, flags, reevaluate, common, out_dir, ledger_file=None):
             "mean_minus_std": summary["mean_minus_std"], "seconds": seconds}
 
 
-def run_personalization(name, flags, common, out_dir, epochs, ledger_file=None):
+def run_personalization(name, flags, common, out_dir, epochs, ledger_file=None, cv_common=()):
     """Fine-tune the default run's story-1 model per listener; returns its table row
-    (the mean over listeners of their CCC before and after)."""
+    (the mean over listeners of their CCC before and after, of the gain --inner_cv
+    estimated and the one measured, and the disk the run's folder takes). A row with
+    --inner_init first cross-validates over the training stories (crossval.py with
+    `cv_common`), once."""
     init = default_fold_model(out_dir)
     if not init.is_file():
         raise utils.ToolkitError(f"personalization starts from {init}, which does not exist: "
                                  "include default in --only, on data whose story 1 validates")
     folder = Path(out_dir) / f"personal_{variant_folder(out_dir, name).name}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # its disk use is measured: nothing of an earlier run may stay
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     shutil.copyfile(init, folder / layout.INIT_CHECKPOINT)
+    start = time.perf_counter()
+    if TRAINING_STORIES_CV in flags:
+        cv_dir = training_stories_cv(out_dir, common, cv_common, ledger_file)
+        flags = [str(cv_dir) if flag == TRAINING_STORIES_CV else flag for flag in flags]
     argv = [*common, "--out_dir", str(folder), "--epochs", str(epochs), "--overwrite",
             "--save_freq", str(epochs), *flags]
-    start = time.perf_counter()
     table = run_recorded(personalize, argv, ledger_file, personalize.ledger_results)
     mean = table.set_index("subject").loc["Mean"]
     subjects = table[table["subject"] != "Mean"]
     return {"option": name, "before_ccc": mean["before_ccc"], "after_ccc": mean["after_ccc"],
             "worse": int((subjects["after_ccc"] < subjects["before_ccc"]).sum()),
             "listeners": len(subjects), "mean_epochs": mean.get("epochs", epochs),
-            "methods": chosen_methods(subjects), "seconds": time.perf_counter() - start}
+            "methods": chosen_methods(subjects),
+            "estimated_gain": mean.get("estimated_gain", np.nan),
+            "measured_gain": mean["after_ccc"] - mean["before_ccc"],
+            "disk_mb": folder_bytes(folder) / 1e6, "seconds": time.perf_counter() - start}
+
+
+def training_stories_cv(out_dir, common, cv_common, ledger_file=None):
+    """The crossval.py run over the training folder's stories that --inner_init rows
+    start their inner folds from (made once, with the default run's flags)."""
+    folder = Path(out_dir) / TRAINING_STORIES_CV
+    if not (folder / layout.CROSSVAL_TABLE).is_file():
+        train_dir = dict(zip(common[::2], common[1::2]))["--train_dir"]
+        stories = sorted({story for _, story in datasets.annotation_files([train_dir])})
+        argv = [*cv_common, "--stories", *map(str, stories), "--out_dir", str(folder),
+                "--overwrite"]
+        run_recorded(crossval, argv, ledger_file, tables.crossval_results)
+    return folder
+
+
+def folder_bytes(folder):
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 def chosen_methods(subjects):
@@ -222,11 +260,14 @@ def chosen_methods(subjects):
 
 
 def personal_markdown(table):
-    lines = ["| personalize.py | CCC before | CCC after | listeners worse | mean epochs | "
-             "chosen | wall time |", "|---|---|---|---|---|---|---|"]
+    lines = ["| personalize.py | CCC before | CCC after | listeners worse | gain estimated by "
+             "--inner_cv | gain measured | mean epochs | chosen | disk | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
+        estimated = "" if pd.isna(row.estimated_gain) else f"{row.estimated_gain:+.4f}"
         lines.append(f"| `{row.option}` | {row.before_ccc:.4f} | {row.after_ccc:.4f} | "
-                     f"{row.worse} of {row.listeners} | {row.mean_epochs:.1f} | {row.methods} | "
+                     f"{row.worse} of {row.listeners} | {estimated} | {row.measured_gain:+.4f} | "
+                     f"{row.mean_epochs:.1f} | {row.methods} | {row.disk_mb:.0f} MB | "
                      f"{row.seconds:.0f} s |")
     return "\n".join(lines)
 
@@ -406,7 +447,7 @@ def main(args):
         personal_common = ["--train_dir", args.train_dir, "--test_dir", args.test_dir,
                            "--mods", args.mods, "--lr", str(args.lr), "--jobs", str(args.jobs)]
         personal = pd.DataFrame([run_personalization(name, flags, personal_common, args.out_dir,
-                                                     args.personal_epochs, ledger_file)
+                                                     args.personal_epochs, ledger_file, common)
                                  for name, flags in personal_variants])
         utils.write_csv(personal, Path(args.out_dir) / layout.PERSONALIZE_TABLE)
     print(f"\nheld-out CCC of crossval.py --mods {args.mods} --epochs {args.epochs} --lr {args.lr}:")

@@ -21,11 +21,15 @@ held-out video is scored every --eval_freq epochs; the epoch (0, no fine-tuning,
 included) with the best mean held-out CCC is the one the subject's model is then
 fine-tuned for on all of them. subject_<s>/inner_cv.csv holds the curves.
 
---finetune all|head|adapter, --anchor and --mix choose how a subject's model is
-fine-tuned (see finetuning.py); given several values, --inner_cv tries every
-combination in subject_<s>/inner_<method>/val_on_<story>/ and keeps, per subject,
-the one (and the number of epochs) with the best mean held-out CCC;
-personalize.csv then says what each subject got (finetune, anchor, mix, epochs).
+--finetune all|head|adapter, --anchor, --mix and --mix_weighting choose how a
+subject's model is fine-tuned (see finetuning.py); given several values, --inner_cv
+tries every combination in subject_<s>/inner_<method>/val_on_<story>/ and keeps, per
+subject, the one (and the number of epochs) with the best mean held-out CCC;
+personalize.csv then says what each subject got (finetune, anchor, mix, weighting,
+epochs), the gain in CCC that the inner folds estimated for it and the gain measured
+on the test videos. --inner_init CV_DIR starts each inner fold from a crossval.py model
+that never saw its held-out story; a finished inner fold keeps no weights unless
+--keep_inner_weights.
 """
 import argparse
 from dataclasses import replace
@@ -59,10 +63,6 @@ def get_args_parser():
                        help="re-split: pool both folders and test on these stories")
     group.add_argument("--overwrite", action="store_true",
                        help="redo subjects that already hold a run")
-    group.add_argument("--inner_cv", action="store_true",
-                       help="choose each subject's number of fine-tuning epochs (0 to "
-                            "--epochs), and method where --finetune, --anchor or --mix give "
-                            "several, by leave-one-story-out over their own training videos")
     return parser
 
 
@@ -75,11 +75,13 @@ def init_checkpoint(out_dir):
 
 
 def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None,
-                        inner_cv=False, methods=(finetuning.DEFAULT,)):
+                        inner_cv=None, methods=(finetuning.DEFAULT,)):
     """Fine-tune init.save for one subject (once per seed of options.RunOptions
     `run`) with the method of `methods` (finetuning.Method) and the number of epochs
-    that `inner_cv` chooses, if asked; returns its CCC before and after (of the
-    seeds' average prediction, with their mean and std) and what it got."""
+    that the inner cross-validation `inner_cv` (a finetuning.InnerCV) chooses, if
+    asked; returns its CCC before and after (of the seeds' average prediction, with
+    their mean and std), what it got, and with `inner_cv` the gain it estimated
+    beside the one measured."""
     from empathy import checkpoints, engine
     device = run.device
     flags = run.postprocessing_flags or {}
@@ -90,11 +92,13 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     precision = run.settings.precision
     before = engine.evaluate(init.network, test_set, device, postprocessing, precision)
     subject_folder = layout.subject_dir(out_dir, subject)
-    tuning = finetuning.SubjectTuning(train_all, subject, init, run, postprocessing, augment)
+    tuning = finetuning.SubjectTuning(train_all, subject, init, run, postprocessing, augment,
+                                      inner_cv.starts if inner_cv else None)
 
     method, epochs = methods[0], run.settings.epochs
     if inner_cv:
-        method, epochs = finetuning.choose_method(tuning, methods, subject_folder)
+        choice = finetuning.choose_method(tuning, methods, subject_folder, inner_cv)
+        method, epochs = choice.method, choice.epochs
     row = {"subject": subject, "before_ccc": before["ccc"]}
     if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
         after = {**before, "seed_ccc": [before["ccc"]] * run.settings.seeds}
@@ -125,6 +129,8 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
         row.update(got.record)
     if inner_cv:
         row["epochs"] = epochs
+        row["estimated_gain"] = choice.estimated_gain  # on the subject's training stories
+        row["measured_gain"] = after["ccc"] - before["ccc"]  # on the test videos
     if run.settings.seeds > 1:
         row.update(tables.seed_columns("after_ccc", after["seed_ccc"]))
     return row
@@ -153,7 +159,8 @@ def subject_table(rows):
     """personalize.csv: a row per subject, then their Mean (of the subjects that have
     a value); no mean of the methods."""
     columns = [name for name in ("before_ccc", "after_ccc", *finetuning.DEFAULT.record, "epochs",
-                                 "after_ccc_seed_mean", "after_ccc_seed_std") if name in rows[0]]
+                                 "estimated_gain", "measured_gain", "after_ccc_seed_mean",
+                                 "after_ccc_seed_std") if name in rows[0]]
     whole = {"epochs": object} if "epochs" in columns else {}  # whole numbers, not 3.0000
     table = pd.DataFrame(rows, columns=["subject", *columns]).astype(whole)
     table = tables.with_summary_rows(
@@ -177,6 +184,10 @@ def main(args):
     if args.inner_cv and settings.patience is not None:
         raise ToolkitError("--inner_cv chooses how long to fine-tune by itself: leave out "
                            "--patience (which would stop on the test videos)")
+    for flag in ("inner_init", "keep_inner_weights"):
+        if getattr(args, flag) and not args.inner_cv:
+            raise ToolkitError(f"--{flag} sets how --inner_cv runs its folds: add --inner_cv, "
+                               f"or leave out --{flag}")
     methods = finetuning.methods_from_args(args)
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
@@ -184,25 +195,48 @@ def main(args):
     train_all, test_all = datasets.load_train_test(args.train_dir, args.test_dir, mods,
                                                    args.test_set)
     subjects = choose_subjects(train_all, test_all, args.subjects, args.augment)
+    finetuning.check_weighting(methods, train_all)
     runs, inner = subject_runs(train_all, subjects, out_dir, settings, args.inner_cv, methods)
+    inner_cv = inner_cv_options(args, train_all, subjects, init, runner)
+    # --resume skips the inner folds that finished (they kept no last.save), once checked
+    finished = {folder: finetuning.inner_fold_record(method, finetuning.inner_settings(settings),
+                                                     inner_cv.init_dir)
+                for folder, method in inner.items()
+                if args.resume and finetuning.finished_inner_fold(folder)}
     plan = options.Plan(
         outputs=[(out_dir, "--out_dir")], data=train_all, trains=True, base=init,
         options=options.RunOptions.from_args(args, settings, runner=runner), runner=runner,
         split_dirs=(args.train_dir, args.test_dir), base_checks=[finetuning.base_check(methods)])
+    inner = {folder: method for folder, method in inner.items() if folder not in finished}
     check_methods = partial(finetuning.check_resumed_methods, [folder for _, folder in runs],
                             inner, methods=methods)
+    check_finished = partial(finetuning.check_finished_folds, finished)
     runs += [(settings, folder) for folder in inner]  # an inner fold trains one seed
-    with command.Command(args, plan, out_dir, runs, checks=[check_methods]) as run:
+    with command.Command(args, plan, out_dir, runs, checks=[check_methods, check_finished]) as run:
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
                       out_dir=runner.path(out_dir), run=run, augment=args.augment,
-                      inner_cv=args.inner_cv, methods=methods)
+                      inner_cv=inner_cv, methods=methods)
                  for subject in subjects]
         table = subject_table(runner.run(personalize_subject, tasks, "subjects"))
         utils.write_csv(table, out_dir / layout.PERSONALIZE_TABLE)
     print("CCC per subject on the test videos, before and after fine-tuning:")
     print(utils.format_table(table))
     return table
+
+
+def inner_cv_options(args, train_all, subjects, init, runner):
+    """--inner_cv's finetuning.InnerCV (None without --inner_cv): with --inner_init,
+    each training story's fold of that crossval.py run, checked against init.save."""
+    if not args.inner_cv:
+        return None
+    starts, init_dir = {}, None
+    if args.inner_init:
+        stories = train_all.select(subjects=subjects).stories
+        starts = {story: runner.path(path) for story, path in
+                  finetuning.inner_init_starts(args.inner_init, stories, init).items()}
+        init_dir = str(Path(args.inner_init).resolve())
+    return finetuning.InnerCV(starts, init_dir, args.keep_inner_weights, args.resume)
 
 
 def subject_runs(train_all, subjects, out_dir, settings, inner_cv, methods):

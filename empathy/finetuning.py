@@ -30,28 +30,46 @@ listener's videos with other listeners':
   the listener's share of an epoch is N n / (N n + others) on average, and an
   epoch also passes over every other video; --mix fixes the share per batch and
   keeps epochs as short as without it. The two do not combine.
+- `--mix_weighting similar` (with --mix): the other listeners' pieces are drawn with
+  probabilities in proportion to how alike the listeners respond
+  (`listener_similarity`: the mean correlation of their annotations on the stories both
+  heard, below zero counted as zero), instead of uniformly (the idea of Distance
+  Weighting Augmentation, arXiv 2404.09042). Only the fold's training videos are
+  compared, so an inner fold never looks at its held-out story.
 
 Each flag takes several values for `--inner_cv`, which tries every combination
 (an adapter takes no anchor: it is tried without one) and keeps, per listener, the
 combination and number of epochs (0: keep init.save) with the best held-out CCC.
 Several values without `--inner_cv` are refused, as is an anchor with adapter alone.
+
+An inner fold holds out one of the listener's training stories. init.save was trained
+on that story, so fine-tuning it scores far better on it than on a new story, and every
+method looks better than it is. `--inner_init CV_DIR` starts the fold that holds out
+story s from CV_DIR/val_on_<s>/last.save instead (a crossval.py run over the training
+stories: a model that never saw s; its last epoch, as best.save was picked on s). A
+finished inner fold keeps its metrics and a record of how it was trained
+(`inner_fold.json`) but no weights, unless `--keep_inner_weights`; --resume skips it.
 """
 import argparse
 import itertools
+import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from . import layout, tables, utils
+from . import families, layout, tables, utils
 from .utils import ToolkitError
 
 # imported on first use, so that personalize.py's --help and flag checks load no torch
 
 FINETUNE_METHODS = ("all", "head", "adapter")
+MIX_WEIGHTINGS = ("uniform", "similar")
 ADAPTER_RANK = 1  # 2 x 128 + 2 = 258 parameters with the default decoder
 KEPT_INIT = "none"  # the method column of a listener for whom init.save was kept
+INNER_FOLD_RECORD = "inner_fold.json"  # how a finished inner fold was trained (its weights gone)
 
 
 def get_args_parser():
@@ -70,6 +88,25 @@ def get_args_parser():
     group.add_argument("--mix", nargs="+", default=["0"], metavar="FRACTION",
                        help="draw this fraction of each batch from the other listeners' "
                             "training videos, 0 to 1 (default: 0)")
+    group.add_argument("--mix_weighting", nargs="+", choices=MIX_WEIGHTINGS, default=["uniform"],
+                       metavar="WEIGHTING",
+                       help="with --mix: draw every other listener's pieces alike (uniform), or "
+                            "in proportion to how their annotations correlate with the "
+                            "listener's on the stories both heard (similar) "
+                            "(default: uniform)")
+    group = parser.add_argument_group("inner cross-validation")
+    group.add_argument("--inner_cv", action="store_true",
+                       help="choose each subject's number of fine-tuning epochs (0 to "
+                            "--epochs), and method where --finetune, --anchor or --mix give "
+                            "several, by leave-one-story-out over their own training videos")
+    group.add_argument("--inner_init", metavar="CV_DIR",
+                       help="with --inner_cv: the inner fold that holds out story s starts from "
+                            "CV_DIR/val_on_<s>/last.save (crossval.py over the training "
+                            "stories: a model that never saw s) instead of init.save, which "
+                            "was trained on s (default: init.save)")
+    group.add_argument("--keep_inner_weights", action="store_true",
+                       help="with --inner_cv: keep the checkpoints of finished inner folds "
+                            "(default: only their metrics.csv and inner_fold.json)")
     return parser
 
 
@@ -80,12 +117,14 @@ class Method:
     finetune: str = "all"
     anchor: float = 0.0
     mix: float = 0.0
+    weighting: str = "uniform"  # of the other listeners' pieces that --mix draws
 
     @property
     def name(self):
-        """e.g. all, head_anchor0.01, adapter_mix0.5: folders and tables."""
+        """e.g. all, head_anchor0.01, adapter_mix0.5, all_mix0.5_similar: folders and tables."""
         return (self.finetune + (f"_anchor{self.anchor:g}" if self.anchor else "")
-                + (f"_mix{self.mix:g}" if self.mix else ""))
+                + (f"_mix{self.mix:g}" if self.mix else "")
+                + (f"_{self.weighting}" if self.weighting != "uniform" else ""))
 
     @property
     def record(self):
@@ -122,8 +161,14 @@ def methods_from_args(args):
             raise ToolkitError(f"--mix must be a fraction from 0 to 1, got {mix:g}")
     if any(mixes) and getattr(args, "augment", None):
         raise ToolkitError("--mix and --augment both add other listeners' videos: give one")
-    combinations = [Method(finetune, anchor, mix) for finetune, anchor, mix
-                    in itertools.product(dict.fromkeys(args.finetune), anchors, mixes)]
+    weightings = list(dict.fromkeys(args.mix_weighting))
+    if weightings != ["uniform"] and not any(mixes):
+        raise ToolkitError("--mix_weighting weights the other listeners' pieces that --mix "
+                           "draws: give --mix too, e.g. --mix 0.5")
+    # Without other listeners' pieces (mix 0) there is nothing to weight.
+    combinations = [Method(finetune, anchor, mix, weighting if mix else "uniform")
+                    for finetune, anchor, mix, weighting
+                    in itertools.product(dict.fromkeys(args.finetune), anchors, mixes, weightings)]
     if any(anchors) and set(args.finetune) == {"adapter"}:
         raise ToolkitError(f"--anchor {max(anchors):g} pulls the weights that fine-tuning "
                            "updates toward init.save's: it applies to --finetune all and head, "
@@ -133,8 +178,8 @@ def methods_from_args(args):
                                  else method for method in combinations))
     if len(methods) > 1 and not args.inner_cv:
         names = ", ".join(method.name for method in methods)
-        raise ToolkitError(f"{len(methods)} fine-tuning methods ({names}): "
-                           "give one value per --finetune, --anchor and --mix, or add --inner_cv "
+        raise ToolkitError(f"{len(methods)} fine-tuning methods ({names}): give one value per "
+                           "--finetune, --anchor, --mix and --mix_weighting, or add --inner_cv "
                            "to choose among them per subject")
     return methods
 
@@ -209,8 +254,10 @@ class SubjectFineTuning:
         the engine's own, every piece once)."""
         if not self.method.mix:
             return None
+        weights = (listener_similarity(train_set, self.subject)
+                   if self.method.weighting == "similar" else None)
         return MixedBatches(train_set, self.subject, self.method.mix, self.settings.split,
-                            self.settings.batch_size)
+                            self.settings.batch_size, weights)
 
 
 class MixedBatches:
@@ -219,14 +266,19 @@ class MixedBatches:
     round(mix x batch_size) pieces of other listeners' videos (a last, shorter
     batch with as many in proportion), drawn without repeats until all were drawn.
     With mix 1 a batch holds others' pieces only, as many batches as the subject's
-    pieces fill."""
+    pieces fill. With `weights` ({listener: weight}, --mix_weighting similar) the
+    others' pieces are drawn with replacement instead, a piece of listener j with
+    probability in proportion to weights[j]."""
 
-    def __init__(self, train_set, subject, mix, split, batch_size):
+    def __init__(self, train_set, subject, mix, split, batch_size, weights=None):
         own = train_set.select(subjects=[subject])
         others = train_set.subset([video for video in train_set.videos
                                    if video.subject != subject])
         self.own = own.training_segments(split)
         self.others = others.training_segments(split)
+        # training_segments cuts each video into `split` pieces, in the order of the videos
+        self.piece_weights = None if weights is None else [
+            weights[video.subject] for video in others.videos for _ in range(split)]
         self.batch_size = batch_size
         self.others_per_batch = round(mix * batch_size) if self.others else 0
         self.own_per_batch = batch_size - self.others_per_batch
@@ -251,11 +303,47 @@ class MixedBatches:
 
     def _draw_others(self, count, generator):
         import torch
+        if self.piece_weights is not None:
+            if not count:
+                return []
+            chosen = torch.multinomial(torch.tensor(self.piece_weights, dtype=torch.float64),
+                                       count, replacement=True, generator=generator)
+            return [self.others[i] for i in chosen.tolist()]
         drawn = []
         while len(drawn) < count:
             drawn += [self.others[i] for i in
                       torch.randperm(len(self.others), generator=generator).tolist()]
         return drawn[:count]
+
+
+def listener_similarity(train_set, subject):
+    """{other listener: weight} for --mix_weighting similar: the mean, over the stories
+    that both annotated in `train_set`, of the Pearson correlation of their 25 fps
+    annotations (over the frames both have), a mean below zero counted as zero (a
+    listener who shares no story weighs zero too); all alike where no listener
+    correlates positively."""
+    own = {video.story: video.annotation for video in train_set.videos
+           if video.subject == subject}
+    heard = {}
+    for video in train_set.videos:
+        if video.subject != subject and video.story in own:
+            length = min(len(video.annotation), len(own[video.story]))
+            pair = np.corrcoef(own[video.story][:length], video.annotation[:length])[0, 1]
+            heard.setdefault(video.subject, []).append(0.0 if np.isnan(pair) else pair)
+    others = sorted({video.subject for video in train_set.videos} - {subject})
+    weights = {other: max(float(np.mean(heard[other])), 0.0) if other in heard else 0.0
+               for other in others}
+    if not any(weights.values()):
+        return dict.fromkeys(others, 1.0)
+    return weights
+
+
+def check_weighting(methods, train_all):
+    """--mix_weighting similar compares the listener with two or more others."""
+    if any(method.weighting == "similar" for method in methods) and len(train_all.subjects) < 3:
+        raise ToolkitError(f"--mix_weighting similar weighs the other listeners by how alike they "
+                           f"respond, and the training videos have {len(train_all.subjects)} "
+                           "listener(s): it needs three or more; use --mix_weighting uniform")
 
 
 def training_videos(train_all, subject, method, augment=None):
@@ -270,65 +358,101 @@ def training_videos(train_all, subject, method, augment=None):
 
 # ---------------------------------------------------------------- --inner_cv's choice
 
+@dataclass(frozen=True)
+class InnerCV:
+    """How --inner_cv runs its folds: `starts` ({story: checkpoint} from --inner_init;
+    empty: every fold starts from init.save) and `init_dir` (--inner_init's folder,
+    resolved, as inner_fold.json records it); whether finished folds keep their
+    weights; and whether --resume was given (it skips the folds that finished)."""
+    starts: dict = None
+    init_dir: str = None
+    keep_weights: bool = False
+    resume: bool = False
+
+
 class SubjectTuning:
     """What every fine-tuning run of one subject starts from: init.save (a fresh copy
-    per run), its weights (which --anchor pulls toward), the videos (scaled as
-    init.save scales them) and the post-processing."""
+    per run), or for an inner fold, --inner_init's model of that fold (`starts`,
+    {story: checkpoint}); their weights (which --anchor pulls toward), the videos
+    (scaled as the starting model scales them) and the post-processing."""
 
-    def __init__(self, train_all, subject, init, run, postprocessing, augment):
+    def __init__(self, train_all, subject, init, run, postprocessing, augment, starts=None):
         self.train_all, self.subject, self.init, self.run = train_all, subject, init, run
         self.postprocessing, self.augment = postprocessing, augment
-        self.init_weights = dict(init.network.named_parameters())
+        self.starts = dict(starts or {})
+        self._start_models = {None: init}
 
-    def model(self, method):
-        """A fresh copy of init.save's model, made ready for `method`. Read from the file
+    def start(self, story=None):
+        """The model that the inner fold holding out `story` starts from (None: the
+        subject's own run, which starts from init.save), loaded once."""
+        from . import checkpoints
+        key = story if story in self.starts else None
+        if key not in self._start_models:
+            self._start_models[key] = checkpoints.load_trained(
+                [self.starts[key]], self.train_all, self.run.normalize, self.run.device)[0]
+        return self._start_models[key]
+
+    def model(self, method, story=None):
+        """A fresh copy of the starting model, made ready for `method`. Read from the file
         again rather than copied: building it draws from the just-seeded random
         generator, as it always has, so the dropout masks, and with them the numbers,
         stay those of earlier versions (tests/test_unchanged.py)."""
         from . import checkpoints
-        network = checkpoints.load_trained([self.init.path], self.train_all, self.run.normalize,
-                                           self.run.device)[0].network
+        network = checkpoints.load_trained([self.start(story).path], self.train_all,
+                                           self.run.normalize, self.run.device)[0].network
         return prepare(network, method)
 
-    def videos(self, method):
-        return training_videos(self.train_all, self.subject, method, self.augment)
+    def own_videos(self, story=None):
+        """The subject's training videos, scaled as the starting model scales them."""
+        return self.train_all.with_scaler(self.start(story).scaler).select(subjects=[self.subject])
 
-    def finetuning(self, method, settings):
-        return SubjectFineTuning(method, self.subject, settings, self.init_weights)
+    def videos(self, method, story=None):
+        return training_videos(self.train_all.with_scaler(self.start(story).scaler), self.subject,
+                               method, self.augment)
+
+    def finetuning(self, method, settings, story=None):
+        return SubjectFineTuning(method, self.subject, settings,
+                                 dict(self.start(story).network.named_parameters()))
 
 
-def choose_method(tuning, methods, subject_folder):
+@dataclass(frozen=True)
+class Choice:
+    """--inner_cv's choice for one subject: the method, the number of epochs (0 keeps
+    init.save) and the gain in mean held-out CCC it promises over epoch 0."""
+    method: Method
+    epochs: int
+    estimated_gain: float
+
+
+def choose_method(tuning, methods, subject_folder, inner=InnerCV()):
     """The method of `methods` and number of fine-tuning epochs (0 to --epochs; 0
     keeps init.save) with the best mean CCC on the subject's own training stories,
-    each held out in turn (init.save fine-tuned on the others, scored every
-    --eval_freq epochs); writes the curves to <subject_folder>/inner_cv.csv."""
+    each held out in turn (its starting model, init.save or --inner_init's fold,
+    fine-tuned on the others and scored every --eval_freq epochs); writes the curves
+    to <subject_folder>/inner_cv.csv and returns a Choice."""
     from . import engine
     run = tuning.run
-    own_videos = tuning.train_all.select(subjects=[tuning.subject])
-    stories = own_videos.stories
+    stories = tuning.own_videos().stories
     settings = run.settings
-    inner_settings = replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
+    fold_settings = inner_settings(settings)
     several = len(methods) > 1
-    held_out = {story: own_videos.select(stories=[story]) for story in stories}
+    held_out = {story: tuning.own_videos(story).select(stories=[story]) for story in stories}
     # Epoch 0 calibrates (--calibrate) as engine.fit does the fold's fine-tuned model,
     # with the statistics of the other stories: init.save's own include the held-out one.
     start = {layout.fold_name(story): engine.evaluate(
-        tuning.init.network, videos, run.device,
+        tuning.start(story).network, videos, run.device,
         tuning.postprocessing.with_listener_stats(
-            own_videos.select(exclude_stories=[story]).videos),
+            tuning.own_videos(story).select(exclude_stories=[story]).videos),
         settings.precision)["ccc"] for story, videos in held_out.items()}
     rows = [{**Method(KEPT_INIT).record, "epoch": 0, **start}]
     for method in methods:
         curves = {}
         for story in stories:
             folder = inner_fold_dir(subject_folder, story, method, several)
-            engine.seed_everything(inner_settings.seed)
-            engine.fit(tuning.model(method),
-                       engine.Training(tuning.videos(method).select(exclude_stories=[story]),
-                                       inner_settings, run.device,
-                                       tuning.finetuning(method, inner_settings)),
-                       engine.Validation(held_out[story], tuning.postprocessing), folder,
-                       engine.Hooks.of(run), resume=run.resumes_run(folder))
+            record = inner_fold_record(method, fold_settings, inner.init_dir)
+            if not (inner.resume and finished_inner_fold(folder)):
+                fit_inner_fold(tuning, method, story, fold_settings, held_out[story], folder,
+                               record, inner.keep_weights)
             history = pd.read_csv(folder / layout.METRICS).dropna(subset=["val_ccc"])
             curves[layout.fold_name(story)] = history.set_index("epoch")["val_ccc"]
         rows += [{**method.record, "epoch": epoch, **scores}
@@ -339,9 +463,44 @@ def choose_method(tuning, methods, subject_folder):
         table = table.drop(columns=list(DEFAULT.record))
     utils.write_csv(table, Path(subject_folder) / layout.INNER_CV_TABLE)
     best = table.loc[table["mean_ccc"].idxmax()]  # the first best: ties keep init.save
-    method = (Method(best["finetune"], float(best["anchor"]), float(best["mix"]))
-              if several else methods[0])
-    return method, int(best["epoch"])
+    method = (Method(best["finetune"], float(best["anchor"]), float(best["mix"]),
+                     best["weighting"]) if several else methods[0])
+    return Choice(method, int(best["epoch"]), float(best["mean_ccc"] - table["mean_ccc"].iloc[0]))
+
+
+def fit_inner_fold(tuning, method, story, settings, held_out, folder, record, keep_weights):
+    """Fine-tune the fold's starting model on the subject's other stories, scoring
+    `held_out` every --eval_freq epochs; then record how (`record`, inner_fold.json)
+    and, unless `keep_weights`, delete its checkpoints: only the curve is needed."""
+    from . import engine
+    run = tuning.run
+    (Path(folder) / INNER_FOLD_RECORD).unlink(missing_ok=True)  # redone: no longer finished
+    engine.seed_everything(settings.seed)
+    engine.fit(tuning.model(method, story),
+               engine.Training(tuning.videos(method, story).select(exclude_stories=[story]),
+                               settings, run.device, tuning.finetuning(method, settings, story)),
+               engine.Validation(held_out, tuning.postprocessing), folder,
+               engine.Hooks.of(run), resume=run.resumes_run(folder))
+    utils.write_json(record, Path(folder) / INNER_FOLD_RECORD)
+    if not keep_weights:  # after the record: a fold killed in between still resumes
+        for path in Path(folder).glob("*.save"):
+            path.unlink()
+
+
+def inner_settings(settings):
+    """An inner fold's training settings: one seed, every epoch to the end, one save."""
+    return replace(settings, seeds=1, patience=None, save_freq=settings.epochs)
+
+
+def inner_fold_record(method, settings, init_dir):
+    """What inner_fold.json records of a fold: enough for --resume to refuse other flags."""
+    return {"finetuning": method.record, "training": asdict(settings), "inner_init": init_dir}
+
+
+def finished_inner_fold(folder):
+    """Whether `folder` holds an inner fold that finished and kept no weights."""
+    folder = Path(folder)
+    return (folder / INNER_FOLD_RECORD).is_file() and not (folder / layout.LAST).is_file()
 
 
 def inner_cv_folders(train_all, subject, out_dir, methods):
@@ -368,7 +527,7 @@ def saved_method(path):
     """The method a checkpoint was fine-tuned with (the default for one without a record)."""
     from . import checkpoints
     record = checkpoints.load_checkpoint(path).get("finetuning") or {}
-    return Method(**{key: record[key] for key in ("finetune", "anchor", "mix") if key in record})
+    return Method(**{key: record[key] for key in DEFAULT.record if key in record})
 
 
 def check_resumed(folder, method):
@@ -382,7 +541,8 @@ def check_resumed(folder, method):
 
 
 def describe(method):
-    return f"--finetune {method.finetune} --anchor {method.anchor:g} --mix {method.mix:g}"
+    return (f"--finetune {method.finetune} --anchor {method.anchor:g} --mix {method.mix:g}"
+            + (f" --mix_weighting {method.weighting}" if method.weighting != "uniform" else ""))
 
 
 def check_resumed_methods(folders, inner, resumes, methods):
@@ -395,3 +555,80 @@ def check_resumed_methods(folders, inner, resumes, methods):
         for folder in folders:
             if resumes[folder]:
                 check_resumed(folder, methods[0])
+
+
+def check_finished_folds(records, resumes=None):
+    """Refuse to reuse (--resume) a finished inner fold whose inner_fold.json differs
+    from what the flags ask (`records`: {folder: inner_fold_record})."""
+    for folder, wanted in records.items():
+        check_finished_fold(folder, wanted)
+
+
+def check_finished_fold(folder, wanted):
+    """Refuse to reuse a finished inner fold whose inner_fold.json differs from `wanted`."""
+    path = Path(folder) / INNER_FOLD_RECORD
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ToolkitError(f"--resume: {path} cannot be read (damaged): start afresh with "
+                           "--overwrite") from None
+    for part in ("finetuning", "training"):
+        for name, value in wanted[part].items():
+            if saved.get(part, {}).get(name) != value:
+                raise ToolkitError(f"--resume: {path} was fine-tuned with --{name} "
+                                   f"{saved.get(part, {}).get(name)}, not {value}: resume with "
+                                   "the run's own settings (its args.json), or start afresh "
+                                   "with --overwrite")
+    if saved.get("inner_init") != wanted["inner_init"]:
+        raise ToolkitError(f"--resume: {path} started from --inner_init "
+                           f"{saved.get('inner_init') or 'none (init.save)'}, not "
+                           f"{wanted['inner_init'] or 'none (init.save)'}: resume with the "
+                           "run's own settings (its args.json), or start afresh with --overwrite")
+
+
+# ---------------------------------------------------------------- --inner_init
+
+def inner_init_starts(cv_dir, stories, init_path):
+    """--inner_init: {story: CV_DIR/val_on_<story>/last.save} for each of `stories`
+    (the subjects' training stories), each checked against init.save (`init_path`):
+    the same modalities, model family, normalization and label delay."""
+    from . import checkpoints
+    cv_dir = Path(cv_dir)
+    advice = (f"cross-validate over the training stories first, e.g. python crossval.py "
+              f"--stories {' '.join(map(str, stories))} --out_dir {cv_dir}")
+    if not cv_dir.is_dir() or not layout.fold_stories(cv_dir):
+        raise ToolkitError(f"--inner_init {cv_dir} is not a crossval.py output (no "
+                           f"{layout.fold_name('<story>')}/ folders): {advice}")
+    init = checkpoints.load_checkpoint(init_path)
+    starts = {}
+    for story in stories:
+        paths = checkpoints.run_checkpoints(layout.fold_dir(cv_dir, story), layout.LAST)
+        if len(paths) > 1:
+            raise ToolkitError(f"--inner_init: {layout.fold_dir(cv_dir, story)} holds "
+                               f"{len(paths)} seeds' models: give a crossval.py run of one seed")
+        if not paths[0].is_file():
+            raise ToolkitError(f"--inner_init: {paths[0]} does not exist: the inner fold that "
+                               f"holds out story {story} starts from a model that never saw it; "
+                               f"{advice}")
+        _check_same_kind(paths[0], checkpoints.load_checkpoint(paths[0]), init_path, init)
+        starts[story] = paths[0]
+    return starts
+
+
+def _check_same_kind(path, fold, init_path, init):
+    """A fold of --inner_init must be a model of init.save's kind."""
+    config, init_config = fold.get("config") or {}, init.get("config") or {}
+    kinds = [
+        ("modalities (--mods)", ",".join(sorted(config.get("mods", []))),
+         ",".join(sorted(init_config.get("mods", [])))),
+        ("model family (--model)", config.get("family", families.DEFAULT_MODEL),
+         init_config.get("family", families.DEFAULT_MODEL)),
+        ("normalization (--normalize)", "on" if fold.get("normalization") else "off",
+         "on" if init.get("normalization") else "off"),
+        ("label delay (--label_delay)", (fold.get("postprocessing") or {}).get("label_delay", 0),
+         (init.get("postprocessing") or {}).get("label_delay", 0)),
+    ]
+    for what, fold_value, init_value in kinds:
+        if fold_value != init_value:
+            raise ToolkitError(f"--inner_init: {path} has {what} {fold_value}, {init_path} has "
+                               f"{init_value}: give a crossval.py run with init.save's settings")

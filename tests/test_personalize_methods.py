@@ -67,11 +67,12 @@ def test_head_updates_only_the_output_layers(workspace):
         else:
             assert torch.equal(tuned[name], init[name]), f"{name} of the encoder changed"
     saved = torch.load(folder / "subject_1" / "last.save", weights_only=True)
-    assert saved["finetuning"] == {"finetune": "head", "anchor": 0.0, "mix": 0.0}
+    assert saved["finetuning"] == {"finetune": "head", "anchor": 0.0, "mix": 0.0,
+                                   "weighting": "uniform"}
     assert json.loads((folder / "args.json").read_text())["finetune"] == ["head"]
     assert table.loc[0, "finetune"] == "head"
     assert list(pd.read_csv(folder / "personalize.csv").columns) == [
-        "subject", "before_ccc", "after_ccc", "finetune", "anchor", "mix"]
+        "subject", "before_ccc", "after_ccc", "finetune", "anchor", "mix", "weighting"]
 
 
 def test_adapter_freezes_the_network_and_loads_everywhere(workspace):
@@ -177,7 +178,7 @@ def test_mix_draws_the_stated_fraction_of_each_batch(workspace):
 def test_inner_cv_chooses_the_method_and_epochs(workspace):
     folder = personal_dir(workspace, "inner")
     table = personalize_run(workspace, folder, "--finetune", "head", "adapter", "--epochs", 1,
-                            "--inner_cv")
+                            "--inner_cv", "--keep_inner_weights")
     curves = pd.read_csv(folder / "subject_1" / "inner_cv.csv")
     assert list(curves["finetune"]) == ["none", "head", "adapter"]
     assert list(curves["epoch"]) == [0, 1, 1]
@@ -193,7 +194,8 @@ def test_inner_cv_chooses_the_method_and_epochs(workspace):
                           weights_only=True)["finetuning"]["finetune"] == best["finetune"]
     written = pd.read_csv(folder / "personalize.csv")
     assert list(written.columns) == ["subject", "before_ccc", "after_ccc", "finetune", "anchor",
-                                     "mix", "epochs"]
+                                     "mix", "weighting", "epochs", "estimated_gain",
+                                     "measured_gain"]
 
 
 def test_inner_cv_calibrates_epoch_0_without_the_held_out_story(workspace):

@@ -216,9 +216,10 @@ def test_inner_cv_chooses_the_epochs_on_the_subjects_own_training_videos(in_tmp)
             assert torch.load(subject_dir / "last.save", weights_only=True)["epoch"] == chosen
         else:
             assert row["after_ccc"] == row["before_ccc"] and not (subject_dir / "last.save").exists()
-        # the held-out story of an inner run is not among its training videos
-        inner = torch.load(subject_dir / "inner_val_on_4" / "last.save", weights_only=True)
-        assert inner["epoch"] == 3
+        # a finished inner run keeps its curve and how it was trained, not its weights
+        inner = subject_dir / "inner_val_on_4"
+        assert pd.read_csv(inner / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+        assert (inner / "inner_fold.json").is_file() and not list(inner.glob("*.save"))
     assert sorted(p.name for p in (in_tmp / "p" / "pred_test").glob("*.csv")) == [
         "Subject_1_Story_1.csv", "Subject_2_Story_1.csv"]
 

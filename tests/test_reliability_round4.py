@@ -101,8 +101,8 @@ def test_crossval_test_refuses_another_family_than_its_folds(workspace):
      "to --finetune all and head, not adapter"),
     (["--finetune", "adapter", "--anchor", "0", "0.1", "--inner_cv"], "not adapter"),
     (["--finetune", "all", "adapter", "--anchor", "0.1"],
-     "2 fine-tuning methods (all_anchor0.1, adapter): give one value per --finetune, --anchor "
-     "and --mix, or add --inner_cv"),
+     "2 fine-tuning methods (all_anchor0.1, adapter): give one value per --finetune, --anchor, "
+     "--mix and --mix_weighting, or add --inner_cv"),
     (["--anchor", "0", "0.1"], "2 fine-tuning methods (all, all_anchor0.1)"),
 ])
 def test_several_fine_tuning_values_without_inner_cv_are_refused(workspace, flags, message):
@@ -117,7 +117,6 @@ def test_an_adapter_beside_anchored_methods_is_tried_without_an_anchor():
     import argparse
     from empathy import finetuning
     parser = argparse.ArgumentParser(parents=[finetuning.get_args_parser()])
-    parser.add_argument("--inner_cv", action="store_true")
     methods = finetuning.methods_from_args(parser.parse_args(
         ["--finetune", "all", "adapter", "--anchor", "0.1", "--inner_cv"]))
     assert [method.name for method in methods] == ["all_anchor0.1", "adapter"]

@@ -469,10 +469,10 @@ def test_personalize_table_shows_epochs_as_whole_numbers(workspace, command):
                      "--inner_cv", "--subjects", "1", "--ledger", "none")
     assert result.returncode == 0, result.stderr
     table = (workspace / "p" / "personalize.csv").read_text().splitlines()
-    assert table[0].endswith(",epochs")
-    assert [row.split(",")[-1] for row in table[1:]] in (["0", "0"], ["1", "1"])
+    assert table[0].endswith(",epochs,estimated_gain,measured_gain")
+    assert [row.split(",")[-3] for row in table[1:]] in (["0", "0"], ["1", "1"])
     printed = result.stdout.splitlines()[-2:]  # the subject's row and the Mean row
-    assert [row.split()[-1] for row in printed] in (["0", "0"], ["1", "1"]), printed
+    assert [row.split()[-3] for row in printed] in (["0", "0"], ["1", "1"]), printed
 
 
 def test_cv_epochs_shows_progress_per_fold_and_epoch(workspace, command, monkeypatch):
