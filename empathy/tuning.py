@@ -134,10 +134,12 @@ OFF_VALUES = {"average_last": 0}
 # The recommended recipe, in the search space's names: trial 0 of every new study
 # whose search space holds it, so that trials.csv and best.json show what the search
 # must beat, and the settings --select one_se stays close to. The lstm family at its
-# default sizes; with averaging "swa", give "swa_start" (an epoch) instead of "ema".
+# default sizes, its weights averaged from the first epoch (--swa_start 1: the
+# unchosen recipe with the best CV on the unstable preset, docs/averaging.md, and
+# the same for any --epochs).
 RECIPE = {"model": "lstm", "layers": 1, "bidirectional": False, "hidden_dim": 512,
           "dropout": 0.0, "lr": 1e-4, "weight_decay": 5e-4, "loss": "ccc", "label_delay": 0.0,
-          "averaging": "ema", "ema": 0.99, "average_last": 0, "filter": "none",
+          "averaging": "swa", "swa_start": 1, "average_last": 0, "filter": "none",
           "calibrate": True}
 
 
@@ -163,10 +165,9 @@ def family_sizes(family):
 def averaging_space(epochs):
     """The averaging over epochs searched in a study of `epochs`: how the weights are
     averaged ("averaging": none, ema or swa), the Param of each way (--ema DECAY;
-    --swa_start EPOCH from a quarter to three quarters of --epochs), and
+    --swa_start EPOCH from 1, the recipe's, to three quarters of --epochs), and
     --average_last K from 0 (off) to epochs // 4."""
-    weights = {"ema": EMA, "swa": Param("swa_start", "int", (max(1, epochs // 4),
-                                                              max(1, 3 * epochs // 4)))}
+    weights = {"ema": EMA, "swa": Param("swa_start", "int", (1, max(1, 3 * epochs // 4)))}
     return (Param("averaging", "choice", AVERAGING), weights,
             Param("average_last", "int", (0, epochs // 4)))
 

@@ -310,11 +310,11 @@ def test_trial_0_is_the_recipe_and_a_resume_does_not_enqueue_it_again(recipe_stu
     best = json.loads((recipe_study / "best.json").read_text())
     assert best["select"] == "best" and best["recipe"]["trial"] == 0
     assert best["recipe"]["mean"] == pytest.approx(table.loc[0, "mean"])
-    # The recipe trial's flags repeat it in train.py/crossval.py: --ema among them.
+    # The recipe trial's flags repeat it in train.py/crossval.py: --swa_start among them.
     assert tuning.as_flags(tuning.RECIPE) == [
         "--model", "lstm", "--layers", "1", "--hidden_dim", "512", "--dropout", "0.0",
         "--lr", "0.0001", "--weight_decay", "0.0005", "--loss", "ccc", "--label_delay", "0.0",
-        "--ema", "0.99", "--calibrate"]
+        "--swa_start", "1", "--calibrate"]
     # A progress line for the one trial this command ran, none for earlier ones.
     lines = [line for line in result.stdout.splitlines() if line.startswith("trial ")]
     assert len(lines) == 1 and lines[0].startswith("trial 2 ") and "| 3/3 trials, " in lines[0]
