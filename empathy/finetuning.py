@@ -610,7 +610,12 @@ def inner_init_starts(cv_dir, stories, init_path):
             raise ToolkitError(f"--inner_init: {paths[0]} does not exist: the inner fold that "
                                f"holds out story {story} starts from a model that never saw it; "
                                f"{advice}")
-        _check_same_kind(paths[0], checkpoints.load_checkpoint(paths[0]), init_path, init)
+        fold = checkpoints.load_checkpoint(paths[0])
+        planned = (fold.get("training") or {}).get("epochs", fold["epoch"])
+        if fold["epoch"] < planned and not fold.get("stopped_early"):
+            raise ToolkitError(f"--inner_init: {paths[0]} is at epoch {fold['epoch']} of "
+                               f"{planned}: let that crossval.py run finish (--resume) first")
+        _check_same_kind(paths[0], fold, init_path, init)
         starts[story] = paths[0]
     return starts
 

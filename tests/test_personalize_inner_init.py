@@ -154,6 +154,10 @@ def bad_cv(kind, workspace, folder):
         checkpoint["normalization"] = torch.load(folder / "normalized" / "last.save",
                                                  weights_only=True)["normalization"]
         torch.save(checkpoint, fold / "last.save")
+    elif kind == "unfinished":
+        checkpoint = torch.load(fold / "last.save", weights_only=True)
+        checkpoint["epoch"] = 1
+        torch.save(checkpoint, fold / "last.save")
     return cv
 
 
@@ -162,6 +166,7 @@ def bad_cv(kind, workspace, folder):
     ("missing fold", "does not exist: the inner fold that holds out story"),
     ("other modalities", "has modalities (--mods) audio"),
     ("normalized", "has normalization (--normalize) on"),
+    ("unfinished", "is at epoch 1 of 2: let that crossval.py run finish"),
 ])
 def test_a_wrong_inner_init_stops_before_writing(workspace, tmp_path, kind, message):
     cv = bad_cv(kind, workspace, tmp_path)
