@@ -254,8 +254,8 @@ def chosen_methods(subjects):
     """What the listeners got, e.g. 'head x4, none x6' (blank without a method column)."""
     if "finetune" not in subjects:
         return ""
-    names = [finetuning.Method(*row).name if row[0] != finetuning.KEPT_INIT else row[0]
-             for row in subjects[list(finetuning.DEFAULT.record)].itertuples(index=False)]
+    names = [finetuning.Method.from_row(row).name if row["finetune"] != finetuning.KEPT_INIT
+             else row["finetune"] for _, row in subjects.iterrows()]
     return ", ".join(f"{name} x{count}" for name, count in pd.Series(names).value_counts().items())
 
 

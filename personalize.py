@@ -21,12 +21,13 @@ held-out video is scored every --eval_freq epochs; the epoch (0, no fine-tuning,
 included) with the best mean held-out CCC is the one the subject's model is then
 fine-tuned for on all of them. subject_<s>/inner_cv.csv holds the curves.
 
---finetune all|head|adapter, --anchor, --mix and --mix_weighting choose how a
-subject's model is fine-tuned (see finetuning.py); given several values, --inner_cv
+--finetune all|head|adapter, --anchor, --mix, --mix_weighting, --ema and --swa_start
+choose how a subject's model is fine-tuned (see finetuning.py); given several values
+(--ema and --swa_start take none as one), --inner_cv
 tries every combination in subject_<s>/inner_<method>/val_on_<story>/ and keeps, per
 subject, the one (and the number of epochs) with the best mean held-out CCC;
 personalize.csv then says what each subject got (finetune, anchor, mix, weighting,
-epochs), the gain in CCC that the inner folds estimated for it and the gain measured
+ema, swa_start, epochs), the gain in CCC that the inner folds estimated for it and the gain measured
 on the test videos. --inner_init CV_DIR starts each inner fold from a crossval.py model
 that never saw its held-out story; a finished inner fold keeps no weights unless
 --keep_inner_weights.
@@ -48,7 +49,9 @@ from empathy.utils import ToolkitError
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "personalize.py", description="Fine-tune a trained model for each listener.",
-        parents=[options.get_data_args_parser(), options.get_training_args_parser(),
+        # --ema and --swa_start are finetuning's: several values, for --inner_cv
+        parents=[options.get_data_args_parser(),
+                 options.get_training_args_parser(weight_averaging=False),
                  parallel.get_parallel_args_parser("fine-tune subjects"),
                  finetuning.get_args_parser(), ledger.get_ledger_args_parser()])
     group = parser.add_argument_group("subjects")
@@ -103,7 +106,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     if epochs == 0:  # the inner cross-validation found fine-tuning not worth it
         after = {**before, "seed_ccc": [before["ccc"]] * run.settings.seeds}
     else:
-        chosen = replace(run, settings=replace(run.settings, epochs=epochs))
+        chosen = replace(run, settings=method.settings(replace(run.settings, epochs=epochs)))
         for folder, _ in chosen.resumed_runs(subject_folder):
             finetuning.check_resumed(folder, method)
         train_set = tuning.videos(method)
@@ -126,7 +129,7 @@ def personalize_subject(train_all, test_all, subject, out_dir, run, augment=None
     row["after_ccc"] = after["ccc"]
     if list(methods) != [finetuning.DEFAULT]:  # say what the subject got
         got = method if epochs else finetuning.Method(finetuning.KEPT_INIT)
-        row.update(got.record)
+        row.update(finetuning.table_record(got, methods))
     if inner_cv:
         row["epochs"] = epochs
         row["estimated_gain"] = choice.estimated_gain  # on the subject's training stories
@@ -163,6 +166,8 @@ def subject_table(rows):
                                  "after_ccc_seed_std") if name in rows[0]]
     whole = {"epochs": object} if "epochs" in columns else {}  # whole numbers, not 3.0000
     table = pd.DataFrame(rows, columns=["subject", *columns]).astype(whole)
+    if "swa_start" in columns:  # an epoch, or blank without SWA
+        table["swa_start"] = table["swa_start"].astype("Int64")
     table = tables.with_summary_rows(
         table, "subject", [name for name in columns if name not in finetuning.DEFAULT.record],
         rows=("Mean",), skipna=True)
@@ -180,15 +185,22 @@ def ledger_results(table):
 
 def main(args):
     mods = datasets.parse_mods(args.mods)
-    settings = options.TrainingSettings.from_args(args)
+    # The averaging of the weights is part of each method (several for --inner_cv).
+    settings = options.TrainingSettings.from_args(
+        argparse.Namespace(**{**vars(args), "ema": None, "swa_start": None}))
     if args.inner_cv and settings.patience is not None:
         raise ToolkitError("--inner_cv chooses how long to fine-tune by itself: leave out "
                            "--patience (which would stop on the test videos)")
+    if args.inner_cv and settings.average_last is not None:
+        raise ToolkitError("--inner_cv chooses the epoch whose weights score best on the "
+                           "held-out stories; --average_last would score other predictions: "
+                           "leave it out (--ema or --swa_start average the weights)")
     for flag in ("inner_init", "keep_inner_weights"):
         if getattr(args, flag) and not args.inner_cv:
             raise ToolkitError(f"--{flag} sets how --inner_cv runs its folds: add --inner_cv, "
                                f"or leave out --{flag}")
     methods = finetuning.methods_from_args(args)
+    finetuning.check_method_settings(methods, settings)
     out_dir = Path(args.out_dir)
     runner = parallel.Runner.from_args(args)
     init = init_checkpoint(out_dir)
@@ -211,7 +223,8 @@ def main(args):
     check_methods = partial(finetuning.check_resumed_methods, [folder for _, folder in runs],
                             inner, methods=methods)
     check_finished = partial(finetuning.check_finished_folds, finished)
-    runs += [(settings, folder) for folder in inner]  # an inner fold trains one seed
+    runs += [(method.settings(settings), folder)  # an inner fold trains one seed
+             for folder, method in inner.items()]
     with command.Command(args, plan, out_dir, runs, checks=[check_methods, check_finished]) as run:
         train_videos, test_videos = videos_for_tasks(train_all, test_all, args, mods, runner)
         tasks = [dict(train_all=train_videos, test_all=test_videos, subject=subject,
@@ -243,11 +256,33 @@ def subject_runs(train_all, subjects, out_dir, settings, inner_cv, methods):
     """The runs of the subjects, (settings of a seed, its folder) per seed, and with
     --inner_cv the folders of their inner cross-validation folds ({folder: its method})."""
     runs = [seed_run for subject in subjects
-            for seed_run in settings.seed_runs(layout.subject_dir(out_dir, subject))]
+            for seed_run in subject_settings(settings, methods, layout.subject_dir(out_dir, subject))
+            .seed_runs(layout.subject_dir(out_dir, subject))]
     inner = {folder: method for subject in subjects if inner_cv
              for folder, method in
              finetuning.inner_cv_folders(train_all, subject, out_dir, methods).items()}
     return runs, inner
+
+
+def subject_settings(settings, methods, subject_folder):
+    """The settings a subject's own run is checked against on --resume: its method's
+    averaging; where --inner_cv chooses among several, the averaging its last.save was
+    trained with (the chosen method itself is checked once chosen)."""
+    if len(methods) == 1:
+        return methods[0].settings(settings)
+    saved = next(iter(checkpoints_of(subject_folder)), None)
+    if saved is None:
+        return settings
+    from empathy import checkpoints
+    training = checkpoints.load_checkpoint(saved).get("training") or {}
+    return replace(settings, ema=training.get("ema"), swa_start=training.get("swa_start"))
+
+
+def checkpoints_of(subject_folder):
+    """The last.save files of a subject's own run (one per seed), where they exist."""
+    folder = Path(subject_folder)
+    return [path for path in [folder / layout.LAST, *sorted(folder.glob(f"seed_*/{layout.LAST}"))]
+            if path.is_file()]
 
 
 if __name__ == "__main__":

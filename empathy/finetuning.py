@@ -37,6 +37,9 @@ listener's videos with other listeners':
   Weighting Augmentation, arXiv 2404.09042). Only the fold's training videos are
   compared, so an inner fold never looks at its held-out story.
 
+- `--ema DECAY` / `--swa_start EPOCH`: the weights averaged as in train.py; `none`
+  is a value, so that `--inner_cv` can choose with or without (`Method.settings`).
+
 Each flag takes several values for `--inner_cv`, which tries every combination
 (an adapter takes no anchor: it is tried without one) and keeps, per listener, the
 combination and number of epochs (0: keep init.save) with the best held-out CCC.
@@ -94,6 +97,18 @@ def get_args_parser():
                             "in proportion to how their annotations correlate with the "
                             "listener's on the stories both heard (similar) "
                             "(default: uniform)")
+    # personalize.py's --ema and --swa_start (the training flags' single values, here
+    # several for --inner_cv to choose among, "none" among them); see `averagings`.
+    group.add_argument("--ema", nargs="+", metavar="DECAY",
+                       help="validate, save and predict with an exponential moving average of "
+                            "the weights (as in train.py), DECAY in [0, 1); several values "
+                            "(none: no averaging) for --inner_cv to choose among "
+                            "(default: off)")
+    group.add_argument("--swa_start", nargs="+", metavar="EPOCH",
+                       help="stochastic weight averaging from epoch EPOCH on (as in train.py); "
+                            "several values (none: no averaging) for --inner_cv to choose "
+                            "among; a listener fine-tuned for fewer epochs gets none "
+                            "(default: off)")
     group = parser.add_argument_group("inner cross-validation")
     group.add_argument("--inner_cv", action="store_true",
                        help="choose each subject's number of fine-tuning epochs (0 to "
@@ -118,20 +133,53 @@ class Method:
     anchor: float = 0.0
     mix: float = 0.0
     weighting: str = "uniform"  # of the other listeners' pieces that --mix draws
+    ema: float = None  # the averaging of the weights (--ema DECAY or --swa_start EPOCH)
+    swa_start: int = None
 
     @property
     def name(self):
-        """e.g. all, head_anchor0.01, adapter_mix0.5, all_mix0.5_similar: folders and tables."""
+        """e.g. all, head_anchor0.01, adapter_mix0.5, all_mix0.5_similar, all_swa1:
+        folders and tables."""
         return (self.finetune + (f"_anchor{self.anchor:g}" if self.anchor else "")
                 + (f"_mix{self.mix:g}" if self.mix else "")
-                + (f"_{self.weighting}" if self.weighting != "uniform" else ""))
+                + (f"_{self.weighting}" if self.weighting != "uniform" else "")
+                + (f"_ema{self.ema:g}" if self.ema is not None else "")
+                + (f"_swa{self.swa_start}" if self.swa_start is not None else ""))
 
     @property
     def record(self):
         return asdict(self)
 
+    def settings(self, settings):
+        """The training settings (options.TrainingSettings) of a run of this method: its
+        averaging; SWA only where the run reaches its first epoch (an inner fold's epoch
+        e before it is the trained weights, so a listener fine-tuned for e epochs gets
+        none)."""
+        swa_start = self.swa_start if (self.swa_start or 0) <= settings.epochs else None
+        return replace(settings, ema=self.ema, swa_start=swa_start)
+
+    @classmethod
+    def from_row(cls, row):
+        """The method of an inner_cv.csv row (pandas gives NaN for None)."""
+        def given(name, kind):
+            value = row.get(name)
+            return None if value is None or pd.isna(value) else kind(value)
+        return cls(row["finetune"], float(row["anchor"]), float(row["mix"]),
+                   row.get("weighting", "uniform"), given("ema", float), given("swa_start", int))
+
 
 DEFAULT = Method()
+AVERAGING_FIELDS = ("ema", "swa_start")
+
+
+def table_record(method, methods):
+    """What personalize.csv says of the method a subject got: its record, without the
+    averaging columns where none of `methods` averages the weights."""
+    record = method.record
+    if all(getattr(candidate, name) is None for candidate in methods
+           for name in AVERAGING_FIELDS):
+        record = {name: value for name, value in record.items() if name not in AVERAGING_FIELDS}
+    return record
 
 
 def _numbers(values, flag):
@@ -166,9 +214,10 @@ def methods_from_args(args):
         raise ToolkitError("--mix_weighting weights the other listeners' pieces that --mix "
                            "draws: give --mix too, e.g. --mix 0.5")
     # Without other listeners' pieces (mix 0) there is nothing to weight.
-    combinations = [Method(finetune, anchor, mix, weighting if mix else "uniform")
-                    for finetune, anchor, mix, weighting
-                    in itertools.product(dict.fromkeys(args.finetune), anchors, mixes, weightings)]
+    combinations = [Method(finetune, anchor, mix, weighting if mix else "uniform", **averaging)
+                    for finetune, anchor, mix, weighting, averaging
+                    in itertools.product(dict.fromkeys(args.finetune), anchors, mixes, weightings,
+                                         averagings(args))]
     if any(anchors) and set(args.finetune) == {"adapter"}:
         raise ToolkitError(f"--anchor {max(anchors):g} pulls the weights that fine-tuning "
                            "updates toward init.save's: it applies to --finetune all and head, "
@@ -179,9 +228,48 @@ def methods_from_args(args):
     if len(methods) > 1 and not args.inner_cv:
         names = ", ".join(method.name for method in methods)
         raise ToolkitError(f"{len(methods)} fine-tuning methods ({names}): give one value per "
-                           "--finetune, --anchor, --mix and --mix_weighting, or add --inner_cv "
-                           "to choose among them per subject")
+                           "--finetune, --anchor, --mix, --mix_weighting, --ema and --swa_start, "
+                           "or add --inner_cv to choose among them per subject")
     return methods
+
+
+def averagings(args):
+    """The averagings of the weights that --ema and --swa_start ask for, each as
+    Method fields ({"ema": DECAY} or {"swa_start": EPOCH}; {} for none), checked: one
+    error line for a bad value. Their range against --epochs is checked with the
+    run's settings (`Method.settings`, options.TrainingSettings.check)."""
+    emas = _averaging_values(args.ema, "--ema", float)
+    swa_starts = _averaging_values(args.swa_start, "--swa_start", int)
+    if any(value is not None for value in emas) and any(value is not None for value in swa_starts):
+        raise ToolkitError("--ema and --swa_start are two ways of averaging the weights: give "
+                           "one (with --inner_cv, several values of it, none among them)")
+    if any(value is not None for value in swa_starts):
+        return [{"swa_start": value} for value in swa_starts]
+    return [{"ema": value} for value in emas]
+
+
+def _averaging_values(values, flag, kind):
+    """--ema's or --swa_start's values (None for "none"), each once, in the order given."""
+    parsed = []
+    for value in values or ["none"]:
+        if str(value).lower() == "none":
+            parsed.append(None)
+            continue
+        try:
+            number = kind(value)
+        except ValueError:
+            what = "a number" if kind is float else "a whole number"
+            raise ToolkitError(f"{flag} must be {what} or none, got {value!r}") from None
+        if kind is float and not math.isfinite(number):
+            raise ToolkitError(f"{flag} must be a finite number, got {value}")
+        parsed.append(number)
+    return list(dict.fromkeys(parsed))
+
+
+def check_method_settings(methods, settings):
+    """Each method's averaging against --epochs and the other flags, before any write."""
+    for method in methods:
+        replace(settings, ema=method.ema, swa_start=method.swa_start).check()
 
 
 # ---------------------------------------------------------------- the model
@@ -434,7 +522,6 @@ def choose_method(tuning, methods, subject_folder, inner=InnerCV()):
     run = tuning.run
     stories = tuning.own_videos().stories
     settings = run.settings
-    fold_settings = inner_settings(settings)
     several = len(methods) > 1
     held_out = {story: tuning.own_videos(story).select(stories=[story]) for story in stories}
     # Epoch 0 calibrates (--calibrate) as engine.fit does the fold's fine-tuned model,
@@ -449,6 +536,7 @@ def choose_method(tuning, methods, subject_folder, inner=InnerCV()):
         curves = {}
         for story in stories:
             folder = inner_fold_dir(subject_folder, story, method, several)
+            fold_settings = method.settings(inner_settings(settings))
             record = inner_fold_record(method, fold_settings, inner.init_dir)
             if not (inner.resume and finished_inner_fold(folder)):
                 fit_inner_fold(tuning, method, story, fold_settings, held_out[story], folder,
@@ -463,8 +551,7 @@ def choose_method(tuning, methods, subject_folder, inner=InnerCV()):
         table = table.drop(columns=list(DEFAULT.record))
     utils.write_csv(table, Path(subject_folder) / layout.INNER_CV_TABLE)
     best = table.loc[table["mean_ccc"].idxmax()]  # the first best: ties keep init.save
-    method = (Method(best["finetune"], float(best["anchor"]), float(best["mix"]),
-                     best["weighting"]) if several else methods[0])
+    method = Method.from_row(best) if several else methods[0]
     return Choice(method, int(best["epoch"]), float(best["mean_ccc"] - table["mean_ccc"].iloc[0]))
 
 
@@ -542,7 +629,9 @@ def check_resumed(folder, method):
 
 def describe(method):
     return (f"--finetune {method.finetune} --anchor {method.anchor:g} --mix {method.mix:g}"
-            + (f" --mix_weighting {method.weighting}" if method.weighting != "uniform" else ""))
+            + (f" --mix_weighting {method.weighting}" if method.weighting != "uniform" else "")
+            + (f" --ema {method.ema:g}" if method.ema is not None else "")
+            + (f" --swa_start {method.swa_start}" if method.swa_start is not None else ""))
 
 
 def check_resumed_methods(folders, inner, resumes, methods):

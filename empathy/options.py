@@ -48,8 +48,9 @@ def get_data_args_parser():
     return parser
 
 
-def get_training_args_parser():
-    """Flags of every script that trains."""
+def get_training_args_parser(weight_averaging=True):
+    """Flags of every script that trains; without `weight_averaging`, no --ema and
+    --swa_start (personalize.py's take several values: finetuning.get_args_parser)."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=1000, help="epochs (default: %(default)s)")
@@ -87,14 +88,16 @@ def get_training_args_parser():
     group = parser.add_argument_group(
         "averaging over epochs", "the last epoch as good as the best, with nothing picked on "
         "the validation videos")
-    group.add_argument("--ema", type=float, metavar="DECAY",
-                       help="validate, save and predict with an exponential moving average of "
-                            "the weights, updated after every step: average = DECAY * average "
-                            "+ (1 - DECAY) * weights, DECAY in [0, 1) (default: off)")
-    group.add_argument("--swa_start", type=int, metavar="EPOCH",
-                       help="stochastic weight averaging: validate, save and predict with the "
-                            "mean of the weights at the end of epoch EPOCH and of every later "
-                            "epoch (default: off)")
+    if weight_averaging:
+        group.add_argument("--ema", type=float, metavar="DECAY",
+                           help="validate, save and predict with an exponential moving average "
+                                "of the weights, updated after every step: average = DECAY * "
+                                "average + (1 - DECAY) * weights, DECAY in [0, 1) "
+                                "(default: off)")
+        group.add_argument("--swa_start", type=int, metavar="EPOCH",
+                           help="stochastic weight averaging: validate, save and predict with "
+                                "the mean of the weights at the end of epoch EPOCH and of every "
+                                "later epoch (default: off)")
     group.add_argument("--average_last", type=int, metavar="K",
                        help="the run's validation prediction is the mean of the last K epochs' "
                             "per-second predictions (each of them is evaluated); metrics.csv "

@@ -294,3 +294,68 @@ def test_similar_weighting_needs_three_listeners(tmp_path):
     assert result.returncode == 1
     assert "--mix_weighting similar" in result.stderr and "2 listener(s)" in result.stderr
     assert [path.name for path in folder.iterdir()] == ["init.save"]
+
+
+# ---------------------------------------------------------------- averaging the weights
+
+def test_inner_cv_chooses_the_averaging_of_the_weights(workspace):
+    folder = personal_dir(workspace, "averaging")
+    table = personalize_run(workspace, folder, "--inner_cv", "--swa_start", "none", "1",
+                            "--epochs", 2)
+    curves = pd.read_csv(folder / "subject_1" / "inner_cv.csv")
+    assert list(curves["swa_start"].fillna(0)) == [0, 0, 0, 1, 1]  # keep init, none, SWA 1
+    assert sorted(path.name for path in (folder / "subject_1").glob("inner_*")
+                  if path.is_dir()) == ["inner_all", "inner_all_swa1"]
+    folds = [column for column in curves if column.startswith("val_on_")]
+    # The same seed: epoch 1 of SWA from epoch 1 is the trained weights of epoch 1 ...
+    assert curves.loc[1, folds].tolist() == pytest.approx(curves.loc[3, folds].tolist())
+    # ... and epoch 2 the mean of epochs 1 and 2, not epoch 2's weights.
+    assert curves.loc[2, folds].tolist() != pytest.approx(curves.loc[4, folds].tolist())
+    fold = sorted((folder / "subject_1" / "inner_all_swa1").iterdir())[0]
+    assert json.loads((fold / finetuning.INNER_FOLD_RECORD).read_text())["training"][
+        "swa_start"] == 1
+    best = curves.loc[curves["mean_ccc"].idxmax()]
+    row = table.iloc[0]
+    assert pd.isna(row["swa_start"]) == pd.isna(best["swa_start"]) and row["epochs"] == best["epoch"]
+    if best["epoch"]:
+        saved = torch.load(folder / "subject_1" / "last.save", weights_only=True)
+        assert saved["training"]["swa_start"] == (None if pd.isna(best["swa_start"]) else 1)
+
+
+def test_one_averaging_fine_tunes_with_it_and_resumes_exactly(workspace):
+    from conftest import assert_same_checkpoints
+    resumed, whole = personal_dir(workspace, "ema_resumed"), personal_dir(workspace, "ema_whole")
+    personalize_run(workspace, resumed, "--ema", "0.9", "--epochs", 1, "--save_freq", 1)
+    personalize_run(workspace, resumed, "--ema", "0.9", "--epochs", 2, "--save_freq", 1,
+                    "--resume")
+    table = personalize_run(workspace, whole, "--ema", "0.9", "--epochs", 2, "--save_freq", 1)
+    assert_same_checkpoints(resumed / "subject_1", whole / "subject_1", ["last.save"])
+    saved = torch.load(whole / "subject_1" / "last.save", weights_only=True)
+    assert saved["training"]["ema"] == 0.9 and saved["finetuning"]["ema"] == 0.9
+    assert table.iloc[0]["ema"] == 0.9
+
+
+def test_a_run_shorter_than_the_averaging_gets_none():
+    from empathy import options
+    method = finetuning.Method(swa_start=5)
+    assert method.settings(options.TrainingSettings(epochs=3)).swa_start is None
+    assert method.settings(options.TrainingSettings(epochs=5)).swa_start == 5
+    assert finetuning.Method(ema=0.9).settings(options.TrainingSettings(epochs=1)).ema == 0.9
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema", "0.9", "none"], "2 fine-tuning methods (all_ema0.9, all)"),
+    (["--ema", "1.5"], "--ema must be at least 0 and below 1"),
+    (["--ema", "abc"], "--ema must be a number or none, got 'abc'"),
+    (["--swa_start", "1.5"], "--swa_start must be a whole number or none, got '1.5'"),
+    (["--swa_start", "5", "--epochs", "2"], "--swa_start must be from 1 to --epochs (2), got 5"),
+    (["--ema", "0.9", "--swa_start", "1"], "two ways of averaging the weights"),
+    (["--inner_cv", "--average_last", "2", "--epochs", "2"], "--average_last would score other"),
+])
+def test_bad_averagings_stop_before_writing(workspace, flags, message):
+    folder = personal_dir(workspace, f"bad_averaging_{len(list(workspace.iterdir()))}")
+    result = run_in_process("personalize.py", *map(str, split(workspace)), "--mods", MODS,
+                            "--out_dir", str(folder), *flags)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [path.name for path in folder.iterdir()] == ["init.save"]

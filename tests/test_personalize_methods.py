@@ -68,7 +68,7 @@ def test_head_updates_only_the_output_layers(workspace):
             assert torch.equal(tuned[name], init[name]), f"{name} of the encoder changed"
     saved = torch.load(folder / "subject_1" / "last.save", weights_only=True)
     assert saved["finetuning"] == {"finetune": "head", "anchor": 0.0, "mix": 0.0,
-                                   "weighting": "uniform"}
+                                   "weighting": "uniform", "ema": None, "swa_start": None}
     assert json.loads((folder / "args.json").read_text())["finetune"] == ["head"]
     assert table.loc[0, "finetune"] == "head"
     assert list(pd.read_csv(folder / "personalize.csv").columns) == [

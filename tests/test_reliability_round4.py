@@ -102,7 +102,7 @@ def test_crossval_test_refuses_another_family_than_its_folds(workspace):
     (["--finetune", "adapter", "--anchor", "0", "0.1", "--inner_cv"], "not adapter"),
     (["--finetune", "all", "adapter", "--anchor", "0.1"],
      "2 fine-tuning methods (all_anchor0.1, adapter): give one value per --finetune, --anchor, "
-     "--mix and --mix_weighting, or add --inner_cv"),
+     "--mix, --mix_weighting, --ema and --swa_start, or add --inner_cv"),
     (["--anchor", "0", "0.1"], "2 fine-tuning methods (all, all_anchor0.1)"),
 ])
 def test_several_fine_tuning_values_without_inner_cv_are_refused(workspace, flags, message):
