@@ -416,7 +416,8 @@ def listener_similarity(train_set, subject):
     for video in train_set.videos:
         if video.subject != subject and video.story in own:
             length = min(len(video.annotation), len(own[video.story]))
-            pair = np.corrcoef(own[video.story][:length], video.annotation[:length])[0, 1]
+            with np.errstate(invalid="ignore", divide="ignore"):  # a flat annotation: NaN, 0
+                pair = np.corrcoef(own[video.story][:length], video.annotation[:length])[0, 1]
             heard.setdefault(video.subject, []).append(0.0 if np.isnan(pair) else pair)
     others = sorted({video.subject for video in train_set.videos} - {subject})
     weights = {other: max(float(np.mean(heard[other])), 0.0) if other in heard else 0.0

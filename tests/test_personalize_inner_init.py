@@ -236,8 +236,10 @@ def test_similarity_weights_match_a_hand_computed_case():
               video(5, 8, [0, 1, 2, 3])]                                # shares no story
     weights = finetuning.listener_similarity(SimpleNamespace(videos=videos), 1)
     assert weights == pytest.approx({2: 1.0, 3: 0.0, 4: 1 / 5 ** 0.5, 5: 0.0})
-    nobody = [video(1, 2, [0, 1, 2, 3]), video(2, 2, [3, 2, 1, 0]), video(3, 4, [0, 1])]
-    assert finetuning.listener_similarity(SimpleNamespace(videos=nobody), 1) == {2: 1.0, 3: 1.0}
+    nobody = [video(1, 2, [0, 1, 2, 3]), video(2, 2, [3, 2, 1, 0]), video(3, 4, [0, 1]),
+              video(4, 2, [0.5, 0.5, 0.5, 0.5])]  # a flat annotation correlates with nothing
+    assert finetuning.listener_similarity(SimpleNamespace(videos=nobody), 1) == {
+        2: 1.0, 3: 1.0, 4: 1.0}
 
 
 def test_similar_mixing_draws_in_proportion_to_the_weights(workspace):
