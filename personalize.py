@@ -211,8 +211,7 @@ def main(args):
     runs, inner = subject_runs(train_all, subjects, out_dir, settings, args.inner_cv, methods)
     inner_cv = inner_cv_options(args, train_all, subjects, init, runner)
     # --resume skips the inner folds that finished (they kept no last.save), once checked
-    finished = {folder: finetuning.inner_fold_record(method, finetuning.inner_settings(settings),
-                                                     inner_cv.init_dir)
+    finished = {folder: finetuning.inner_fold_record(method, settings, inner_cv.init_dir)
                 for folder, method in inner.items()
                 if args.resume and finetuning.finished_inner_fold(folder)}
     plan = options.Plan(
@@ -270,19 +269,13 @@ def subject_settings(settings, methods, subject_folder):
     trained with (the chosen method itself is checked once chosen)."""
     if len(methods) == 1:
         return methods[0].settings(settings)
-    saved = next(iter(checkpoints_of(subject_folder)), None)
-    if saved is None:
-        return settings
     from empathy import checkpoints
-    training = checkpoints.load_checkpoint(saved).get("training") or {}
+    saved = [path for path in checkpoints.run_checkpoints(subject_folder, layout.LAST)
+             if path.is_file()]
+    if not saved:
+        return settings
+    training = checkpoints.load_checkpoint(saved[0]).get("training") or {}
     return replace(settings, ema=training.get("ema"), swa_start=training.get("swa_start"))
-
-
-def checkpoints_of(subject_folder):
-    """The last.save files of a subject's own run (one per seed), where they exist."""
-    folder = Path(subject_folder)
-    return [path for path in [folder / layout.LAST, *sorted(folder.glob(f"seed_*/{layout.LAST}"))]
-            if path.is_file()]
 
 
 if __name__ == "__main__":

@@ -537,11 +537,11 @@ def choose_method(tuning, methods, subject_folder, inner=InnerCV()):
         curves = {}
         for story in stories:
             folder = inner_fold_dir(subject_folder, story, method, several)
-            fold_settings = method.settings(inner_settings(settings))
-            record = inner_fold_record(method, fold_settings, inner.init_dir)
             if not (inner.resume and finished_inner_fold(folder)):
-                fit_inner_fold(tuning, method, story, fold_settings, held_out[story], folder,
-                               record, inner.keep_weights)
+                fit_inner_fold(tuning, method, story, method.settings(inner_settings(settings)),
+                               held_out[story], folder,
+                               inner_fold_record(method, settings, inner.init_dir),
+                               inner.keep_weights)
             history = pd.read_csv(folder / layout.METRICS).dropna(subset=["val_ccc"])
             curves[layout.fold_name(story)] = history.set_index("epoch")["val_ccc"]
         rows += [{**method.record, "epoch": epoch, **scores}
@@ -581,8 +581,10 @@ def inner_settings(settings):
 
 
 def inner_fold_record(method, settings, init_dir):
-    """What inner_fold.json records of a fold: enough for --resume to refuse other flags."""
-    return {"finetuning": method.record, "training": asdict(settings), "inner_init": init_dir}
+    """What inner_fold.json records of a fold of `method` under the run's `settings`:
+    enough for --resume to refuse other flags."""
+    fold_settings = method.settings(inner_settings(settings))
+    return {"finetuning": method.record, "training": asdict(fold_settings), "inner_init": init_dir}
 
 
 def finished_inner_fold(folder):

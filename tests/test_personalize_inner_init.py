@@ -322,6 +322,10 @@ def test_inner_cv_chooses_the_averaging_of_the_weights(workspace):
     if best["epoch"]:
         saved = torch.load(folder / "subject_1" / "last.save", weights_only=True)
         assert saved["training"]["swa_start"] == (None if pd.isna(best["swa_start"]) else 1)
+    # --resume skips the finished folds, SWA's among them, and gives the same table
+    again = personalize_run(workspace, folder, "--inner_cv", "--swa_start", "none", "1",
+                            "--epochs", 2, "--resume")
+    pd.testing.assert_frame_equal(table, again)
 
 
 def test_one_averaging_fine_tunes_with_it_and_resumes_exactly(workspace):
