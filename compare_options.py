@@ -89,6 +89,7 @@ RECIPES = [
     ("+ --swa_start 1, post-processing chosen by CV", [*HONEST_BASE, "--swa_start", "1"],
      "chosen_postprocessing"),
     ("+ --seeds 5", [*HONEST_BASE, "--seeds", "5"], "train"),
+    ("+ --swa_start 1 --seeds 5", [*HONEST_BASE, "--swa_start", "1", "--seeds", "5"], "train"),
 ]
 RECIPE_EPOCHS = 60
 STABILITY_EPOCHS = 20  # the std of the validation CCC over this many last epochs
@@ -294,8 +295,8 @@ def chosen_personal_variants(out_dir, only):
 
 def validation_curve(model_dir):
     """(reportable CCC, best CCC, its epoch, std over the last epochs) of a training run
-    from its metrics.csv (the first seed's with --seeds): the last epoch's, or of the
-    --average_last average at the last epoch."""
+    from its metrics.csv: the last epoch's, or of the --average_last average at the
+    last epoch."""
     from empathy import checkpoints
     metrics = pd.read_csv(checkpoints.run_checkpoints(model_dir, layout.METRICS)[0])
     last = metrics.iloc[-1]
@@ -306,15 +307,26 @@ def validation_curve(model_dir):
             metrics["val_ccc"].tail(STABILITY_EPOCHS).std(ddof=0))
 
 
-def seeds_validation(model_dir, train_dir, test_dir, mods):
-    """The validation CCC of a --seeds run's average prediction at the last epoch
-    (every seed's last.save), as train.py --test scores best.save's."""
+def seeds_curve(model_dir, train_dir, test_dir, mods):
+    """validation_curve's four numbers for a --seeds run, from the validation CCC of
+    the seeds' average prediction at every epoch (each seed's epoch_<N>.save, as
+    train.py --test scores best.save's; the recipe trains with --save_freq 1 for this).
+    A seed's own metrics.csv would show the swings that the average smooths. The
+    epochs' checkpoints are deleted once scored, but for the last."""
     from empathy import checkpoints, engine
     train_set, val_set = datasets.load_train_test(train_dir, test_dir, mods.split(","))
-    trained, saved = engine.load_for_evaluation(
-        checkpoints.run_checkpoints(model_dir, layout.LAST), train_set, False, {}, "cpu",
-        [val_set])
-    return engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
+    epochs = layout.saved_epochs(checkpoints.run_checkpoints(model_dir, layout.LAST)[0].parent)
+    curve = {}
+    for epoch in epochs:
+        paths = checkpoints.run_checkpoints(model_dir, layout.checkpoint_name(epoch))
+        trained, saved = engine.load_for_evaluation(paths, train_set, False, {}, "cpu", [val_set])
+        curve[epoch] = engine.evaluate_seeds(trained, val_set, "cpu", saved)["ccc"]
+        if epoch != epochs[-1]:
+            for path in paths:
+                path.unlink()
+    curve = pd.Series(curve)
+    return (curve.iloc[-1], curve.max(), int(curve.idxmax()),
+            curve.tail(STABILITY_EPOCHS).std(ddof=0))
 
 
 def without_chosen(flags):
@@ -339,12 +351,13 @@ def run_recipe(name, flags, kind, common, out_dir, jobs, ledger_file=None):
     row = {"recipe": name, "best_ccc": np.nan, "best_epoch": "", "std_last": np.nan}
     cv = [*common, *flags, "--jobs", str(jobs), "--overwrite"]
     if kind == "train":
-        run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"), "--overwrite"],
+        seeds = "--seeds" in flags
+        run_recorded(train, [*common, *flags, "--model_dir", str(folder / "val"), "--overwrite",
+                             *(["--save_freq", "1"] if seeds else [])],
                      ledger_file, train.ledger_results)
-        row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = \
-            validation_curve(folder / "val")
-        if "--seeds" in flags:
-            row["val_ccc"] = seeds_validation(folder / "val", *common[1:6:2])
+        row["val_ccc"], row["best_ccc"], row["best_epoch"], row["std_last"] = (
+            seeds_curve(folder / "val", *common[1:6:2]) if seeds
+            else validation_curve(folder / "val"))
         table = run_recorded(crossval, [*cv, "--out_dir", str(folder / "cv")], ledger_file,
                              tables.crossval_results)
         row["cv"] = f"{len(table) - len(tables.SUMMARY_ROWS)} folds"

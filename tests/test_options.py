@@ -422,3 +422,31 @@ def test_compare_recipes_tables_what_can_be_reported_beside_what_was_picked(in_t
         run(compare_options, "--recipes", "nope")
     with pytest.raises(ToolkitError, match="--recipes needs --epochs 21 or more"):
         run(compare_options, "--recipes", "--epochs", 10)
+
+
+def test_a_seeds_recipe_reports_the_curve_of_the_seeds_average_prediction(in_tmp):
+    """The --seeds rows' last, best and std columns are those of the seeds' average
+    prediction epoch by epoch (what the row reports), not of one seed's metrics.csv;
+    the epochs' checkpoints are scored, then deleted but for the last."""
+    import compare_options
+    model_dir = in_tmp / "seeds"
+    run(train, "--mods", "audio", "--epochs", 3, "--seeds", 2, "--save_freq", 1, "--lr", "1e-2",
+        "--model_dir", model_dir, "--ledger", "none")
+    train_set, val_set = datasets.load_train_test("data/Training", "data/Validation", ["audio"])
+    expected = []
+    for epoch in (1, 2, 3):
+        trained, saved = engine.load_for_evaluation(
+            [model_dir / f"seed_{seed}" / f"epoch_{epoch}.save" for seed in (1, 2)], train_set,
+            False, {}, "cpu", [val_set])
+        scored = engine.evaluate_seeds(trained, val_set, "cpu", saved)
+        assert scored["ccc"] not in scored["seed_ccc"]  # the average is neither seed
+        expected.append(scored["ccc"])
+    last, best, best_epoch, std = compare_options.seeds_curve(
+        model_dir, "data/Training", "data/Validation", "audio")
+    assert last == pytest.approx(expected[-1]) and best == pytest.approx(max(expected))
+    assert best_epoch == 1 + int(np.argmax(expected)) and std == pytest.approx(np.std(expected))
+    first_seed = pd.read_csv(model_dir / "seed_1" / "metrics.csv")["val_ccc"]
+    assert list(first_seed) != pytest.approx(expected)
+    for seed in (1, 2):
+        assert sorted(path.name for path in (model_dir / f"seed_{seed}").glob("epoch_*")) == \
+            ["epoch_3.save"]
