@@ -205,27 +205,17 @@ def last_columns(train_set, val_set, folder, run):
     or --swa_start: last.save's "model") and its epoch; NaN for a fold without one.
     With --average_last, "average_last_ccc" is that of the mean of the last epochs'
     predictions that last.save keeps."""
-    from empathy import checkpoints
+    from empathy import checkpoints, engine
     if not all(path.is_file() for path in checkpoints.run_checkpoints(folder, layout.LAST)):
         return {"last_ccc": np.nan, "last_epoch": ""}
     last, saved = load_fold(train_set, folder, layout.LAST, run)
     scored = postprocessing.score_videos(val_set.videos, predict_average(last, val_set, run), saved)
     columns = {"last_ccc": scored["ccc"], "last_epoch": epoch_of(last)}
-    kept = kept_averages(last, val_set)
+    kept = engine.kept_averages(last, val_set)
     if kept is not None:
         columns["average_last_ccc"] = postprocessing.score_videos(val_set.videos, kept,
                                                                   saved)["ccc"]
     return columns
-
-
-def kept_averages(last, val_set):
-    """The mean over seeds of the --average_last predictions of the held-out videos
-    that the fold's last.save models keep (checkpoints.averaged_predictions), or None."""
-    from empathy import checkpoints
-    kept = [checkpoints.averaged_predictions(model.checkpoint, val_set) for model in last]
-    if any(predictions is None for predictions in kept):
-        return None
-    return [np.mean(rows, axis=0) for rows in zip(*kept)]
 
 
 def run_fold(pooled, story, out_dir, run, checkpoint, features, test_only):
@@ -271,12 +261,13 @@ def fold_ensemble(pooled, videos, out_dir, checkpoint, run):
 def choose_postprocessing(pooled, out_dir, run):
     """Re-score every fold's held-out predictions of last.save under each candidate
     (postprocessing.candidates); returns (the candidates' table, the choice's record)."""
+    from empathy import engine
     folds = {}
     for story in pooled.stories:
         train_set, val_set = datasets.fold_sets(pooled, story)
         last, saved = load_fold(train_set, layout.fold_dir(out_dir, story), layout.LAST, run)
         # what the fold reports: with --average_last, the mean of its last epochs' predictions
-        held_out = kept_averages(last, val_set) or predict_average(last, val_set, run)
+        held_out = engine.kept_averages(last, val_set) or predict_average(last, val_set, run)
         folds[story] = (train_set.videos, val_set.videos, held_out)
     scored, best = postprocessing.compare_candidates(folds, saved.label_delay)
     spreads = [tables.spread(pd.Series(scores.values(), dtype=float)) for _, scores in scored]

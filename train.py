@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from empathy import command, datasets, layout, ledger, options, tables, utils
+from empathy import command, datasets, layout, ledger, options, postprocessing, tables, utils
 from empathy.utils import ToolkitError
 
 
@@ -73,7 +73,7 @@ def main(args):
 
 def train_new_model(args, model_dir, train_set, test_set):
     """Training: every check before the first write, then one model per seed."""
-    from empathy import checkpoints, engine
+    from empathy import engine
     settings = options.TrainingSettings.from_args(args)
     plan = options.Plan(outputs=[(model_dir, "--model_dir")],
                         options=options.RunOptions.from_args(args, settings), data=train_set,
@@ -86,16 +86,32 @@ def train_new_model(args, model_dir, train_set, test_set):
                                      train_set, test_set, model_dir, run, device)
     print_training_summaries(summaries, model_dir)
     if settings.seeds > 1:
-        trained, saved = engine.load_for_evaluation(checkpoints.run_checkpoints(model_dir),
-                                                    train_set, args.normalize, {}, device)
-        average = engine.evaluate_seeds(trained, test_set, device, saved, settings.precision)
-        best = [summary["best_ccc"] for summary in summaries]
-        last = [summary["last_ccc"] for summary in summaries]
-        print(f"over {settings.seeds} seeds: last epoch's validation CCC {np.mean(last):.4f} +- "
-              f"{np.std(last):.4f}, best epoch's {np.mean(best):.4f} +- {np.std(best):.4f} "
-              f"(picked on validation); their best.save models' average prediction: "
-              f"CCC {average['ccc']:.4f} (picked on validation)")
+        print(seeds_summary(summaries, model_dir, train_set, test_set, args.normalize, device,
+                            settings.precision))
     return summaries
+
+
+def seeds_summary(summaries, model_dir, train_set, test_set, normalize, device, precision):
+    """A --seeds run's line: first what can be reported, the validation CCC of the
+    seeds' average prediction at the last epoch (of their --average_last averages,
+    where kept), then each seed's own, then the picks, labelled."""
+    from empathy import checkpoints, engine
+
+    def average_ccc(name):
+        trained, saved = engine.load_for_evaluation(checkpoints.run_checkpoints(model_dir, name),
+                                                    train_set, normalize, {}, device)
+        kept = engine.kept_averages(trained, test_set) if name == layout.LAST else None
+        if kept is not None:
+            return postprocessing.score_videos(test_set.videos, kept, saved)["ccc"]
+        return engine.evaluate_seeds(trained, test_set, device, saved, precision)["ccc"]
+
+    best = [summary["best_ccc"] for summary in summaries]
+    last = [summary["last_ccc"] for summary in summaries]
+    return (f"over {len(summaries)} seeds: their average prediction's validation CCC at the last "
+            f"epoch {average_ccc(layout.LAST):.4f} (nothing picked); each seed's last epoch "
+            f"{np.mean(last):.4f} +- {np.std(last):.4f}, best epoch {np.mean(best):.4f} +- "
+            f"{np.std(best):.4f} (picked on validation); their best.save models' average "
+            f"prediction: CCC {average_ccc(layout.BEST):.4f} (picked on validation)")
 
 
 def print_training_summaries(summaries, model_dir):

@@ -293,6 +293,16 @@ def evaluate_seeds(trained, video_set, device, postprocessing, precision="fp32")
                                   video_set, postprocessing)
 
 
+def kept_averages(trained, video_set):
+    """The mean over seeds of the --average_last predictions of `video_set` that the
+    seeds' last.save models (`trained`) keep (checkpoints.averaged_predictions), or
+    None where one keeps none of those videos."""
+    kept = [checkpoints.averaged_predictions(model.checkpoint, video_set) for model in trained]
+    if any(predictions is None for predictions in kept):
+        return None
+    return [np.mean(rows, axis=0) for rows in zip(*kept)]
+
+
 def score_seed_predictions(per_seed, video_set, postprocessing):
     """`evaluate_seeds`'s result from each seed's per-second predictions of `video_set`."""
     average = [np.mean(predictions, axis=0) for predictions in zip(*per_seed)]

@@ -215,6 +215,28 @@ def test_seeds_train_separately_and_average(in_tmp, capsys):
     assert np.load(in_tmp / "f" / "feat_test" / "Subject_1_Story_1.npy").shape[1] == 2 * 128
 
 
+def test_seeds_training_reports_their_last_epochs_average_first(in_tmp, capsys):
+    """What a --seeds run can report is the validation CCC of the seeds' last.save
+    models' average prediction (nothing picked), here of their --average_last
+    averages, which train.py --test --load last.save writes; train.py prints it before
+    the picks."""
+    run(train, "--mods", "audio", "--epochs", 3, "--lr", "1e-2", "--model_dir", "m", "--seeds", 2,
+        "--average_last", 2, "--ledger", "none")
+    printed = capsys.readouterr().out
+    for seed in (1, 2):
+        run(train, "--mods", "audio", "--model_dir", "m", "--load", f"m/seed_{seed}/last.save",
+            "--pred_dir", f"last_{seed}", "--test")
+    first, second = (written(in_tmp / f"last_{seed}" / "pred_test") for seed in (1, 2))
+    annotations = in_tmp / "data" / "Validation" / "Annotations"
+    expected = np.mean([utils.ccc((first[name] + second[name]) / 2,
+                                  datasets.read_annotation(annotations / f"{name}.csv"))
+                        for name in first])
+    reported = printed.split("average prediction's validation CCC at the last epoch ")[1]
+    reported = float(reported.split()[0])
+    assert reported == pytest.approx(expected, abs=1e-4)
+    assert printed.index("(nothing picked)") < printed.index("(picked on validation)")
+
+
 def test_seeds_in_crossval_cv_epochs_and_personalize(in_tmp, capsys):
     run(crossval, "--mods", "audio", "--epochs", 2, "--save_freq", 2, "--out_dir", "cv",
         "--seeds", 2, "--stories", 1, 2)
