@@ -47,7 +47,7 @@ import pandas as pd
 import crossval
 import personalize
 import train
-from empathy import datasets, finetuning, layout, ledger, postprocessing, tables, utils
+from empathy import datasets, finetuning, layout, ledger, parallel, postprocessing, tables, utils
 
 # (name, crossval.py flags, whether it re-evaluates the default run instead of training)
 VARIANTS = [
@@ -433,6 +433,8 @@ def compare_recipes(args):
 
 
 def main(args):
+    # --jobs reaches crossval.py's checks only after a train.py run or args.json: check it first
+    parallel.Runner(args.jobs).check()
     if args.recipes is not None:
         return compare_recipes(args)
     args.mods, args.epochs = args.mods or "audio,text", args.epochs or 20

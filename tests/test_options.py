@@ -446,6 +446,16 @@ def test_compare_recipes_tables_what_can_be_reported_beside_what_was_picked(in_t
         run(compare_options, "--recipes", "--epochs", 10)
 
 
+def test_compare_options_refuses_a_bad_jobs_before_writing(in_tmp):
+    """--jobs 0 once trained the first recipe's train.py run (or wrote args.json)
+    before crossval.py refused it."""
+    import compare_options
+    for recipes in (["--recipes", "swa_start_1"], []):
+        with pytest.raises(ToolkitError, match="--jobs must be at least 1, got 0"):
+            run(compare_options, *recipes, "--jobs", 0, "--out_dir", "jobs_0")
+        assert not (in_tmp / "jobs_0").exists()
+
+
 def test_a_seeds_recipe_reports_the_curve_of_the_seeds_average_prediction(in_tmp):
     """The --seeds rows' last, best and std columns are those of the seeds' average
     prediction epoch by epoch (what the row reports), not of one seed's metrics.csv;
