@@ -90,6 +90,8 @@ RECIPES = [
      "chosen_postprocessing"),
     ("+ --seeds 5", [*HONEST_BASE, "--seeds", "5"], "train"),
     ("+ --swa_start 1 --seeds 5", [*HONEST_BASE, "--swa_start", "1", "--seeds", "5"], "train"),
+    ("+ --swa_start 1 --weight_decay 5e-3", [*HONEST_BASE, "--swa_start", "1", "--weight_decay",
+                                             "5e-3"], "train"),
 ]
 RECIPE_EPOCHS = 60
 STABILITY_EPOCHS = 20  # the std of the validation CCC over this many last epochs

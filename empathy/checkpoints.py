@@ -309,6 +309,13 @@ def check_resumable(folder, settings, mods, input_dims, normalize, postprocessin
         if saved.get(name) != getattr(settings, name):
             _refuse_resume(path, _averaging_flag(name, saved.get(name)),
                            _averaging_flag(name, getattr(settings, name)))
+    saved_schedule = saved.get("lr_schedule", "constant")  # none saved: from before it existed
+    if saved_schedule != settings.lr_schedule:
+        _refuse_resume(path, f"--lr_schedule {saved_schedule}",
+                       f"--lr_schedule {settings.lr_schedule}")
+    if settings.lr_schedule != "constant" and saved.get("epochs") != settings.epochs:
+        _refuse_resume(path, f"--epochs {saved.get('epochs')} and --lr_schedule "
+                       f"{settings.lr_schedule}", f"--epochs {settings.epochs}")
     if settings.average_last is not None and saved.get("epochs") != settings.epochs:
         _refuse_resume(path, f"--epochs {saved.get('epochs')} and --average_last "
                        f"{settings.average_last}", f"--epochs {settings.epochs}")

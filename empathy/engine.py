@@ -447,6 +447,8 @@ class TrainingRun:
         self.epoch += 1
         settings = self.settings
         val_set, postprocessing = self.validation.val_set, self.validation.postprocessing
+        for group in self.optimizer.param_groups:  # --lr_schedule's rate for this epoch
+            group["lr"] = settings.epoch_lr(self.epoch)
         stats = train_one_epoch(self)
         if self.weight_average is not None:
             self.weight_average.after_epoch(self.model, self.epoch)

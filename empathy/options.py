@@ -22,6 +22,9 @@ from .utils import ToolkitError
 
 # Loaded on first use (they load torch): the flags, --help and the flag checks need none.
 
+# --lr_schedule: how the learning rate changes over --epochs (TrainingSettings.epoch_lr).
+LR_SCHEDULES = ("constant", "cosine")
+
 
 # ---------------------------------------------------------------- flags
 
@@ -63,6 +66,10 @@ def get_training_args_parser(weight_averaging=True):
                        help="Adam learning rate (default: %(default)s)")
     group.add_argument("--weight_decay", type=float, default=5e-4,
                        help="Adam weight decay (default: %(default)s)")
+    group.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                       help="constant: --lr in every epoch; cosine: from --lr in epoch 1 down "
+                            "half a cosine to near 0 in the last of --epochs, set at the start "
+                            "of each epoch (default: %(default)s)")
     group.add_argument("--eval_freq", type=int, default=1,
                        help="evaluate on the validation set every N epochs; the best "
                             "is saved as best.save (default: %(default)s)")
@@ -134,6 +141,7 @@ class TrainingSettings:
     split: int = 5
     lr: float = 1e-5
     weight_decay: float = 5e-4
+    lr_schedule: str = "constant"
     eval_freq: int = 1
     save_freq: int = 100
     seed: int = 1
@@ -168,6 +176,9 @@ class TrainingSettings:
             raise ToolkitError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ToolkitError(f"--weight_decay must be a number >= 0, got {self.weight_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ToolkitError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                               f"{self.lr_schedule}")
         highest = 2 ** 32 - self.seeds  # every seed of --seeds in NumPy's range
         if not 0 <= self.seed <= highest:
             raise ToolkitError(f"--seed must be from 0 to {highest}, got {self.seed}")
@@ -191,6 +202,13 @@ class TrainingSettings:
         if self.average_last is not None and self.patience is not None:
             raise ToolkitError("--average_last averages the last epochs of --epochs, which "
                                "--patience may never reach: give one of them")
+
+    def epoch_lr(self, epoch):
+        """The learning rate of epoch `epoch` (from 1). A function of the epoch alone,
+        so that --resume goes on with exactly the rates of an uninterrupted run."""
+        if self.lr_schedule == "cosine":
+            return self.lr * (1 + math.cos(math.pi * (epoch - 1) / self.epochs)) / 2
+        return self.lr
 
     def new_model(self, input_dims, device):
         """A freshly initialized model of the --model family and sizes."""

@@ -102,6 +102,31 @@ def test_a_rerun_resumes_to_the_trials_asked_for(study_of_two):
     assert "best:" in result.stdout
 
 
+def test_a_cosine_study_keeps_its_schedule_and_gives_it_in_best_flags(tune_master, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.chdir(tune_master)
+    result = tune("--trials", 1, "--out_dir", tmp_path / "cos", "--ledger", "none",
+                  "--lr_schedule", "cosine")
+    assert result.returncode == 0, result.stderr
+    best = json.loads((tmp_path / "cos" / "best.json").read_text())
+    assert best["flags"][:6] == ["--mods", "audio,text", "--epochs", "1", "--lr_schedule", "cosine"]
+    assert load_study(tmp_path / "cos").user_attrs["lr_schedule"] == "cosine"
+    again = tune("--trials", 2, "--out_dir", tmp_path / "cos", "--ledger", "none")
+    assert again.returncode == 1
+    assert "was made with lr_schedule cosine, not constant" in again.stderr
+
+
+def test_a_study_from_before_lr_schedule_continues_as_constant():
+    class OldStudy:  # its attributes lack lr_schedule
+        study_name, user_attrs = "tune", {"epochs": 1}
+
+        def get_trials(self, deepcopy, states):
+            return []
+    tuning.check_study(OldStudy(), {"epochs": 1, "lr_schedule": "constant"})
+    with pytest.raises(tuning.ToolkitError, match="made with lr_schedule constant, not cosine"):
+        tuning.check_study(OldStudy(), {"epochs": 1, "lr_schedule": "cosine"})
+
+
 def test_the_same_command_samples_the_same_settings(study_of_two, tmp_path):
     again = tune("--trials", 2, "--out_dir", tmp_path / "again", "--ledger", "none")
     assert again.returncode == 0, again.stderr
@@ -125,6 +150,7 @@ def test_final_scores_the_best_settings_on_the_validation_stories(study_of_two):
     (("--trials", 1), "--trials 1 is below the 2 trials the study has finished"),
     (("--trials", 3, "--mods", "audio"), "was made with mods audio,text, not audio"),
     (("--trials", 3, "--epochs", 2), "was made with epochs 1, not 2"),
+    (("--trials", 3, "--lr_schedule", "cosine"), "was made with lr_schedule constant, not cosine"),
     (("--trials", 3, "--models", "tcn,foo"), "unknown model family foo"),
     (("--trials", 3, "--models", ","), "leaves the search space empty"),
     (("--trials", 3, "--storage", "sqlite:///missing/study.db"), "cannot be opened"),
@@ -313,7 +339,7 @@ def test_trial_0_is_the_recipe_and_a_resume_does_not_enqueue_it_again(recipe_stu
     # The recipe trial's flags repeat it in train.py/crossval.py: --swa_start among them.
     assert tuning.as_flags(tuning.RECIPE) == [
         "--model", "lstm", "--layers", "1", "--hidden_dim", "512", "--dropout", "0.0",
-        "--lr", "0.0001", "--weight_decay", "0.0005", "--loss", "ccc", "--label_delay", "0.0",
+        "--lr", "0.0001", "--weight_decay", "0.005", "--loss", "ccc", "--label_delay", "0.0",
         "--swa_start", "1", "--calibrate"]
     # A progress line for the one trial this command ran, none for earlier ones.
     lines = [line for line in result.stdout.splitlines() if line.startswith("trial ")]
