@@ -195,6 +195,10 @@ def main(args):
         raise ToolkitError("--inner_cv chooses the epoch whose weights score best on the "
                            "held-out stories; --average_last would score other predictions: "
                            "leave it out (--ema or --swa_start average the weights)")
+    if args.inner_cv and settings.lr_schedule != "constant":
+        raise ToolkitError(f"--inner_cv chooses how many epochs to fine-tune, and --lr_schedule "
+                           f"{settings.lr_schedule} would spread its rates over that number, "
+                           "not over the --epochs its folds were scored with: leave it out")
     for flag in ("inner_init", "keep_inner_weights"):
         if getattr(args, flag) and not args.inner_cv:
             raise ToolkitError(f"--{flag} sets how --inner_cv runs its folds: add --inner_cv, "

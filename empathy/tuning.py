@@ -313,7 +313,7 @@ def base_run(args):
     """The RunOptions every trial shares; the searched settings are set per trial."""
     settings = options.TrainingSettings(epochs=args.epochs, batch_size=args.batch_size,
                                         split=args.split, seed=args.seed,
-                                        precision=args.precision)
+                                        precision=args.precision, lr_schedule=args.lr_schedule)
     return options.RunOptions(settings, args.normalize, args.cuda, progress=False)
 
 

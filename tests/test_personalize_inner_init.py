@@ -357,6 +357,7 @@ def test_a_run_shorter_than_the_averaging_gets_none():
     (["--swa_start", "5", "--epochs", "2"], "--swa_start must be from 1 to --epochs (2), got 5"),
     (["--ema", "0.9", "--swa_start", "1"], "two ways of averaging the weights"),
     (["--inner_cv", "--average_last", "2", "--epochs", "2"], "--average_last would score other"),
+    (["--inner_cv", "--lr_schedule", "cosine"], "--lr_schedule cosine would spread its rates"),
 ])
 def test_bad_averagings_stop_before_writing(workspace, flags, message):
     folder = personal_dir(workspace, f"bad_averaging_{len(list(workspace.iterdir()))}")

@@ -10,6 +10,7 @@ import dask
 import optuna
 import pandas as pd
 import pytest
+import torch
 from distributed import LocalCluster  # before dask.config.set: it adds distributed's defaults
 from optuna.trial import TrialState
 from pathlib import Path
@@ -106,8 +107,12 @@ def test_a_cosine_study_keeps_its_schedule_and_gives_it_in_best_flags(tune_maste
                                                                        monkeypatch):
     monkeypatch.chdir(tune_master)
     result = tune("--trials", 1, "--out_dir", tmp_path / "cos", "--ledger", "none",
-                  "--lr_schedule", "cosine")
+                  "--lr_schedule", "cosine", "--keep_weights")
     assert result.returncode == 0, result.stderr
+    kept = sorted((tmp_path / "cos" / "trial_0000").glob("val_on_*/epoch_1.save"))
+    assert len(kept) == 2  # the trial's folds trained with the schedule
+    for path in kept:
+        assert torch.load(path, weights_only=True)["training"]["lr_schedule"] == "cosine"
     best = json.loads((tmp_path / "cos" / "best.json").read_text())
     assert best["flags"][:6] == ["--mods", "audio,text", "--epochs", "1", "--lr_schedule", "cosine"]
     assert load_study(tmp_path / "cos").user_attrs["lr_schedule"] == "cosine"
