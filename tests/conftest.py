@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic datasets written by make_data.py."""
+import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -55,6 +56,27 @@ def assert_same_checkpoints(first_dir, second_dir, names):
         assert first["epoch"] == second["epoch"], name
         for key in first["model"]:
             torch.testing.assert_close(first["model"][key], second["model"][key], rtol=0, atol=0)
+
+
+class Killed(Exception):
+    """What `killed_after_epoch` raises in place of kill -9."""
+
+
+@contextlib.contextmanager
+def killed_after_epoch(monkeypatch, epoch):
+    """Training in the block stops as kill -9 would right after epoch `epoch`'s files
+    (metrics.csv and checkpoints) are written; the block must stop so."""
+    from empathy import engine
+    record = engine.TrainingRun.record
+
+    def killing(run, row):
+        record(run, row)
+        if run.epoch == epoch:
+            raise Killed
+    monkeypatch.setattr(engine.TrainingRun, "record", killing)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(engine.TrainingRun, "record", record)
 
 
 def run_in_process(*argv, cwd=None):

@@ -9,7 +9,7 @@ import torch
 
 from empathy import checkpoints, datasets, engine, models
 import train
-from conftest import run_in_process
+from conftest import killed_after_epoch, run_in_process
 from empathy.utils import ToolkitError
 
 DIMS = {"audio": 24, "text": 16}
@@ -131,23 +131,11 @@ def test_every_family_validates_saves_and_predicts_with_the_average(in_tmp, fami
 
 # ---------------------------------------------------------------- resuming
 
-class Killed(Exception):
-    pass
-
-
 def test_a_killed_run_resumes_exactly_with_its_averages(in_tmp, monkeypatch):
     flags = ["--epochs", 5, "--save_freq", 1, "--average_last", 3]
     run_train(*flags, "--ema", 0.8, "--model_dir", "whole")
-    record = engine.TrainingRun.record
-
-    def killed_after_epoch_3(run, row):  # as kill -9 right after epoch 3's files
-        record(run, row)
-        if run.epoch == 3:
-            raise Killed
-    monkeypatch.setattr(engine.TrainingRun, "record", killed_after_epoch_3)
-    with pytest.raises(Killed):
+    with killed_after_epoch(monkeypatch, 3):
         run_train(*flags, "--ema", 0.8, "--model_dir", "cut")
-    monkeypatch.setattr(engine.TrainingRun, "record", record)
     with pytest.raises(ToolkitError, match=r"was trained with --ema 0.8, not --ema 0.9"):
         run_train(*flags, "--ema", 0.9, "--model_dir", "cut", "--resume")
     with pytest.raises(ToolkitError, match=r"was trained with --average_last 3, not no "):

@@ -11,7 +11,7 @@ import torch
 from empathy import engine, options
 from empathy.utils import ToolkitError
 import train
-from conftest import assert_same_checkpoints, run_in_process
+from conftest import assert_same_checkpoints, killed_after_epoch, run_in_process
 
 
 def run_train(*argv):
@@ -53,23 +53,11 @@ def test_each_epoch_trains_at_its_scheduled_rate(in_tmp, monkeypatch):
     assert saved["lr_schedule"] == "cosine" and saved["epochs"] == 3
 
 
-class Killed(Exception):
-    pass
-
-
 def test_a_killed_cosine_run_resumes_exactly_and_keeps_its_schedule(in_tmp, monkeypatch):
     flags = ["--epochs", 5, "--save_freq", 1, "--lr_schedule", "cosine", "--swa_start", 1]
     run_train(*flags, "--model_dir", "whole")
-    record = engine.TrainingRun.record
-
-    def killed_after_epoch_2(run, row):  # as kill -9 right after epoch 2's files
-        record(run, row)
-        if run.epoch == 2:
-            raise Killed
-    monkeypatch.setattr(engine.TrainingRun, "record", killed_after_epoch_2)
-    with pytest.raises(Killed):
+    with killed_after_epoch(monkeypatch, 2):
         run_train(*flags, "--model_dir", "cut")
-    monkeypatch.setattr(engine.TrainingRun, "record", record)
     before = (in_tmp / "cut" / "last.save").read_bytes()
     with pytest.raises(ToolkitError, match=r"was trained with --lr_schedule cosine, not "
                                            r"--lr_schedule constant"):
