@@ -24,6 +24,7 @@ from .utils import ToolkitError
 
 # --lr_schedule: how the learning rate changes over --epochs (TrainingSettings.epoch_lr).
 LR_SCHEDULES = ("constant", "cosine")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # ---------------------------------------------------------------- flags
@@ -172,10 +173,13 @@ class TrainingSettings:
                 raise ToolkitError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.patience is not None and self.patience < 1:
             raise ToolkitError(f"--patience must be at least 1, got {self.patience}")
-        if not 0 < self.lr < math.inf:
-            raise ToolkitError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ToolkitError(f"--weight_decay must be a number >= 0, got {self.weight_decay}")
+        # The optimizer holds them as float32: a larger value overflows in its first step.
+        if not 0 < self.lr <= FLOAT32_MAX:
+            raise ToolkitError(f"--lr must be a positive number up to {FLOAT32_MAX:.3g} "
+                               f"(float32), got {self.lr}")
+        if not 0 <= self.weight_decay <= FLOAT32_MAX:
+            raise ToolkitError(f"--weight_decay must be a number >= 0 up to {FLOAT32_MAX:.3g} "
+                               f"(float32), got {self.weight_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ToolkitError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
                                f"{self.lr_schedule}")

@@ -25,6 +25,8 @@ BAD_FLAGS = [  # (flags, the error's words, the scripts that take the flags)
     (["--jobs", "0"], "--jobs must be at least 1", ("crossval.py", "personalize.py",
                                                     "cv_epochs.py")),
     (["--lr", "-1"], "--lr must be a positive number", TRAINING),
+    (["--lr", "1e300"], "--lr must be a positive number up to 3.4e+38 (float32)", TRAINING),
+    (["--weight_decay", "1e300"], "--weight_decay must be a number >= 0 up to 3.4e+38", TRAINING),
     (["--batch_size", "0"], "--batch_size must be at least 1", TRAINING),
     (["--split", "1000"], "is larger than", TRAINING),
     (["--tensorboard", "m/metrics.csv"], "is a file: give a folder", TRAINING),
